@@ -1,0 +1,349 @@
+"""Gaussian diffusion: noise schedules, the forward process, the training loss and the samplers.
+
+Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDPM):
+    betas[t]          = beta_t, the variance added at step t
+    alphas_cumprod[t] = alpha_bar_t = prod_{s<=t} (1 - beta_s)
+    q(x_t | x_0)      = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)          (eq. 4)
+The network predicts the noise eps; every sampler turns that prediction into a prediction
+of x_0 and then moves from step t to an earlier step s with one shared posterior
+q(x_s | x_t, x_0) (`posterior`), so the full ancestral chain, its respaced version
+(Improved DDPM, Nichol & Dhariwal 2021, section 4) and DDIM (Song et al. 2021) differ only
+in how much fresh noise they add. DPM-Solver++ (Lu et al. 2022) works on the same
+x_0 predictions. Timestep indices run from 0 (almost clean) to T-1 (pure noise); the
+index -1 stands for the clean image itself (alpha_bar = 1).
+"""
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+LOSS_TYPES = ("l2", "l1", "huber")
+MAX_BETA = 0.999
+
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def _linear_beta_range(timesteps: int) -> tuple[float, float]:
+    """Ho et al.'s 1e-4..0.02 at T=1000, scaled by 1000/T (Improved DDPM code) so x_T is noise for any T."""
+    scale = 1000.0 / timesteps
+    return scale * 1e-4, scale * 0.02
+
+
+def linear_beta_schedule(timesteps: int) -> torch.Tensor:
+    beta_start, beta_end = _linear_beta_range(timesteps)
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = cos(((t/T + s) / (1 + s)) * pi/2)^2."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    return 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+
+
+def sigmoid_beta_schedule(timesteps: int) -> torch.Tensor:
+    """Betas follow a sigmoid between the linear schedule's end points (slow start, slow finish)."""
+    beta_start, beta_end = _linear_beta_range(timesteps)
+    return torch.sigmoid(torch.linspace(-6, 6, timesteps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+
+
+def make_beta_schedule(schedule: str, timesteps: int) -> torch.Tensor:
+    """Betas of length `timesteps` in (0, MAX_BETA], float64."""
+    builders = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule, "sigmoid": sigmoid_beta_schedule}
+    if schedule not in builders:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if timesteps < 2:
+        raise ValueError(f"timesteps must be at least 2, got {timesteps}")
+    return builders[schedule](timesteps).clamp(max=MAX_BETA)
+
+
+def posterior(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coefficients of q(x_s | x_t, x_0) = N(coef_x0 * x_0 + coef_xt * x_t, variance) for s < t.
+
+    Ho et al. eq. 6-7 for s = t-1; for any s < t it is the same formula with the betas of the
+    skipped steps merged into beta = 1 - alpha_bar_t / alpha_bar_s (Improved DDPM, section 4).
+    alpha_bar_s = 1 (s = -1, the clean image) gives variance 0 and mean x_0.
+    """
+    beta = 1 - alpha_bar_t / alpha_bar_s
+    variance = beta * (1 - alpha_bar_s) / (1 - alpha_bar_t)
+    coef_x0 = beta * alpha_bar_s.sqrt() / (1 - alpha_bar_t)
+    coef_xt = (1 - alpha_bar_s) * (1 - beta).sqrt() / (1 - alpha_bar_t)
+    return coef_x0, coef_xt, variance
+
+
+def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[int]:
+    """`steps` timesteps from T-1 down to 0, evenly spaced; all T of them when steps is None."""
+    if steps is None or steps == num_timesteps:
+        return list(range(num_timesteps - 1, -1, -1))
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be between 1 and {num_timesteps}, got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
+def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0 whose log-SNR (2 lambda) is as evenly spaced as
+    integer steps allow: the DPM-Solver paper's "logSNR" skip type, recommended for low-resolution
+    images (Lu et al. 2022, appendix). Evenly spaced t would leave one huge last step in lambda,
+    which a second-order multistep solver overshoots."""
+    num_timesteps = len(alphas_cumprod)
+    if not 2 <= steps <= num_timesteps:
+        raise ValueError(f"dpm++2m needs between 2 and {num_timesteps} sampling steps, got {steps}")
+    alphas_cumprod = alphas_cumprod.double().cpu()
+    lambdas = 0.5 * (alphas_cumprod.log() - (1 - alphas_cumprod).log())  # decreasing in t
+    targets = torch.linspace(lambdas[-1].item(), lambdas[0].item(), steps, dtype=torch.float64)
+    indices = torch.searchsorted(-lambdas, -targets).clamp(max=num_timesteps - 1).tolist()
+    for i in range(1, steps):  # make them strictly decreasing ...
+        indices[i] = min(indices[i], indices[i - 1] - 1)
+    for i in range(steps):  # ... without running below 0
+        indices[i] = max(indices[i], steps - 1 - i)
+    return indices
+
+
+def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (ndim - 1)))
+
+
+class Diffusion:
+    """The fixed forward process of a DDPM and everything computed from its schedule."""
+
+    def __init__(self, timesteps: int = 1000, schedule: str = "linear"):
+        self.num_timesteps = timesteps
+        self.schedule = schedule
+        betas = make_beta_schedule(schedule, timesteps)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        coef_x0, coef_xt, variance = posterior(alphas_cumprod, alphas_cumprod_prev)
+        # Computed in float64, kept in float32: what the network and the samplers work in.
+        self.betas = betas.float()
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.alphas_cumprod_prev = alphas_cumprod_prev.float()
+        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt().float()
+        self.sqrt_one_minus_alphas_cumprod = (1 - alphas_cumprod).sqrt().float()
+        self.posterior_mean_coef1 = coef_x0.float()
+        self.posterior_mean_coef2 = coef_xt.float()
+        self.posterior_variance = variance.float()
+
+    def to(self, device: torch.device | str) -> "Diffusion":
+        """Move the schedule tensors to `device` (so indexing them costs no host-device copy)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at integer steps t; t = -1 means the clean image (alpha_bar = 1)."""
+        alphas_cumprod = self.alphas_cumprod.to(t.device)
+        return torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones_like(alphas_cumprod[0]))
+
+    # Forward process and loss
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x_0) in one step (Ho et al. eq. 4)."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        alpha_bar = _broadcast(self._alpha_bar(t), x0.ndim).to(x0.dtype)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+    def p_losses(
+        self,
+        model: NoisePredictor,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        loss_type: str = "l2",
+    ) -> torch.Tensor:
+        """The simplified objective L_simple (Ho et al. eq. 14): distance between eps and the model's guess."""
+        if noise is None:
+            noise = torch.randn_like(x0)
+        predicted = model(self.q_sample(x0, t, noise), t, labels)
+        if loss_type == "l2":
+            return F.mse_loss(predicted, noise)
+        if loss_type == "l1":
+            return F.l1_loss(predicted, noise)
+        if loss_type == "huber":
+            return F.smooth_l1_loss(predicted, noise)
+        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+
+    # Reverse process
+
+    def predict_noise(
+        self,
+        model: NoisePredictor,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        guidance_scale: float = 1.0,
+        null_label: Optional[int] = None,
+    ) -> torch.Tensor:
+        """The noise estimate, with classifier-free guidance when labels are given.
+
+        Ho & Salimans 2022: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 is the
+        unconditional model, w = 1 the plain conditional one (both computed alone, exactly);
+        any other w evaluates both branches in one batched forward pass.
+        """
+        if labels is None:
+            return model(x, t, None)
+        if null_label is None:
+            null_label = getattr(model, "num_classes", None)
+            if null_label is None:
+                raise ValueError("labels were given but the model has no `num_classes`: pass null_label")
+        null_labels = torch.full_like(labels, null_label)
+        if guidance_scale == 1.0:
+            return model(x, t, labels)
+        if guidance_scale == 0.0:
+            return model(x, t, null_labels)
+        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    def predict_x0(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        alpha_bar = _broadcast(self._alpha_bar(t), x.ndim).to(x.dtype)
+        return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+    def predict_eps_from_x0(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        alpha_bar = _broadcast(self._alpha_bar(t), x.ndim).to(x.dtype)
+        return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+    def p_sample(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        eps: torch.Tensor,
+        clip_denoised: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """One ancestral step x_t -> x_{t_prev} ~ p(x_{t_prev} | x_t) with the posterior variance.
+
+        Ho et al. Algorithm 2 (sigma_t^2 = beta_tilde_t) when t_prev = t - 1; on a respaced
+        chain t_prev is the next kept step (Improved DDPM, section 4).
+        """
+        x0 = self.predict_x0(x, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        coef_x0, coef_xt, variance = posterior(self._alpha_bar(t), self._alpha_bar(t_prev))
+        mean = _broadcast(coef_x0, x.ndim) * x0 + _broadcast(coef_xt, x.ndim) * x
+        return mean + _broadcast(variance.sqrt(), x.ndim) * _randn_like(x, generator)
+
+    def ddim_sample(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        eps: torch.Tensor,
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """One DDIM step (Song et al. 2021, eq. 12); sigma = eta * sqrt(posterior variance) (eq. 16).
+
+        eta = 0 is deterministic; eta = 1 has the ancestral step's variance.
+        """
+        x0 = self.predict_x0(x, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+            eps = self.predict_eps_from_x0(x, t, x0)
+        alpha_bar_prev = self._alpha_bar(t_prev)
+        _, _, variance = posterior(self._alpha_bar(t), alpha_bar_prev)
+        sigma = eta * variance.sqrt()
+        direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt()
+        mean = _broadcast(alpha_bar_prev.sqrt(), x.ndim) * x0 + _broadcast(direction, x.ndim) * eps
+        return mean + _broadcast(sigma, x.ndim) * _randn_like(x, generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: NoisePredictor,
+        shape: Sequence[int],
+        labels: Optional[torch.Tensor] = None,
+        guidance_scale: float = 1.0,
+        null_label: Optional[int] = None,
+        sampler: str = "ddpm",
+        steps: Optional[int] = None,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        device: torch.device | str | None = None,
+        clip_denoised: bool = True,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W).
+
+        `model(x, t, labels)` is any noise predictor; its train/eval mode is left as it is.
+        `steps` network evaluations (default: all T for ddpm, 50 for ddim and dpm++2m), at
+        evenly spaced timesteps (log-SNR spaced for dpm++2m). Noise is drawn from `generator` (on its own device) so a
+        seed gives the same images on any device.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if steps is None and sampler != "ddpm":
+            steps = min(50, self.num_timesteps)
+        if device is None:
+            device = labels.device if labels is not None else self.alphas_cumprod.device
+        if sampler == "dpm++2m":
+            timesteps = log_snr_spaced_timesteps(self.alphas_cumprod, steps)
+        else:
+            timesteps = evenly_spaced_timesteps(self.num_timesteps, steps)
+        x = _randn(shape, generator, device)
+        solver = DPMSolverPlusPlus2M(self) if sampler == "dpm++2m" else None
+        for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
+            eps = self.predict_noise(model, x, t, labels, guidance_scale, null_label)
+            if sampler == "ddpm":
+                x = self.p_sample(x, t, t_prev, eps, clip_denoised, generator)
+            elif sampler == "ddim":
+                x = self.ddim_sample(x, t, t_prev, eps, eta, clip_denoised, generator)
+            else:
+                x = solver.step(x, t, t_prev, eps, clip_denoised)
+        return x.clamp(-1, 1)
+
+
+class DPMSolverPlusPlus2M:
+    """DPM-Solver++(2M), the multistep second-order solver in data-prediction form (Lu et al. 2022, Alg. 2).
+
+    Works in lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(alpha_bar_t) and
+    sigma_t = sqrt(1 - alpha_bar_t). The first step is first order (DDIM); later steps
+    extrapolate the x_0 predictions of the last two steps. The final step to the clean image
+    (lambda = infinity) returns the x_0 prediction, i.e. it is first order, as recommended for
+    few steps.
+    """
+
+    def __init__(self, diffusion: Diffusion):
+        self.diffusion = diffusion
+        self.previous_x0: Optional[torch.Tensor] = None
+        self.previous_h: Optional[torch.Tensor] = None
+
+    def step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, eps: torch.Tensor, clip_denoised: bool = True) -> torch.Tensor:
+        x0 = self.diffusion.predict_x0(x, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        if bool((t_prev < 0).all()):
+            return x0
+        alpha_bar_t, alpha_bar_s = self.diffusion._alpha_bar(t), self.diffusion._alpha_bar(t_prev)
+        lambda_t = 0.5 * (alpha_bar_t.log() - (1 - alpha_bar_t).log())
+        lambda_s = 0.5 * (alpha_bar_s.log() - (1 - alpha_bar_s).log())
+        h = lambda_s - lambda_t
+        denoised = x0
+        if self.previous_x0 is not None:
+            r = _broadcast(self.previous_h / h, x.ndim)
+            denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self.previous_x0
+        self.previous_x0, self.previous_h = x0, h
+        sigma_ratio = ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt()
+        return _broadcast(sigma_ratio, x.ndim) * x - _broadcast(alpha_bar_s.sqrt() * torch.expm1(-h), x.ndim) * denoised
+
+
+def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:
+    noise_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
+
+
+def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return _randn(x.shape, generator, x.device).to(x.dtype)

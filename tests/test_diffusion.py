@@ -1,0 +1,322 @@
+"""The diffusion math, checked against closed forms and against analytic noise predictors.
+
+An analytic predictor is the exact E[eps | x_t] for a data distribution we know (a point mass,
+a Gaussian, a two-class Gaussian mixture), so a correct sampler must return that distribution.
+"""
+import math
+
+import pytest
+import torch
+
+from ddpm_diffusion import SCHEDULES, Diffusion, evenly_spaced_timesteps, make_beta_schedule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny elementwise ops, which intra-op threads only slow down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class GaussianMixtureNoise:
+    """Exact E[eps | x_t, class] for data x_0 ~ sum_k w_k N(means[k], std^2), elementwise.
+
+    With a label k the data is the k-th component alone; the null label (or labels=None)
+    means the whole mixture, so this is also a perfect classifier-free-guidance model.
+    """
+
+    def __init__(self, diffusion: Diffusion, means: list[float], std: float, weights: list[float] | None = None):
+        self.diffusion = diffusion
+        self.means = torch.tensor(means, dtype=torch.float64)
+        self.std = std
+        self.weights = torch.tensor(weights or [1 / len(means)] * len(means), dtype=torch.float64)
+        self.num_classes = len(means)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        x64 = x.double()
+        alpha_bar = self.diffusion.alphas_cumprod.double()[t].reshape(-1, *[1] * (x.ndim - 1))
+        variance = alpha_bar * self.std**2 + 1 - alpha_bar
+        centres = alpha_bar.sqrt().unsqueeze(-1) * self.means  # (B, 1, ..., K)
+        log_resp = self.weights.log() - (x64.unsqueeze(-1) - centres) ** 2 / (2 * variance.unsqueeze(-1))
+        resp = torch.softmax(log_resp, dim=-1)
+        if labels is not None:
+            conditional = labels != self.num_classes
+            one_hot = torch.nn.functional.one_hot(labels.clamp(max=self.num_classes - 1), self.num_classes).double()
+            one_hot = one_hot.reshape(-1, *[1] * (x.ndim - 1), self.num_classes)
+            resp = torch.where(conditional.reshape(-1, *[1] * x.ndim), one_hot, resp)
+        mean_x_t = (resp * centres).sum(-1)
+        return ((1 - alpha_bar).sqrt() * (x64 - mean_x_t) / variance).to(x.dtype)
+
+
+def sample_1d(diffusion: Diffusion, model, n: int, seed: int = 0, **kwargs) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return diffusion.sample(model, (n, 1, 1, 1), generator=generator, progress=False, **kwargs).flatten()
+
+
+# Schedules
+
+
+def test_every_schedule_reaches_noise_for_every_length():
+    for schedule in SCHEDULES:
+        for timesteps in range(10, 4001):
+            betas = make_beta_schedule(schedule, timesteps)
+            assert betas.shape == (timesteps,)
+            assert (betas > 0).all() and (betas < 1).all(), (schedule, timesteps)
+            assert torch.cumprod(1 - betas, 0)[-1] < 1e-3, (schedule, timesteps)
+
+
+def test_linear_schedule_is_ho_et_al_scaled_by_length():
+    betas = make_beta_schedule("linear", 1000)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    betas = make_beta_schedule("linear", 250)
+    assert betas[0].item() == pytest.approx(4e-4) and betas[-1].item() == pytest.approx(0.08)
+
+
+def test_cosine_schedule_follows_its_alpha_bar_formula():
+    timesteps, s = 1000, 0.008
+    alphas_cumprod = Diffusion(timesteps, "cosine").alphas_cumprod.double()
+    t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
+    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    expected = f(t) / f(torch.tensor(0.0, dtype=torch.float64))
+    # The last few betas are clipped at 0.999; before that the schedule is the formula.
+    torch.testing.assert_close(alphas_cumprod[:-5], expected[:-5], rtol=1e-5, atol=1e-7)
+
+
+def test_sigmoid_schedule_rises_between_linear_end_points():
+    betas = make_beta_schedule("sigmoid", 1000)
+    assert (betas[1:] > betas[:-1]).all()
+    assert 1e-4 < betas[0].item() < 2e-4 and 0.0199 < betas[-1].item() < 0.02
+
+
+def test_unknown_schedule_and_too_few_steps_are_refused():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_beta_schedule("quadratic", 100)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_beta_schedule("linear", 1)
+
+
+# Forward process
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_q_sample_has_the_marginal_of_eq_4(schedule):
+    diffusion = Diffusion(1000, schedule)
+    n, x0_value = 200_000, 0.6
+    for step in (0, 250, 600, 999):
+        alpha_bar = diffusion.alphas_cumprod[step].item()
+        t = torch.full((n,), step)
+        x_t = diffusion.q_sample(torch.full((n, 1, 1, 1), x0_value), t).flatten().double()
+        expected_mean, expected_var = math.sqrt(alpha_bar) * x0_value, 1 - alpha_bar
+        standard_error = math.sqrt(expected_var / n)
+        assert abs(x_t.mean().item() - expected_mean) < 5 * standard_error + 1e-6
+        assert x_t.var().item() == pytest.approx(expected_var, rel=0.02, abs=1e-6)
+
+
+def test_posterior_coefficients_match_ho_et_al_eq_7():
+    diffusion = Diffusion(1000, "linear")
+    betas = diffusion.betas.double()
+    alphas = 1 - betas
+    alphas_cumprod = torch.cumprod(alphas, 0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    torch.testing.assert_close(
+        diffusion.posterior_variance.double(), betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        diffusion.posterior_mean_coef1.double(), betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        diffusion.posterior_mean_coef2.double(), alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.parametrize("step,earlier", [(400, 399), (400, 250), (999, 0)])
+def test_posterior_is_the_true_conditional_of_the_forward_chain(step, earlier):
+    """Simulate x_s ~ q(x_s | x_0), then x_t ~ q(x_t | x_s); regressing x_s on x_t must give the posterior."""
+    from ddpm_diffusion import posterior
+
+    diffusion = Diffusion(1000, "linear")
+    generator = torch.Generator().manual_seed(0)
+    n, x0 = 400_000, 0.7
+    alpha_bar_s = diffusion.alphas_cumprod.double()[earlier]
+    alpha_bar_t = diffusion.alphas_cumprod.double()[step]
+    x_s = alpha_bar_s.sqrt() * x0 + (1 - alpha_bar_s).sqrt() * torch.randn(n, generator=generator, dtype=torch.float64)
+    alpha = alpha_bar_t / alpha_bar_s
+    x_t = alpha.sqrt() * x_s + (1 - alpha).sqrt() * torch.randn(n, generator=generator, dtype=torch.float64)
+    slope = torch.cov(torch.stack([x_t, x_s]))[0, 1] / x_t.var()
+    intercept = x_s.mean() - slope * x_t.mean()
+    residual_var = (x_s - intercept - slope * x_t).var()
+    coef_x0, coef_xt, variance = posterior(alpha_bar_t, alpha_bar_s)
+    assert slope.item() == pytest.approx(coef_xt.item(), abs=0.01)
+    assert intercept.item() == pytest.approx((coef_x0 * x0).item(), abs=0.01)
+    assert residual_var.item() == pytest.approx(variance.item(), rel=0.02)
+
+
+# Loss
+
+
+def test_p_losses_is_zero_for_the_true_noise_and_one_for_a_zero_guess():
+    diffusion = Diffusion(1000, "linear")
+    x0 = torch.rand(512, 3, 4, 4) * 2 - 1
+    t = torch.randint(0, 1000, (512,))
+    noise = torch.randn_like(x0)
+
+    def oracle(x_t, t_, labels):
+        return diffusion.predict_eps_from_x0(x_t, t_, x0)
+
+    assert diffusion.p_losses(oracle, x0, t, noise=noise).item() < 1e-6
+    zero_loss = diffusion.p_losses(lambda x, t_, y: torch.zeros_like(x), x0, t, noise=noise)
+    assert zero_loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+    l1_loss = diffusion.p_losses(lambda x, t_, y: torch.zeros_like(x), x0, t, noise=noise, loss_type="l1")
+    assert l1_loss.item() == pytest.approx(math.sqrt(2 / math.pi), rel=0.03)
+    with pytest.raises(ValueError, match="unknown loss"):
+        diffusion.p_losses(oracle, x0, t, loss_type="l3")
+
+
+def test_p_losses_passes_labels_to_the_model():
+    diffusion = Diffusion(100, "linear")
+    seen = []
+    diffusion.p_losses(lambda x, t, y: seen.append(y) or torch.zeros_like(x), torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]), labels=torch.tensor([3, 4]))
+    assert seen[0].tolist() == [3, 4]
+
+
+# Samplers
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 25), ("ddim", 25), ("dpm++2m", 10)])
+def test_samplers_recover_a_point_mass(sampler, steps):
+    diffusion = Diffusion(200, "linear")
+    model = GaussianMixtureNoise(diffusion, [0.37], std=0.0)
+    samples = sample_1d(diffusion, model, 64, sampler=sampler, steps=steps)
+    torch.testing.assert_close(samples, torch.full_like(samples, 0.37), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "sampler,steps,eta,std_tolerance",
+    [
+        # The full ancestral chain and DPM-Solver++ are accurate; DDIM and a respaced ancestral
+        # chain shrink the spread at few steps (discretisation error, see the convergence test).
+        ("ddpm", None, 0.0, 0.03),
+        ("dpm++2m", 20, 0.0, 0.03),
+        ("dpm++2m", 50, 0.0, 0.03),
+        ("ddim", 50, 0.0, 0.10),
+        ("ddim", 100, 1.0, 0.10),
+        ("ddpm", 100, 0.0, 0.10),
+    ],
+)
+def test_samplers_recover_a_gaussian(sampler, steps, eta, std_tolerance):
+    diffusion = Diffusion(1000, "linear")
+    mean, std = 0.2, 0.3
+    samples = sample_1d(diffusion, GaussianMixtureNoise(diffusion, [mean], std), 10_000, sampler=sampler, steps=steps, eta=eta)
+    assert samples.mean().item() == pytest.approx(mean, abs=0.015)
+    assert samples.std().item() == pytest.approx(std, rel=std_tolerance)
+
+
+def test_ddim_error_shrinks_with_more_steps():
+    diffusion = Diffusion(1000, "linear")
+    model = GaussianMixtureNoise(diffusion, [0.2], 0.3)
+    errors = [abs(sample_1d(diffusion, model, 5000, sampler="ddim", steps=steps).std().item() - 0.3) for steps in (10, 50, 250)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.01
+
+
+def test_log_snr_spacing_gives_distinct_timesteps_for_any_count():
+    from ddpm_diffusion import log_snr_spaced_timesteps
+
+    alphas_cumprod = Diffusion(1000, "linear").alphas_cumprod
+    for steps in (2, 10, 50, 300, 1000):
+        timesteps = log_snr_spaced_timesteps(alphas_cumprod, steps)
+        assert len(timesteps) == steps and timesteps[0] == 999 and timesteps[-1] == 0
+        assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+
+
+def test_ddim_with_eta_zero_is_deterministic_given_the_start_noise():
+    diffusion = Diffusion(100, "cosine")
+    model = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.1)
+    first = sample_1d(diffusion, model, 128, seed=3, sampler="ddim", steps=20)
+    second = sample_1d(diffusion, model, 128, seed=3, sampler="ddim", steps=20)
+    other = sample_1d(diffusion, model, 128, seed=4, sampler="ddim", steps=20)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_classes_are_routed_to_their_own_component():
+    diffusion = Diffusion(1000, "linear")
+    model = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.1)
+    labels = torch.tensor([0, 1]).repeat(2000)
+    samples = sample_1d(diffusion, model, 4000, labels=labels, guidance_scale=1.0, sampler="dpm++2m", steps=20)
+    assert samples[labels == 0].mean().item() == pytest.approx(-0.5, abs=0.01)
+    assert samples[labels == 1].mean().item() == pytest.approx(0.5, abs=0.01)
+    assert samples[labels == 1].std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_guidance_zero_samples_the_unconditional_mixture():
+    diffusion = Diffusion(1000, "linear")
+    model = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.1)
+    labels = torch.zeros(4000, dtype=torch.long)
+    samples = sample_1d(diffusion, model, 4000, labels=labels, guidance_scale=0.0, sampler="dpm++2m", steps=20)
+    assert (samples > 0).float().mean().item() == pytest.approx(0.5, abs=0.04)
+
+
+def test_guidance_formula_and_its_exact_end_points():
+    diffusion = Diffusion(100, "linear")
+    calls = []
+
+    def model(x, t, labels):
+        calls.append(x.shape[0])
+        return x * 0.5 + labels.float().reshape(-1, 1, 1, 1) * 0.1 + t.float().reshape(-1, 1, 1, 1) * 0.01
+
+    x = torch.randn(3, 1, 2, 2)
+    t = torch.tensor([5, 6, 7])
+    labels = torch.tensor([0, 1, 2])
+    null = torch.full_like(labels, 10)
+    eps = lambda w: diffusion.predict_noise(model, x, t, labels, guidance_scale=w, null_label=10)  # noqa: E731
+    assert torch.equal(eps(0.0), model(x, t, null))
+    assert torch.equal(eps(1.0), model(x, t, labels))
+    calls.clear()
+    guided = eps(3.0)
+    assert calls == [6], "both branches must be one batched forward pass"
+    expected = model(x, t, null) + 3.0 * (model(x, t, labels) - model(x, t, null))
+    torch.testing.assert_close(guided, expected)
+
+
+def test_unconditional_sampling_passes_no_labels_and_leaves_model_mode_alone():
+    diffusion = Diffusion(20, "linear")
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t, labels):
+            seen.append(labels)
+            return torch.zeros_like(x)
+
+    model = Recorder().train()
+    diffusion.sample(model, (2, 1, 2, 2), sampler="ddim", steps=5, progress=False)
+    assert seen == [None] * 5
+    assert model.training
+
+
+def test_sampler_output_is_in_range_and_reproducible_from_a_seed():
+    diffusion = Diffusion(50, "sigmoid")
+    model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731  (a bad predictor: x_0 estimates fall outside [-1, 1])
+    first = diffusion.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), progress=False)
+    second = diffusion.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), progress=False)
+    assert first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("timesteps", [10, 11, 37])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_short_chains_sample_without_nan(timesteps, schedule):
+    diffusion = Diffusion(timesteps, schedule)
+    samples = sample_1d(diffusion, GaussianMixtureNoise(diffusion, [0.1], 0.2), 256)
+    assert torch.isfinite(samples).all()
+
+
+def test_evenly_spaced_timesteps():
+    assert evenly_spaced_timesteps(10, None) == list(range(9, -1, -1))
+    steps = evenly_spaced_timesteps(1000, 50)
+    assert len(steps) == 50 and steps[0] == 999 and steps[-1] == 0
+    assert all(a > b for a, b in zip(steps, steps[1:]))
+    with pytest.raises(ValueError, match="between 1 and 10"):
+        evenly_spaced_timesteps(10, 11)
