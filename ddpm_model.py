@@ -1,0 +1,330 @@
+"""The noise-prediction U-Net of Ho et al. 2020, "Denoising Diffusion Probabilistic Models".
+
+This file is only the network eps_theta(x_t, t, y): it maps a noisy image, its timestep
+and (optionally) a class label to the predicted noise. Diffusion math, data and training
+live in the other ddpm_* modules.
+
+Layout (Ho et al., appendix B, CIFAR-10 model), with the channels of the `ddpm` preset:
+
+    x (3x32x32) -> conv_in -> 128x32x32
+    encoder   32x32: 2 ResnetBlocks (128)             -> Downsample
+              16x16: 2 ResnetBlocks (256) + attention -> Downsample
+               8x8 : 2 ResnetBlocks (256)             -> Downsample
+               4x4 : 2 ResnetBlocks (256)
+    middle     4x4 : ResnetBlock, AttentionBlock, ResnetBlock
+    decoder   mirror of the encoder with num_res_blocks + 1 blocks per level, each block
+              concatenating one skip saved by the encoder, then Upsample
+    out       GroupNorm, SiLU, conv -> 3x32x32 predicted noise
+
+Every ResnetBlock receives the timestep embedding (plus the class embedding when the
+model is class-conditional).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PRESET_IMAGE_SIZE = 32  # the attention resolutions in PRESETS are written for 32x32 images
+
+# Measured with in_channels=3, image_size=32, unconditional (see count_parameters).
+# A conditional model adds (num_classes + 1) * 4 * base_dim, e.g. 11 * 512 = 5,632 for
+# `ddpm` with 10 classes.
+#
+#   preset        film=True      film=False
+#   tiny            190,947         177,427
+#   small         6,949,187       6,472,195
+#   ddpm         38,307,203      35,746,307   (Ho et al. report 35.7M)
+#   ddpm-large   52,542,979      49,062,787
+PRESETS: dict[str, dict] = {
+    # For tests and quick experiments.
+    "tiny": dict(base_dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                 dropout=0.0, num_heads=1, film=True),
+    # A few million parameters: a mid-sized model for MNIST or CIFAR-10.
+    "small": dict(base_dim=64, dim_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                  dropout=0.1, num_heads=1, film=True),
+    # Ho et al.'s CIFAR-10 network (with FiLM conditioning instead of an added bias).
+    "ddpm": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1, num_heads=1, film=True),
+    # Nichol & Dhariwal 2021 (improved DDPM) CIFAR-10 network: 3 blocks per level,
+    # attention at 16x16 and 8x8 with 4 heads, dropout 0.3.
+    "ddpm-large": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=3,
+                       attn_resolutions=(16, 8), dropout=0.3, num_heads=4, film=True),
+}
+
+
+def preset_config(name: str, image_size: int) -> dict:
+    """The kwargs of preset `name` (without in_channels, image_size, num_classes), with its
+    attention resolutions moved to the same U-Net depth for `image_size`: 16 at 32px
+    (one downsampling deep) becomes 14 at 28px, 8 at 16px and 32 at 64px."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    config = dict(PRESETS[name])
+    config["attn_resolutions"] = tuple(
+        image_size // (PRESET_IMAGE_SIZE // res) for res in config["attn_resolutions"]
+    )
+    return config
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in Ho et al.; fewer (a divisor of `channels`) for narrow layers."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero all parameters of `module`, so a residual branch starts as the identity
+    (Ho et al.'s init_scale=0; improved-diffusion's zero_module)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class SinusoidalPosEmb(nn.Module):
+    """Transformer sinusoidal position embedding of the timestep (Vaswani et al. 2017),
+    written as in Ho et al.'s get_timestep_embedding: [sin(t * f_i), cos(t * f_i)]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"timestep embedding dimension must be even, got {dim}")
+        self.dim = dim
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
+        args = t.float()[:, None] * freqs[None, :]
+        return torch.cat([args.sin(), args.cos()], dim=1)
+
+
+class TimestepEmbedding(nn.Sequential):
+    """Sinusoidal embedding of t followed by a 2-layer MLP: dim -> emb_dim -> emb_dim."""
+
+    def __init__(self, dim: int, emb_dim: int):
+        super().__init__(
+            SinusoidalPosEmb(dim),
+            nn.Linear(dim, emb_dim),
+            nn.SiLU(),
+            nn.Linear(emb_dim, emb_dim),
+        )
+
+
+class ResnetBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection, conditioned on the embedding `emb`.
+
+    film=True: the embedding gives a per-channel scale and shift applied after the second
+    GroupNorm, h = norm(h) * (1 + scale) + shift (improved-diffusion's use_scale_shift_norm).
+    film=False: the embedding gives a bias added before the second GroupNorm, as in Ho et al.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, film: bool = True):
+        super().__init__()
+        self.film = film
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if film else out_ch))
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(emb)[:, :, None, None]
+        if self.film:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual."""
+
+    def __init__(self, channels: int, num_heads: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide the {channels} attention channels")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, C // heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class ResAttnBlock(nn.Module):
+    """One step of a U-Net level: a ResnetBlock, followed by self-attention if `attn`."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, film: bool,
+                 attn: bool, num_heads: int):
+        super().__init__()
+        self.res = ResnetBlock(in_ch, out_ch, emb_dim, dropout, film)
+        self.attn = AttentionBlock(out_ch, num_heads) if attn else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.attn(self.res(x, emb))
+
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour upsampling then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """Noise predictor eps_theta(x_t, t, y) of Ho et al. 2020, optionally class-conditional.
+
+    With num_classes set, label `num_classes` is the null label ("no class", used for
+    classifier-free guidance, Ho & Salimans 2022); forward(x, t) without labels uses it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        base_dim: int = 128,
+        dim_mults: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        num_classes: int | None = None,
+        num_heads: int = 1,
+        film: bool = True,
+    ):
+        super().__init__()
+        num_levels = len(dim_mults)
+        if num_levels == 0:
+            raise ValueError("dim_mults must have at least one entry")
+        if image_size % 2 ** (num_levels - 1):
+            raise ValueError(f"image_size {image_size} must be divisible by {2 ** (num_levels - 1)} "
+                             f"for {num_levels} U-Net levels (dim_mults={tuple(dim_mults)})")
+        resolutions = [image_size // 2**level for level in range(num_levels)]
+        for res in attn_resolutions:
+            if res not in resolutions:
+                raise ValueError(f"attention resolution {res} is not a feature-map size of this "
+                                 f"U-Net; choose from {resolutions}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be positive or None, got {num_classes}")
+
+        self.config = dict(
+            in_channels=in_channels, image_size=image_size, base_dim=base_dim,
+            dim_mults=list(dim_mults), num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
+            num_heads=num_heads, film=film,
+        )
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.null_label = num_classes
+
+        emb_dim = 4 * base_dim
+        self.time_embed = TimestepEmbedding(base_dim, emb_dim)
+        if num_classes is not None:
+            self.label_embed = nn.Embedding(num_classes + 1, emb_dim)  # last row: null label
+
+        def block(in_ch: int, out_ch: int, res: int) -> ResAttnBlock:
+            return ResAttnBlock(in_ch, out_ch, emb_dim, dropout, film, res in attn_resolutions, num_heads)
+
+        self.conv_in = nn.Conv2d(in_channels, base_dim, 3, padding=1)
+
+        # Encoder. skip_chs records the channels of every activation saved for the decoder.
+        ch = base_dim
+        skip_chs = [ch]
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        for level, mult in enumerate(dim_mults):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(block(ch, base_dim * mult, resolutions[level]))
+                ch = base_dim * mult
+                skip_chs.append(ch)
+            self.down_blocks.append(blocks)
+            if level < num_levels - 1:
+                self.downsamples.append(Downsample(ch))
+                skip_chs.append(ch)
+
+        self.mid_block1 = ResnetBlock(ch, ch, emb_dim, dropout, film)
+        self.mid_attn = AttentionBlock(ch, num_heads)
+        self.mid_block2 = ResnetBlock(ch, ch, emb_dim, dropout, film)
+
+        # Decoder: one more block per level than the encoder, so every skip is consumed.
+        self.up_blocks = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for level in reversed(range(num_levels)):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                blocks.append(block(ch + skip_chs.pop(), base_dim * dim_mults[level], resolutions[level]))
+                ch = base_dim * dim_mults[level]
+            self.up_blocks.append(blocks)
+            if level > 0:
+                self.upsamples.append(Upsample(ch))
+
+        self.norm_out = group_norm(ch)
+        self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Predict the noise in x (B, C, H, W) at integer timesteps t (B,).
+
+        labels (B,) are class indices, `null_label` meaning "no class"; None means
+        unconditional (the null label for every example of a conditional model).
+        """
+        emb = self.time_embed(t)
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels were given to an unconditional model (num_classes=None)")
+        else:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+            emb = emb + self.label_embed(labels)
+
+        h = self.conv_in(x)
+        hs = [h]
+        for level, blocks in enumerate(self.down_blocks):
+            for block in blocks:
+                h = block(h, emb)
+                hs.append(h)
+            if level < len(self.downsamples):
+                h = self.downsamples[level](h)
+                hs.append(h)
+
+        h = self.mid_block1(h, emb)
+        h = self.mid_attn(h)
+        h = self.mid_block2(h, emb)
+
+        for level, blocks in enumerate(self.up_blocks):
+            for block in blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            if level < len(self.upsamples):
+                h = self.upsamples[level](h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))

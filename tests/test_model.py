@@ -1,0 +1,155 @@
+import inspect
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from ddpm_model import PRESETS, UNet, count_parameters, preset_config
+
+
+def tiny(image_size: int = 32, in_channels: int = 3, **overrides) -> UNet:
+    config = preset_config("tiny", image_size) | overrides
+    return UNet(in_channels=in_channels, image_size=image_size, **config)
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Replace the (partly zero) initial weights by small random ones, so every input matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def inputs(batch: int = 2, channels: int = 3, size: int = 32, seed: int = 1):
+    """A batch of random images and random timesteps in [0, 1000)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=gen)
+    return x, torch.randint(0, 1000, (batch,), generator=gen)
+
+
+@pytest.mark.parametrize(
+    "preset,channels,size",
+    [("tiny", 3, 32), ("tiny", 1, 28), ("tiny", 3, 16), ("tiny", 3, 64), ("small", 3, 32), ("small", 1, 28)],
+)
+def test_output_shape_matches_input(preset, channels, size):
+    model = randomize(UNet(in_channels=channels, image_size=size, **preset_config(preset, size)))
+    x, t = inputs(channels=channels, size=size)
+    with torch.no_grad():
+        assert model(x, t).shape == x.shape
+
+
+def test_ddpm_parameter_count_matches_ho_et_al():
+    with torch.device("meta"):
+        ho = UNet(**PRESETS["ddpm"] | {"film": False})
+        film = UNet(**PRESETS["ddpm"])
+        conditional = UNet(**PRESETS["ddpm"], num_classes=10)
+    assert 35.6e6 < count_parameters(ho) < 35.8e6  # Ho et al. 2020: 35.7M
+    assert 38.1e6 < count_parameters(film) < 38.5e6
+    assert count_parameters(conditional) - count_parameters(film) == 11 * 512
+
+
+def test_tiny_preset_is_tiny():
+    assert count_parameters(tiny()) < 1_000_000
+
+
+def test_fresh_model_outputs_zero():
+    """The final conv is zero-initialised (Ho et al. init_scale=0), so the untrained output is 0."""
+    model = UNet(**preset_config("tiny", 32), num_classes=3)
+    x, t = inputs()
+    assert torch.equal(model(x, t, torch.tensor([0, 3])), torch.zeros_like(x))
+
+
+@torch.no_grad()
+def test_timestep_changes_output():
+    model = randomize(tiny())
+    x, _ = inputs()
+    assert not torch.allclose(model(x, torch.tensor([0, 0])), model(x, torch.tensor([500, 500])))
+
+
+@torch.no_grad()
+def test_labels_change_output_and_null_label_is_distinct():
+    model = randomize(tiny(num_classes=3))
+    x, t = inputs()
+    null = model(x, t, torch.full((2,), model.null_label))
+    outputs = [model(x, t, torch.full((2,), y)) for y in range(3)]
+    assert model.null_label == model.num_classes == 3
+    assert not torch.allclose(outputs[0], outputs[1])
+    for out in outputs:
+        assert not torch.allclose(out, null)
+    assert torch.equal(model(x, t), null)
+
+
+def test_labels_on_unconditional_model_raise():
+    model = tiny()
+    assert model.num_classes is None and model.null_label is None
+    x, t = inputs()
+    with pytest.raises(ValueError):
+        model(x, t, torch.zeros(2, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_config_round_trip_rebuilds_identical_model():
+    # Every kwarg differs from its default, so a key missing from config changes the model.
+    model = randomize(UNet(in_channels=1, image_size=28, base_dim=16, dim_mults=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(14,), dropout=0.2, num_classes=10, num_heads=2, film=False))
+    assert set(model.config) == set(inspect.signature(UNet).parameters)
+    config = json.loads(json.dumps(model.config))  # checkpoints may store it as plain JSON
+    rebuilt = UNet(**config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.config == model.config
+    assert (rebuilt.in_channels, rebuilt.image_size, rebuilt.num_classes) == (1, 28, 10)
+    x, t = inputs(channels=1, size=28)
+    labels = torch.tensor([2, 10])
+    assert torch.equal(rebuilt(x, t, labels), model(x, t, labels))
+
+
+def test_invalid_image_size_raises():
+    with pytest.raises(ValueError, match="divisible"):
+        UNet(image_size=30, dim_mults=(1, 2, 2, 2), attn_resolutions=())
+
+
+def test_absent_attention_resolution_raises():
+    with pytest.raises(ValueError, match="attention resolution"):
+        UNet(image_size=32, dim_mults=(1, 2), attn_resolutions=(8,))
+
+
+@torch.no_grad()
+def test_channels_last_matches_contiguous():
+    model = randomize(tiny())
+    x, t = inputs()
+    expected = model(x, t)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last), t), expected, atol=1e-5, rtol=0)
+    model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last), t), expected, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_examples_are_independent_in_a_batch():
+    """Catches normalisation or attention that mixes examples of the batch."""
+    model = randomize(tiny(num_classes=3))
+    x, t = inputs(batch=3)
+    labels = torch.tensor([0, 1, 3])
+    batched = model(x, t, labels)
+    for i in range(3):
+        torch.testing.assert_close(model(x[i : i + 1], t[i : i + 1], labels[i : i + 1]), batched[i : i + 1],
+                                   atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_multi_head_attention_works():
+    model = randomize(tiny(num_heads=4))
+    x, t = inputs()
+    assert model(x, t).shape == x.shape
+
+
+def test_preset_config_moves_attention_to_the_same_depth():
+    assert preset_config("ddpm", 32)["attn_resolutions"] == (16,)
+    assert preset_config("ddpm", 64)["attn_resolutions"] == (32,)
+    assert preset_config("tiny", 28)["attn_resolutions"] == (14,)
+    assert preset_config("small", 16)["attn_resolutions"] == (8,)
+    assert preset_config("ddpm-large", 64)["attn_resolutions"] == (32, 16)
+    assert PRESETS["tiny"]["attn_resolutions"] == (16,)  # the preset itself is untouched
+    with pytest.raises(ValueError, match="unknown model preset"):
+        preset_config("huge", 32)
