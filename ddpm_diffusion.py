@@ -182,12 +182,18 @@ class Diffusion:
         labels: Optional[torch.Tensor] = None,
         guidance_scale: float = 1.0,
         null_label: Optional[int] = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Optional[tuple[float, float]] = None,
     ) -> torch.Tensor:
         """The noise estimate, with classifier-free guidance when labels are given.
 
         Ho & Salimans 2022: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 is the
         unconditional model, w = 1 the plain conditional one (both computed alone, exactly);
-        any other w evaluates both branches in one batched forward pass.
+        any other w evaluates both branches in one batched forward pass, then optionally
+        rescales the result (`rescale_guidance`, Lin et al. 2023). With `guidance_interval`
+        (lo, hi), guidance is applied only where lo < sigma_t <= hi and the plain conditional
+        prediction is used elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a
+        Limited Interval Improves Sample and Distribution Quality in Diffusion Models").
         """
         if labels is None:
             return model(x, t, None)
@@ -196,12 +202,29 @@ class Diffusion:
             if null_label is None:
                 raise ValueError("labels were given but the model has no `num_classes`: pass null_label")
         null_labels = torch.full_like(labels, null_label)
-        if guidance_scale == 1.0:
+        guided_here = self.in_guidance_interval(t, guidance_interval)
+        if guidance_scale == 1.0 or not guided_here.any():
             return model(x, t, labels)
-        if guidance_scale == 0.0:
+        if guidance_scale == 0.0 and guided_here.all():
             return model(x, t, null_labels)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).chunk(2)
-        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        if guidance_rescale:
+            guided = rescale_guidance(guided, eps_cond, guidance_rescale)
+        return torch.where(_broadcast(guided_here, x.ndim), guided, eps_cond)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps,
+        the parametrisation of Karras et al. 2022 in which guidance intervals are given."""
+        alpha_bar = self._alpha_bar(t)
+        return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+    def in_guidance_interval(self, t: torch.Tensor, interval: Optional[tuple[float, float]]) -> torch.Tensor:
+        """Per sample: is guidance on at step t? Always, without an interval; else lo < sigma_t <= hi."""
+        if interval is None:
+            return torch.ones_like(t, dtype=torch.bool)
+        sigma = self.sigma(t)
+        return (sigma > interval[0]) & (sigma <= interval[1])
 
     def predict_x0(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
@@ -273,6 +296,8 @@ class Diffusion:
         device: torch.device | str | None = None,
         clip_denoised: bool = True,
         progress: bool = True,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Optional[tuple[float, float]] = None,
     ) -> torch.Tensor:
         """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W).
 
@@ -296,7 +321,7 @@ class Diffusion:
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            eps = self.predict_noise(model, x, t, labels, guidance_scale, null_label)
+            eps = self.predict_noise(model, x, t, labels, guidance_scale, null_label, guidance_rescale, guidance_interval)
             if sampler == "ddpm":
                 x = self.p_sample(x, t, t_prev, eps, clip_denoised, generator)
             elif sampler == "ddim":
@@ -304,6 +329,21 @@ class Diffusion:
             else:
                 x = solver.step(x, t, t_prev, eps, clip_denoised)
         return x.clamp(-1, 1)
+
+
+def rescale_guidance(guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are
+    Flawed", section 3.4): scale the guided prediction so that its standard deviation
+    (per sample, over C, H, W) equals the conditional prediction's, then blend
+    phi * rescaled + (1 - phi) * guided. Large guidance scales inflate the prediction's spread,
+    which over-saturates images; phi = 0 changes nothing. The paper rescales the x_0 (v)
+    prediction; like diffusers' `rescale_noise_cfg` this applies it to the noise prediction.
+    """
+    dims = tuple(range(1, guided.ndim))
+    std_cond = eps_cond.std(dim=dims, correction=0, keepdim=True)
+    std_guided = guided.std(dim=dims, correction=0, keepdim=True)
+    ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
+    return phi * guided * ratio + (1 - phi) * guided
 
 
 class DPMSolverPlusPlus2M:

@@ -379,6 +379,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_tf32() -> None:
+    """TensorFloat-32 for float32 matmuls on Ampere and later GPUs: several times the float32 rate, with a
+    10-bit mantissa that training does not notice (PyTorch notes, "TensorFloat-32 on Ampere"); cuDNN
+    convolutions already use it by default."""
+    torch.set_float32_matmul_precision("high")
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (a machine-readable log that a crash can cut only at the last line)."""
     path = Path(path)

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES, Diffusion
-from ddpm_helpers import DATASETS, UsageError, load_checkpoint, load_datasets, save_image_grid, save_json, save_samples
+from ddpm_evaluate import FEATURE_EXTRACTORS, parse_guidance_interval, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
+from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_checkpoint, load_datasets, save_image_grid, save_json, save_samples
 from ddpm_model import PRESETS, UNet, preset_config
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--seed", type=int, default=0)
     mode.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     mode.add_argument("--no_cuda", action="store_true", help="run on the CPU even when a GPU is present")
+    mode.add_argument("--no_tf32", action="store_true", help="keep float32 matmuls in full precision on CUDA (TF32 is on by default)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="cifar10", choices=DATASETS)
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                        help="mixed precision (auto: bf16 on GPUs that support it, else none)")
     train.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on recent GPUs)")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the model for training (faster steps after a one-off compilation of about a minute)")
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model_path", default=None, help="checkpoint to sample from (default: <models_dir>/<run_name>/ckpt.pt)")
@@ -92,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
     sampling.add_argument("--sampling_steps", type=int, default=None, help="network evaluations (default: all timesteps for ddpm, 50 otherwise)")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
+    sampling.add_argument("--guidance_rescale", type=float, default=0.0,
+                          help="rescale guided predictions to the conditional one's std, 0 (off) to 1 (Lin et al. 2023)")
+    sampling.add_argument("--guidance_interval", default=None, metavar="LO,HI",
+                          help="guide only at noise levels LO < sigma_t <= HI, plain conditional elsewhere (Kynkaanniemi et al. 2024)")
+
+    evaluation = parser.add_argument_group("evaluation (see ddpm_evaluate.py)")
+    evaluation.add_argument("--evaluate", action="store_true", help="sample --fid_num_samples images from --model_path and report FID, IS, class consistency")
+    evaluation.add_argument("--fid_num_samples", type=int, default=10000, help="samples for --evaluate (published CIFAR-10 FIDs use 50000)")
+    evaluation.add_argument("--fid_features", default="inception", choices=sorted(FEATURE_EXTRACTORS),
+                            help="inception: the standard FID network; random-conv: fixed random features for tests, not comparable to published FID")
+    evaluation.add_argument("--guidance_sweep", default=None, metavar="W1,W2,...", help="with --evaluate: one evaluation per guidance scale, a table, a plot and per-class grids")
+    evaluation.add_argument("--compare_checkpoints", nargs="+", default=None, metavar="CKPT",
+                            help="sample the same noise from these checkpoints of one run into one image, one row per training step")
     return parser
 
 
@@ -106,7 +123,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.timesteps < 10:
         raise UsageError(f"--timesteps must be at least 10, got {args.timesteps}")
-    if args.sampling_steps is not None and args.sampling_steps > args.timesteps and not args.inference:
+    if args.sampling_steps is not None and args.sampling_steps > args.timesteps and not (args.inference or args.evaluate or args.compare_checkpoints):
         raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed --timesteps ({args.timesteps})")
     for name in ("guidance_scale", "lr", "eta"):
         if not math.isfinite(getattr(args, name)):
@@ -123,6 +140,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.sample_classes is not None and not args.sample_classes.strip(" ,"):
         raise UsageError("--sample_classes is empty")
+    validate_evaluation_args(args)
 
 
 def select_device(args: argparse.Namespace) -> str:
@@ -162,9 +180,10 @@ def parse_sample_classes(text: Optional[str], class_names: list[str], num_sample
 
 
 def run_training(args: argparse.Namespace) -> None:
-    from ddpm_train import train
+    from ddpm_train import load_resume_checkpoint, train
 
     args.device = select_device(args)
+    resume = load_resume_checkpoint(args)
     data = load_datasets(args.dataset, args.data_dir, args.image_size, hflip=False if args.no_hflip else None, seed=0)
     try:
         args.model_config = model_config_from_args(args, data.image_size)
@@ -172,7 +191,7 @@ def run_training(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UsageError(f"this model does not fit {data.image_size}x{data.image_size} images: {error}") from None
     args.data_on_device = args.device.startswith("cuda")
-    train(args, data)
+    train(args, data, resume)
 
 
 def run_inference(args: argparse.Namespace) -> None:
@@ -211,6 +230,7 @@ def run_inference(args: argparse.Namespace) -> None:
         batches.append(diffusion.sample(
             model, (count, channels, size, size), labels=batch_labels, guidance_scale=args.guidance_scale,
             sampler=args.sampler, steps=args.sampling_steps, eta=args.eta, generator=generator, device=device,
+            guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
         ).cpu())
     images = torch.cat(batches)
 
@@ -221,6 +241,8 @@ def run_inference(args: argparse.Namespace) -> None:
         "model_path": str(model_path), "num_samples": args.num_samples, "seed": args.seed, "weights": "ema" if use_ema else "raw",
         "sampler": args.sampler, "sampling_steps": args.sampling_steps, "eta": args.eta,
         "guidance_scale": args.guidance_scale if labels is not None else None,
+        "guidance_rescale": args.guidance_rescale if labels is not None else None,
+        "guidance_interval": args.guidance_interval if labels is not None else None,
         "classes": None if labels is None else [class_names[i] for i in labels.tolist()],
     }, save_dir / "samples.json")
     print(f"wrote {save_dir / 'grid.png'}, {args.num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
@@ -230,13 +252,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate_args(args)
-        if args.inference:
+        if not args.no_tf32 and select_device(args).startswith("cuda"):
+            enable_tf32()
+        if args.compare_checkpoints:
+            run_checkpoint_comparison(args, select_device(args))
+        elif args.evaluate:
+            run_evaluation(args, select_device(args))
+        elif args.inference:
             run_inference(args)
         else:
             run_training(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

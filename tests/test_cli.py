@@ -12,20 +12,10 @@ import pytest
 import torch
 
 import ddpm_main
+from conftest import REPO, run_cli as run
 from ddpm_helpers import load_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 --log_interval 1 --num_samples 4"
-
-
-def run(command: str, cwd: Path) -> int:
-    """Run ddpm_main in-process from `cwd`, as `python ddpm_main.py <command>` would."""
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return ddpm_main.main(shlex.split(command))
-    finally:
-        os.chdir(previous)
 
 
 def tree_fingerprint(root: Path) -> dict[str, str]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_model import PRESETS, UNet, count_parameters, preset_config
+from ddpm_model import PRESETS, AttentionBlock, UNet, count_parameters, preset_config
 
 
 def tiny(image_size: int = 32, in_channels: int = 3, **overrides) -> UNet:
@@ -142,6 +142,21 @@ def test_multi_head_attention_works():
     model = randomize(tiny(num_heads=4))
     x, t = inputs()
     assert model(x, t).shape == x.shape
+
+
+@pytest.mark.parametrize("num_heads", [1, 4])
+@torch.no_grad()
+def test_attention_block_is_textbook_multi_head_attention(num_heads):
+    """softmax(q k^T / sqrt(d)) v per head, with the qkv channels split [q heads | k heads | v heads]
+    (the layout of the 1x1-convolution version, so its checkpoints keep their meaning)."""
+    block = randomize(AttentionBlock(64, num_heads))
+    x = torch.randn(2, 64, 8, 8, generator=torch.Generator().manual_seed(0))
+    qkv = nn.functional.conv2d(block.norm(x), block.qkv.weight, block.qkv.bias).flatten(2)  # (B, 3C, HW)
+    q, k, v = qkv.view(2, 3, num_heads, 64 // num_heads, 64).unbind(1)  # (B, heads, d, HW)
+    weights = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / (64 // num_heads) ** 0.5, dim=-1)
+    h = torch.einsum("bhij,bhdj->bhdi", weights, v).reshape(2, 64, 8, 8)
+    expected = x + nn.functional.conv2d(h, block.proj_out.weight, block.proj_out.bias)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_preset_config_moves_attention_to_the_same_depth():

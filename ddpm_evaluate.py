@@ -1,0 +1,519 @@
+"""Numbers for samples: FID, Inception Score and class consistency, guidance sweeps, checkpoint comparisons.
+
+    python ddpm_main.py --evaluate --model_path models/run/ckpt.pt --fid_num_samples 10000 --sampler dpm++2m --sampling_steps 20
+
+FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to the features of the
+generated images and of the training images. The standard features, used by published CIFAR-10
+numbers, are the 2048-d pool features of the TensorFlow Inception network of 2015
+(`pt_inception-2015-12-05`); torch-fidelity ports it bit-exactly, including TensorFlow's resize to 299x299,
+and also gives its logits for the Inception Score (Salimans et al. 2016).
+
+A feature extractor here is any callable mapping uint8 images (N, 3, H, W) to a pair
+(features (N, D), logits (N, K) or None). `FEATURE_EXTRACTORS` names the ones `--fid_features` offers;
+`random-conv` is a fixed random network for tests and quick relative comparisons, NOT comparable to
+published FID. Tests may add their own entry to that dict.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from tqdm.auto import tqdm
+
+from ddpm_diffusion import Diffusion
+from ddpm_helpers import (SYNTHETIC_CLASSES, UsageError, _first_line, load_checkpoint, load_datasets, save_image_grid,
+                          save_json, save_labelled_rows, to_uint8)
+from ddpm_model import UNet
+
+FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
+INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+INCEPTION_SCORE_SPLITS = 10  # as in Salimans et al.'s code and every published Inception Score
+GRID_IMAGES = 64
+SWEEP_GRID_COLUMNS = 8
+
+
+# ----------------------------------------------------------------------------- feature extractors
+
+def inception_weights_path() -> Path:
+    """Where torch.hub keeps downloaded weights: $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def load_inception(device: str) -> FeatureExtractor:
+    """The FID Inception network (torch-fidelity's port), giving pool features and unbiased logits.
+
+    The weights are downloaded once into the torch hub cache; offline, one line says where to put them.
+    """
+    path = inception_weights_path()
+    if not path.is_file():
+        _download_inception_weights(path)
+    try:
+        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                              feature_extractor_weights_path=str(path))
+    except Exception as error:
+        raise UsageError(f"cannot read the Inception weights {path} ({_first_line(error)}): "
+                         f"replace it with {INCEPTION_FILE} from {URL_INCEPTION_V3}") from error
+    return network.to(device)
+
+
+def _download_inception_weights(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path))
+    except Exception as error:
+        raise UsageError(f"the FID Inception weights could not be downloaded ({_first_line(error)}): "
+                         f"place {INCEPTION_FILE} (from {URL_INCEPTION_V3}) in {path.parent}/") from error
+
+
+class RandomConvFeatures(nn.Module):
+    """Two random ReLU convolutions (fixed seed) and a spatial mean: 64 features per image, no logits.
+
+    Cheap enough for tests and for comparing samplers or checkpoints of one model on a CPU. The
+    numbers mean something only relative to each other; they are not comparable to published FID.
+    """
+
+    def __init__(self, dim: int = 64, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.Conv2d(32, dim, 3, stride=2, padding=1)])
+        for conv in self.convs:  # He initialisation, so activations neither vanish nor explode
+            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / fan_in)
+            conv.bias.data.zero_()
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x = images.float() / 127.5 - 1
+        for conv in self.convs:
+            x = F.relu(conv(x))
+        return x.mean(dim=(2, 3)), None
+
+
+FEATURE_EXTRACTORS: dict[str, Callable[[str], FeatureExtractor]] = {
+    "inception": load_inception,
+    "random-conv": lambda device: RandomConvFeatures().to(device),
+}
+COMPARABLE_TO_PUBLISHED = {"inception"}
+
+
+@torch.no_grad()
+def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int, device: str,
+                     desc: str = "features") -> tuple[np.ndarray, Optional[torch.Tensor]]:
+    """Features (float64, N x D) and logits (or None) of uint8 images (N, C, H, W); grey images become RGB."""
+    features, logits = [], []
+    for batch in tqdm(images.split(batch_size), desc=desc, unit="batch"):
+        batch = batch.to(device)
+        if batch.shape[1] == 1:
+            batch = batch.expand(-1, 3, -1, -1)
+        batch_features, batch_logits = extractor(batch)
+        features.append(batch_features.double().cpu())
+        if batch_logits is not None:
+            logits.append(batch_logits.cpu())
+    return torch.cat(features).numpy(), torch.cat(logits) if logits else None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (N - 1 normalised, as in the reference FID code) of N x D features."""
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
+
+        ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))      (Dowson & Landau 1982)
+
+    FID is this distance between Inception features (Heusel et al. 2017). torch-fidelity computes the
+    trace of the matrix square root as the sum of the square roots of the eigenvalues of sigma1 sigma2.
+    """
+    as_stats = lambda mu, sigma: {"mu": np.asarray(mu, np.float64), "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}  # noqa: E731
+    return fid_statistics_to_metric(as_stats(mu1, sigma1), as_stats(mu2, sigma2), verbose=False)[KEY_METRIC_FID]
+
+
+def inception_score(logits: torch.Tensor, splits: int = INCEPTION_SCORE_SPLITS) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over `splits` parts, by torch-fidelity."""
+    result = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
+    return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
+
+
+def classify_synthetic(images: torch.Tensor) -> torch.Tensor:
+    """Class of synthetic images (uint8, N x 3 x H x W), -1 where nothing is drawn.
+
+    Each synthetic class has its own colour (ddpm_helpers.SYNTHETIC_CLASSES), so the mean colour of the
+    bright pixels (the object; the background stays below about 60) names the class. Shapes are not checked.
+    """
+    pixels = images.float()
+    bright = pixels.amax(dim=1, keepdim=True) > 100
+    count = bright.sum(dim=(1, 2, 3))
+    mean_colour = (pixels * bright).sum(dim=(2, 3)) / count.clamp(min=1).unsqueeze(1)
+    palette = torch.tensor([colour for _, colour, _ in SYNTHETIC_CLASSES], dtype=torch.float32)
+    nearest = torch.cdist(mean_colour, palette).argmin(dim=1)
+    return torch.where(count > 0, nearest, -1)
+
+
+CLASSIFIERS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "synthetic": ("colour of the drawn object (each synthetic class has its own colour)", classify_synthetic),
+}
+
+
+def class_consistency(dataset: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[Optional[float], str]:
+    """Fraction of samples that a classifier for `dataset` puts in the class they were sampled for, and a note."""
+    if dataset not in CLASSIFIERS:
+        return None, f"no classifier for {dataset!r} in this tool: class consistency not measured"
+    description, classify = CLASSIFIERS[dataset]
+    agreement = (classify(images) == labels).float().mean().item()
+    return agreement, f"class consistency by a fixed classifier: {description}"
+
+
+# ----------------------------------------------------------------------------- reference statistics
+
+@dataclass
+class ReferenceStatistics:
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int
+    path: Path
+
+
+def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor_name: str, extractor: FeatureExtractor,
+                         batch_size: int, device: str) -> ReferenceStatistics:
+    """Feature statistics of the training images, cached in <data_dir>/fid_stats_<dataset>_<size>_<extractor>.npz.
+
+    "Training images" are the training and validation splits together: for CIFAR-10 all 50,000 training
+    images, the reference of published numbers.
+    """
+    path = Path(data_dir) / f"fid_stats_{dataset}_{image_size}_{extractor_name}.npz"
+    if path.is_file():
+        with np.load(path) as cached:
+            return ReferenceStatistics(cached["mu"], cached["sigma"], int(cached["num_images"]), path)
+    data = load_datasets(dataset, data_dir, image_size, hflip=False)
+    images = torch.cat([data.train.images, data.val.images])
+    features, _ = extract_features(extractor, images, batch_size, device, desc="training-set features (once)")
+    mu, sigma = feature_statistics(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma, num_images=len(images))
+    return ReferenceStatistics(mu, sigma, len(images), path)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclass
+class SamplerSettings:
+    sampler: str
+    steps: Optional[int]
+    eta: float
+    guidance_scale: float
+    guidance_rescale: float
+    guidance_interval: Optional[tuple[float, float]]
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, guidance_scale: Optional[float] = None) -> "SamplerSettings":
+        return cls(args.sampler, args.sampling_steps, args.eta,
+                   args.guidance_scale if guidance_scale is None else guidance_scale,
+                   args.guidance_rescale, parse_guidance_interval(args.guidance_interval))
+
+    def resolved_steps(self, num_timesteps: int) -> int:
+        """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
+        if self.steps is not None:
+            return self.steps
+        return num_timesteps if self.sampler == "ddpm" else min(50, num_timesteps)
+
+
+@dataclass
+class LoadedModel:
+    model: UNet
+    diffusion: Diffusion
+    checkpoint: dict
+    path: Path
+    use_ema: bool
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        data = self.checkpoint["data"]
+        return data["channels"], data["image_size"], data["image_size"]
+
+    @property
+    def step(self) -> Optional[int]:
+        return self.checkpoint.get("train_state", {}).get("step")
+
+
+def load_model(path: str | Path, device: str, no_ema: bool = False) -> LoadedModel:
+    """The network (EMA weights unless no_ema or absent) and diffusion of a checkpoint, ready to sample."""
+    checkpoint = load_checkpoint(path)
+    if "model_config" not in checkpoint or "model" not in checkpoint:
+        raise UsageError(f"{path} has no model in it")
+    use_ema = checkpoint.get("ema") is not None and not no_ema
+    model = UNet(**checkpoint["model_config"])
+    model.load_state_dict(checkpoint["ema"] if use_ema else checkpoint["model"])
+    diffusion = Diffusion(**checkpoint["diffusion"]).to(device)
+    return LoadedModel(model.to(device).eval(), diffusion, checkpoint, Path(path), use_ema)
+
+
+def every_class_in_turn(loaded: LoadedModel, count: int) -> Optional[torch.Tensor]:
+    """Labels 0, 1, ..., K-1, 0, 1, ... for a conditional model (every class equally often), None otherwise."""
+    if not loaded.checkpoint["conditional"]:
+        return None
+    return torch.arange(count) % len(loaded.checkpoint["data"]["class_names"])
+
+
+def generate(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplerSettings, seed: int,
+             batch_size: int, device: str, desc: str = "generating") -> torch.Tensor:
+    """`count` samples as uint8 (N, H, W, C), in batches, all noise from one generator seeded with `seed`:
+    the same seed and batch size give the same images as `--inference`."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    with tqdm(total=count, desc=desc, unit="img") as bar:
+        for begin in range(0, count, batch_size):
+            size = min(batch_size, count - begin)
+            batch_labels = labels[begin: begin + size].to(device) if labels is not None else None
+            images = loaded.diffusion.sample(
+                loaded.model, (size, *loaded.image_shape), labels=batch_labels, guidance_scale=settings.guidance_scale,
+                sampler=settings.sampler, steps=settings.steps, eta=settings.eta, generator=generator, device=device,
+                progress=True, guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval)
+            batches.append(to_uint8(images))
+            bar.update(size)
+    return torch.cat(batches)
+
+
+def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path) -> None:
+    """samples.npz (uint8 N x H x W x C `images`, int64 `labels`, -1 if unconditional), the format
+    evaluation suites read, and grid.png of the first images."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label_array = np.full(len(images), -1, dtype=np.int64) if labels is None else labels.long().numpy()
+    np.savez(out_dir / "samples.npz", images=images.numpy(), labels=label_array)
+    save_image_grid(images[:GRID_IMAGES].permute(0, 3, 1, 2).float() / 127.5 - 1, out_dir / "grid.png")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], dataset: str, extractor: FeatureExtractor,
+                        reference: ReferenceStatistics, batch_size: int, device: str) -> dict:
+    """FID against the reference, Inception Score where the extractor has logits, class consistency where
+    labels and a classifier exist; a missing metric is None with a note saying why."""
+    nchw = images.permute(0, 3, 1, 2)
+    features, logits = extract_features(extractor, nchw, batch_size, device, desc="sample features")
+    mu, sigma = feature_statistics(features)
+    results: dict = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "notes": []}
+    results["inception_score"] = None
+    if logits is None:
+        results["notes"].append("no Inception Score: this feature extractor has no class logits")
+    elif len(logits) < INCEPTION_SCORE_SPLITS:
+        results["notes"].append(f"no Inception Score: it needs at least {INCEPTION_SCORE_SPLITS} samples")
+    else:
+        mean, std = inception_score(logits)
+        results["inception_score"] = {"mean": mean, "std": std, "splits": INCEPTION_SCORE_SPLITS}
+    results["class_consistency"] = None
+    if labels is not None:
+        results["class_consistency"], note = class_consistency(dataset, nchw, labels)
+        results["notes"].append(note)
+    return results
+
+
+def describe_run(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, extractor_name: str,
+                 reference: ReferenceStatistics) -> dict:
+    """Everything needed to reproduce and compare an evaluation, for the results JSON."""
+    conditional = loaded.checkpoint["conditional"]
+    return {
+        "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
+        "dataset": loaded.checkpoint["data"]["dataset"], "image_size": loaded.checkpoint["data"]["image_size"],
+        "num_samples": args.fid_num_samples, "seed": args.seed,
+        "sampler": settings.sampler, "sampling_steps": settings.resolved_steps(loaded.diffusion.num_timesteps),
+        "eta": settings.eta if settings.sampler == "ddim" else None,
+        "guidance_scale": settings.guidance_scale if conditional else None,
+        "guidance_rescale": settings.guidance_rescale if conditional else None,
+        "guidance_interval": list(settings.guidance_interval) if conditional and settings.guidance_interval else None,
+        "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
+        "reference_statistics": str(reference.path), "reference_images": reference.num_images,
+    }
+
+
+def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, device: str,
+                         extractor_name: str, extractor: FeatureExtractor, reference: ReferenceStatistics,
+                         out_dir: Path) -> tuple[dict, torch.Tensor]:
+    """Generate, measure, and write samples.npz, grid.png and evaluation.json to out_dir; returns (results, images)."""
+    labels = every_class_in_turn(loaded, args.fid_num_samples)
+    started = time.perf_counter()
+    images = generate(loaded, args.fid_num_samples, labels, settings, args.seed, args.batch_size, device)
+    seconds = time.perf_counter() - started
+    results = describe_run(loaded, settings, args, extractor_name, reference)
+    results["sampling_seconds"] = round(seconds, 2)
+    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, args.batch_size, device))
+    if extractor_name not in COMPARABLE_TO_PUBLISHED:
+        results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
+    save_sample_set(images, labels, out_dir)
+    save_json(results, out_dir / "evaluation.json")
+    return results, images
+
+
+def run_evaluation(args: argparse.Namespace, device: str) -> None:
+    """--evaluate: FID (and IS, class consistency) of --fid_num_samples samples, for one guidance scale or a sweep."""
+    loaded = load_model(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt", device, args.no_ema)
+    check_sampling_steps(args, loaded)
+    scales = parse_scales(args.guidance_sweep) if args.guidance_sweep else [args.guidance_scale]
+    if args.guidance_sweep and not loaded.checkpoint["conditional"]:
+        raise UsageError(f"--guidance_sweep needs a class-conditional model, but {loaded.path} is unconditional")
+    extractor = FEATURE_EXTRACTORS[args.fid_features](device)
+    data = loaded.checkpoint["data"]
+    reference = reference_statistics(data["dataset"], args.data_dir, data["image_size"], args.fid_features, extractor,
+                                     args.batch_size, device)
+    save_dir = Path(args.save_dir)
+    sweep = []
+    for scale in scales:
+        out_dir = save_dir / f"scale_{scale:g}" if args.guidance_sweep else save_dir
+        results, images = evaluate_one_setting(loaded, SamplerSettings.from_args(args, scale), args, device,
+                                               args.fid_features, extractor, reference, out_dir)
+        print(summary_line(results, out_dir / "evaluation.json"))
+        sweep.append((results, images))
+    if args.guidance_sweep:
+        save_guidance_sweep(sweep, data["class_names"], save_dir)
+
+
+def check_sampling_steps(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    if args.sampling_steps is not None and args.sampling_steps > loaded.diffusion.num_timesteps:
+        raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed the model's "
+                         f"{loaded.diffusion.num_timesteps} timesteps")
+
+
+def summary_line(results: dict, json_path: Path) -> str:
+    text = f"FID {results['fid']:.3f} ({results['feature_extractor']} features, {results['num_samples']} samples " \
+           f"against {results['reference_images']} training images)"
+    if results["inception_score"]:
+        text += f", IS {results['inception_score']['mean']:.3f} +- {results['inception_score']['std']:.3f}"
+    if results["class_consistency"] is not None:
+        text += f", class consistency {results['class_consistency']:.3f}"
+    return f"{text}; wrote {json_path}"
+
+
+# ----------------------------------------------------------------------------- guidance sweep
+
+def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: list[str], save_dir: Path) -> None:
+    """guidance_sweep.json and .md (FID, IS, class consistency per scale), guidance_sweep.png (FID and IS
+    against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each column)."""
+    rows = [{"guidance_scale": results["guidance_scale"], "fid": results["fid"],
+             "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
+             "class_consistency": results["class_consistency"]} for results, _ in sweep]
+    save_json(rows, save_dir / "guidance_sweep.json")
+    (save_dir / "guidance_sweep.md").write_text(markdown_table(rows))
+    plot_guidance_sweep(rows, save_dir / "guidance_sweep.png")
+    for index, name in enumerate(class_names):
+        # Labels cycle through the classes, so class `index` sits at positions index, index + K, ...
+        columns = slice(index, index + len(class_names) * SWEEP_GRID_COLUMNS, len(class_names))
+        grid = [(f"w={results['guidance_scale']:g}", images[columns]) for results, images in sweep]
+        safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+        save_labelled_rows(grid, save_dir / f"guidance_class{index}_{safe_name}.png")
+    print(markdown_table(rows), end="")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per row, '-' for a missing value."""
+    show = lambda value: "-" if value is None else f"{value:.4g}"  # noqa: E731
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
+    lines += ["| " + " | ".join(show(value) for value in row.values()) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    scales = [row["guidance_scale"] for row in rows]
+    figure, fid_axes = plt.subplots(figsize=(6, 4))
+    fid_axes.plot(scales, [row["fid"] for row in rows], "o-", color="tab:blue")
+    fid_axes.set(xlabel="guidance scale w", ylabel="FID (lower is better)")
+    if all(row["inception_score"] is not None for row in rows):
+        is_axes = fid_axes.twinx()
+        is_axes.plot(scales, [row["inception_score"] for row in rows], "s--", color="tab:orange")
+        is_axes.set_ylabel("Inception Score (higher is better)")
+    fid_axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- checkpoint comparison
+
+def run_checkpoint_comparison(args: argparse.Namespace, device: str) -> None:
+    """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
+    one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
+    loaded = sorted((load_model(path, device, args.no_ema) for path in args.compare_checkpoints),
+                    key=lambda item: item.step or 0)
+    for other in loaded[1:]:
+        check_same_run(loaded[0], other)
+    check_sampling_steps(args, loaded[0])
+    settings = SamplerSettings.from_args(args)
+    labels = every_class_in_turn(loaded[0], args.num_samples)
+    rows = [(f"step {item.step}", generate(item, args.num_samples, labels, settings, args.seed, args.batch_size, device,
+                                           desc=f"step {item.step}")) for item in loaded]
+    save_dir = Path(args.save_dir)
+    save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
+    save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],
+               "seed": args.seed, "sampling": asdict(settings)}, save_dir / "checkpoint_comparison.json")
+    print(f"wrote {save_dir / 'checkpoint_comparison.png'}: {len(rows)} rows of {args.num_samples} images")
+
+
+def check_same_run(first: LoadedModel, other: LoadedModel) -> None:
+    """Rows compare only if the checkpoints share architecture, schedule and data."""
+    for key in ("model_config", "diffusion", "data"):
+        if first.checkpoint[key] != other.checkpoint[key]:
+            raise UsageError(f"{other.path} and {first.path} are not from one run: their {key} differs")
+
+
+# ----------------------------------------------------------------------------- command-line values
+
+def parse_guidance_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """'LO,HI' in noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), 0 <= LO < HI (HI may be inf)."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise UsageError(f"--guidance_interval expects LO,HI (two noise levels sigma), got {text!r}") from None
+    if math.isnan(low) or math.isnan(high) or not 0 <= low < high:
+        raise UsageError(f"--guidance_interval needs 0 <= LO < HI, got {text!r}")
+    return low, high
+
+
+def parse_scales(text: str) -> list[float]:
+    """'0,1,3' -> [0.0, 1.0, 3.0]: finite guidance scales."""
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--guidance_sweep expects comma-separated numbers, got {text!r}") from None
+    if not scales or not all(math.isfinite(scale) for scale in scales):
+        raise UsageError(f"--guidance_sweep expects finite comma-separated numbers, got {text!r}")
+    return scales
+
+
+def validate_evaluation_args(args: argparse.Namespace) -> None:
+    """Reject bad evaluation and guidance flags with one line, before anything is written."""
+    modes = [name for name in ("inference", "evaluate") if getattr(args, name)] + \
+            (["compare_checkpoints"] if args.compare_checkpoints else [])
+    if len(modes) > 1:
+        raise UsageError(f"choose one of --{' and --'.join(modes)}")
+    if not (math.isfinite(args.guidance_rescale) and 0 <= args.guidance_rescale <= 1):
+        raise UsageError(f"--guidance_rescale must be between 0 and 1, got {args.guidance_rescale}")
+    parse_guidance_interval(args.guidance_interval)
+    if args.fid_num_samples < 2:
+        raise UsageError(f"--fid_num_samples must be at least 2 (FID needs a covariance), got {args.fid_num_samples}")
+    if args.guidance_sweep is not None:
+        parse_scales(args.guidance_sweep)
+        if not args.evaluate:
+            raise UsageError("--guidance_sweep works with --evaluate")
+    if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
+        raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")

@@ -1,0 +1,331 @@
+"""Throughput benchmark of the DDPM tool: training, sampling and peak memory for one model preset.
+
+    python scripts/benchmark.py --device cpu --batch_size 16 --compare --out bench_cpu.json
+    python scripts/benchmark.py --device cuda --batch_size 128 --amp bf16 --compile --channels_last --compare
+
+Training images/s times the tool's training step (ddpm_train.train_step's work: Diffusion.p_losses
+under autocast, backward, gradient clipping, the non-finite check, the optimizer ddpm_train builds)
+on random images already on the device, so the figure is the model's and the optimizer's, not the
+data pipeline's. Sampling is timed per network evaluation and for a whole sampler run. Every figure
+is the median of --repeats timed rounds after --warmup untimed steps; the first warm-up step's time
+is reported as `first_step_s` (with --compile it holds the compilation).
+
+--compare adds diffusers' UNet2DModel built to the same architecture as the preset (same widths,
+blocks, attention resolutions and FiLM time conditioning: parameter counts agree to 0.01% for
+`ddpm`) and denoising-diffusion-pytorch's Unet of the same width and multipliers (its own block
+design). Both are optional, never dependencies of the tool. They run the way their own training
+examples do: the same autocast as ours, no compile, default memory format. The models take turns within
+each round (ours, theirs, ...), and each ratio is the median of the per-round ratios, so that background
+load drifting on a shared machine hits every model alike.
+"""
+import argparse
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tool's modules live one level up
+
+from ddpm_diffusion import SAMPLERS, Diffusion  # noqa: E402
+from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
+from ddpm_helpers import enable_tf32  # noqa: E402
+from ddpm_train import autocast_dtype, build_optimizer  # noqa: E402
+
+# Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
+# GPU's name; an unknown GPU gets no MFU figure rather than a guessed one.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
+TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward (Kaplan et al. 2020, section 2.1)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Training and sampling throughput of a DDPM preset.")
+    parser.add_argument("--model_size", default="ddpm", choices=sorted(PRESETS))
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"), help="as ddpm_main.py --amp")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (as ddpm_main.py --compile)")
+    parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for our model")
+    parser.add_argument("--no_tf32", action="store_true", help="keep float32 matmuls in full precision on CUDA")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (compilation happens here)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
+    parser.add_argument("--iters", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    parser.add_argument("--sampling_steps", type=int, default=20, help="network evaluations of the timed sampler run")
+    parser.add_argument("--timesteps", type=int, default=1000)
+    parser.add_argument("--compare", action="store_true", help="also time diffusers' UNet2DModel and denoising-diffusion-pytorch's Unet")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+# The models
+
+
+class NoisePredictor(nn.Module):
+    """Gives another library's U-Net our call signature model(x, t, labels) -> predicted noise."""
+
+    def __init__(self, net: nn.Module, returns_output_object: bool):
+        super().__init__()
+        self.net = net
+        self.returns_output_object = returns_output_object  # diffusers returns UNet2DOutput(sample=...)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        out = self.net(x, t)
+        return out.sample if self.returns_output_object else out
+
+
+def diffusers_unet(config: dict, image_size: int) -> Optional[nn.Module]:
+    """diffusers' UNet2DModel with our preset's layout: the same widths, blocks per level (decoder one more),
+    attention resolutions and heads, and scale-shift (FiLM) time conditioning. None if not installed."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        return None
+    resolutions = [image_size // 2**level for level in range(len(config["dim_mults"]))]
+    attention = [res in config["attn_resolutions"] for res in resolutions]
+    widths = tuple(config["base_dim"] * mult for mult in config["dim_mults"])
+    net = UNet2DModel(
+        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=widths,
+        layers_per_block=config["num_res_blocks"], dropout=config["dropout"],
+        norm_num_groups=math.gcd(32, config["base_dim"]),  # ours: gcd(32, channels) groups per norm
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
+        attention_head_dim=widths[-1] // config["num_heads"] if config["num_heads"] > 1 else None,
+        resnet_time_scale_shift="scale_shift" if config["film"] else "default",
+    )
+    return NoisePredictor(net, returns_output_object=True)
+
+
+def lucidrains_unet(config: dict) -> Optional[nn.Module]:
+    """denoising-diffusion-pytorch's Unet of the same base width and multipliers (its own blocks:
+    RMSNorm, linear attention at every level). None if not installed."""
+    try:
+        from denoising_diffusion_pytorch import Unet
+    except ImportError:
+        return None
+    return NoisePredictor(Unet(dim=config["base_dim"], dim_mults=tuple(config["dim_mults"]), dropout=config["dropout"]), False)
+
+
+def build_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list[str]]:
+    """Ours, plus the comparison models that are installed; also the notes on those that are not."""
+    config = preset_config(args.model_size, args.image_size)
+    models: dict[str, nn.Module] = {f"ours ({args.model_size})": UNet(in_channels=3, image_size=args.image_size, **config)}
+    notes = []
+    if args.compare:
+        for name, package, net in (("diffusers UNet2DModel", "diffusers", diffusers_unet(config, args.image_size)),
+                                   ("denoising-diffusion-pytorch Unet", "denoising-diffusion-pytorch", lucidrains_unet(config))):
+            if net is None:
+                notes.append(f"{name} skipped: `pip install {package}` to compare")
+            else:
+                models[name] = net
+    return models, notes
+
+
+def forward_flops(model: nn.Module, image_size: int, device: torch.device) -> int:
+    """FLOPs of one forward pass of one image, counted by PyTorch's own FLOP counter (matmuls and convolutions)."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(1, dtype=torch.long, device=device))
+    return counter.get_total_flops()
+
+
+# Timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
+    """Seconds per call of fn, over `iters` calls, with the device's queue drained at both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def train_step_fn(model: nn.Module, diffusion: Diffusion, args: argparse.Namespace, device: torch.device,
+                  memory_format: torch.memory_format) -> Callable[[], None]:
+    """One training step doing the work of ddpm_train.train_step (grad_accum 1, unconditional)."""
+    optimizer = build_optimizer(argparse.Namespace(optimizer="adamw", lr=2e-4, beta1=0.9, beta2=0.999, weight_decay=0.0), model)
+    amp_dtype = autocast_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    x0 = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1).contiguous(memory_format=memory_format)
+
+    def step() -> None:
+        t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = diffusion.p_losses(model, x0, t)
+        scaler.scale(loss).backward()
+        if not torch.isfinite(loss):  # the tool's one host sync per step
+            return
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def eval_fn(model: nn.Module, args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> Callable[[], None]:
+    """One network evaluation at sampling time (no gradients, eval mode, the training autocast)."""
+    amp_dtype = autocast_dtype(args.amp, device)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=memory_format)
+    t = torch.full((args.batch_size,), args.timesteps // 2, device=device, dtype=torch.long)
+
+    @torch.no_grad()
+    def evaluate() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            model(x, t)
+
+    return evaluate
+
+
+def sampler_fn(model: nn.Module, diffusion: Diffusion, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """A whole sampler run of --sampling_steps evaluations for a batch, as ddpm_main.py --inference does."""
+    amp_dtype = autocast_dtype(args.amp, device)
+
+    def sample() -> None:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            diffusion.sample(model, (args.batch_size, 3, args.image_size, args.image_size), sampler=args.sampler,
+                             steps=args.sampling_steps, device=device, progress=False)
+
+    return sample
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far (it never
+    goes down, so on CPU only the first model's figure is its own; ours runs first)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def interleaved_timings(fns: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+    """Warm every fn up, then time them in turn, round after round: seconds per call, one entry per round."""
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            fn()
+    rounds = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            rounds[name].append(timed(fn, args.iters, device))
+    return rounds
+
+
+def paired_ratio(theirs: list[float], ours: list[float]) -> float:
+    """Median over rounds of their time / our time in the same round: on a shared machine the load drifts
+    between rounds, and a ratio taken within one round cancels most of that drift."""
+    return statistics.median(t / o for t, o in zip(theirs, ours))
+
+
+# Reporting
+
+
+def peak_tflops(gpu_name: str) -> Optional[float]:
+    """The dense bf16 peak of a GPU named like torch.cuda.get_device_name() says, None if not in the table."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in gpu_name), None)
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def print_table(results: list[dict], env: dict, args: argparse.Namespace) -> None:
+    header = (f"{'model':34} {'params':>8} {'GFLOP/img':>9} {'train img/s':>11} {'ours/it':>7} {'eval img/s':>10} {'ours/it':>7} "
+              f"{'sampler img/s':>13} {'peak MB':>8} {'MFU':>6}")
+    print(f"{args.model_size} preset, batch {args.batch_size}, {args.image_size}x{args.image_size}, {env['device']} "
+          f"({env['cpu_threads']} threads), torch {env['torch']}, amp {args.amp}, compile {args.compile}, "
+          f"channels_last {args.channels_last}; median of {args.repeats} x {args.iters} steps")
+    print(header)
+    for r in results:
+        sampler = f"{r['sampler_images_per_s']:.2f}" if r["sampler_images_per_s"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['model']:34} {r['params'] / 1e6:7.2f}M {r['gflop_per_image_forward']:9.2f} {r['train_images_per_s']:11.2f} "
+              f"{r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} {r['eval_ratio_ours_over_this']:7.2f} {sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}")
+    print(f"ours/it: its time over ours, median over the rounds (>1: ours is faster); sampler: {args.sampler}, {args.sampling_steps} steps")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not args.no_tf32:
+        enable_tf32()
+    torch.manual_seed(0)
+    models, notes = build_models(args)
+    ours = next(iter(models))
+    diffusion = Diffusion(args.timesteps).to(device)
+    memory_formats = {name: torch.channels_last if args.channels_last and name == ours else torch.contiguous_format for name in models}
+    runnable = {}
+    for name, model in models.items():
+        model = model.to(device, memory_format=memory_formats[name]).train()
+        runnable[name] = torch.compile(model) if args.compile and name == ours else model
+    flops = {name: forward_flops(model, args.image_size, device) for name, model in models.items()}
+
+    results = {name: {"model": name, "params": count_parameters(model), "gflop_per_image_forward": flops[name] / 1e9} for name, model in models.items()}
+    train_fns = {name: train_step_fn(model, diffusion, args, device, memory_formats[name]) for name, model in runnable.items()}
+    for name, fn in train_fns.items():  # the first step (compilation, autotuning) and peak memory, one model at a time
+        reset_peak_memory(device)
+        results[name]["first_step_s"] = timed(fn, 1, device)
+        results[name]["peak_memory_mb"] = peak_memory_mb(device)
+    train_s = interleaved_timings(train_fns, args, device)
+    del train_fns  # free the optimizer states before sampling
+
+    for model in runnable.values():
+        model.eval()
+    eval_s = interleaved_timings({name: eval_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}, args, device)
+    sampler_s = interleaved_timings({ours: sampler_fn(runnable[ours], diffusion, args, device)}, args, device)
+
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    for name, r in results.items():
+        r["train_step_s_rounds"] = train_s[name]
+        r["train_images_per_s"] = args.batch_size / statistics.median(train_s[name])
+        r["train_ratio_ours_over_this"] = paired_ratio(train_s[name], train_s[ours])
+        r["eval_images_per_s"] = args.batch_size / statistics.median(eval_s[name])
+        r["eval_ratio_ours_over_this"] = paired_ratio(eval_s[name], eval_s[ours])
+        r["sampler_images_per_s"] = args.batch_size / statistics.median(sampler_s[name]) if name in sampler_s else None
+        achieved = r["train_images_per_s"] * TRAIN_FLOPS_PER_FORWARD * flops[name]
+        r["mfu"] = achieved / (peak * 1e12) if peak else None
+    env = environment(device)
+    print_table(list(results.values()), env, args)
+    for note in notes:
+        print(note)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": vars(args), "environment": env, "peak_bf16_tflops": peak,
+                                              "results": list(results.values()), "notes": notes}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Distributed training for real: two CPU processes (gloo) launched by torchrun, as a user would launch them."""
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import ddpm_main
+from conftest import REPO, run_cli
+from ddpm_diffusion import Diffusion
+from ddpm_helpers import load_checkpoint, load_datasets
+from ddpm_model import UNet
+from ddpm_train import EVAL_SEEDS, Runtime, check_replicas_identical, evaluate
+
+TINY = ("--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
+        "--warmup_steps 1 --log_interval 1 --num_samples 6 --sampler ddim --sampling_steps 5 --device cpu")
+STEPS = 2  # optimizer steps of the 2-process run, each of 2 x 16 images
+
+
+def write_image_folder(root: Path, per_class: int = 75) -> None:
+    """Two classes of small noisy PNGs: 122 training images, so that an epoch takes seconds."""
+    generator = np.random.default_rng(0)
+    for label, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + generator.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node N ddpm_main.py ...` on a free local port."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(REPO / "ddpm_main.py"), *shlex.split(command)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 2-process run of STEPS optimizer steps (global batch 32), conditional, with checkpoints."""
+    root = tmp_path_factory.mktemp("ddp")
+    write_image_folder(root / "images")
+    result = torchrun(2, f"{TINY} --conditional --max_steps {STEPS} --save_model --run_name D --save_dir out", root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_two_processes_train_and_end_with_identical_weights(run_dir):
+    """The run ends with ddpm_train.check_replicas_identical, which raises (non-zero exit) if the ranks' weights differ."""
+    checkpoint = load_checkpoint(run_dir / "models/D/ckpt.pt")
+    assert checkpoint["train_state"]["step"] == STEPS
+    assert checkpoint["train_state"]["epoch_position"] == STEPS * 2 * 16, "each step uses both ranks' batches"
+    assert checkpoint["config"]["world_size"] == 2
+    assert len(checkpoint["rng_per_rank"]) == 2
+    assert not torch.equal(checkpoint["rng_per_rank"][0]["torch"], checkpoint["rng_per_rank"][1]["torch"]), "ranks draw their own noise"
+
+
+def test_only_rank_zero_writes_and_writes_once(run_dir):
+    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == ["best.pt", "ckpt.pt"], "no temporary files left"
+    history = json.loads((run_dir / "out/loss_history_D.json").read_text())
+    assert all(len(values) == 1 for values in history.values()), history
+    kinds = [json.loads(line)["kind"] for line in (run_dir / "out/metrics_D.jsonl").read_text().splitlines()]
+    assert kinds == ["step"] * STEPS + ["epoch"], "one metrics line per logged step, not one per rank"
+    assert len(list((run_dir / "out").glob("samples_D_epoch*.png"))) == 1
+
+
+def test_sample_grid_is_gathered_from_both_ranks(run_dir):
+    """Each rank samples half of the grid from its own noise; rank 0 saves all of it."""
+    label, images = load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["progression"][0]
+    assert images.shape[0] == 6, "--num_samples 6: three from each rank"
+    assert not torch.equal(images[:3], images[3:]), "the ranks' slices come from different noise"
+
+
+def test_validation_loss_is_averaged_over_all_ranks(run_dir):
+    """The logged loss covers the whole validation set, its chunks shared out over the ranks: it equals the
+    loss one process computes from the saved weights."""
+    checkpoint = load_checkpoint(run_dir / "models/D/ckpt.pt")
+    model = UNet(**checkpoint["model_config"])
+    model.load_state_dict(checkpoint["ema"])
+    val = load_datasets("folder", run_dir / "images", 16).val
+    loss = evaluate(model, Diffusion(20), val, argparse.Namespace(batch_size=16, loss_type="l2"), Runtime(torch.device("cpu")), EVAL_SEEDS["val"])
+    history = json.loads((run_dir / "out/loss_history_D.json").read_text())
+    assert history["val_loss"][0] == pytest.approx(loss, rel=1e-5)
+
+
+def test_resume_with_another_number_of_processes(run_dir):
+    """Continue the 2-process run in one process to the end of the epoch: the steps left are counted in the
+    new step size (16 images, not 32), so the run stops exactly at the epoch's end."""
+    assert run_cli(f"{TINY} --conditional --epochs 1 --save_model --run_name D --save_dir out --resume --sample_every 0", run_dir) == 0
+    train_examples = len(load_datasets("folder", run_dir / "images", 16).train)
+    steps_left = (train_examples // 16 * 16 - STEPS * 2 * 16) // 16
+    assert load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["step"] == STEPS + steps_left
+    history = json.loads((run_dir / "out/loss_history_D.json").read_text())
+    assert history["epochs"] == [1] and history["steps"] == [STEPS + steps_left], "the partial epoch's entry is replaced"
+
+
+def test_readme_torchrun_commands_use_known_flags():
+    parser = ddpm_main.build_parser()
+    commands = [line.split("ddpm_main.py", 1)[1] for line in (REPO / "README.md").read_text().splitlines() if line.startswith("torchrun ")]
+    assert len(commands) >= 3
+    for command in commands:
+        parser.parse_args(shlex.split(command))
+
+
+def replica_worker(rank: int, port: int, diverge: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        if diverge and rank == 1:
+            with torch.no_grad():
+                model.weight[0, 0] += 1e-6
+        check_replicas_identical([model], Runtime(torch.device("cpu"), rank, 2))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replica_check_passes_for_equal_weights_and_catches_a_tiny_difference():
+    mp.spawn(replica_worker, args=(free_port(), False), nprocs=2)
+    with pytest.raises(mp.ProcessRaisedException, match="differ across the 2 processes"):
+        mp.spawn(replica_worker, args=(free_port(), True), nprocs=2)

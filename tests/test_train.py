@@ -1,0 +1,233 @@
+"""Training that survives real runs: exact resume, signals, crashes, non-finite losses, EMA, accumulation."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_diffusion
+from conftest import REPO, run_cli
+from ddpm_helpers import load_checkpoint, save_checkpoint
+from ddpm_train import ema_decay_fn, lr_multiplier
+
+# 4,860 synthetic training images at batch 256: 18 steps per epoch.
+FAST = (
+    "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --warmup_steps 3 "
+    "--log_interval 1 --num_samples 4 --sampler ddim --sampling_steps 4 --dropout 0.1 --lr 2e-3 --ema_decay 0.99"
+)
+
+
+def weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
+    """12 steps, stop, resume for 12 more (crossing the epoch end at 18) == 24 steps straight."""
+    assert run_cli(f"{FAST} --conditional --max_steps 24 --save_model --run_name straight --save_dir out", tmp_path) == 0
+    assert run_cli(f"{FAST} --conditional --max_steps 12 --save_model --run_name split --save_dir out", tmp_path) == 0
+    halfway = load_checkpoint(tmp_path / "models/split/ckpt.pt")
+    assert halfway["train_state"]["step"] == 12
+    assert run_cli(f"{FAST} --conditional --max_steps 24 --save_model --run_name split --save_dir out --resume", tmp_path) == 0
+
+    straight = load_checkpoint(tmp_path / "models/straight/ckpt.pt")
+    resumed = load_checkpoint(tmp_path / "models/split/ckpt.pt")
+    assert resumed["train_state"]["step"] == straight["train_state"]["step"] == 24
+    assert weights_equal(straight["model"], resumed["model"])
+    assert weights_equal(straight["ema"], resumed["ema"])
+    assert not weights_equal(halfway["model"], resumed["model"])
+    history = {name: json.loads((tmp_path / f"out/loss_history_{name}.json").read_text()) for name in ("straight", "split")}
+    assert history["straight"] == history["split"]
+    assert history["straight"]["epochs"][0] == 1 and 1 < history["straight"]["epochs"][1] < 2
+
+
+def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
+    assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name R", tmp_path) == 0
+    checkpoint = load_checkpoint(tmp_path / "models/R/ckpt.pt")
+    for key in ("model", "ema", "optimizer", "lr_scheduler", "scaler", "train_state", "config", "rng", "model_config", "diffusion", "data"):
+        assert checkpoint[key] is not None, key
+    assert set(checkpoint["rng"]) >= {"python", "numpy", "torch"}
+    assert checkpoint["train_state"]["history"]["train_loss"]
+    assert checkpoint["config"]["lr"] == 2e-3
+
+
+@pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional"])
+def test_resume_refuses_flags_that_change_the_model_or_data(tmp_path, capsys, flag):
+    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name R", tmp_path) == 0
+    before = (tmp_path / "models/R/ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name R --resume {flag}", tmp_path) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert (tmp_path / "models/R/ckpt.pt").read_bytes() == before
+
+
+def test_resume_accepts_a_new_learning_rate_and_length(tmp_path):
+    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name R", tmp_path) == 0
+    assert run_cli(f"{FAST} --max_steps 3 --save_model --run_name R --resume --lr 1e-3 --log_interval 2 --epochs 5", tmp_path) == 0
+    checkpoint = load_checkpoint(tmp_path / "models/R/ckpt.pt")
+    assert checkpoint["train_state"]["step"] == 3
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
+
+
+def test_sigint_writes_a_resumable_checkpoint(tmp_path):
+    command = [sys.executable, str(REPO / "ddpm_main.py"), *FAST.split(), "--max_steps", "100000", "--save_model", "--run_name", "S"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "outputs/metrics_S.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert "checkpoint saved to" in stderr and "--resume" in stderr
+    step = load_checkpoint(tmp_path / "models/S/ckpt.pt")["train_state"]["step"]
+    assert step >= 2
+    assert run_cli(f"{FAST} --max_steps {step + 2} --save_model --run_name S --resume", tmp_path) == 0
+    assert load_checkpoint(tmp_path / "models/S/ckpt.pt")["train_state"]["step"] == step + 2
+
+
+def test_a_process_killed_mid_write_leaves_the_old_checkpoint_loadable(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"weights": torch.arange(5.0)}, path)
+    before = path.read_bytes()
+    killer = f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(REPO)!r})
+import ddpm_helpers
+
+def dying_save(obj, f):
+    f.write(b"PK\\x03\\x04 half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dying_save
+ddpm_helpers.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r})
+"""
+    result = subprocess.run([sys.executable, "-c", killer], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert path.read_bytes() == before
+    assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
+
+
+def nan_training_losses(monkeypatch, good_steps: int, bad_steps: int):
+    """Let `good_steps` training losses through, then make the next `bad_steps` non-finite (evaluation losses are untouched)."""
+    original = ddpm_diffusion.Diffusion.p_losses
+    calls = {"train": 0}
+
+    def p_losses(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if good_steps < calls["train"] <= good_steps + bad_steps:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ddpm_diffusion.Diffusion, "p_losses", p_losses)
+
+
+def test_a_non_finite_loss_skips_its_step(tmp_path, monkeypatch):
+    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name one --ema_decay 0", tmp_path) == 0
+    nan_training_losses(monkeypatch, good_steps=1, bad_steps=3)
+    assert run_cli(f"{FAST} --max_steps 4 --save_model --run_name skipped --ema_decay 0", tmp_path) == 0
+    one = load_checkpoint(tmp_path / "models/one/ckpt.pt")
+    skipped = load_checkpoint(tmp_path / "models/skipped/ckpt.pt")
+    assert skipped["train_state"]["nonfinite_skipped"] == 3
+    assert weights_equal(one["model"], skipped["model"]), "a skipped step must not change the weights"
+    assert all(torch.isfinite(v).all() for v in skipped["model"].values() if v.is_floating_point())
+    lines = [json.loads(line) for line in (tmp_path / "outputs/metrics_skipped.jsonl").read_text().splitlines()]
+    assert [line["nonfinite_skipped"] for line in lines if line["kind"] == "step"] == [0, 1, 2, 3]
+
+
+def test_too_many_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch, capsys):
+    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name N", tmp_path) == 0
+    before = load_checkpoint(tmp_path / "models/N/ckpt.pt")
+    nan_training_losses(monkeypatch, good_steps=0, bad_steps=10_000)
+    capsys.readouterr()
+    assert run_cli(f"{FAST} --max_steps 60 --save_model --run_name N --resume", tmp_path) == 2
+    assert "non-finite losses in a row" in capsys.readouterr().err
+    after = load_checkpoint(tmp_path / "models/N/ckpt.pt")  # rewritten at the epoch end, with the same good weights
+    assert weights_equal(before["model"], after["model"]) and weights_equal(before["ema"], after["ema"])
+
+
+def test_ema_differs_from_raw_weights_and_is_what_sampling_and_evaluation_use(tmp_path):
+    assert run_cli(f"{FAST} --conditional --max_steps 6 --save_model --run_name E --save_dir out", tmp_path) == 0
+    checkpoint = load_checkpoint(tmp_path / "models/E/ckpt.pt")
+    assert not weights_equal(checkpoint["ema"], checkpoint["model"])
+    common = "--inference --model_path models/E/ckpt.pt --num_samples 3 --sampler ddim --sampling_steps 4 --seed 7"
+    assert run_cli(f"{common} --save_dir ema", tmp_path) == 0
+    assert run_cli(f"{common} --save_dir raw --no_ema", tmp_path) == 0
+    assert json.loads((tmp_path / "ema/samples.json").read_text())["weights"] == "ema"
+
+    from ddpm_model import UNet
+
+    diffusion = ddpm_diffusion.Diffusion(**checkpoint["diffusion"])
+    samples = {}
+    for name in ("ema", "model"):
+        model = UNet(**checkpoint["model_config"])
+        model.load_state_dict(checkpoint[name])
+        images = diffusion.sample(model.eval(), (3, 3, 8, 8), labels=torch.tensor([0, 1, 2]), guidance_scale=3.0,
+                                  sampler="ddim", steps=4, generator=torch.Generator().manual_seed(7), progress=False)
+        samples[name] = ((images + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.load(tmp_path / "ema/samples.npz")["images"], samples["ema"])
+    assert np.array_equal(np.load(tmp_path / "raw/samples.npz")["images"], samples["model"])
+    assert not np.array_equal(samples["ema"], samples["model"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
+    """2 micro-batches of 8 == 1 batch of 16: same loss, same gradient norm, same weights after the step.
+
+    Timesteps and noise are pinned to functions of each example (not of the batch it is in), so both
+    runs see the same per-example terms; the gradient norm is compared because Adam's step alone would
+    hide a wrongly scaled gradient."""
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.arange(size[0], device=kw.get("device")) % 8)
+    monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.sin(x * 37.0 + 1.0))
+    common = f"{FAST} --max_steps 1 --save_model --dropout 0 --no_hflip --ema_decay 0 --grad_clip 0 --warmup_steps 1"
+    assert run_cli(f"{common} --batch_size 16 --grad_accum 1 --run_name big", tmp_path) == 0
+    assert run_cli(f"{common} --batch_size 8 --grad_accum 2 --run_name accumulated", tmp_path) == 0
+    big, accumulated = ([json.loads(line) for line in (tmp_path / f"outputs/metrics_{name}.jsonl").read_text().splitlines()][0]
+                        for name in ("big", "accumulated"))
+    assert accumulated["train_loss"] == pytest.approx(big["train_loss"], rel=1e-5)
+    assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
+    weights = {name: load_checkpoint(tmp_path / f"models/{name}/ckpt.pt")["model"] for name in ("big", "accumulated")}
+    for key in weights["big"]:
+        torch.testing.assert_close(weights["accumulated"][key], weights["big"][key], rtol=1e-4, atol=1e-6)
+
+
+def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
+    assert run_cli(f"{FAST} --epochs 3 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K", tmp_path) == 0
+    run_dir = tmp_path / "models/K"
+    assert sorted(p.name for p in run_dir.glob("ckpt_epoch*.pt")) == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
+    history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
+    assert history["epochs"] == [1, 2, 3]
+    best_epoch = int(np.argmin(history["val_loss"]))
+    assert load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1] == history["val_loss"][best_epoch]
+    assert (tmp_path / "outputs/progression_K.png").exists()
+    assert len(list((tmp_path / "outputs").glob("samples_K_epoch*.png"))) == 3
+    assert not list(run_dir.glob("*.tmp-*"))
+
+
+def test_lr_warmup_then_schedules():
+    assert lr_multiplier(0, 10, 100, "constant") == pytest.approx(0.1)
+    assert lr_multiplier(9, 10, 100, "constant") == 1.0
+    assert lr_multiplier(50, 10, 100, "constant") == 1.0
+    assert lr_multiplier(10, 10, 110, "cosine") == pytest.approx(1.0)
+    assert lr_multiplier(60, 10, 110, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(110, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert [lr_multiplier(s, 0, 100, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_ema_warms_up_then_decays_at_the_given_rate():
+    update = ema_decay_fn(0.9999)
+    ema, params = [torch.zeros(1)], [torch.ones(1)]
+    update(ema, params, torch.tensor(0))
+    assert ema[0].item() == pytest.approx(1 - 0.1)  # decay (1+0)/(10+0) = 0.1
+    ema = [torch.zeros(1)]
+    update(ema, params, torch.tensor(10**6))
+    assert ema[0].item() == pytest.approx(1e-4)
