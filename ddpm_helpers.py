@@ -273,24 +273,26 @@ SYNTHETIC_CLASS_NAMES = tuple(name for name, _, _ in SYNTHETIC_CLASSES)
 
 
 def _make_synthetic(count: int, image_size: int, seed: int) -> LabelledImages:
-    """Balanced classes of coloured shapes at a random position and size on a dark, slightly noisy background."""
+    """Balanced classes of flat-coloured shapes at a random position and size on a dark, noisy grey background."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % len(SYNTHETIC_CLASSES))
-    half_size = rng.uniform(0.22, 0.4, count)[:, None, None]  # of the image width
-    centre_x, centre_y = (rng.uniform(half_size, 1 - half_size) for _ in range(2))
-    pixel_centres = (np.arange(image_size) + 0.5) / image_size
+    half_size = rng.uniform(0.22, 0.4, count).astype(np.float32)[:, None, None]  # in image widths
+    centre_x, centre_y = (rng.uniform(half_size, 1 - half_size).astype(np.float32) for _ in range(2))
+    pixel_centres = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size
     u = (pixel_centres[None, None, :] - centre_x) / half_size
     v = (pixel_centres[None, :, None] - centre_y) / half_size
-    images = np.empty((count, 3, image_size, image_size), dtype=np.float32)
-    images[:] = rng.uniform(5, 35, (count, 1, 1, 1))  # background brightness
-    for label, (_, colour, shape) in enumerate(SYNTHETIC_CLASSES):
+    mask = np.empty((count, image_size, image_size), dtype=bool)
+    for label, (_, _, shape) in enumerate(SYNTHETIC_CLASSES):
         chosen = labels == label
         u_chosen, v_chosen = u[chosen], v[chosen]
         inside_square = np.maximum(np.abs(u_chosen), np.abs(v_chosen)) <= 1
-        mask = (inside_square & shape(u_chosen, v_chosen))[:, None]
-        images[chosen] = np.where(mask, np.array(colour, dtype=np.float32)[:, None, None], images[chosen])
-    images += rng.normal(0, 8, images.shape).astype(np.float32)
-    return torch.from_numpy(images.round().clip(0, 255).astype(np.uint8)), torch.from_numpy(labels.astype(np.int64))
+        mask[chosen] = inside_square & shape(u_chosen, v_chosen)
+    background = rng.uniform(5, 35, (count, 1, 1, 1)).astype(np.float32)
+    background = background + 8 * rng.standard_normal((count, 1, image_size, image_size), dtype=np.float32)
+    background = np.clip(background, 0, 255).round().astype(np.uint8)
+    colours = np.array([colour for _, colour, _ in SYNTHETIC_CLASSES], dtype=np.uint8)[labels]
+    pixels = np.where(mask[:, None], colours[:, :, None, None], background)
+    return torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------- checkpoints

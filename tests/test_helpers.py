@@ -1,0 +1,304 @@
+"""Data sets read from their real file formats, atomic checkpoints, and the output files."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from conftest import IMAGE_FOLDER_COLOURS
+from ddpm_helpers import (SYNTHETIC_CLASS_NAMES, UsageError, load_checkpoint, load_datasets, save_checkpoint,
+                          save_image_grid, save_json, save_samples, seed_everything, to_uint8)
+
+
+class NotATensor:
+    """Pickled into a file to check that load_checkpoint refuses to unpickle classes."""
+
+
+def usage_error(call, *args, **kwargs) -> str:
+    """Run call expecting a UsageError; return its message, which must be one line."""
+    with pytest.raises(UsageError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def served(value) -> torch.Tensor:
+    """A uint8 value as the data sets serve it, in [-1, 1]."""
+    return torch.as_tensor(value, dtype=torch.float32) / 127.5 - 1
+
+
+def fixture_indices(dataset) -> list[int]:
+    """The fixtures fill each image's first plane with its index (see conftest.py)."""
+    return dataset.images[:, 0, 0, 0].tolist()
+
+
+def expected_cifar_image(index: int) -> torch.Tensor:
+    """What conftest's cifar10_dir writes for image `index`: red = index, green = 255 - index, blue = 8 * column."""
+    image = torch.empty(3, 32, 32, dtype=torch.uint8)
+    image[0], image[1], image[2] = index, 255 - index, 8 * torch.arange(32)
+    return image
+
+
+def is_flipped(image: torch.Tensor) -> bool:
+    """The fixture's blue plane grows from left to right; mirrored, it falls."""
+    return bool(image[2, 0, 0] > image[2, 0, -1])
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+def test_cifar10_decodes_the_rgb_planes_labels_and_class_names(cifar10_dir):
+    data = load_datasets("cifar10", cifar10_dir, download=False)
+    assert (data.channels, data.image_size, data.num_classes) == (3, 32, 10)
+    assert data.class_names[:3] == ["airplane", "automobile", "bird"]
+    for split in (data.train, data.val, data.test):
+        for position, index in enumerate(fixture_indices(split)):
+            assert torch.equal(split.images[position], expected_cifar_image(index))
+            assert split.labels[position] == index % 10
+    index = fixture_indices(data.val)[0]
+    image, label = data.val[0]
+    assert image.dtype == torch.float32 and label == index % 10
+    assert torch.equal(image[:, 5, 7], served([index, 255 - index, 8 * 7]))
+
+
+def test_cifar10_val_is_a_fixed_tenth_of_train_and_test_is_test_batch(cifar10_dir):
+    first, again = (load_datasets("cifar10", cifar10_dir, download=False) for _ in range(2))
+    other_seed = load_datasets("cifar10", cifar10_dir, download=False, seed=1)
+    assert (len(first.train), len(first.val), len(first.test)) == (90, 10, 20)
+    assert fixture_indices(first.val) == fixture_indices(again.val)
+    assert set(fixture_indices(first.val)) != set(fixture_indices(other_seed.val))
+    train, val = set(fixture_indices(first.train)), set(fixture_indices(first.val))
+    assert not train & val and train | val == set(range(100))
+    assert sorted(fixture_indices(first.test)) == list(range(100, 120))
+
+
+def test_hflip_flips_only_training_images_and_only_when_enabled(cifar10_dir):
+    data = load_datasets("cifar10", cifar10_dir, download=False)
+    torch.manual_seed(0)
+    train_flips = [is_flipped(data.train[0][0]) for _ in range(64)]
+    assert any(train_flips) and not all(train_flips)
+    torch.manual_seed(0)
+    assert [is_flipped(data.train[0][0]) for _ in range(64)] == train_flips
+    assert not any(is_flipped(split[0][0]) for split in (data.val, data.test) for _ in range(64))
+    unflipped = load_datasets("cifar10", cifar10_dir, hflip=False, download=False)
+    assert not any(is_flipped(unflipped.train[0][0]) for _ in range(64))
+
+
+def test_image_size_resizes_every_split_at_load_time(cifar10_dir):
+    data = load_datasets("cifar10", cifar10_dir, image_size=16, download=False)
+    assert data.image_size == 16
+    for split in (data.train, data.val, data.test):
+        assert split.images.shape[1:] == (3, 16, 16) and split.images.dtype == torch.uint8
+        assert (split.images[:, 0] == split.images[:, 0, :1, :1]).all()  # a flat plane stays flat
+
+
+def test_missing_cifar10_without_download_says_what_to_place_where(tmp_path):
+    message = usage_error(load_datasets, "cifar10", tmp_path, download=False)
+    assert "cifar-10-python.tar.gz" in message and "cifar-10-batches-py" in message and str(tmp_path) in message
+
+
+def test_failed_cifar10_download_is_a_usage_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    message = usage_error(load_datasets, "cifar10", tmp_path, download=True)
+    assert "could not be downloaded" in message and "cifar-10-python.tar.gz" in message
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_missing_or_broken_cifar10_batch_is_named(cifar10_dir, damage):
+    batch = cifar10_dir / "cifar-10-batches-py" / "data_batch_3"
+    if damage == "delete":
+        batch.unlink()
+    else:
+        batch.write_bytes(batch.read_bytes()[:100])
+    assert "data_batch_3" in usage_error(load_datasets, "cifar10", cifar10_dir, download=False)
+
+
+# ----------------------------------------------------------------------------- MNIST, image folder
+
+@pytest.mark.parametrize("name, folder_fixture, first_class", [("mnist", "mnist_dir", "0"),
+                                                               ("fashion_mnist", "fashion_mnist_dir", "T-shirt/top")])
+def test_mnist_style_data_sets_read_the_idx_files(name, folder_fixture, first_class, request):
+    data = load_datasets(name, request.getfixturevalue(folder_fixture), download=False)
+    assert (len(data.train), len(data.val), len(data.test)) == (27, 3, 10)
+    assert (data.channels, data.image_size, data.class_names[0], data.train.hflip) == (1, 28, first_class, False)
+    assert sorted(fixture_indices(data.test)) == list(range(100, 110))
+    index = fixture_indices(data.val)[0]
+    image, label = data.val[0]
+    assert image.shape == (1, 28, 28) and label == index % 10
+    assert torch.equal(image[0], served(index + 4 * torch.arange(28)).expand(28, 28))
+
+
+def test_missing_mnist_names_the_four_files_and_the_folder(tmp_path):
+    message = usage_error(load_datasets, "mnist", tmp_path, download=False)
+    assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    assert str(tmp_path / "MNIST" / "raw") in message
+
+
+def test_image_folder_classes_colours_and_resize(image_folder_dir):
+    data = load_datasets("folder", image_folder_dir, image_size=16)
+    assert data.class_names == ["cat", "dog", "fox"] and (data.channels, data.image_size) == (3, 16)
+    assert (len(data.train), len(data.val), len(data.test)) == (11, 1, 1)
+    for split in (data.train, data.val, data.test):
+        for image, label in zip(split.images, split.labels):
+            colour = tuple(image[:, 8, 8].tolist())
+            assert colour in (IMAGE_FOLDER_COLOURS[data.class_names[label]], (128, 128, 128))
+            assert (image == image[:, :1, :1]).all()
+    assert load_datasets("folder", image_folder_dir).image_size == 32
+
+
+def test_a_folder_without_class_subfolders_is_a_usage_error(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
+    assert "class" in usage_error(load_datasets, "folder", tmp_path)
+    assert "class" in usage_error(load_datasets, "folder", tmp_path / "missing")
+
+
+def test_an_unknown_data_set_name_lists_the_choices(tmp_path):
+    assert "cifar10" in usage_error(load_datasets, "imagenet", tmp_path)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_datasets("synthetic", "unused")
+
+
+def test_synthetic_is_deterministic_balanced_and_split(synthetic):
+    assert (len(synthetic.train), len(synthetic.val), len(synthetic.test)) == (4860, 540, 600)
+    assert synthetic.class_names == list(SYNTHETIC_CLASS_NAMES) and synthetic.num_classes == 10
+    again, other_seed = load_datasets("synthetic", "unused"), load_datasets("synthetic", "unused", seed=1)
+    assert torch.equal(synthetic.train.images, again.train.images)
+    assert not torch.equal(synthetic.train.images[:10], other_seed.train.images[:10])
+    labels = torch.cat([synthetic.train.labels, synthetic.val.labels, synthetic.test.labels])
+    assert torch.bincount(labels).tolist() == [600] * 10
+
+
+def drawn_colour(images: torch.Tensor) -> torch.Tensor:
+    """Mean colour (N, 3) of the pixels brighter than the dark background."""
+    drawn = (images.max(1).values > 100).unsqueeze(1)
+    return (images * drawn).flatten(2).sum(2) / drawn.flatten(2).sum(2).clamp(min=1)
+
+
+def test_synthetic_classes_differ_in_mean_image_and_drawn_colour(synthetic):
+    train_images, train_labels = synthetic.train.images.float(), synthetic.train.labels
+    mean_images = torch.stack([train_images[train_labels == label].mean(0) for label in range(10)]).flatten(1)
+    distances = torch.cdist(mean_images, mean_images) + torch.eye(10) * 1e9
+    assert distances.min() > 100  # every pair of class means differs by clearly visible amounts
+    mean_colours = torch.stack([drawn_colour(train_images[train_labels == label]).mean(0) for label in range(10)])
+    predicted = torch.cdist(drawn_colour(synthetic.test.images.float()), mean_colours).argmin(1)
+    assert (predicted == synthetic.test.labels).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("size", [16, 28, 64])
+def test_synthetic_is_drawn_at_the_requested_size(size):
+    data = load_datasets("synthetic", "unused", image_size=size)
+    assert data.image_size == size and data.train.images.shape[1:] == (3, size, size)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_checkpoint_round_trip_is_tagged_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "runs" / "model.pt"
+    save_checkpoint({"model": {"weight": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 1e-4}}, path)
+    state = load_checkpoint(path)
+    assert (state["format"], state["format_version"], state["step"], state["config"]) == \
+        ("ddpm-checkpoint", 1, 7, {"lr": 1e-4})
+    assert torch.equal(state["model"]["weight"], torch.arange(6.0).view(2, 3))
+    assert os.listdir(path.parent) == ["model.pt"]
+
+
+def test_a_truncated_checkpoint_is_a_usage_error(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint({"weight": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:1000])
+    assert "truncated or corrupt" in usage_error(load_checkpoint, path)
+
+
+def test_a_checkpoint_holding_a_class_is_refused_not_unpickled(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"format": "ddpm-checkpoint", "payload": NotATensor()}, path)
+    assert "refusing" in usage_error(load_checkpoint, path)
+
+
+def test_a_foreign_torch_file_and_a_missing_file_are_usage_errors(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    assert "not a checkpoint written by this tool" in usage_error(load_checkpoint, path)
+    assert "checkpoint not found" in usage_error(load_checkpoint, tmp_path / "missing.pt")
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+
+    def crash_mid_write(obj, f):
+        f.write(before[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def test_to_uint8_maps_the_range_ends_rounds_half_up_and_puts_channels_last():
+    values = torch.tensor([-1.5, -1.0, -0.5, 0.0, 1.0, 2.0]).view(1, 1, 1, 6)
+    assert to_uint8(values).flatten().tolist() == [0, 0, 64, 128, 255, 255]
+    pixel = to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1))
+    assert pixel.dtype == torch.uint8 and pixel.shape == (1, 1, 1, 3) and pixel.flatten().tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("labels", [None, torch.tensor([3, -1])])
+def test_save_samples_writes_one_png_each_and_an_npz(tmp_path, channels, labels):
+    images = torch.rand(2, channels, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    save_samples(images, labels, tmp_path / "out")
+    saved = np.load(tmp_path / "out" / "samples.npz")
+    assert saved["images"].dtype == np.uint8 and saved["images"].shape == (2, 8, 8, channels)
+    assert np.array_equal(saved["images"], to_uint8(images).numpy())
+    assert saved["labels"].dtype == np.int64
+    assert saved["labels"].tolist() == ([-1, -1] if labels is None else [3, -1])
+    assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["00000.png", "00001.png"]
+    png = np.array(Image.open(tmp_path / "out" / "samples" / "00001.png"))
+    assert np.array_equal(png, saved["images"][1].squeeze(-1) if channels == 1 else saved["images"][1])
+
+
+@pytest.mark.parametrize("nrow, width, height", [(None, 4 * 10 + 2, 3 * 10 + 2), (5, 5 * 10 + 2, 2 * 10 + 2)])
+def test_save_image_grid_lays_out_padded_rows(tmp_path, nrow, width, height):
+    """torchvision pads every 8x8 image by 2 pixels; ten images make 4 per row (ceil(sqrt(10))) by default."""
+    images = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    save_image_grid(images, tmp_path / "grids" / "grid.png", nrow=nrow)
+    grid = np.array(Image.open(tmp_path / "grids" / "grid.png").convert("RGB"))
+    assert grid.shape == (height, width, 3)
+    first_image = grid[2:10, 2:10].astype(int)
+    assert np.abs(first_image - to_uint8(images)[0].numpy()).max() <= 1
+    assert os.listdir(tmp_path / "grids") == ["grid.png"]
+
+
+def test_save_json_creates_folders_and_indents(tmp_path):
+    path = tmp_path / "a" / "b" / "metrics.json"
+    save_json({"loss": 0.5, "classes": ["cat"]}, path)
+    assert json.loads(path.read_text()) == {"loss": 0.5, "classes": ["cat"]}
+    assert path.read_text().startswith('{\n  "loss"')
+
+
+def test_seed_everything_reproduces_torch_numpy_and_python():
+    def draw():
+        return torch.randn(3).tolist(), np.random.rand(3).tolist(), random.random()
+
+    seed_everything(5)
+    first = draw()
+    seed_everything(5)
+    assert draw() == first
