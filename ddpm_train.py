@@ -506,19 +506,19 @@ def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Pat
 
             epoch_done = epoch_examples - state.epoch_position < examples_per_step
             record_epoch(eval_model(), diffusion, state, args, data, rt, scheduler, epoch_done, save_dir)
+            if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
+                state.epoch += 1
+                state.epoch_position = 0
+                state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
             if args.save_model:
                 save(last_path)
                 if state.history["val_loss"][-1] < state.best_val_loss:
                     state.best_val_loss = state.history["val_loss"][-1]
                     save(run_dir / "best.pt")
-                if epoch_done and (state.epoch + 1) % args.save_every == 0:
-                    save(run_dir / f"ckpt_epoch{state.epoch + 1:04d}.pt")
+                if epoch_done and state.epoch % args.save_every == 0:
+                    save(run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
                     if rt.is_main:
                         prune_snapshots(run_dir, args.keep_checkpoints)
-            if epoch_done:
-                state.epoch += 1
-                state.epoch_position = 0
-                state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
     if rt.is_main:
         if state.progression:
             save_labelled_rows(state.progression, save_dir / f"progression_{args.run_name}.png")

@@ -36,13 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tool's modules live one level up
 
 from ddpm_diffusion import SAMPLERS, Diffusion  # noqa: E402
-from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
 from ddpm_helpers import enable_tf32  # noqa: E402
+from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
 from ddpm_train import autocast_dtype, build_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
 # GPU's name; an unknown GPU gets no MFU figure rather than a guessed one.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 TRAIN_FLOPS_PER_FORWARD = 3  # backward costs about twice the forward (Kaplan et al. 2020, section 2.1)
 
 
@@ -57,8 +57,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for our model")
     parser.add_argument("--no_tf32", action="store_true", help="keep float32 matmuls in full precision on CUDA")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (compilation happens here)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
-    parser.add_argument("--iters", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each model in turn); medians are reported")
+    parser.add_argument("--iters", type=int, default=2, help="steps per model per round")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     parser.add_argument("--sampling_steps", type=int, default=20, help="network evaluations of the timed sampler run")
     parser.add_argument("--timesteps", type=int, default=1000)
@@ -211,11 +211,15 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far (it never
-    goes down, so on CPU only the first model's figure is its own; ours runs first)."""
+def memory_in_use(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def peak_memory_mb(device: torch.device, held_by_others: int) -> float:
+    """CUDA: peak allocated since the last reset, less what the other models hold. CPU: the process's peak
+    resident set so far (it never goes down, so on CPU only the first model's figure is its own; ours runs first)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - held_by_others) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
@@ -267,13 +271,14 @@ def print_table(results: list[dict], env: dict, args: argparse.Namespace) -> Non
               f"{'sampler img/s':>13} {'peak MB':>8} {'MFU':>6}")
     print(f"{args.model_size} preset, batch {args.batch_size}, {args.image_size}x{args.image_size}, {env['device']} "
           f"({env['cpu_threads']} threads), torch {env['torch']}, amp {args.amp}, compile {args.compile}, "
-          f"channels_last {args.channels_last}; median of {args.repeats} x {args.iters} steps")
+          f"channels_last {args.channels_last}; median of {args.repeats} rounds of {args.iters} steps")
     print(header)
     for r in results:
         sampler = f"{r['sampler_images_per_s']:.2f}" if r["sampler_images_per_s"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{r['model']:34} {r['params'] / 1e6:7.2f}M {r['gflop_per_image_forward']:9.2f} {r['train_images_per_s']:11.2f} "
-              f"{r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} {r['eval_ratio_ours_over_this']:7.2f} {sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}")
+              f"{r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} {r['eval_ratio_ours_over_this']:7.2f} "
+              f"{sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}")
     print(f"ours/it: its time over ours, median over the rounds (>1: ours is faster); sampler: {args.sampler}, {args.sampling_steps} steps")
 
 
@@ -296,9 +301,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = {name: {"model": name, "params": count_parameters(model), "gflop_per_image_forward": flops[name] / 1e9} for name, model in models.items()}
     train_fns = {name: train_step_fn(model, diffusion, args, device, memory_formats[name]) for name, model in runnable.items()}
     for name, fn in train_fns.items():  # the first step (compilation, autotuning) and peak memory, one model at a time
+        weights = sum(p.numel() * p.element_size() for p in models[name].parameters())
+        held_by_others = memory_in_use(device) - weights  # the other models' weights and optimizer states
         reset_peak_memory(device)
         results[name]["first_step_s"] = timed(fn, 1, device)
-        results[name]["peak_memory_mb"] = peak_memory_mb(device)
+        results[name]["peak_memory_mb"] = peak_memory_mb(device, held_by_others)
     train_s = interleaved_timings(train_fns, args, device)
     del train_fns  # free the optimizer states before sampling
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from ddpm_model import PRESETS, UNet, count_parameters, preset_config
 
 spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import REPO, run_cli
 from PIL import Image
 
 import ddpm_main
-from conftest import REPO, run_cli
 from ddpm_diffusion import Diffusion
 from ddpm_helpers import load_checkpoint, load_datasets
 from ddpm_model import UNet
@@ -83,7 +83,7 @@ def test_only_rank_zero_writes_and_writes_once(run_dir):
 
 def test_sample_grid_is_gathered_from_both_ranks(run_dir):
     """Each rank samples half of the grid from its own noise; rank 0 saves all of it."""
-    label, images = load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["progression"][0]
+    _, images = load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["progression"][0]
     assert images.shape[0] == 6, "--num_samples 6: three from each rank"
     assert not torch.equal(images[:3], images[3:]), "the ranks' slices come from different noise"
 
@@ -119,20 +119,22 @@ def test_readme_torchrun_commands_use_known_flags():
         parser.parse_args(shlex.split(command))
 
 
-def replica_worker(rank: int, port: int, diverge: bool) -> None:
+def replica_worker(rank: int, port: int) -> None:
+    """Equal weights pass the check; a difference of 1e-6 in one weight on rank 1 fails it on both ranks."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 4)
-        if diverge and rank == 1:
+        rt = Runtime(torch.device("cpu"), rank, 2)
+        check_replicas_identical([model], rt)
+        if rank == 1:
             with torch.no_grad():
                 model.weight[0, 0] += 1e-6
-        check_replicas_identical([model], Runtime(torch.device("cpu"), rank, 2))
+        with pytest.raises(RuntimeError, match="1 parameter tensors differ across the 2 processes"):
+            check_replicas_identical([model], rt)
     finally:
         dist.destroy_process_group()
 
 
 def test_replica_check_passes_for_equal_weights_and_catches_a_tiny_difference():
-    mp.spawn(replica_worker, args=(free_port(), False), nprocs=2)
-    with pytest.raises(mp.ProcessRaisedException, match="differ across the 2 processes"):
-        mp.spawn(replica_worker, args=(free_port(), True), nprocs=2)
+    mp.spawn(replica_worker, args=(free_port(),), nprocs=2)

@@ -211,6 +211,10 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     assert (tmp_path / "outputs/progression_K.png").exists()
     assert len(list((tmp_path / "outputs").glob("samples_K_epoch*.png"))) == 3
     assert not list(run_dir.glob("*.tmp-*"))
+    # A checkpoint taken at an epoch's end resumes at the next epoch, without repeating the last one.
+    assert load_checkpoint(run_dir / "ckpt.pt")["train_state"]["epoch"] == 3
+    assert run_cli(f"{FAST} --epochs 4 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K --resume", tmp_path) == 0
+    assert json.loads((tmp_path / "outputs/loss_history_K.json").read_text())["epochs"] == [1, 2, 3, 4]
 
 
 def test_lr_warmup_then_schedules():
