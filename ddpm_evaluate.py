@@ -27,9 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from tqdm.auto import tqdm
 
 from ddpm_diffusion import Diffusion
@@ -38,7 +35,9 @@ from ddpm_helpers import (SYNTHETIC_CLASSES, UsageError, _first_line, load_check
 from ddpm_model import UNet
 
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
-INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+# The last part of torch-fidelity's URL_INCEPTION_V3 (checked by a test). torch-fidelity is imported only
+# where it is used, so that training and inference do not pay for its import.
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SCORE_SPLITS = 10  # as in Salimans et al.'s code and every published Inception Score
 GRID_IMAGES = 64
 SWEEP_GRID_COLUMNS = 8
@@ -56,6 +55,8 @@ def load_inception(device: str) -> FeatureExtractor:
 
     The weights are downloaded once into the torch hub cache; offline, one line says where to put them.
     """
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
     path = inception_weights_path()
     if not path.is_file():
         _download_inception_weights(path)
@@ -69,6 +70,8 @@ def load_inception(device: str) -> FeatureExtractor:
 
 
 def _download_inception_weights(path: Path) -> None:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path))
@@ -139,12 +142,16 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     FID is this distance between Inception features (Heusel et al. 2017). torch-fidelity computes the
     trace of the matrix square root as the sum of the square roots of the eigenvalues of sigma1 sigma2.
     """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     as_stats = lambda mu, sigma: {"mu": np.asarray(mu, np.float64), "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}  # noqa: E731
     return fid_statistics_to_metric(as_stats(mu1, sigma1), as_stats(mu2, sigma2), verbose=False)[KEY_METRIC_FID]
 
 
 def inception_score(logits: torch.Tensor, splits: int = INCEPTION_SCORE_SPLITS) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over `splits` parts, by torch-fidelity."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
     result = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
     return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
 

@@ -272,3 +272,9 @@ def test_bad_evaluation_input_gives_one_line_and_touches_nothing(workspace, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert tree_fingerprint(workspace) == before
+
+
+def test_inception_file_name_is_the_one_torch_fidelity_downloads():
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert URL_INCEPTION_V3.rsplit("/", 1)[-1] == INCEPTION_FILE

@@ -235,3 +235,22 @@ def test_ema_warms_up_then_decays_at_the_given_rate():
     ema = [torch.zeros(1)]
     update(ema, params, torch.tensor(10**6))
     assert ema[0].item() == pytest.approx(1e-4)
+
+
+def test_lion_follows_its_update_rule():
+    """Chen et al. 2023, Alg. 2: p <- p (1 - lr wd) - lr sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g."""
+    from ddpm_train import Lion
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    optimizer = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    g1 = torch.tensor([0.3, -0.2, 0.0])
+    p.grad = g1.clone()
+    optimizer.step()
+    expected = torch.tensor([1.0, -2.0, 0.5]) * (1 - 0.05) - 0.1 * torch.sign(0.1 * g1)
+    torch.testing.assert_close(p.data, expected)
+    g2 = torch.tensor([-1.0, -1.0, 1.0])
+    p.grad = g2.clone()
+    optimizer.step()
+    momentum = 0.01 * g1
+    expected = expected * (1 - 0.05) - 0.1 * torch.sign(0.9 * momentum + 0.1 * g2)
+    torch.testing.assert_close(p.data, expected)
