@@ -157,7 +157,7 @@ def test_a_real_process_reports_bad_input_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "sigmoid"])
 def test_shortest_chain_trains_and_samples_without_nan(tmp_path, schedule):
-    args = f"--dataset synthetic --image_size 16 --model_size tiny --batch_size 8 --warmup_steps 1 --num_samples 2 --sample_every 1"
+    args = "--dataset synthetic --image_size 16 --model_size tiny --batch_size 8 --warmup_steps 1 --num_samples 2 --sample_every 1"
     assert run(f"{args} --timesteps 10 --schedule {schedule} --max_steps 2 --save_model --run_name N --lr 0.003", tmp_path) == 0
     history = json.loads((tmp_path / "outputs/loss_history_N.json").read_text())
     assert np.isfinite(history["train_loss"] + history["val_loss"] + history["test_loss"]).all()

@@ -1,11 +1,9 @@
 """Training that survives real runs: exact resume, signals, crashes, non-finite losses, EMA, accumulation."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
