@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +319,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Save atomically; the file is tagged with the checkpoint format so load_checkpoint can recognise it."""
     tagged = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION, **state}
     _atomic_write(path, lambda f: torch.save(tagged, f))
+
+
+def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy a saved checkpoint atomically (cheaper than serialising the same state again)."""
+    with open(source, "rb") as f:
+        _atomic_write(path, lambda out: shutil.copyfileobj(f, out))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -28,6 +28,7 @@ from ddpm_helpers import (
     DataSplits,
     UsageError,
     append_jsonl,
+    copy_checkpoint,
     load_checkpoint,
     save_checkpoint,
     save_image_grid,
@@ -510,15 +511,16 @@ def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Pat
                 state.epoch += 1
                 state.epoch_position = 0
                 state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+            is_best = state.history["val_loss"][-1] < state.best_val_loss
+            if is_best:  # before saving, so a resumed run compares against the true best
+                state.best_val_loss = state.history["val_loss"][-1]
             if args.save_model:
                 save(last_path)
-                if state.history["val_loss"][-1] < state.best_val_loss:
-                    state.best_val_loss = state.history["val_loss"][-1]
-                    save(run_dir / "best.pt")
-                if epoch_done and state.epoch % args.save_every == 0:
-                    save(run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
-                    if rt.is_main:
-                        prune_snapshots(run_dir, args.keep_checkpoints)
+                if rt.is_main and is_best:
+                    copy_checkpoint(last_path, run_dir / "best.pt")
+                if rt.is_main and epoch_done and state.epoch % args.save_every == 0:
+                    copy_checkpoint(last_path, run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
+                    prune_snapshots(run_dir, args.keep_checkpoints)
     if rt.is_main:
         if state.progression:
             save_labelled_rows(state.progression, save_dir / f"progression_{args.run_name}.png")

@@ -212,7 +212,11 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     # A checkpoint taken at an epoch's end resumes at the next epoch, without repeating the last one.
     assert load_checkpoint(run_dir / "ckpt.pt")["train_state"]["epoch"] == 3
     assert run_cli(f"{FAST} --epochs 4 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K --resume", tmp_path) == 0
-    assert json.loads((tmp_path / "outputs/loss_history_K.json").read_text())["epochs"] == [1, 2, 3, 4]
+    history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
+    assert history["epochs"] == [1, 2, 3, 4]
+    resumed = load_checkpoint(run_dir / "ckpt.pt")["train_state"]
+    assert resumed["best_val_loss"] == min(history["val_loss"]), "ckpt.pt must carry the best validation loss so far"
+    assert load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1] == min(history["val_loss"])
 
 
 def test_lr_warmup_then_schedules():
