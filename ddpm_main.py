@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch
 
-from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES, Diffusion
-from ddpm_evaluate import FEATURE_EXTRACTORS, parse_guidance_interval, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
-from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_checkpoint, load_datasets, save_image_grid, save_json, save_samples
+from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES
+from ddpm_evaluate import FEATURE_EXTRACTORS, SamplerSettings, generate, load_model, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
+from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_datasets, save_image_grid, save_json, save_samples
 from ddpm_model import PRESETS, UNet, preset_config
 
 
@@ -198,45 +198,31 @@ def run_inference(args: argparse.Namespace) -> None:
     """Sample from a checkpoint; everything about the model comes from the checkpoint."""
     device = select_device(args)
     model_path = Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
-    checkpoint = load_checkpoint(model_path)
-    if "model_config" not in checkpoint or "model" not in checkpoint:
-        raise UsageError(f"{model_path} has no model in it")
+    loaded = load_model(model_path, device, args.no_ema)
+    checkpoint = loaded.checkpoint
     class_names = checkpoint["data"]["class_names"]
     if not checkpoint["conditional"] and (args.conditional or args.sample_classes):
         flag = "--sample_classes" if args.sample_classes else "--conditional"
         raise UsageError(f"{flag} needs a class-conditional model, but {model_path} is unconditional")
     if checkpoint["conditional"]:
         text = args.sample_classes or ",".join(str(i) for i in range(len(class_names)))
-        labels = torch.tensor(parse_sample_classes(text, class_names, args.num_samples), device=device)
+        labels = torch.tensor(parse_sample_classes(text, class_names, args.num_samples))
     else:
         labels = None
-    diffusion = Diffusion(**checkpoint["diffusion"]).to(device)
-    if args.sampling_steps is not None and args.sampling_steps > diffusion.num_timesteps:
-        raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed the model's {diffusion.num_timesteps} timesteps")
+    if args.sampling_steps is not None and args.sampling_steps > loaded.diffusion.num_timesteps:
+        raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed the model's {loaded.diffusion.num_timesteps} timesteps")
 
-    model = UNet(**checkpoint["model_config"])
-    use_ema = checkpoint.get("ema") is not None and not args.no_ema
-    model.load_state_dict(checkpoint["ema"] if use_ema else checkpoint["model"])
-    model.to(device).eval()
-    channels, size = checkpoint["data"]["channels"], checkpoint["data"]["image_size"]
+    use_ema = loaded.use_ema
+    channels, size, _ = loaded.image_shape
     print(f"sampling {args.num_samples} images of {channels}x{size}x{size} from {model_path} "
           f"({'EMA' if use_ema else 'raw'} weights, {args.sampler}"
           f"{', guidance ' + str(args.guidance_scale) if labels is not None else ''})")
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for begin in range(0, args.num_samples, args.batch_size):
-        count = min(args.batch_size, args.num_samples - begin)
-        batch_labels = labels[begin : begin + count] if labels is not None else None
-        batches.append(diffusion.sample(
-            model, (count, channels, size, size), labels=batch_labels, guidance_scale=args.guidance_scale,
-            sampler=args.sampler, steps=args.sampling_steps, eta=args.eta, generator=generator, device=device,
-            guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
-        ).cpu())
-    images = torch.cat(batches)
+    pixels = generate(loaded, args.num_samples, labels, SamplerSettings.from_args(args), args.seed, args.batch_size, device, desc="sampling")
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
 
     save_dir = Path(args.save_dir)
     save_image_grid(images, save_dir / "grid.png")
-    save_samples(images, labels.cpu() if labels is not None else None, save_dir)
+    save_samples(images, labels, save_dir)
     save_json({
         "model_path": str(model_path), "num_samples": args.num_samples, "seed": args.seed, "weights": "ema" if use_ema else "raw",
         "sampler": args.sampler, "sampling_steps": args.sampling_steps, "eta": args.eta,
