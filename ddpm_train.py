@@ -6,6 +6,7 @@ random states) goes into its checkpoint; see `TrainState` and `checkpoint_state`
 """
 import argparse
 import contextlib
+import copy
 import math
 import os
 import random
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ddpm_diffusion import Diffusion
@@ -74,6 +74,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    control_group: Optional[dist.ProcessGroup] = None  # gloo, for small CPU-side agreements that must not wait for the GPU
 
     @property
     def is_main(self) -> bool:
@@ -91,7 +92,7 @@ def setup_runtime(args: argparse.Namespace) -> Runtime:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world_size)
+    return Runtime(device, rank, world_size, dist.new_group(backend="gloo"))
 
 
 def unwrap(model: torch.nn.Module) -> UNet:
@@ -130,9 +131,11 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def epoch_batches(num_examples: int, batch_size: int, rt: Runtime, seed: int, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (position after the batch, this rank's indices) for the rest of an epoch; the last partial batch is dropped."""
-    order = epoch_permutation(num_examples, seed, epoch)
+def epoch_batches(num_examples: int, batch_size: int, rt: Runtime, seed: int, epoch: int, start: int,
+                  device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (position after the batch, this rank's indices on `device`, where the images are) for the rest
+    of an epoch; the last partial batch is dropped. The order moves to the device once per epoch, not per step."""
+    order = epoch_permutation(num_examples, seed, epoch).to(device)
     global_batch = batch_size * rt.world_size
     for begin in range(start, num_examples - global_batch + 1, global_batch):
         yield begin + global_batch, order[begin + rt.rank : begin + global_batch : rt.world_size]
@@ -162,6 +165,9 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update; none where `self.found_inf` (set before the step, as GradScaler does for the fused
+        optimizers) is 1, decided on the device."""
+        skip = getattr(self, "found_inf", None)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -171,9 +177,13 @@ class Lion(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                 exp_avg = state["exp_avg"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(exp_avg.lerp(p.grad, 1 - beta1).sign_(), alpha=-group["lr"])
-                exp_avg.lerp_(p.grad, 1 - beta2)
+                updated = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * exp_avg.lerp(p.grad, 1 - beta1).sign_()
+                updated_exp_avg = exp_avg.lerp(p.grad, 1 - beta2)
+                if skip is not None:
+                    updated = torch.where(skip.bool(), p, updated)
+                    updated_exp_avg = torch.where(skip.bool(), exp_avg, updated_exp_avg)
+                p.copy_(updated)
+                exp_avg.copy_(updated_exp_avg)
 
 
 def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -197,17 +207,36 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
     return 1.0
 
 
-def ema_decay_fn(decay: float):
-    """EMA with warm-up: decay_n = min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's
-    ExponentialMovingAverage with num_updates), so short runs are not dominated by the initial weights."""
+class EMA:
+    """Exponential moving average of the weights, starting from the initial weights, with warm-up:
+    decay_n = min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's ExponentialMovingAverage with
+    num_updates), so short runs are not dominated by the initial weights.
+
+    The update count lives on the device and an update can be cancelled there (`skip`, a step whose loss
+    was not finite), so updating never waits for the GPU. torch.optim.swa_utils.AveragedModel reads its
+    count on the host at every update, which would stall the training loop once per step.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.num_updates = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+
+    def tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        return [t.detach() for t in (*module.parameters(), *module.buffers())]
 
     @torch.no_grad()
-    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
-        n = float(num_averaged)
-        weight = 1 - min(decay, (1 + n) / (10 + n))
-        torch._foreach_lerp_(ema_params, params, weight)
-
-    return update
+    def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
+        """ema <- ema + (1 - decay_n) (weights - ema), unless `skip` (a bool tensor) is true."""
+        n = self.num_updates
+        weight = 1 - torch.clamp((1 + n) / (10 + n), max=self.decay)
+        if skip is not None:
+            weight = weight * ~skip
+        ema_tensors = self.tensors(self.module)
+        deltas = torch._foreach_sub(self.tensors(model), ema_tensors)
+        torch._foreach_mul_(deltas, weight)
+        torch._foreach_add_(ema_tensors, deltas)
+        self.num_updates += 1 if skip is None else ~skip
 
 
 def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -316,7 +345,7 @@ def checkpoint_state(model, ema, optimizer, scheduler, scaler, state: TrainState
         **model_description(unwrap(model), args, data),
         "model": unwrap(model).state_dict(),
         "ema": ema.module.state_dict() if ema is not None else None,
-        "ema_num_updates": int(ema.n_averaged) if ema is not None else 0,
+        "ema_num_updates": int(ema.num_updates) if ema is not None else 0,
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -336,11 +365,19 @@ def check_resume_compatible(saved_config: dict, args: argparse.Namespace, path: 
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (a second Ctrl-C kills)."""
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (a second Ctrl-C kills).
 
-    def __init__(self):
+    With several processes all ranks must stop after the same step, even when only one got the signal.
+    Their flags are summed by an all-reduce on the CPU (rt.control_group, gloo) that is started at one step
+    and read at the next: a stop lands one step later, and the check never waits for the GPU.
+    """
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
         self.signal_name: Optional[str] = None
         self.previous = {}
+        self.flags: Optional[torch.Tensor] = None
+        self.pending = None
 
     def __enter__(self) -> "StopRequest":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -354,17 +391,24 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
+        if self.pending is not None:
+            self.pending.wait()
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def requested(self, rt: Runtime) -> bool:
-        """Whether any rank was asked to stop (all ranks must stop at the same step)."""
-        flag = self.signal_name is not None
-        if rt.world_size > 1:
-            tensor = torch.tensor(float(flag), device=rt.device)
-            dist.all_reduce(tensor)
-            flag = tensor.item() > 0
-        return flag
+    def requested(self) -> bool:
+        """Whether this process (single) or any rank, as of the previous step (distributed), was asked to stop.
+        Every rank calls this once per step."""
+        asked = self.signal_name is not None
+        if self.rt.world_size == 1:
+            return asked
+        agreed = False
+        if self.pending is not None:
+            self.pending.wait()
+            agreed = self.flags.item() > 0
+        self.flags = torch.tensor([float(asked)])
+        self.pending = dist.all_reduce(self.flags, group=self.rt.control_group, async_op=True)
+        return agreed
 
 
 # The loop
@@ -391,13 +435,14 @@ def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Pat
     path of the last checkpoint (None without --save_model)."""
     rt = setup_runtime(args)
     args.world_size = rt.world_size
-    seed_everything(args.seed + rt.rank)
     run_dir = Path(args.models_dir) / args.run_name
     last_path = run_dir / "ckpt.pt"
     resume_path, checkpoint = resume if resume is not None else (None, None)
 
     num_classes = data.num_classes if args.conditional else None
+    seed_everything(args.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
     model = UNet(in_channels=data.channels, image_size=data.image_size, num_classes=num_classes, **args.model_config).to(rt.device)
+    seed_everything(args.seed + rt.rank)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     diffusion = Diffusion(args.timesteps, args.schedule).to(rt.device)
@@ -414,14 +459,14 @@ def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Pat
     )
     amp_dtype = autocast_dtype(args.amp, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
-    ema = AveragedModel(model, multi_avg_fn=ema_decay_fn(args.ema_decay), use_buffers=True) if args.ema_decay > 0 else None
+    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
 
     state = TrainState()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         if ema is not None and checkpoint["ema"] is not None:
             ema.module.load_state_dict(checkpoint["ema"])
-            ema.n_averaged.fill_(checkpoint["ema_num_updates"])
+            ema.num_updates.fill_(checkpoint["ema_num_updates"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["lr_scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
@@ -454,56 +499,66 @@ def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Pat
             print(f"resuming {resume_path} at step {state.step} (epoch {state.epoch + 1})")
     save_dir = Path(args.save_dir)
 
+    counters = StepCounters(rt.device)
+
+    def read_counters() -> None:
+        """Bring the on-device step figures into `state` (a host sync); stop a run whose steps keep failing."""
+        skipped, longest = counters.read_into(state)
+        if skipped and rt.is_main:
+            tqdm.write(f"step {state.step}: {skipped} step(s) skipped since the last report, for a non-finite loss or "
+                       f"gradient ({state.nonfinite_skipped} so far)")
+        if longest >= MAX_NONFINITE_STEPS:
+            raise UsageError(
+                f"{longest} non-finite losses in a row by step {state.step}: stopping; "
+                f"the last checkpoint is kept (try a lower --lr, or --amp bf16/none)"
+            )
+
     def save(path: Path) -> None:
+        read_counters()
         rng_per_rank = gather_rng_states(rt)  # a collective: every rank calls save, rank 0 writes
         if rt.is_main:
             save_checkpoint(checkpoint_state(model, ema, optimizer, scheduler, scaler, state, args, data) | {"rng_per_rank": rng_per_rank}, path)
 
     train_images = data.train.images.to(rt.device) if args.data_on_device else data.train.images
+    train_labels = data.train.labels.to(rt.device) if args.data_on_device else data.train.labels
     examples_per_step = args.batch_size * rt.world_size * args.grad_accum
     epoch_examples = steps_per_epoch * examples_per_step
-    consecutive_nonfinite = 0
     model.train()
-    with StopRequest() as stop:
+    with StopRequest(rt) as stop:
         while state.step < total_steps:
-            batches = epoch_batches(len(data.train), args.batch_size, rt, args.seed, state.epoch, state.epoch_position)
+            batches = epoch_batches(len(data.train), args.batch_size, rt, args.seed, state.epoch, state.epoch_position, train_images.device)
             remaining = min((epoch_examples - state.epoch_position) // examples_per_step, total_steps - state.step)
             bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}", disable=not rt.is_main, dynamic_ncols=True, leave=False)
             window_start, window_steps = time.perf_counter(), 0
             for _ in range(remaining):
-                loss, grad_norm = train_step(model, diffusion, optimizer, scaler, batches, train_images, data, state, args, rt, amp_dtype)
-                if grad_norm is not None:
-                    consecutive_nonfinite = 0
-                    if ema is not None:
-                        ema.update_parameters(unwrap(model))
-                else:
-                    consecutive_nonfinite += 1
-                    state.nonfinite_skipped += 1
-                    if rt.is_main:
-                        tqdm.write(f"step {state.step + 1}: non-finite loss, step skipped ({state.nonfinite_skipped} so far)")
-                    if consecutive_nonfinite >= MAX_NONFINITE_STEPS:
-                        raise UsageError(
-                            f"{consecutive_nonfinite} non-finite losses in a row at step {state.step + 1}: stopping; "
-                            f"the last checkpoint is kept (try a lower --lr, or --amp bf16/none)"
-                        )
+                loss, grad_norm, skip = train_step(model, diffusion, optimizer, scaler, batches, train_images, train_labels,
+                                                   data, state, args, rt, amp_dtype)
+                if ema is not None:
+                    ema.update(unwrap(model), skip)
+                counters.record(loss, skip)
                 scheduler.step()
                 state.step += 1
                 window_steps += 1
                 bar.update(1)
                 if state.step % args.log_interval == 0:
+                    read_counters()
                     images_per_s = window_steps * examples_per_step / (time.perf_counter() - window_start)
-                    log_step(bar, loss, grad_norm, images_per_s, scheduler, state, args, rt, save_dir)
+                    log_step(bar, loss, grad_norm, skip, images_per_s, scheduler, state, args, rt, save_dir)
                     window_start, window_steps = time.perf_counter(), 0
                 if args.save_model and args.save_every_steps and state.step % args.save_every_steps == 0:
                     save(last_path)
-                if stop.requested(rt):
+                if stop.requested():
                     bar.close()
                     save(last_path)
+                    if rt.world_size > 1:  # no rank exits (and makes torchrun stop the others) before rank 0 has written
+                        dist.barrier(group=rt.control_group)
                     if rt.is_main:
-                        print(f"{stop.signal_name or 'stop'} received: stopped after step {state.step}; checkpoint saved to "
-                              f"{last_path}; resume with the same command plus --resume", file=sys.stderr)
+                        reason = f"{stop.signal_name} received" if stop.signal_name else "another process was signalled"
+                        print(f"{reason}: stopped after step {state.step}; checkpoint saved to {last_path}; "
+                              f"resume with the same command plus --resume", file=sys.stderr)
                     raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
             bar.close()
+            read_counters()
 
             epoch_done = epoch_examples - state.epoch_position < examples_per_step
             record_epoch(eval_model(), diffusion, state, args, data, rt, scheduler, epoch_done, save_dir)
@@ -547,15 +602,20 @@ def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int) -> torch
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def train_step(model, diffusion, optimizer, scaler, batches, train_images, data, state, args, rt, amp_dtype):
-    """One optimizer step over `grad_accum` micro-batches. Returns (mean loss, grad norm); the grad
-    norm is None when the loss was not finite, in which case no update was applied."""
+def train_step(model, diffusion, optimizer, scaler, batches, train_images, train_labels, data, state, args, rt, amp_dtype):
+    """One optimizer step over `grad_accum` micro-batches, queued on the device without waiting for it.
+
+    Returns (mean loss, grad norm, skip). `skip` is a bool tensor, true when the loss or the gradients were
+    not finite (including fp16 gradients that overflowed, for which GradScaler lowers its scale); the
+    optimizer then leaves the weights and its own state exactly as they were. The decision is made on the
+    device, through the `found_inf` that fused Adam(W) and Lion read, so no step waits for the GPU.
+    """
     null_label = unwrap(model).null_label
     loss = torch.zeros((), device=rt.device)
     optimizer.zero_grad(set_to_none=True)
     for micro in range(args.grad_accum):
         state.epoch_position, indices = next(batches)
-        x0, labels = load_batch(train_images, data.train.labels, indices, data.train.hflip, rt.device)
+        x0, labels = load_batch(train_images, train_labels, indices, data.train.hflip, rt.device)
         if args.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = drop_labels(labels, args.p_uncond, null_label) if null_label is not None else None
@@ -568,16 +628,44 @@ def train_step(model, diffusion, optimizer, scaler, batches, train_images, data,
     if rt.world_size > 1:
         dist.all_reduce(loss)
         loss /= rt.world_size
-    if not torch.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        return loss, None
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-    scaler.step(optimizer)
+    skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    optimizer.found_inf = skip.float()
+    optimizer.step()
     scaler.update()
-    state.epoch_loss_sum += loss.item()
-    state.epoch_loss_count += 1
-    return loss, grad_norm
+    return loss, grad_norm, skip
+
+
+class StepCounters:
+    """What every step adds to the run's figures, kept on the device and read (a host sync) only at log
+    intervals, epoch ends and checkpoints: the loss of applied steps, and the steps skipped."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_count = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps in a row, up to the last one
+        self.longest_streak = torch.zeros((), dtype=torch.int64, device=device)  # since the last read
+
+    def record(self, loss: torch.Tensor, skip: torch.Tensor) -> None:
+        self.loss_sum += torch.where(skip, 0.0, loss.double())
+        self.loss_count += ~skip
+        self.skipped += skip
+        self.streak.add_(1).mul_(skip)
+        torch.maximum(self.longest_streak, self.streak, out=self.longest_streak)
+
+    def read_into(self, state: TrainState) -> tuple[int, int]:
+        """Add the figures since the last read to `state`; return (steps skipped since then, longest run of skips)."""
+        loss_sum, count, skipped, longest = torch.stack(
+            [self.loss_sum, self.loss_count.double(), self.skipped.double(), self.longest_streak.double()]).tolist()
+        state.epoch_loss_sum += loss_sum
+        state.epoch_loss_count += int(count)
+        state.nonfinite_skipped += int(skipped)
+        for counter in (self.loss_sum, self.loss_count, self.skipped):
+            counter.zero_()
+        self.longest_streak.copy_(self.streak)
+        return int(skipped), int(longest)
 
 
 def maybe_no_sync(model: torch.nn.Module, sync: bool):
@@ -591,14 +679,14 @@ def peak_memory_mb(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def log_step(bar, loss, grad_norm, images_per_s, scheduler, state, args, rt, save_dir: Path) -> None:
+def log_step(bar, loss, grad_norm, skip, images_per_s, scheduler, state, args, rt, save_dir: Path) -> None:
     """Progress-bar figures and one JSON line of metrics, every --log_interval steps (the only per-step host syncs)."""
     lr = scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
     if rt.is_main:
         append_jsonl(save_dir / f"metrics_{args.run_name}.jsonl", {
             "kind": "step", "step": state.step, "epoch": state.epoch + 1, "train_loss": loss.item(), "lr": lr,
-            "grad_norm": None if grad_norm is None else grad_norm.item(), "images_per_s": images_per_s,
+            "grad_norm": None if skip.item() else grad_norm.item(), "images_per_s": images_per_s,
             "peak_memory_mb": peak_memory_mb(rt.device), "nonfinite_skipped": state.nonfinite_skipped,
         })
 

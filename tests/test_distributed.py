@@ -3,9 +3,11 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, command: str, cwd: Path) -> subprocess.CompletedProcess:
+def torchrun_command(nproc: int, command: str) -> list[str]:
     """`python -m torch.distributed.run --nproc_per_node N ddpm_main.py ...` on a free local port."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "ddpm_main.py"), *shlex.split(command)]
+
+
+def torchrun(nproc: int, command: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(REPO / "ddpm_main.py"), *shlex.split(command)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(torchrun_command(nproc, command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +113,29 @@ def test_resume_with_another_number_of_processes(run_dir):
     assert load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["step"] == STEPS + steps_left
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert history["epochs"] == [1] and history["steps"] == [STEPS + steps_left], "the partial epoch's entry is replaced"
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM reaches one worker only (as a pre-empted node's would): every rank stops after the same step,
+    so no rank hangs in a collective, and rank 0 writes a checkpoint that resumes."""
+    write_image_folder(tmp_path / "images")
+    command = f"{TINY} --max_steps 100000 --save_model --run_name T --save_dir out"
+    launcher = subprocess.Popen(torchrun_command(2, command), cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out/metrics_T.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.2)
+    workers = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=240)
+    assert "another process was signalled: stopped after step" in stderr, stderr[-3000:]
+    step = load_checkpoint(tmp_path / "models/T/ckpt.pt")["train_state"]["step"]
+    assert step >= 2
+    assert torchrun(2, f"{TINY} --max_steps {step + 1} --save_model --run_name T --save_dir out --resume", tmp_path).returncode == 0
+    assert load_checkpoint(tmp_path / "models/T/ckpt.pt")["train_state"]["step"] == step + 1
 
 
 def test_readme_torchrun_commands_use_known_flags():

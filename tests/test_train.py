@@ -12,7 +12,7 @@ import torch
 import ddpm_diffusion
 from conftest import REPO, run_cli
 from ddpm_helpers import load_checkpoint, save_checkpoint
-from ddpm_train import ema_decay_fn, lr_multiplier
+from ddpm_train import EMA, lr_multiplier
 
 # 4,860 synthetic training images at batch 256: 18 steps per epoch.
 FAST = (
@@ -229,14 +229,21 @@ def test_lr_warmup_then_schedules():
     assert [lr_multiplier(s, 0, 100, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
-def test_ema_warms_up_then_decays_at_the_given_rate():
-    update = ema_decay_fn(0.9999)
-    ema, params = [torch.zeros(1)], [torch.ones(1)]
-    update(ema, params, torch.tensor(0))
-    assert ema[0].item() == pytest.approx(1 - 0.1)  # decay (1+0)/(10+0) = 0.1
-    ema = [torch.zeros(1)]
-    update(ema, params, torch.tensor(10**6))
-    assert ema[0].item() == pytest.approx(1e-4)
+def test_ema_warms_up_then_decays_at_the_given_rate_and_skips_on_the_device():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.9999)
+    model.weight.data.fill_(1.0)
+    ema.update(model)
+    assert ema.module.weight.item() == pytest.approx(1 - 0.1)  # decay (1+0)/(10+0) = 0.1
+    ema.update(model, skip=torch.tensor(True))
+    assert ema.module.weight.item() == pytest.approx(1 - 0.1) and ema.num_updates.item() == 1, "a skipped step changes nothing"
+    ema.update(model)
+    assert ema.module.weight.item() == pytest.approx(1 - 0.1 * 2 / 11)  # decay (1+1)/(10+1)
+    ema.module.weight.data.zero_()
+    ema.num_updates.fill_(10**6)
+    ema.update(model)
+    assert ema.module.weight.item() == pytest.approx(1e-4)
 
 
 def test_lion_follows_its_update_rule():
@@ -256,3 +263,25 @@ def test_lion_follows_its_update_rule():
     momentum = 0.01 * g1
     expected = expected * (1 - 0.05) - 0.1 * torch.sign(0.9 * momentum + 0.1 * g2)
     torch.testing.assert_close(p.data, expected)
+
+
+def test_training_steps_never_wait_for_the_device(tmp_path, monkeypatch):
+    """No host-device sync per step. On a GPU every .item(), bool(), float(), int() or .tolist() of a tensor
+    waits for all queued work; here on the CPU those conversions are counted instead. A run of 12 steps
+    must make no more of them than a run of 3: what remains is per run (final evaluation, log line, checkpoint)."""
+    reads = {"count": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for steps in (3, 12):
+        reads["count"] = 0
+        assert run_cli(f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --save_model --run_name R{steps}", tmp_path) == 0
+        counts[steps] = reads["count"]
+    assert counts[3] > 0, "the counting itself works"
+    assert counts[12] == counts[3], f"{(counts[12] - counts[3]) / 9:.1f} tensor reads per training step"
