@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import (SYNTHETIC_CLASSES, UsageError, _first_line, load_checkpoint, load_datasets, save_image_grid,
-                          save_json, save_labelled_rows, to_uint8)
+from ddpm_helpers import (SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, gather_rows, load_checkpoint, load_datasets,
+                          save_image_grid, save_json, save_labelled_rows, shard, to_uint8)
 from ddpm_model import UNet
 
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -276,23 +276,37 @@ def every_class_in_turn(loaded: LoadedModel, count: int) -> Optional[torch.Tenso
     return torch.arange(count) % len(loaded.checkpoint["data"]["class_names"])
 
 
+NOISE_SEED_STRIDE = 1_000_003  # batch b of a run with --seed s draws its noise from seed s + b * this
+
+
 def generate(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplerSettings, seed: int,
-             batch_size: int, device: str, desc: str = "generating") -> torch.Tensor:
-    """`count` samples as uint8 (N, H, W, C), in batches, all noise from one generator seeded with `seed`:
-    the same seed and batch size give the same images as `--inference`."""
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    with tqdm(total=count, desc=desc, unit="img") as bar:
-        for begin in range(0, count, batch_size):
-            size = min(batch_size, count - begin)
-            batch_labels = labels[begin: begin + size].to(device) if labels is not None else None
+             batch_size: int, rt: Runtime, desc: str = "generating") -> torch.Tensor:
+    """`count` samples as uint8 (N, H, W, C), on every rank, in batches of `batch_size`.
+
+    Batch b draws all its noise from its own generator, seeded with seed + b * NOISE_SEED_STRIDE, so the
+    images depend on the seed and the batch size only: one process or many (torchrun, each rank sampling
+    a contiguous share of the batches, gathered in order) give the same images, and the first batch is
+    what `Diffusion.sample` gives with a generator seeded with `seed`.
+    """
+    starts = range(0, count, batch_size)
+    mine = shard(len(starts), rt)
+    sizes = {index: min(batch_size, count - starts[index]) for index in mine}
+    samples = []
+    desc = desc if rt.world_size == 1 else f"{desc} (rank 0's share of {rt.world_size})"
+    with tqdm(total=sum(sizes.values()), desc=desc, unit="img", disable=not rt.is_main) as bar:
+        for index, size in sizes.items():
+            begin = starts[index]
+            batch_labels = labels[begin: begin + size].to(rt.device) if labels is not None else None
             images = loaded.diffusion.sample(
                 loaded.model, (size, *loaded.image_shape), labels=batch_labels, guidance_scale=settings.guidance_scale,
-                sampler=settings.sampler, steps=settings.steps, eta=settings.eta, generator=generator, device=device,
-                progress=True, guidance_rescale=settings.guidance_rescale, guidance_interval=settings.guidance_interval)
-            batches.append(to_uint8(images))
+                sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
+                generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE), device=rt.device,
+                progress=rt.is_main, guidance_rescale=settings.guidance_rescale,
+                guidance_interval=settings.guidance_interval)
+            samples.append(to_uint8(images))
             bar.update(size)
-    return torch.cat(batches)
+    local = torch.cat(samples) if samples else torch.zeros((0, *loaded.image_shape[1:], loaded.image_shape[0]), dtype=torch.uint8)
+    return gather_rows(local, rt)
 
 
 def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path) -> None:
@@ -347,16 +361,21 @@ def describe_run(loaded: LoadedModel, settings: SamplerSettings, args: argparse.
     }
 
 
-def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, device: str,
-                         extractor_name: str, extractor: FeatureExtractor, reference: ReferenceStatistics,
-                         out_dir: Path) -> tuple[dict, torch.Tensor]:
-    """Generate, measure, and write samples.npz, grid.png and evaluation.json to out_dir; returns (results, images)."""
+def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, rt: Runtime,
+                         extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
+                         out_dir: Path) -> Optional[tuple[dict, torch.Tensor]]:
+    """Generate (shared out over the ranks), then on rank 0 measure and write samples.npz, grid.png and
+    evaluation.json to out_dir and return (results, images); None on the other ranks."""
     labels = every_class_in_turn(loaded, args.fid_num_samples)
     started = time.perf_counter()
-    images = generate(loaded, args.fid_num_samples, labels, settings, args.seed, args.batch_size, device)
+    images = generate(loaded, args.fid_num_samples, labels, settings, args.seed, args.batch_size, rt)
     seconds = time.perf_counter() - started
+    if not rt.is_main:
+        return None
+    device = str(rt.device)
     results = describe_run(loaded, settings, args, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
+    results["processes"] = rt.world_size
     results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, args.batch_size, device))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
@@ -365,26 +384,30 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: a
     return results, images
 
 
-def run_evaluation(args: argparse.Namespace, device: str) -> None:
-    """--evaluate: FID (and IS, class consistency) of --fid_num_samples samples, for one guidance scale or a sweep."""
-    loaded = load_model(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt", device, args.no_ema)
+def run_evaluation(args: argparse.Namespace, rt: Runtime) -> None:
+    """--evaluate: FID (and IS, class consistency) of --fid_num_samples samples, for one guidance scale or a sweep.
+    Under torchrun every rank samples its share; rank 0 alone measures and writes."""
+    loaded = load_model(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt", str(rt.device), args.no_ema)
     check_sampling_steps(args, loaded)
     scales = parse_scales(args.guidance_sweep) if args.guidance_sweep else [args.guidance_scale]
     if args.guidance_sweep and not loaded.checkpoint["conditional"]:
         raise UsageError(f"--guidance_sweep needs a class-conditional model, but {loaded.path} is unconditional")
-    extractor = FEATURE_EXTRACTORS[args.fid_features](device)
     data = loaded.checkpoint["data"]
-    reference = reference_statistics(data["dataset"], args.data_dir, data["image_size"], args.fid_features, extractor,
-                                     args.batch_size, device)
+    extractor, reference = None, None
+    if rt.is_main:
+        extractor = FEATURE_EXTRACTORS[args.fid_features](str(rt.device))
+        reference = reference_statistics(data["dataset"], args.data_dir, data["image_size"], args.fid_features, extractor,
+                                         args.batch_size, str(rt.device))
     save_dir = Path(args.save_dir)
     sweep = []
     for scale in scales:
         out_dir = save_dir / f"scale_{scale:g}" if args.guidance_sweep else save_dir
-        results, images = evaluate_one_setting(loaded, SamplerSettings.from_args(args, scale), args, device,
-                                               args.fid_features, extractor, reference, out_dir)
-        print(summary_line(results, out_dir / "evaluation.json"))
-        sweep.append((results, images))
-    if args.guidance_sweep:
+        outcome = evaluate_one_setting(loaded, SamplerSettings.from_args(args, scale), args, rt, args.fid_features,
+                                       extractor, reference, out_dir)
+        if outcome is not None:
+            print(summary_line(outcome[0], out_dir / "evaluation.json"))
+            sweep.append(outcome)
+    if args.guidance_sweep and rt.is_main:
         save_guidance_sweep(sweep, data["class_names"], save_dir)
 
 
@@ -454,18 +477,20 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- checkpoint comparison
 
-def run_checkpoint_comparison(args: argparse.Namespace, device: str) -> None:
+def run_checkpoint_comparison(args: argparse.Namespace, rt: Runtime) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
-    loaded = sorted((load_model(path, device, args.no_ema) for path in args.compare_checkpoints),
+    loaded = sorted((load_model(path, str(rt.device), args.no_ema) for path in args.compare_checkpoints),
                     key=lambda item: item.step or 0)
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
     check_sampling_steps(args, loaded[0])
     settings = SamplerSettings.from_args(args)
     labels = every_class_in_turn(loaded[0], args.num_samples)
-    rows = [(f"step {item.step}", generate(item, args.num_samples, labels, settings, args.seed, args.batch_size, device,
+    rows = [(f"step {item.step}", generate(item, args.num_samples, labels, settings, args.seed, args.batch_size, rt,
                                            desc=f"step {item.step}")) for item in loaded]
+    if not rt.is_main:
+        return
     save_dir = Path(args.save_dir)
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
     save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],

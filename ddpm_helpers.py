@@ -14,11 +14,13 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageDraw
@@ -344,6 +346,58 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"{path} is not a checkpoint written by this tool")
     return state
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass
+class Runtime:
+    """This process's place in a run: its device, and its rank among `world_size` processes (torchrun)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    control_group: Any = None  # a gloo group, for small CPU-side agreements that must not wait for the GPU
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device: str, timeout: timedelta | None = None) -> Runtime:
+    """One process, or one of WORLD_SIZE processes started by torchrun: NCCL between GPUs (each process
+    on the GPU of its LOCAL_RANK), gloo between CPU processes. `timeout` bounds how long a collective
+    waits for the slowest rank (PyTorch's default when None)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(device)
+    if world_size == 1:
+        return Runtime(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    return Runtime(device, rank, world_size, dist.new_group(backend="gloo", timeout=timeout))
+
+
+def shard(count: int, rt: Runtime) -> range:
+    """This rank's contiguous share of range(count); shares differ in size by at most one."""
+    return range(count * rt.rank // rt.world_size, count * (rt.rank + 1) // rt.world_size)
+
+
+def gather_rows(rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Every rank's `rows` (any number, the same trailing shape) concatenated in rank order, on every rank."""
+    if rt.world_size == 1:
+        return rows
+    local = rows.to(rt.device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=rt.device) for _ in range(rt.world_size)]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=rt.device))
+    sizes = [int(size) for size in sizes]
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=rt.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(rt.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(rows.device)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -8,15 +8,22 @@ Bad input ends with one line on stderr and exit code 2, before anything is writt
 import argparse
 import math
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES
 from ddpm_evaluate import FEATURE_EXTRACTORS, SamplerSettings, generate, load_model, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
-from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_datasets, save_image_grid, save_json, save_samples
+from ddpm_helpers import (DATASETS, Runtime, UsageError, enable_tf32, load_datasets, save_image_grid, save_json, save_samples,
+                          setup_runtime)
 from ddpm_model import PRESETS, UNet, preset_config
+
+# Under torchrun the other ranks wait in a collective while rank 0 alone computes FID statistics
+# (the training set's, once, then each sample set's): far longer than a sampling step.
+SAMPLING_COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 def comma_ints(text: str) -> list[int]:
@@ -194,11 +201,11 @@ def run_training(args: argparse.Namespace) -> None:
     train(args, data, resume)
 
 
-def run_inference(args: argparse.Namespace) -> None:
-    """Sample from a checkpoint; everything about the model comes from the checkpoint."""
-    device = select_device(args)
+def run_inference(args: argparse.Namespace, rt: Runtime) -> None:
+    """Sample from a checkpoint; everything about the model comes from the checkpoint. Under torchrun
+    every rank samples its share of the batches and rank 0 writes them all."""
     model_path = Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
-    loaded = load_model(model_path, device, args.no_ema)
+    loaded = load_model(model_path, str(rt.device), args.no_ema)
     checkpoint = loaded.checkpoint
     class_names = checkpoint["data"]["class_names"]
     if not checkpoint["conditional"] and (args.conditional or args.sample_classes):
@@ -214,10 +221,14 @@ def run_inference(args: argparse.Namespace) -> None:
 
     use_ema = loaded.use_ema
     channels, size, _ = loaded.image_shape
-    print(f"sampling {args.num_samples} images of {channels}x{size}x{size} from {model_path} "
-          f"({'EMA' if use_ema else 'raw'} weights, {args.sampler}"
-          f"{', guidance ' + str(args.guidance_scale) if labels is not None else ''})")
-    pixels = generate(loaded, args.num_samples, labels, SamplerSettings.from_args(args), args.seed, args.batch_size, device, desc="sampling")
+    if rt.is_main:
+        print(f"sampling {args.num_samples} images of {channels}x{size}x{size} from {model_path} "
+              f"({'EMA' if use_ema else 'raw'} weights, {args.sampler}"
+              f"{', guidance ' + str(args.guidance_scale) if labels is not None else ''}"
+              f"{f', {rt.world_size} processes' if rt.world_size > 1 else ''})")
+    pixels = generate(loaded, args.num_samples, labels, SamplerSettings.from_args(args), args.seed, args.batch_size, rt, desc="sampling")
+    if not rt.is_main:
+        return
     images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
 
     save_dir = Path(args.save_dir)
@@ -234,18 +245,29 @@ def run_inference(args: argparse.Namespace) -> None:
     print(f"wrote {save_dir / 'grid.png'}, {args.num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
 
 
+def run_sampling(args: argparse.Namespace) -> None:
+    """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's."""
+    rt = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
+    try:
+        if args.compare_checkpoints:
+            run_checkpoint_comparison(args, rt)
+        elif args.evaluate:
+            run_evaluation(args, rt)
+        else:
+            run_inference(args, rt)
+    finally:
+        if rt.world_size > 1:
+            dist.destroy_process_group()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate_args(args)
         if not args.no_tf32 and select_device(args).startswith("cuda"):
             enable_tf32()
-        if args.compare_checkpoints:
-            run_checkpoint_comparison(args, select_device(args))
-        elif args.evaluate:
-            run_evaluation(args, select_device(args))
-        elif args.inference:
-            run_inference(args)
+        if args.compare_checkpoints or args.evaluate or args.inference:
+            run_sampling(args)
         else:
             run_training(args)
     except UsageError as error:

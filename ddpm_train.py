@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import copy
 import math
-import os
 import random
 import signal
 import sys
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from ddpm_diffusion import Diffusion
 from ddpm_helpers import (
     DataSplits,
+    Runtime,
     UsageError,
     append_jsonl,
     copy_checkpoint,
@@ -36,6 +36,7 @@ from ddpm_helpers import (
     save_loss_plot,
     save_labelled_rows,
     seed_everything,
+    setup_runtime,
     to_uint8,
 )
 from ddpm_model import UNet, count_parameters
@@ -67,32 +68,6 @@ class TrainState:
 
 
 # Distributed set-up
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    control_group: Optional[dist.ProcessGroup] = None  # gloo, for small CPU-side agreements that must not wait for the GPU
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime(args: argparse.Namespace) -> Runtime:
-    """Single process, or one process per GPU/CPU slot when launched by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device)
-    if world_size == 1:
-        return Runtime(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world_size, dist.new_group(backend="gloo"))
 
 
 def unwrap(model: torch.nn.Module) -> UNet:
@@ -433,7 +408,7 @@ def load_resume_checkpoint(args: argparse.Namespace) -> Optional[tuple[Path, dic
 def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Path, dict]] = None) -> Path | None:
     """Train as `args` say, from scratch or from `resume` (see load_resume_checkpoint); return the
     path of the last checkpoint (None without --save_model)."""
-    rt = setup_runtime(args)
+    rt = setup_runtime(args.device)
     args.world_size = rt.world_size
     run_dir = Path(args.models_dir) / args.run_name
     last_path = run_dir / "ckpt.pt"

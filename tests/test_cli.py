@@ -59,7 +59,8 @@ def test_validation_loss_is_deterministic_for_fixed_weights(workspace):
     from ddpm_diffusion import Diffusion
     from ddpm_helpers import load_datasets
     from ddpm_model import UNet
-    from ddpm_train import Runtime, evaluate
+    from ddpm_helpers import Runtime
+    from ddpm_train import evaluate
 
     checkpoint = load_checkpoint(workspace / "models/C/ckpt.pt")
     model = UNet(**checkpoint["model_config"])

@@ -20,9 +20,9 @@ from PIL import Image
 
 import ddpm_main
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import load_checkpoint, load_datasets
+from ddpm_helpers import Runtime, load_checkpoint, load_datasets
 from ddpm_model import UNet
-from ddpm_train import EVAL_SEEDS, Runtime, check_replicas_identical, evaluate
+from ddpm_train import EVAL_SEEDS, check_replicas_identical, evaluate
 
 TINY = ("--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
         "--warmup_steps 1 --log_interval 1 --num_samples 6 --sampler ddim --sampling_steps 5 --device cpu")
@@ -113,6 +113,40 @@ def test_resume_with_another_number_of_processes(run_dir):
     assert load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["step"] == STEPS + steps_left
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert history["epochs"] == [1] and history["steps"] == [STEPS + steps_left], "the partial epoch's entry is replaced"
+
+
+def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_dir):
+    """--inference and --evaluate with 2 processes: each samples its share (see the next test), rank 0
+    gathers and writes once, and images, labels and FID equal a single process's for the same seed."""
+    common = "--model_path models/D/ckpt.pt --device cpu --batch_size 2 --sampler ddim --sampling_steps 3 --seed 5"
+    for mode, flags in (("inference", f"--inference {common} --num_samples 5"),
+                        ("evaluation", f"--evaluate {common} --fid_num_samples 5 --fid_features random-conv --data_dir images")):
+        result = torchrun(2, f"{flags} --save_dir {mode}_2", run_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("wrote") == 1, "only rank 0 writes"
+        assert run_cli(f"{flags} --save_dir {mode}_1", run_dir) == 0
+        two, one = (np.load(run_dir / f"{mode}_{n}/samples.npz") for n in (2, 1))
+        assert two["images"].shape[0] == 5
+        assert np.array_equal(two["images"], one["images"]) and np.array_equal(two["labels"], one["labels"])
+    results = {n: json.loads((run_dir / f"evaluation_{n}/evaluation.json").read_text()) for n in (1, 2)}
+    assert results[2]["fid"] == results[1]["fid"]
+    assert (results[1]["processes"], results[2]["processes"]) == (1, 2)
+
+
+def test_each_rank_samples_only_its_share_of_the_batches(run_dir, monkeypatch):
+    """5 samples in batches of 2 are 3 batches: rank 0 of 2 samples batch 0, rank 1 batches 1 and 2 (samples 2-4),
+    each from the noise a single process uses for those batches."""
+    import ddpm_evaluate
+
+    loaded = ddpm_evaluate.load_model(run_dir / "models/D/ckpt.pt", "cpu")
+    settings = ddpm_evaluate.SamplerSettings("ddim", 3, 0.0, 2.0, 0.0, None)
+    labels = ddpm_evaluate.every_class_in_turn(loaded, 5)
+    generate = lambda rank, world_size: ddpm_evaluate.generate(  # noqa: E731
+        loaded, 5, labels, settings, seed=5, batch_size=2, rt=Runtime(torch.device("cpu"), rank, world_size))
+    everything = generate(0, 1)
+    monkeypatch.setattr(ddpm_evaluate, "gather_rows", lambda rows, rt: rows)  # each rank's own share, not gathered
+    assert torch.equal(generate(0, 2), everything[:2])
+    assert torch.equal(generate(1, 2), everything[2:])
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
