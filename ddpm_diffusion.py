@@ -202,16 +202,18 @@ class Diffusion:
             if null_label is None:
                 raise ValueError("labels were given but the model has no `num_classes`: pass null_label")
         null_labels = torch.full_like(labels, null_label)
-        guided_here = self.in_guidance_interval(t, guidance_interval)
-        if guidance_scale == 1.0 or not guided_here.any():
+        # Per-sample interval membership is known only on the device: reading it waits for the GPU, so
+        # `sample` decides it on the host per step and passes no interval here.
+        guided_here = None if guidance_interval is None else self.in_guidance_interval(t, guidance_interval)
+        if guidance_scale == 1.0 or (guided_here is not None and not guided_here.any()):
             return model(x, t, labels)
-        if guidance_scale == 0.0 and guided_here.all():
+        if guidance_scale == 0.0 and (guided_here is None or guided_here.all()):
             return model(x, t, null_labels)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).chunk(2)
         guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         if guidance_rescale:
             guided = rescale_guidance(guided, eps_cond, guidance_rescale)
-        return torch.where(_broadcast(guided_here, x.ndim), guided, eps_cond)
+        return guided if guided_here is None else torch.where(_broadcast(guided_here, x.ndim), guided, eps_cond)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps,
@@ -318,16 +320,18 @@ class Diffusion:
             timesteps = evenly_spaced_timesteps(self.num_timesteps, steps)
         x = _randn(shape, generator, device)
         solver = DPMSolverPlusPlus2M(self) if sampler == "dpm++2m" else None
+        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().tolist()  # host copies: nothing below waits for the GPU
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            eps = self.predict_noise(model, x, t, labels, guidance_scale, null_label, guidance_rescale, guidance_interval)
+            guided_now = guidance_interval is None or guidance_interval[0] < sigmas[step] <= guidance_interval[1]
+            eps = self.predict_noise(model, x, t, labels, guidance_scale if guided_now else 1.0, null_label, guidance_rescale)
             if sampler == "ddpm":
                 x = self.p_sample(x, t, t_prev, eps, clip_denoised, generator)
             elif sampler == "ddim":
                 x = self.ddim_sample(x, t, t_prev, eps, eta, clip_denoised, generator)
             else:
-                x = solver.step(x, t, t_prev, eps, clip_denoised)
+                x = solver.step(x, t, t_prev if i + 1 < len(timesteps) else None, eps, clip_denoised)
         return x.clamp(-1, 1)
 
 
@@ -361,11 +365,13 @@ class DPMSolverPlusPlus2M:
         self.previous_x0: Optional[torch.Tensor] = None
         self.previous_h: Optional[torch.Tensor] = None
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, eps: torch.Tensor, clip_denoised: bool = True) -> torch.Tensor:
+    def step(self, x: torch.Tensor, t: torch.Tensor, t_prev: Optional[torch.Tensor], eps: torch.Tensor,
+             clip_denoised: bool = True) -> torch.Tensor:
+        """x_t -> x_{t_prev}; t_prev None is the last step, to the clean image."""
         x0 = self.diffusion.predict_x0(x, t, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        if bool((t_prev < 0).all()):
+        if t_prev is None:
             return x0
         alpha_bar_t, alpha_bar_s = self.diffusion._alpha_bar(t), self.diffusion._alpha_bar(t_prev)
         lambda_t = 0.5 * (alpha_bar_t.log() - (1 - alpha_bar_t).log())
@@ -381,8 +387,13 @@ class DPMSolverPlusPlus2M:
 
 
 def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:
-    noise_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=noise_device).to(device)
+    """Standard normal noise from `generator` (on its own device), moved to `device`. Noise from a CPU generator
+    goes to a GPU through pinned memory, asynchronously: a plain copy would wait for the GPU at every step."""
+    noise_device = generator.device if generator is not None else torch.device(device)
+    noise = torch.randn(tuple(shape), generator=generator, device=noise_device)
+    if noise.device.type == "cpu" and torch.device(device).type == "cuda":
+        return noise.pin_memory().to(device, non_blocking=True)
+    return noise.to(device)
 
 
 def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import (SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, gather_rows, load_checkpoint, load_datasets,
+from ddpm_helpers import (SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, autocast_dtype, gather_rows, load_checkpoint, load_datasets,
                           save_image_grid, save_json, save_labelled_rows, shard, to_uint8)
 from ddpm_model import UNet
 
@@ -225,12 +225,13 @@ class SamplerSettings:
     guidance_scale: float
     guidance_rescale: float
     guidance_interval: Optional[tuple[float, float]]
+    amp: str = "none"  # --amp: the network's autocast; the sampler's own arithmetic stays in float32
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, guidance_scale: Optional[float] = None) -> "SamplerSettings":
         return cls(args.sampler, args.sampling_steps, args.eta,
                    args.guidance_scale if guidance_scale is None else guidance_scale,
-                   args.guidance_rescale, parse_guidance_interval(args.guidance_interval))
+                   args.guidance_rescale, parse_guidance_interval(args.guidance_interval), args.amp)
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
@@ -257,16 +258,33 @@ class LoadedModel:
         return self.checkpoint.get("train_state", {}).get("step")
 
 
-def load_model(path: str | Path, device: str, no_ema: bool = False) -> LoadedModel:
-    """The network (EMA weights unless no_ema or absent) and diffusion of a checkpoint, ready to sample."""
+def load_model(path: str | Path, device: str, no_ema: bool = False, compile: bool = False) -> LoadedModel:
+    """The network (EMA weights unless no_ema or absent) and diffusion of a checkpoint, ready to sample;
+    with `compile`, torch.compile'd in place (compiled at the first batch, again for a new batch shape)."""
     checkpoint = load_checkpoint(path)
     if "model_config" not in checkpoint or "model" not in checkpoint:
         raise UsageError(f"{path} has no model in it")
     use_ema = checkpoint.get("ema") is not None and not no_ema
     model = UNet(**checkpoint["model_config"])
     model.load_state_dict(checkpoint["ema"] if use_ema else checkpoint["model"])
+    model = model.to(device).eval()
+    if compile:
+        model.compile()
     diffusion = Diffusion(**checkpoint["diffusion"]).to(device)
-    return LoadedModel(model.to(device).eval(), diffusion, checkpoint, Path(path), use_ema)
+    return LoadedModel(model, diffusion, checkpoint, Path(path), use_ema)
+
+
+class AutocastNetwork(nn.Module):
+    """The network under autocast (bf16 or fp16), its noise prediction returned in float32, so that the
+    guidance combination and the sampler's updates keep full precision."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x, t, labels).float()
 
 
 def every_class_in_turn(loaded: LoadedModel, count: int) -> Optional[torch.Tensor]:
@@ -288,6 +306,8 @@ def generate(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], se
     a contiguous share of the batches, gathered in order) give the same images, and the first batch is
     what `Diffusion.sample` gives with a generator seeded with `seed`.
     """
+    amp_dtype = autocast_dtype(settings.amp, rt.device)
+    network = loaded.model if amp_dtype is None else AutocastNetwork(loaded.model, amp_dtype)
     starts = range(0, count, batch_size)
     mine = shard(len(starts), rt)
     sizes = {index: min(batch_size, count - starts[index]) for index in mine}
@@ -298,7 +318,8 @@ def generate(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], se
             begin = starts[index]
             batch_labels = labels[begin: begin + size].to(rt.device) if labels is not None else None
             images = loaded.diffusion.sample(
-                loaded.model, (size, *loaded.image_shape), labels=batch_labels, guidance_scale=settings.guidance_scale,
+                network, (size, *loaded.image_shape), labels=batch_labels, guidance_scale=settings.guidance_scale,
+                null_label=loaded.model.null_label,
                 sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
                 generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE), device=rt.device,
                 progress=rt.is_main, guidance_rescale=settings.guidance_rescale,
@@ -376,6 +397,7 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: a
     results = describe_run(loaded, settings, args, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
     results["processes"] = rt.world_size
+    results["network_autocast"] = str(autocast_dtype(settings.amp, rt.device) or "float32")
     results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, args.batch_size, device))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
@@ -387,7 +409,8 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: a
 def run_evaluation(args: argparse.Namespace, rt: Runtime) -> None:
     """--evaluate: FID (and IS, class consistency) of --fid_num_samples samples, for one guidance scale or a sweep.
     Under torchrun every rank samples its share; rank 0 alone measures and writes."""
-    loaded = load_model(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt", str(rt.device), args.no_ema)
+    loaded = load_model(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt", str(rt.device), args.no_ema,
+                        args.compile)
     check_sampling_steps(args, loaded)
     scales = parse_scales(args.guidance_sweep) if args.guidance_sweep else [args.guidance_scale]
     if args.guidance_sweep and not loaded.checkpoint["conditional"]:
@@ -480,7 +503,7 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
 def run_checkpoint_comparison(args: argparse.Namespace, rt: Runtime) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
-    loaded = sorted((load_model(path, str(rt.device), args.no_ema) for path in args.compare_checkpoints),
+    loaded = sorted((load_model(path, str(rt.device), args.no_ema, args.compile) for path in args.compare_checkpoints),
                     key=lambda item: item.step or 0)
     for other in loaded[1:]:
         check_same_run(loaded[0], other)

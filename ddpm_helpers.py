@@ -449,6 +449,15 @@ def enable_tf32() -> None:
     torch.set_float32_matmul_precision("high")
 
 
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device` (None: full precision); auto is bf16 on GPUs that support it."""
+    if amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (a machine-readable log that a crash can cut only at the last line)."""
     path = Path(path)

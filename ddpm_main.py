@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES
 from ddpm_evaluate import FEATURE_EXTRACTORS, SamplerSettings, generate, load_model, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
-from ddpm_helpers import (DATASETS, Runtime, UsageError, enable_tf32, load_datasets, save_image_grid, save_json, save_samples,
+from ddpm_helpers import (DATASETS, Runtime, UsageError, autocast_dtype, enable_tf32, load_datasets, save_image_grid, save_json, save_samples,
                           setup_runtime)
 from ddpm_model import PRESETS, UNet, preset_config
 
@@ -90,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay of the weights (0: no EMA)")
     train.add_argument("--no_ema", action="store_true", help="evaluate and sample with the raw weights instead of the EMA")
     train.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                       help="mixed precision (auto: bf16 on GPUs that support it, else none)")
+                       help="mixed precision of the network, in training and sampling (auto: bf16 on GPUs that support it, else none)")
     train.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on recent GPUs)")
     train.add_argument("--compile", action="store_true",
-                       help="torch.compile the model for training (faster steps after a one-off compilation of about a minute)")
+                       help="torch.compile the network, for training or sampling (faster after a one-off compilation of a minute or more)")
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model_path", default=None, help="checkpoint to sample from (default: <models_dir>/<run_name>/ckpt.pt)")
@@ -205,7 +205,7 @@ def run_inference(args: argparse.Namespace, rt: Runtime) -> None:
     """Sample from a checkpoint; everything about the model comes from the checkpoint. Under torchrun
     every rank samples its share of the batches and rank 0 writes them all."""
     model_path = Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
-    loaded = load_model(model_path, str(rt.device), args.no_ema)
+    loaded = load_model(model_path, str(rt.device), args.no_ema, args.compile)
     checkpoint = loaded.checkpoint
     class_names = checkpoint["data"]["class_names"]
     if not checkpoint["conditional"] and (args.conditional or args.sample_classes):
@@ -237,6 +237,7 @@ def run_inference(args: argparse.Namespace, rt: Runtime) -> None:
     save_json({
         "model_path": str(model_path), "num_samples": args.num_samples, "seed": args.seed, "weights": "ema" if use_ema else "raw",
         "sampler": args.sampler, "sampling_steps": args.sampling_steps, "eta": args.eta,
+        "network_autocast": str(autocast_dtype(args.amp, rt.device) or "float32"),
         "guidance_scale": args.guidance_scale if labels is not None else None,
         "guidance_rescale": args.guidance_rescale if labels is not None else None,
         "guidance_interval": args.guidance_interval if labels is not None else None,

@@ -26,6 +26,7 @@ from ddpm_diffusion import Diffusion
 from ddpm_helpers import (
     DataSplits,
     Runtime,
+    autocast_dtype,
     UsageError,
     append_jsonl,
     copy_checkpoint,
@@ -212,14 +213,6 @@ class EMA:
         torch._foreach_mul_(deltas, weight)
         torch._foreach_add_(ema_tensors, deltas)
         self.num_updates += 1 if skip is None else ~skip
-
-
-def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 
 # Evaluation and samples
@@ -603,13 +596,21 @@ def train_step(model, diffusion, optimizer, scaler, batches, train_images, train
     if rt.world_size > 1:
         dist.all_reduce(loss)
         loss /= rt.world_size
+    grad_norm, skip = apply_update(model, optimizer, scaler, loss, args.grad_clip)
+    return loss, grad_norm, skip
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
+                 grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale and clip the gradients, then step, unless the loss or the gradients are not finite; all on
+    the device. Returns (grad norm, skip)."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     skip = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
     optimizer.found_inf = skip.float()
     optimizer.step()
     scaler.update()
-    return loss, grad_norm, skip
+    return grad_norm, skip
 
 
 class StepCounters:

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tool's mo
 from ddpm_diffusion import SAMPLERS, Diffusion  # noqa: E402
 from ddpm_helpers import enable_tf32  # noqa: E402
 from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
-from ddpm_train import autocast_dtype, build_optimizer  # noqa: E402
+from ddpm_helpers import autocast_dtype  # noqa: E402
+from ddpm_train import apply_update, build_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
 # GPU's name; an unknown GPU gets no MFU figure rather than a guessed one.
@@ -170,12 +171,7 @@ def train_step_fn(model: nn.Module, diffusion: Diffusion, args: argparse.Namespa
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = diffusion.p_losses(model, x0, t)
         scaler.scale(loss).backward()
-        if not torch.isfinite(loss):  # the tool's one host sync per step
-            return
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+        apply_update(model, optimizer, scaler, loss.detach(), grad_clip=1.0)
 
     return step
 

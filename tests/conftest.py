@@ -24,6 +24,24 @@ def run_cli(command: str, cwd: Path) -> int:
         os.chdir(previous)
 
 
+@pytest.fixture
+def tensor_reads(monkeypatch) -> dict:
+    """Counts the reads of a tensor's value on the host (.item(), .tolist(), bool(), float(), int()): on a GPU
+    each one waits for all queued work. The count is in the returned dict's "count"; set it to 0 to restart."""
+    import torch
+
+    reads = {"count": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
 # Small data sets in their real on-disk formats (CIFAR-10 pickles, MNIST idx files, an image folder), so tests
 # load them through the real code paths. Each fixture returns the data_dir to pass to load_datasets; what the
 # files hold is described in the fixture's docstring.

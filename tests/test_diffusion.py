@@ -442,3 +442,34 @@ def test_guidance_interval_covering_every_step_changes_nothing_and_an_empty_one_
     conditional = sample_1d(diffusion, model, 128, labels=labels, guidance_scale=1.0, sampler="ddim", steps=10)
     assert torch.equal(nowhere, conditional)
     assert not torch.equal(run(), conditional)
+
+
+def test_sample_guides_exactly_the_steps_whose_sigma_is_in_the_interval():
+    """Guided steps evaluate the model on a doubled batch (both branches), the others on the plain batch."""
+    diffusion = Diffusion(100, "linear")
+    timesteps = evenly_spaced_timesteps(100, 10)
+    sigmas = diffusion.sigma(torch.tensor(timesteps))
+    interval = (sigmas[6].item(), sigmas[2].item())  # lo < sigma <= hi: steps 2 to 5 of the 10
+    batch_sizes = []
+
+    def model(x, t, labels):
+        batch_sizes.append(x.shape[0])
+        return _two_branch_model(x, t, labels)
+
+    diffusion.sample(model, (3, 1, 2, 2), labels=torch.tensor([0, 1, 2]), guidance_scale=4.0, null_label=10,
+                     sampler="ddim", steps=10, progress=False, guidance_interval=interval)
+    assert batch_sizes == [3, 3, 6, 6, 6, 6, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_sampling_steps_never_wait_for_the_device(tensor_reads, sampler):
+    """No host read per sampling step (tensor_reads fixture): 40 steps make as many reads as 4."""
+    diffusion = Diffusion(100, "linear")
+    counts = {}
+    for steps in (4, 40):
+        tensor_reads["count"] = 0
+        diffusion.sample(_two_branch_model, (3, 1, 2, 2), labels=torch.tensor([0, 1, 2]), guidance_scale=4.0, null_label=10,
+                         sampler=sampler, steps=steps, progress=False, guidance_interval=(0.5, 50.0), eta=1.0,
+                         generator=torch.Generator().manual_seed(0))
+        counts[steps] = tensor_reads["count"]
+    assert counts[40] == counts[4], f"{(counts[40] - counts[4]) / 36:.1f} tensor reads per sampling step"

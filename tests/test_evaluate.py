@@ -195,6 +195,40 @@ def test_evaluate_draws_the_same_images_as_inference_for_the_same_seed(workspace
     assert np.array_equal(evaluated["labels"], inferred["labels"])
 
 
+def test_amp_runs_the_network_under_autocast_and_the_sampler_in_float32(workspace, monkeypatch):
+    """--amp bf16: the network's convolutions run in bf16 (seen by a hook), its output is cast back to float32,
+    and the images stay close to the float32 ones (within a few grey levels) without being identical."""
+    seen = []
+    original_forward = UNet.forward
+
+    def forward(self, x, t, labels=None):
+        out = original_forward(self, x, t, labels)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    common = "--inference --model_path models/C/ckpt.pt --sampler ddim --sampling_steps 2 --guidance_scale 2 --num_samples 4"
+    assert run(f"{common} --amp bf16 --save_dir amp_bf16", workspace) == 0
+    assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
+    seen.clear()
+    assert run(f"{common} --amp none --save_dir amp_none", workspace) == 0
+    assert seen and all(not enabled and dtype == torch.float32 for enabled, dtype in seen)
+    bf16, fp32 = (np.load(workspace / name / "samples.npz")["images"].astype(int) for name in ("amp_bf16", "amp_none"))
+    assert 0 < np.abs(bf16 - fp32).mean() < 8
+    assert read_json(workspace / "amp_bf16/samples.json")["network_autocast"] == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("mode", ["--inference --num_samples 2", "--evaluate --fid_num_samples 2 --fid_features random-conv",
+                                  "--compare_checkpoints models/C/ckpt.pt models/C/ckpt.pt --num_samples 2"])
+def test_compile_flag_compiles_the_sampling_network(workspace, monkeypatch, mode):
+    """--compile reaches every sampling mode (torch.compile itself is stubbed: compiling takes minutes on this CPU)."""
+    compiled = []
+    monkeypatch.setattr(UNet, "compile", lambda self, *args, **kwargs: compiled.append(self.training))
+    model = "" if mode.startswith("--compare") else "--model_path models/C/ckpt.pt"
+    assert run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --save_dir compiled", workspace) == 0
+    assert compiled and not any(compiled), "compiled once per loaded model, in eval mode"
+
+
 class FeaturesWithLogits(torch.nn.Module):
     """A test extractor that also gives class logits, so the Inception Score path runs without Inception."""
 
