@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ddpm_diffusion import Diffusion
 from ddpm_helpers import (SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, autocast_dtype, gather_rows, load_checkpoint, load_datasets,
-                          save_image_grid, save_json, save_labelled_rows, shard, to_uint8)
+                          save_image_grid, save_json, save_labelled_rows, save_sample_arrays, shard, to_uint8)
 from ddpm_model import UNet
 
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -335,7 +335,7 @@ def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_di
     evaluation suites read, and grid.png of the first images."""
     out_dir.mkdir(parents=True, exist_ok=True)
     label_array = np.full(len(images), -1, dtype=np.int64) if labels is None else labels.long().numpy()
-    np.savez(out_dir / "samples.npz", images=images.numpy(), labels=label_array)
+    save_sample_arrays(images.numpy(), label_array, out_dir / "samples.npz")
     save_image_grid(images[:GRID_IMAGES].permute(0, 3, 1, 2).float() / 127.5 - 1, out_dir / "grid.png")
 
 

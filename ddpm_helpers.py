@@ -26,6 +26,7 @@ import torchvision
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision import transforms
+from tqdm.auto import tqdm
 
 
 class UsageError(Exception):
@@ -237,7 +238,8 @@ def _load_image_folder(data_dir: Path, image_size: int) -> tuple[LabelledImages,
         folder = torchvision.datasets.ImageFolder(str(data_dir), transform=to_square)
     except FileNotFoundError as error:
         raise _folder_layout_error(data_dir, f"no class folders with images in {data_dir}") from error
-    images = [_read_folder_image(folder, index) for index in range(len(folder))]
+    images = [_read_folder_image(folder, index)
+              for index in tqdm(range(len(folder)), desc=f"decoding {data_dir}", unit="img", leave=False)]
     return (torch.stack(images), torch.tensor(folder.targets, dtype=torch.int64)), folder.classes
 
 
@@ -428,7 +430,12 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor | None, out_dir: str
     for index, image in enumerate(pixels):
         grey_or_rgb = image[:, :, 0] if image.shape[-1] == 1 else image
         Image.fromarray(grey_or_rgb).save(out_dir / "samples" / f"{index:05d}.png")
-    _atomic_write(out_dir / "samples.npz", lambda f: np.savez(f, images=pixels, labels=labels))
+    save_sample_arrays(pixels, labels, out_dir / "samples.npz")
+
+
+def save_sample_arrays(pixels: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> None:
+    """The .npz that evaluation suites read: uint8 `images` (N, H, W, C) and int64 `labels`, written atomically."""
+    _atomic_write(path, lambda f: np.savez(f, images=pixels, labels=labels))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -26,9 +26,9 @@ from ddpm_diffusion import Diffusion
 from ddpm_helpers import (
     DataSplits,
     Runtime,
-    autocast_dtype,
     UsageError,
     append_jsonl,
+    autocast_dtype,
     copy_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -188,8 +188,8 @@ class EMA:
     decay_n = min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's ExponentialMovingAverage with
     num_updates), so short runs are not dominated by the initial weights.
 
-    The update count lives on the device and an update can be cancelled there (`skip`, a step whose loss
-    was not finite), so updating never waits for the GPU. torch.optim.swa_utils.AveragedModel reads its
+    The update count lives on the device and an update can be cancelled there (`skip`, a step whose loss or
+    gradient was not finite), so updating never waits for the GPU. torch.optim.swa_utils.AveragedModel reads its
     count on the host at every update, which would stall the training loop once per step.
     """
 
