@@ -320,7 +320,8 @@ class Diffusion:
             timesteps = evenly_spaced_timesteps(self.num_timesteps, steps)
         x = _randn(shape, generator, device)
         solver = DPMSolverPlusPlus2M(self) if sampler == "dpm++2m" else None
-        sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt().tolist()  # host copies: nothing below waits for the GPU
+        if guidance_interval is not None:  # a host copy, so that no step waits for the GPU to decide
+            sigmas = self.sigma(torch.arange(self.num_timesteps, device=self.alphas_cumprod.device)).tolist()
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)

@@ -30,6 +30,7 @@ from ddpm_helpers import (
     append_jsonl,
     autocast_dtype,
     copy_checkpoint,
+    gather_rows,
     load_checkpoint,
     save_checkpoint,
     save_image_grid,
@@ -265,11 +266,7 @@ def sample_grid(model: torch.nn.Module, diffusion: Diffusion, args: argparse.Nam
         generator=torch.Generator().manual_seed(args.seed + 1_000_003 * rt.rank), device=rt.device,
     )
     model.train(was_training)
-    if rt.world_size > 1:
-        slices = [torch.empty_like(images) for _ in range(rt.world_size)]
-        dist.all_gather(slices, images.contiguous())
-        images = torch.cat(slices)
-    return images[: args.num_samples]
+    return gather_rows(images, rt)[: args.num_samples]
 
 
 # Checkpoints
