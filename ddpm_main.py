@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES
-from ddpm_evaluate import FEATURE_EXTRACTORS, SamplerSettings, generate, load_model, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
+from ddpm_evaluate import FEATURE_EXTRACTORS, SamplerSettings, check_sampling_steps, generate, load_model, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
 from ddpm_helpers import (DATASETS, Runtime, UsageError, autocast_dtype, enable_tf32, load_datasets, save_image_grid, save_json, save_samples,
                           setup_runtime)
 from ddpm_model import PRESETS, UNet, preset_config
@@ -216,8 +216,7 @@ def run_inference(args: argparse.Namespace, rt: Runtime) -> None:
         labels = torch.tensor(parse_sample_classes(text, class_names, args.num_samples))
     else:
         labels = None
-    if args.sampling_steps is not None and args.sampling_steps > loaded.diffusion.num_timesteps:
-        raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed the model's {loaded.diffusion.num_timesteps} timesteps")
+    check_sampling_steps(args, loaded)
 
     use_ema = loaded.use_ema
     channels, size, _ = loaded.image_shape
