@@ -5,7 +5,8 @@ Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDP
     alphas_cumprod[t] = alpha_bar_t = prod_{s<=t} (1 - beta_s)
     q(x_t | x_0)      = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)          (eq. 4)
 The network predicts the noise eps; every sampler turns that prediction into a prediction
-of x_0 and then moves from step t to an earlier step s with one shared posterior
+of x_0 (`x0_from_eps`) and then moves from step t to an earlier step s. The samplers share one
+step interface (`Sampler.step(x, t, t_prev, eps, generator)`) and one posterior
 q(x_s | x_t, x_0) (`posterior`), so the full ancestral chain, its respaced version
 (Improved DDPM, Nichol & Dhariwal 2021, section 4) and DDIM (Song et al. 2021) differ only
 in how much fresh noise they add. DPM-Solver++ (Lu et al. 2022) works on the same
@@ -23,6 +24,11 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 LOSS_TYPES = ("l2", "l1", "huber")
 MAX_BETA = 0.999
+# DPM-Solver++ starts no higher than this lambda = log(alpha_t / sigma_t) (diffusers' `lambda_min_clipped`, the
+# value it recommends for the cosine schedule; DPM-Solver's reference code likewise stops the cosine schedule short of
+# t = 1). The cosine schedule's clipped last betas drive lambda to about -9.9, where log-SNR spacing would spend 8 of 20
+# steps at t >= 992; the linear schedule ends at -5.06 and is not clipped.
+DPM_LAMBDA_MIN = -5.1
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -76,6 +82,16 @@ def posterior(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> tuple[tor
     return coef_x0, coef_xt, variance
 
 
+def x0_from_eps(x: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Invert Ho et al. eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def eps_from_x0(x: torch.Tensor, alpha_bar: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The noise that takes x_0 to x_t (Ho et al. eq. 4 solved for eps)."""
+    return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
 def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[int]:
     """`steps` timesteps from T-1 down to 0, evenly spaced; all T of them when steps is None."""
     if steps is None or steps == num_timesteps:
@@ -87,18 +103,20 @@ def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[in
     return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
 
 
-def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
-    """`steps` distinct timesteps from T-1 down to 0 whose log-SNR (2 lambda) is as evenly spaced as
-    integer steps allow: the DPM-Solver paper's "logSNR" skip type, recommended for low-resolution
-    images (Lu et al. 2022, appendix). Evenly spaced t would leave one huge last step in lambda,
-    which a second-order multistep solver overshoots."""
+def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_min: float = DPM_LAMBDA_MIN) -> list[int]:
+    """`steps` distinct timesteps down to 0 whose log-SNR (2 lambda) is as evenly spaced as integer steps
+    allow: the DPM-Solver paper's "logSNR" skip type, recommended for low-resolution images (Lu et al. 2022,
+    appendix). Evenly spaced t would leave one huge last step in lambda, which a second-order multistep
+    solver overshoots. The first timestep is the last one whose lambda is at least `lambda_min`
+    (DPM_LAMBDA_MIN), or later where that leaves fewer than `steps` timesteps."""
     num_timesteps = len(alphas_cumprod)
     if not 2 <= steps <= num_timesteps:
         raise ValueError(f"dpm++2m needs between 2 and {num_timesteps} sampling steps, got {steps}")
     alphas_cumprod = alphas_cumprod.double().cpu()
     lambdas = 0.5 * (alphas_cumprod.log() - (1 - alphas_cumprod).log())  # decreasing in t
-    targets = torch.linspace(lambdas[-1].item(), lambdas[0].item(), steps, dtype=torch.float64)
-    indices = torch.searchsorted(-lambdas, -targets).clamp(max=num_timesteps - 1).tolist()
+    first = max(int((lambdas >= lambda_min).sum()) - 1, steps - 1)
+    targets = torch.linspace(lambdas[first].item(), lambdas[0].item(), steps, dtype=torch.float64)
+    indices = torch.searchsorted(-lambdas, -targets).clamp(max=first).tolist()
     for i in range(1, steps):  # make them strictly decreasing ...
         indices[i] = min(indices[i], indices[i - 1] - 1)
     for i in range(steps):  # ... without running below 0
@@ -117,18 +135,11 @@ class Diffusion:
         self.num_timesteps = timesteps
         self.schedule = schedule
         betas = make_beta_schedule(schedule, timesteps)
-        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        coef_x0, coef_xt, variance = posterior(alphas_cumprod, alphas_cumprod_prev)
         # Computed in float64, kept in float32: what the network and the samplers work in.
         self.betas = betas.float()
-        self.alphas_cumprod = alphas_cumprod.float()
-        self.alphas_cumprod_prev = alphas_cumprod_prev.float()
-        self.sqrt_alphas_cumprod = alphas_cumprod.sqrt().float()
-        self.sqrt_one_minus_alphas_cumprod = (1 - alphas_cumprod).sqrt().float()
-        self.posterior_mean_coef1 = coef_x0.float()
-        self.posterior_mean_coef2 = coef_xt.float()
-        self.posterior_variance = variance.float()
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
+        # alpha_bar with a 1 appended, so that index -1 (the clean image) reads alpha_bar = 1
+        self.alphas_cumprod_and_clean = torch.cat([self.alphas_cumprod, torch.ones(1)])
 
     def to(self, device: torch.device | str) -> "Diffusion":
         """Move the schedule tensors to `device` (so indexing them costs no host-device copy)."""
@@ -137,10 +148,21 @@ class Diffusion:
                 setattr(self, name, value.to(device))
         return self
 
-    def _alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar at integer steps t; t = -1 means the clean image (alpha_bar = 1)."""
-        alphas_cumprod = self.alphas_cumprod.to(t.device)
-        return torch.where(t >= 0, alphas_cumprod[t.clamp(min=0)], torch.ones_like(alphas_cumprod[0]))
+    def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """alpha_bar at integer steps t (a tensor, or one step as a Python int); t = -1 is the clean image (alpha_bar = 1)."""
+        if isinstance(t, int):
+            return self.alphas_cumprod_and_clean[t]
+        return self.alphas_cumprod_and_clean.to(t.device)[t]
+
+    def posterior_coefficients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_{t-1} | x_t, x_0) for every t (Ho et al. eq. 7), computed in float64 from the schedule:
+        (posterior_mean_coef1, posterior_mean_coef2, posterior_variance). The samplers use `posterior` directly."""
+        alphas_cumprod = torch.cumprod(1 - make_beta_schedule(self.schedule, self.num_timesteps), dim=0)
+        return posterior(alphas_cumprod, torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]]))
+
+    posterior_mean_coef1 = property(lambda self: self.posterior_coefficients()[0].float())
+    posterior_mean_coef2 = property(lambda self: self.posterior_coefficients()[1].float())
+    posterior_variance = property(lambda self: self.posterior_coefficients()[2].float())
 
     # Forward process and loss
 
@@ -148,7 +170,7 @@ class Diffusion:
         """Draw x_t ~ q(x_t | x_0) in one step (Ho et al. eq. 4)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        alpha_bar = _broadcast(self._alpha_bar(t), x0.ndim).to(x0.dtype)
+        alpha_bar = _broadcast(self.alpha_bar(t), x0.ndim).to(x0.dtype)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def p_losses(
@@ -183,17 +205,13 @@ class Diffusion:
         guidance_scale: float = 1.0,
         null_label: Optional[int] = None,
         guidance_rescale: float = 0.0,
-        guidance_interval: Optional[tuple[float, float]] = None,
     ) -> torch.Tensor:
         """The noise estimate, with classifier-free guidance when labels are given.
 
         Ho & Salimans 2022: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 is the
         unconditional model, w = 1 the plain conditional one (both computed alone, exactly);
         any other w evaluates both branches in one batched forward pass, then optionally
-        rescales the result (`rescale_guidance`, Lin et al. 2023). With `guidance_interval`
-        (lo, hi), guidance is applied only where lo < sigma_t <= hi and the plain conditional
-        prediction is used elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a
-        Limited Interval Improves Sample and Distribution Quality in Diffusion Models").
+        rescales the result (`rescale_guidance`, Lin et al. 2023).
         """
         if labels is None:
             return model(x, t, None)
@@ -202,86 +220,37 @@ class Diffusion:
             if null_label is None:
                 raise ValueError("labels were given but the model has no `num_classes`: pass null_label")
         null_labels = torch.full_like(labels, null_label)
-        # Per-sample interval membership is known only on the device: reading it waits for the GPU, so
-        # `sample` decides it on the host per step and passes no interval here.
-        guided_here = None if guidance_interval is None else self.in_guidance_interval(t, guidance_interval)
-        if guidance_scale == 1.0 or (guided_here is not None and not guided_here.any()):
+        if guidance_scale == 1.0:
             return model(x, t, labels)
-        if guidance_scale == 0.0 and (guided_here is None or guided_here.all()):
+        if guidance_scale == 0.0:
             return model(x, t, null_labels)
         eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).chunk(2)
         guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         if guidance_rescale:
             guided = rescale_guidance(guided, eps_cond, guidance_rescale)
-        return guided if guided_here is None else torch.where(_broadcast(guided_here, x.ndim), guided, eps_cond)
+        return guided
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps,
         the parametrisation of Karras et al. 2022 in which guidance intervals are given."""
-        alpha_bar = self._alpha_bar(t)
+        alpha_bar = self.alpha_bar(t)
         return ((1 - alpha_bar) / alpha_bar).sqrt()
 
-    def in_guidance_interval(self, t: torch.Tensor, interval: Optional[tuple[float, float]]) -> torch.Tensor:
-        """Per sample: is guidance on at step t? Always, without an interval; else lo < sigma_t <= hi."""
+    def guided_steps(self, timesteps: list[int], interval: Optional[tuple[float, float]]) -> list[bool]:
+        """Per step of a sampler run: is guidance on? Always without an interval; else where lo < sigma_t <= hi
+        (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and Distribution
+        Quality in Diffusion Models"). Decided on the host once per run, so that no step waits for the GPU."""
         if interval is None:
-            return torch.ones_like(t, dtype=torch.bool)
-        sigma = self.sigma(t)
-        return (sigma > interval[0]) & (sigma <= interval[1])
+            return [True] * len(timesteps)
+        sigmas = self.sigma(torch.tensor(timesteps, device=self.alphas_cumprod.device)).tolist()
+        return [interval[0] < sigma <= interval[1] for sigma in sigmas]
 
     def predict_x0(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        alpha_bar = _broadcast(self._alpha_bar(t), x.ndim).to(x.dtype)
-        return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        """x_0 from x_t and the noise estimate, per sample step t (Ho et al. eq. 4 inverted)."""
+        return x0_from_eps(x, _broadcast(self.alpha_bar(t), x.ndim).to(x.dtype), eps)
 
     def predict_eps_from_x0(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        alpha_bar = _broadcast(self._alpha_bar(t), x.ndim).to(x.dtype)
-        return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
-
-    def p_sample(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        t_prev: torch.Tensor,
-        eps: torch.Tensor,
-        clip_denoised: bool = True,
-        generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """One ancestral step x_t -> x_{t_prev} ~ p(x_{t_prev} | x_t) with the posterior variance.
-
-        Ho et al. Algorithm 2 (sigma_t^2 = beta_tilde_t) when t_prev = t - 1; on a respaced
-        chain t_prev is the next kept step (Improved DDPM, section 4).
-        """
-        x0 = self.predict_x0(x, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        coef_x0, coef_xt, variance = posterior(self._alpha_bar(t), self._alpha_bar(t_prev))
-        mean = _broadcast(coef_x0, x.ndim) * x0 + _broadcast(coef_xt, x.ndim) * x
-        return mean + _broadcast(variance.sqrt(), x.ndim) * _randn_like(x, generator)
-
-    def ddim_sample(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        t_prev: torch.Tensor,
-        eps: torch.Tensor,
-        eta: float = 0.0,
-        clip_denoised: bool = True,
-        generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
-        """One DDIM step (Song et al. 2021, eq. 12); sigma = eta * sqrt(posterior variance) (eq. 16).
-
-        eta = 0 is deterministic; eta = 1 has the ancestral step's variance.
-        """
-        x0 = self.predict_x0(x, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-            eps = self.predict_eps_from_x0(x, t, x0)
-        alpha_bar_prev = self._alpha_bar(t_prev)
-        _, _, variance = posterior(self._alpha_bar(t), alpha_bar_prev)
-        sigma = eta * variance.sqrt()
-        direction = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt()
-        mean = _broadcast(alpha_bar_prev.sqrt(), x.ndim) * x0 + _broadcast(direction, x.ndim) * eps
-        return mean + _broadcast(sigma, x.ndim) * _randn_like(x, generator)
+        return eps_from_x0(x, _broadcast(self.alpha_bar(t), x.ndim).to(x.dtype), x0)
 
     @torch.no_grad()
     def sample(
@@ -308,31 +277,16 @@ class Diffusion:
         evenly spaced timesteps (log-SNR spaced for dpm++2m). Noise is drawn from `generator` (on its own device) so a
         seed gives the same images on any device.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if steps is None and sampler != "ddpm":
-            steps = min(50, self.num_timesteps)
+        solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised)
+        timesteps = solver.timesteps(steps)
         if device is None:
             device = labels.device if labels is not None else self.alphas_cumprod.device
-        if sampler == "dpm++2m":
-            timesteps = log_snr_spaced_timesteps(self.alphas_cumprod, steps)
-        else:
-            timesteps = evenly_spaced_timesteps(self.num_timesteps, steps)
+        guided = self.guided_steps(timesteps, guidance_interval)
         x = _randn(shape, generator, device)
-        solver = DPMSolverPlusPlus2M(self) if sampler == "dpm++2m" else None
-        if guidance_interval is not None:  # a host copy, so that no step waits for the GPU to decide
-            sigmas = self.sigma(torch.arange(self.num_timesteps, device=self.alphas_cumprod.device)).tolist()
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            t_prev = torch.full_like(t, timesteps[i + 1] if i + 1 < len(timesteps) else -1)
-            guided_now = guidance_interval is None or guidance_interval[0] < sigmas[step] <= guidance_interval[1]
-            eps = self.predict_noise(model, x, t, labels, guidance_scale if guided_now else 1.0, null_label, guidance_rescale)
-            if sampler == "ddpm":
-                x = self.p_sample(x, t, t_prev, eps, clip_denoised, generator)
-            elif sampler == "ddim":
-                x = self.ddim_sample(x, t, t_prev, eps, eta, clip_denoised, generator)
-            else:
-                x = solver.step(x, t, t_prev if i + 1 < len(timesteps) else None, eps, clip_denoised)
+            eps = self.predict_noise(model, x, t, labels, guidance_scale if guided[i] else 1.0, null_label, guidance_rescale)
+            x = solver.step(x, step, timesteps[i + 1] if i + 1 < len(timesteps) else -1, eps, generator)
         return x.clamp(-1, 1)
 
 
@@ -351,40 +305,96 @@ def rescale_guidance(guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -
     return phi * guided * ratio + (1 - phi) * guided
 
 
-class DPMSolverPlusPlus2M:
+# Samplers. Each one chooses its timesteps and moves x_t to x_{t_prev} given the noise estimate at t, through
+# `step(x, t, t_prev, eps, generator)`: t and t_prev are Python ints (t_prev = -1: the clean image), so that a
+# step reads nothing back from the device.
+
+
+class AncestralSampler:
+    """Ho et al. Algorithm 2: x_{t_prev} ~ q(x_{t_prev} | x_t, x_0 = predicted x_0), the posterior variance
+    (sigma_t^2 = beta_tilde_t). On a respaced chain t_prev is the next kept step (Improved DDPM, section 4)."""
+
+    def __init__(self, diffusion: Diffusion, clip_denoised: bool = True):
+        self.diffusion, self.clip_denoised = diffusion, clip_denoised
+
+    def timesteps(self, steps: Optional[int]) -> list[int]:
+        return evenly_spaced_timesteps(self.diffusion.num_timesteps, steps)
+
+    def predicted_x0(self, x: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        x0 = x0_from_eps(x, alpha_bar_t, eps)
+        return x0.clamp(-1, 1) if self.clip_denoised else x0
+
+    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
+        coef_x0, coef_xt, variance = posterior(alpha_bar_t, alpha_bar_s)
+        mean = coef_x0 * self.predicted_x0(x, alpha_bar_t, eps) + coef_xt * x
+        return mean + variance.sqrt() * _randn_like(x, generator)
+
+
+class DDIMSampler(AncestralSampler):
+    """One DDIM step (Song et al. 2021, eq. 12) with sigma = eta * sqrt(posterior variance) (eq. 16):
+    eta = 0 is deterministic; eta = 1 has the ancestral step's variance."""
+
+    def __init__(self, diffusion: Diffusion, eta: float = 0.0, clip_denoised: bool = True):
+        super().__init__(diffusion, clip_denoised)
+        self.eta = eta
+
+    def timesteps(self, steps: Optional[int]) -> list[int]:
+        return evenly_spaced_timesteps(self.diffusion.num_timesteps, min(50, self.diffusion.num_timesteps) if steps is None else steps)
+
+    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
+        x0 = self.predicted_x0(x, alpha_bar_t, eps)
+        if self.clip_denoised:  # the direction towards x_t must agree with the clipped x_0
+            eps = eps_from_x0(x, alpha_bar_t, x0)
+        sigma = self.eta * posterior(alpha_bar_t, alpha_bar_s)[2].sqrt()
+        direction = (1 - alpha_bar_s - sigma**2).clamp(min=0).sqrt()
+        return alpha_bar_s.sqrt() * x0 + direction * eps + sigma * _randn_like(x, generator)
+
+
+class DPMSolverPlusPlus2M(AncestralSampler):
     """DPM-Solver++(2M), the multistep second-order solver in data-prediction form (Lu et al. 2022, Alg. 2).
 
     Works in lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(alpha_bar_t) and
-    sigma_t = sqrt(1 - alpha_bar_t). The first step is first order (DDIM); later steps
-    extrapolate the x_0 predictions of the last two steps. The final step to the clean image
-    (lambda = infinity) returns the x_0 prediction, i.e. it is first order, as recommended for
-    few steps.
+    sigma_t = sqrt(1 - alpha_bar_t), on log-SNR-spaced steps. The first step is first order (DDIM); later
+    steps extrapolate the x_0 predictions of the last two steps. The final step to the clean image
+    (lambda = infinity) returns the x_0 prediction, i.e. it is first order, as recommended for few steps.
     """
 
-    def __init__(self, diffusion: Diffusion):
-        self.diffusion = diffusion
+    def __init__(self, diffusion: Diffusion, clip_denoised: bool = True):
+        super().__init__(diffusion, clip_denoised)
         self.previous_x0: Optional[torch.Tensor] = None
         self.previous_h: Optional[torch.Tensor] = None
 
-    def step(self, x: torch.Tensor, t: torch.Tensor, t_prev: Optional[torch.Tensor], eps: torch.Tensor,
-             clip_denoised: bool = True) -> torch.Tensor:
-        """x_t -> x_{t_prev}; t_prev None is the last step, to the clean image."""
-        x0 = self.diffusion.predict_x0(x, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        if t_prev is None:
+    def timesteps(self, steps: Optional[int]) -> list[int]:
+        return log_snr_spaced_timesteps(self.diffusion.alphas_cumprod, min(50, self.diffusion.num_timesteps) if steps is None else steps)
+
+    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
+        x0 = self.predicted_x0(x, alpha_bar_t, eps)
+        if t_prev == -1:
             return x0
-        alpha_bar_t, alpha_bar_s = self.diffusion._alpha_bar(t), self.diffusion._alpha_bar(t_prev)
         lambda_t = 0.5 * (alpha_bar_t.log() - (1 - alpha_bar_t).log())
         lambda_s = 0.5 * (alpha_bar_s.log() - (1 - alpha_bar_s).log())
         h = lambda_s - lambda_t
         denoised = x0
         if self.previous_x0 is not None:
-            r = _broadcast(self.previous_h / h, x.ndim)
+            r = self.previous_h / h
             denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self.previous_x0
         self.previous_x0, self.previous_h = x0, h
         sigma_ratio = ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt()
-        return _broadcast(sigma_ratio, x.ndim) * x - _broadcast(alpha_bar_s.sqrt() * torch.expm1(-h), x.ndim) * denoised
+        return sigma_ratio * x - alpha_bar_s.sqrt() * torch.expm1(-h) * denoised
+
+
+def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, clip_denoised: bool = True) -> AncestralSampler:
+    """A fresh sampler (DPM-Solver++ keeps the previous steps' predictions, so one per run) by its --sampler name."""
+    if name == "ddpm":
+        return AncestralSampler(diffusion, clip_denoised)
+    if name == "ddim":
+        return DDIMSampler(diffusion, eta, clip_denoised)
+    if name == "dpm++2m":
+        return DPMSolverPlusPlus2M(diffusion, clip_denoised)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:

@@ -15,11 +15,10 @@ published FID. Tests may add their own entry to that dict.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,10 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ddpm_diffusion import Diffusion
-from ddpm_helpers import (SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, autocast_dtype, gather_rows, load_checkpoint, load_datasets,
-                          save_image_grid, save_json, save_labelled_rows, save_sample_arrays, shard, to_uint8)
-from ddpm_model import UNet
+from ddpm_config import SamplingConfig
+from ddpm_helpers import SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, load_datasets, save_image_grid, save_json, save_labelled_rows, save_sample_arrays
+from ddpm_sampling import LoadedModel, check_sampling_steps, every_class_in_turn, generate_from, load_model, sampling_record
 
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
 # The last part of torch-fidelity's URL_INCEPTION_V3 (checked by a test). torch-fidelity is imported only
@@ -215,121 +213,6 @@ def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor
     return ReferenceStatistics(mu, sigma, len(images), path)
 
 
-# ----------------------------------------------------------------------------- sampling
-
-@dataclass
-class SamplerSettings:
-    sampler: str
-    steps: Optional[int]
-    eta: float
-    guidance_scale: float
-    guidance_rescale: float
-    guidance_interval: Optional[tuple[float, float]]
-    amp: str = "none"  # --amp: the network's autocast; the sampler's own arithmetic stays in float32
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, guidance_scale: Optional[float] = None) -> "SamplerSettings":
-        return cls(args.sampler, args.sampling_steps, args.eta,
-                   args.guidance_scale if guidance_scale is None else guidance_scale,
-                   args.guidance_rescale, parse_guidance_interval(args.guidance_interval), args.amp)
-
-    def resolved_steps(self, num_timesteps: int) -> int:
-        """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
-        if self.steps is not None:
-            return self.steps
-        return num_timesteps if self.sampler == "ddpm" else min(50, num_timesteps)
-
-
-@dataclass
-class LoadedModel:
-    model: UNet
-    diffusion: Diffusion
-    checkpoint: dict
-    path: Path
-    use_ema: bool
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        data = self.checkpoint["data"]
-        return data["channels"], data["image_size"], data["image_size"]
-
-    @property
-    def step(self) -> Optional[int]:
-        return self.checkpoint.get("train_state", {}).get("step")
-
-
-def load_model(path: str | Path, device: str, no_ema: bool = False, compile: bool = False) -> LoadedModel:
-    """The network (EMA weights unless no_ema or absent) and diffusion of a checkpoint, ready to sample;
-    with `compile`, torch.compile'd in place (compiled at the first batch, again for a new batch shape)."""
-    checkpoint = load_checkpoint(path)
-    if "model_config" not in checkpoint or "model" not in checkpoint:
-        raise UsageError(f"{path} has no model in it")
-    use_ema = checkpoint.get("ema") is not None and not no_ema
-    model = UNet(**checkpoint["model_config"])
-    model.load_state_dict(checkpoint["ema"] if use_ema else checkpoint["model"])
-    model = model.to(device).eval()
-    if compile:
-        model.compile()
-    diffusion = Diffusion(**checkpoint["diffusion"]).to(device)
-    return LoadedModel(model, diffusion, checkpoint, Path(path), use_ema)
-
-
-class AutocastNetwork(nn.Module):
-    """The network under autocast (bf16 or fp16), its noise prediction returned in float32, so that the
-    guidance combination and the sampler's updates keep full precision."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, t, labels).float()
-
-
-def every_class_in_turn(loaded: LoadedModel, count: int) -> Optional[torch.Tensor]:
-    """Labels 0, 1, ..., K-1, 0, 1, ... for a conditional model (every class equally often), None otherwise."""
-    if not loaded.checkpoint["conditional"]:
-        return None
-    return torch.arange(count) % len(loaded.checkpoint["data"]["class_names"])
-
-
-NOISE_SEED_STRIDE = 1_000_003  # batch b of a run with --seed s draws its noise from seed s + b * this
-
-
-def generate(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplerSettings, seed: int,
-             batch_size: int, rt: Runtime, desc: str = "generating") -> torch.Tensor:
-    """`count` samples as uint8 (N, H, W, C), on every rank, in batches of `batch_size`.
-
-    Batch b draws all its noise from its own generator, seeded with seed + b * NOISE_SEED_STRIDE, so the
-    images depend on the seed and the batch size only: one process or many (torchrun, each rank sampling
-    a contiguous share of the batches, gathered in order) give the same images, and the first batch is
-    what `Diffusion.sample` gives with a generator seeded with `seed`.
-    """
-    amp_dtype = autocast_dtype(settings.amp, rt.device)
-    network = loaded.model if amp_dtype is None else AutocastNetwork(loaded.model, amp_dtype)
-    starts = range(0, count, batch_size)
-    mine = shard(len(starts), rt)
-    sizes = {index: min(batch_size, count - starts[index]) for index in mine}
-    samples = []
-    desc = desc if rt.world_size == 1 else f"{desc} (rank 0's share of {rt.world_size})"
-    with tqdm(total=sum(sizes.values()), desc=desc, unit="img", disable=not rt.is_main) as bar:
-        for index, size in sizes.items():
-            begin = starts[index]
-            batch_labels = labels[begin: begin + size].to(rt.device) if labels is not None else None
-            images = loaded.diffusion.sample(
-                network, (size, *loaded.image_shape), labels=batch_labels, guidance_scale=settings.guidance_scale,
-                null_label=loaded.model.null_label,
-                sampler=settings.sampler, steps=settings.steps, eta=settings.eta,
-                generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE), device=rt.device,
-                progress=rt.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval)
-            samples.append(to_uint8(images))
-            bar.update(size)
-    local = torch.cat(samples) if samples else torch.zeros((0, *loaded.image_shape[1:], loaded.image_shape[0]), dtype=torch.uint8)
-    return gather_rows(local, rt)
-
-
 def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path) -> None:
     """samples.npz (uint8 N x H x W x C `images`, int64 `labels`, -1 if unconditional), the format
     evaluation suites read, and grid.png of the first images."""
@@ -364,41 +247,34 @@ def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], da
     return results
 
 
-def describe_run(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, extractor_name: str,
+def describe_run(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, num_samples: int, seed: int, extractor_name: str,
                  reference: ReferenceStatistics) -> dict:
     """Everything needed to reproduce and compare an evaluation, for the results JSON."""
-    conditional = loaded.checkpoint["conditional"]
     return {
         "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
         "dataset": loaded.checkpoint["data"]["dataset"], "image_size": loaded.checkpoint["data"]["image_size"],
-        "num_samples": args.fid_num_samples, "seed": args.seed,
-        "sampler": settings.sampler, "sampling_steps": settings.resolved_steps(loaded.diffusion.num_timesteps),
-        "eta": settings.eta if settings.sampler == "ddim" else None,
-        "guidance_scale": settings.guidance_scale if conditional else None,
-        "guidance_rescale": settings.guidance_rescale if conditional else None,
-        "guidance_interval": list(settings.guidance_interval) if conditional and settings.guidance_interval else None,
+        "num_samples": num_samples, "seed": seed,
+        **sampling_record(settings, rt, guided=loaded.conditional, num_timesteps=loaded.diffusion.num_timesteps),
         "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
         "reference_statistics": str(reference.path), "reference_images": reference.num_images,
     }
 
 
-def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: argparse.Namespace, rt: Runtime,
+def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, *, num_samples: int, seed: int, batch_size: int,
                          extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
                          out_dir: Path) -> Optional[tuple[dict, torch.Tensor]]:
     """Generate (shared out over the ranks), then on rank 0 measure and write samples.npz, grid.png and
     evaluation.json to out_dir and return (results, images); None on the other ranks."""
-    labels = every_class_in_turn(loaded, args.fid_num_samples)
+    labels = every_class_in_turn(len(loaded.class_names) if loaded.conditional else None, num_samples)
     started = time.perf_counter()
-    images = generate(loaded, args.fid_num_samples, labels, settings, args.seed, args.batch_size, rt)
+    images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, rt)
     seconds = time.perf_counter() - started
     if not rt.is_main:
         return None
-    device = str(rt.device)
-    results = describe_run(loaded, settings, args, extractor_name, reference)
+    results = describe_run(loaded, settings, rt, num_samples, seed, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
     results["processes"] = rt.world_size
-    results["network_autocast"] = str(autocast_dtype(settings.amp, rt.device) or "float32")
-    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, args.batch_size, device))
+    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(rt.device)))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
     save_sample_set(images, labels, out_dir)
@@ -406,38 +282,31 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplerSettings, args: a
     return results, images
 
 
-def run_evaluation(args: argparse.Namespace, rt: Runtime) -> None:
-    """--evaluate: FID (and IS, class consistency) of --fid_num_samples samples, for one guidance scale or a sweep.
-    Under torchrun every rank samples its share; rank 0 alone measures and writes."""
-    loaded = load_model(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt", str(rt.device), args.no_ema,
-                        args.compile)
-    check_sampling_steps(args, loaded)
-    scales = parse_scales(args.guidance_sweep) if args.guidance_sweep else [args.guidance_scale]
-    if args.guidance_sweep and not loaded.checkpoint["conditional"]:
+def run_evaluation(model_path: Path, settings: SamplingConfig, rt: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
+                   features: str, data_dir: str, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
+                   compile: bool = False) -> None:
+    """--evaluate: FID (and IS, class consistency) of `num_samples` samples, at settings.guidance_scale or at each
+    scale of `guidance_sweep`. Under torchrun every rank samples its share; rank 0 alone measures and writes."""
+    loaded = load_model(model_path, str(rt.device), use_ema, compile)
+    check_sampling_steps(settings.steps, loaded)
+    if guidance_sweep and not loaded.conditional:
         raise UsageError(f"--guidance_sweep needs a class-conditional model, but {loaded.path} is unconditional")
     data = loaded.checkpoint["data"]
     extractor, reference = None, None
     if rt.is_main:
-        extractor = FEATURE_EXTRACTORS[args.fid_features](str(rt.device))
-        reference = reference_statistics(data["dataset"], args.data_dir, data["image_size"], args.fid_features, extractor,
-                                         args.batch_size, str(rt.device))
-    save_dir = Path(args.save_dir)
+        extractor = FEATURE_EXTRACTORS[features](str(rt.device))
+        reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(rt.device))
     sweep = []
-    for scale in scales:
-        out_dir = save_dir / f"scale_{scale:g}" if args.guidance_sweep else save_dir
-        outcome = evaluate_one_setting(loaded, SamplerSettings.from_args(args, scale), args, rt, args.fid_features,
-                                       extractor, reference, out_dir)
+    for scale in guidance_sweep or [settings.guidance_scale]:
+        out_dir = save_dir / f"scale_{scale:g}" if guidance_sweep else save_dir
+        outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), rt, num_samples=num_samples, seed=seed,
+                                       batch_size=batch_size, extractor_name=features, extractor=extractor, reference=reference,
+                                       out_dir=out_dir)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             sweep.append(outcome)
-    if args.guidance_sweep and rt.is_main:
+    if guidance_sweep and rt.is_main:
         save_guidance_sweep(sweep, data["class_names"], save_dir)
-
-
-def check_sampling_steps(args: argparse.Namespace, loaded: LoadedModel) -> None:
-    if args.sampling_steps is not None and args.sampling_steps > loaded.diffusion.num_timesteps:
-        raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed the model's "
-                         f"{loaded.diffusion.num_timesteps} timesteps")
 
 
 def summary_line(results: dict, json_path: Path) -> str:
@@ -500,25 +369,23 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- checkpoint comparison
 
-def run_checkpoint_comparison(args: argparse.Namespace, rt: Runtime) -> None:
+def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, rt: Runtime, *, num_samples: int, seed: int,
+                              batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
-    loaded = sorted((load_model(path, str(rt.device), args.no_ema, args.compile) for path in args.compare_checkpoints),
-                    key=lambda item: item.step or 0)
+    loaded = sorted((load_model(path, str(rt.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
-    check_sampling_steps(args, loaded[0])
-    settings = SamplerSettings.from_args(args)
-    labels = every_class_in_turn(loaded[0], args.num_samples)
-    rows = [(f"step {item.step}", generate(item, args.num_samples, labels, settings, args.seed, args.batch_size, rt,
-                                           desc=f"step {item.step}")) for item in loaded]
+    check_sampling_steps(settings.steps, loaded[0])
+    labels = every_class_in_turn(len(loaded[0].class_names) if loaded[0].conditional else None, num_samples)
+    rows = [(f"step {item.step}", generate_from(item, num_samples, labels, settings, seed, batch_size, rt, desc=f"step {item.step}"))
+            for item in loaded]
     if not rt.is_main:
         return
-    save_dir = Path(args.save_dir)
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
     save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],
-               "seed": args.seed, "sampling": asdict(settings)}, save_dir / "checkpoint_comparison.json")
-    print(f"wrote {save_dir / 'checkpoint_comparison.png'}: {len(rows)} rows of {args.num_samples} images")
+               "seed": seed, "sampling": asdict(settings)}, save_dir / "checkpoint_comparison.json")
+    print(f"wrote {save_dir / 'checkpoint_comparison.png'}: {len(rows)} rows of {num_samples} images")
 
 
 def check_same_run(first: LoadedModel, other: LoadedModel) -> None:
@@ -526,49 +393,3 @@ def check_same_run(first: LoadedModel, other: LoadedModel) -> None:
     for key in ("model_config", "diffusion", "data"):
         if first.checkpoint[key] != other.checkpoint[key]:
             raise UsageError(f"{other.path} and {first.path} are not from one run: their {key} differs")
-
-
-# ----------------------------------------------------------------------------- command-line values
-
-def parse_guidance_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
-    """'LO,HI' in noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), 0 <= LO < HI (HI may be inf)."""
-    if text is None:
-        return None
-    parts = text.split(",")
-    try:
-        low, high = (float(part) for part in parts)
-    except ValueError:
-        raise UsageError(f"--guidance_interval expects LO,HI (two noise levels sigma), got {text!r}") from None
-    if math.isnan(low) or math.isnan(high) or not 0 <= low < high:
-        raise UsageError(f"--guidance_interval needs 0 <= LO < HI, got {text!r}")
-    return low, high
-
-
-def parse_scales(text: str) -> list[float]:
-    """'0,1,3' -> [0.0, 1.0, 3.0]: finite guidance scales."""
-    try:
-        scales = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--guidance_sweep expects comma-separated numbers, got {text!r}") from None
-    if not scales or not all(math.isfinite(scale) for scale in scales):
-        raise UsageError(f"--guidance_sweep expects finite comma-separated numbers, got {text!r}")
-    return scales
-
-
-def validate_evaluation_args(args: argparse.Namespace) -> None:
-    """Reject bad evaluation and guidance flags with one line, before anything is written."""
-    modes = [name for name in ("inference", "evaluate") if getattr(args, name)] + \
-            (["compare_checkpoints"] if args.compare_checkpoints else [])
-    if len(modes) > 1:
-        raise UsageError(f"choose one of --{' and --'.join(modes)}")
-    if not (math.isfinite(args.guidance_rescale) and 0 <= args.guidance_rescale <= 1):
-        raise UsageError(f"--guidance_rescale must be between 0 and 1, got {args.guidance_rescale}")
-    parse_guidance_interval(args.guidance_interval)
-    if args.fid_num_samples < 2:
-        raise UsageError(f"--fid_num_samples must be at least 2 (FID needs a covariance), got {args.fid_num_samples}")
-    if args.guidance_sweep is not None:
-        parse_scales(args.guidance_sweep)
-        if not args.evaluate:
-            raise UsageError("--guidance_sweep works with --evaluate")
-    if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
-        raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")

@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -302,12 +303,43 @@ def _make_synthetic(count: int, image_size: int, seed: int) -> LabelledImages:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def temporary_path(path: Path) -> Path:
+    """The one temporary name a write of `path` goes through: a writer killed mid-write leaves at most this one
+    file behind, which the next write of `path` replaces (and the next training start removes)."""
+    return path.with_name(path.name + TEMPORARY_SUFFIX)
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp`, and the
+    `<checkpoint>.tmp-<pid>` of earlier versions of the tool whose process is gone. Nothing else is touched."""
+    if not folder.is_dir():
+        return
+    for leftover in folder.glob(f"*.pt{TEMPORARY_SUFFIX}*"):
+        suffix = leftover.name.rsplit(".pt", 1)[1]
+        pid = suffix[len(TEMPORARY_SUFFIX) + 1:]
+        if suffix == TEMPORARY_SUFFIX or (suffix.startswith(TEMPORARY_SUFFIX + "-") and pid.isdigit() and not _process_alive(int(pid))):
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same folder and rename it over path: readers only ever see
     the old file or the complete new one, even if the process dies mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as f:
             write(f)
@@ -338,8 +370,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch reports both forbidden classes ("Unsupported global") and garbage bytes as UnpicklingError
-        if "Unsupported global" not in str(error):
+        # torch reports both forbidden classes ("Unsupported global", "unsupported GLOBAL os.system", "... was not an
+        # allowed global") and garbage bytes ("Unsupported operand") as UnpicklingError
+        if not re.search(r"unsupported global|not an allowed global", str(error), re.IGNORECASE):
             raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt)") from error
         raise UsageError(f"{path} holds objects other than tensors and plain values; refusing to load it "
                          f"(only checkpoints written by this tool are accepted)") from error
@@ -364,6 +397,11 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_on_device(self) -> bool:
+        """Whether the training set is moved to the device once (GPUs), rather than each batch."""
+        return self.device.type == "cuda"
 
 
 def setup_runtime(device: str, timeout: timedelta | None = None) -> Runtime:

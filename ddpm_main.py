@@ -15,11 +15,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ddpm_config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig
 from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES
-from ddpm_evaluate import FEATURE_EXTRACTORS, SamplerSettings, check_sampling_steps, generate, load_model, run_checkpoint_comparison, run_evaluation, validate_evaluation_args
-from ddpm_helpers import (DATASETS, Runtime, UsageError, autocast_dtype, enable_tf32, load_datasets, save_image_grid, save_json, save_samples,
-                          setup_runtime)
-from ddpm_model import PRESETS, UNet, preset_config
+from ddpm_evaluate import FEATURE_EXTRACTORS, run_checkpoint_comparison, run_evaluation
+from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_datasets, setup_runtime
+from ddpm_model import PRESETS, UNet
+from ddpm_sampling import run_inference
 
 # Under torchrun the other ranks wait in a collective while rank 0 alone computes FID statistics
 # (the training set's, once, then each sample set's): far longer than a sampling step.
@@ -130,7 +131,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.timesteps < 10:
         raise UsageError(f"--timesteps must be at least 10, got {args.timesteps}")
-    if args.sampling_steps is not None and args.sampling_steps > args.timesteps and not (args.inference or args.evaluate or args.compare_checkpoints):
+    if args.sampling_steps is not None and args.sampling_steps > args.timesteps and not sampling_mode(args):
         raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed --timesteps ({args.timesteps})")
     for name in ("guidance_scale", "lr", "eta"):
         if not math.isfinite(getattr(args, name)):
@@ -147,7 +148,56 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr must be positive, got {args.lr}")
     if args.sample_classes is not None and not args.sample_classes.strip(" ,"):
         raise UsageError("--sample_classes is empty")
+    if not args.run_name or args.run_name in (".", "..") or any(sep in args.run_name for sep in ("/", "\\")):
+        raise UsageError(f"--run_name must be a plain name (it names the folder {args.models_dir}/<run_name>/), got {args.run_name!r}")
     validate_evaluation_args(args)
+
+
+def validate_evaluation_args(args: argparse.Namespace) -> None:
+    """Reject bad evaluation and guidance flags with one line, before anything is written."""
+    modes = [name for name in ("inference", "evaluate") if getattr(args, name)] + \
+            (["compare_checkpoints"] if args.compare_checkpoints else [])
+    if len(modes) > 1:
+        raise UsageError(f"choose one of --{' and --'.join(modes)}")
+    if not (math.isfinite(args.guidance_rescale) and 0 <= args.guidance_rescale <= 1):
+        raise UsageError(f"--guidance_rescale must be between 0 and 1, got {args.guidance_rescale}")
+    parse_guidance_interval(args.guidance_interval)
+    if args.fid_num_samples < 2:
+        raise UsageError(f"--fid_num_samples must be at least 2 (FID needs a covariance), got {args.fid_num_samples}")
+    if args.guidance_sweep is not None:
+        parse_scales(args.guidance_sweep)
+        if not args.evaluate:
+            raise UsageError("--guidance_sweep works with --evaluate")
+    if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
+        raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")
+
+
+def parse_guidance_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
+    """'LO,HI' in noise levels sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), 0 <= LO < HI (HI may be inf)."""
+    if text is None:
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--guidance_interval expects LO,HI (two noise levels sigma), got {text!r}") from None
+    if math.isnan(low) or math.isnan(high) or not 0 <= low < high:
+        raise UsageError(f"--guidance_interval needs 0 <= LO < HI, got {text!r}")
+    return low, high
+
+
+def parse_scales(text: str) -> list[float]:
+    """'0,1,3' -> [0.0, 1.0, 3.0]: finite guidance scales."""
+    try:
+        scales = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--guidance_sweep expects comma-separated numbers, got {text!r}") from None
+    if not scales or not all(math.isfinite(scale) for scale in scales):
+        raise UsageError(f"--guidance_sweep expects finite comma-separated numbers, got {text!r}")
+    return scales
+
+
+def sampling_mode(args: argparse.Namespace) -> bool:
+    return bool(args.inference or args.evaluate or args.compare_checkpoints)
 
 
 def select_device(args: argparse.Namespace) -> str:
@@ -160,101 +210,69 @@ def select_device(args: argparse.Namespace) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_config_from_args(args: argparse.Namespace, image_size: int) -> dict:
-    """The preset's architecture with the explicit flags laid over it."""
-    config = preset_config(args.model_size, image_size)
-    for name in ("base_dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout"):
-        if getattr(args, name) is not None:
-            config[name] = getattr(args, name)
-    return config
+# From flags to configuration: each flag is read here once and goes to one field.
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, eta=args.eta, guidance_scale=args.guidance_scale,
+                          guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
+                          amp=args.amp)
 
 
-def parse_sample_classes(text: Optional[str], class_names: list[str], num_samples: int) -> list[int]:
-    """Class indices or names, repeated in order (or cut) to `num_samples` labels."""
-    by_name = {name.lower(): index for index, name in enumerate(class_names)}
-    classes = []
-    for part in (part.strip() for part in text.split(",") if part.strip()):
-        if part.lstrip("-").isdigit():
-            index = int(part)
-            if not 0 <= index < len(class_names):
-                raise UsageError(f"class {index} is out of range: this model has classes 0-{len(class_names) - 1}")
-        elif part.lower() in by_name:
-            index = by_name[part.lower()]
-        else:
-            raise UsageError(f"unknown class {part!r}; this model's classes are: {', '.join(class_names)}")
-        classes.append(index)
-    return [classes[i % len(classes)] for i in range(num_samples)]
+def run_config(args: argparse.Namespace) -> RunConfig:
+    as_tuple = lambda values: None if values is None else tuple(values)  # noqa: E731
+    return RunConfig(
+        data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, hflip=False if args.no_hflip else None),
+        model=ModelConfig(preset=args.model_size, base_dim=args.base_dim, dim_mults=as_tuple(args.dim_mults),
+                          num_res_blocks=args.num_res_blocks, attn_resolutions=as_tuple(args.attn_resolutions),
+                          dropout=args.dropout, conditional=args.conditional),
+        diffusion=DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule, loss_type=args.loss_type),
+        train=TrainConfig(
+            run_name=args.run_name, save_dir=args.save_dir, models_dir=args.models_dir, seed=args.seed, epochs=args.epochs,
+            max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, optimizer=args.optimizer,
+            weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, warmup_steps=args.warmup_steps,
+            lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, grad_accum=args.grad_accum, ema_decay=args.ema_decay,
+            sample_with_ema=not args.no_ema, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+            log_interval=args.log_interval, sample_every=args.sample_every, num_samples=args.num_samples,
+            save_model=args.save_model, save_every=args.save_every, save_every_steps=args.save_every_steps,
+            keep_checkpoints=args.keep_checkpoints, resume=args.resume),
+        sampling=sampling_config(args),
+    )
 
 
 def run_training(args: argparse.Namespace) -> None:
     from ddpm_train import load_resume_checkpoint, train
 
-    args.device = select_device(args)
-    resume = load_resume_checkpoint(args)
-    data = load_datasets(args.dataset, args.data_dir, args.image_size, hflip=False if args.no_hflip else None, seed=0)
+    config = run_config(args)
+    device = select_device(args)
+    resume = load_resume_checkpoint(config)
+    data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0)
     try:
-        args.model_config = model_config_from_args(args, data.image_size)
-        UNet(in_channels=data.channels, image_size=data.image_size, **args.model_config)
+        UNet(in_channels=data.channels, image_size=data.image_size, **config.model.unet_kwargs(data.image_size))
     except ValueError as error:
         raise UsageError(f"this model does not fit {data.image_size}x{data.image_size} images: {error}") from None
-    args.data_on_device = args.device.startswith("cuda")
-    train(args, data, resume)
-
-
-def run_inference(args: argparse.Namespace, rt: Runtime) -> None:
-    """Sample from a checkpoint; everything about the model comes from the checkpoint. Under torchrun
-    every rank samples its share of the batches and rank 0 writes them all."""
-    model_path = Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
-    loaded = load_model(model_path, str(rt.device), args.no_ema, args.compile)
-    checkpoint = loaded.checkpoint
-    class_names = checkpoint["data"]["class_names"]
-    if not checkpoint["conditional"] and (args.conditional or args.sample_classes):
-        flag = "--sample_classes" if args.sample_classes else "--conditional"
-        raise UsageError(f"{flag} needs a class-conditional model, but {model_path} is unconditional")
-    if checkpoint["conditional"]:
-        text = args.sample_classes or ",".join(str(i) for i in range(len(class_names)))
-        labels = torch.tensor(parse_sample_classes(text, class_names, args.num_samples))
-    else:
-        labels = None
-    check_sampling_steps(args, loaded)
-
-    use_ema = loaded.use_ema
-    channels, size, _ = loaded.image_shape
-    if rt.is_main:
-        print(f"sampling {args.num_samples} images of {channels}x{size}x{size} from {model_path} "
-              f"({'EMA' if use_ema else 'raw'} weights, {args.sampler}"
-              f"{', guidance ' + str(args.guidance_scale) if labels is not None else ''}"
-              f"{f', {rt.world_size} processes' if rt.world_size > 1 else ''})")
-    pixels = generate(loaded, args.num_samples, labels, SamplerSettings.from_args(args), args.seed, args.batch_size, rt, desc="sampling")
-    if not rt.is_main:
-        return
-    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
-
-    save_dir = Path(args.save_dir)
-    save_image_grid(images, save_dir / "grid.png")
-    save_samples(images, labels, save_dir)
-    save_json({
-        "model_path": str(model_path), "num_samples": args.num_samples, "seed": args.seed, "weights": "ema" if use_ema else "raw",
-        "sampler": args.sampler, "sampling_steps": args.sampling_steps, "eta": args.eta,
-        "network_autocast": str(autocast_dtype(args.amp, rt.device) or "float32"),
-        "guidance_scale": args.guidance_scale if labels is not None else None,
-        "guidance_rescale": args.guidance_rescale if labels is not None else None,
-        "guidance_interval": args.guidance_interval if labels is not None else None,
-        "classes": None if labels is None else [class_names[i] for i in labels.tolist()],
-    }, save_dir / "samples.json")
-    print(f"wrote {save_dir / 'grid.png'}, {args.num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
+    rt = setup_runtime(device)
+    try:
+        train(config, data, rt, resume)
+    finally:
+        if rt.world_size > 1:
+            dist.destroy_process_group()
 
 
 def run_sampling(args: argparse.Namespace) -> None:
     """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's."""
     rt = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
+    model_path = Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
+    common = dict(seed=args.seed, batch_size=args.batch_size, save_dir=Path(args.save_dir), use_ema=not args.no_ema, compile=args.compile)
     try:
         if args.compare_checkpoints:
-            run_checkpoint_comparison(args, rt)
+            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), rt, num_samples=args.num_samples, **common)
         elif args.evaluate:
-            run_evaluation(args, rt)
+            run_evaluation(model_path, sampling_config(args), rt, num_samples=args.fid_num_samples, features=args.fid_features,
+                           guidance_sweep=parse_scales(args.guidance_sweep) if args.guidance_sweep else None,
+                           data_dir=args.data_dir, **common)
         else:
-            run_inference(args, rt)
+            run_inference(model_path, sampling_config(args), rt, num_samples=args.num_samples, sample_classes=args.sample_classes,
+                          require_conditional=args.conditional, **common)
     finally:
         if rt.world_size > 1:
             dist.destroy_process_group()
@@ -266,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         validate_args(args)
         if not args.no_tf32 and select_device(args).startswith("cuda"):
             enable_tf32()
-        if args.compare_checkpoints or args.evaluate or args.inference:
+        if sampling_mode(args):
             run_sampling(args)
         else:
             run_training(args)

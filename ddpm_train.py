@@ -1,10 +1,12 @@
 """The training loop: data order, optimisation, EMA, evaluation, checkpoints, resume and samples.
 
-One straight loop over optimizer steps. Everything a run needs to continue bit-identically
-(weights, EMA, optimizer, LR schedule, grad scaler, position in the data order, loss history,
-random states) goes into its checkpoint; see `TrainState` and `checkpoint_state`.
+`train` reads top to bottom in named phases: build the run (`build_run`), restore it from a checkpoint
+(`restore_run`), fix the number of steps and the LR schedule, then the step loop (`run_steps`, one
+`train_step` per optimizer step), the end of each epoch (`end_epoch`) and the end of training
+(`finish_training`). Everything a run needs to continue bit-identically (weights, EMA, optimizer, LR
+schedule, grad scaler, position in the data order, loss history, random states) goes into its
+checkpoint; see `TrainState` and `checkpoint_state`.
 """
-import argparse
 import contextlib
 import copy
 import math
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ddpm_config import RunConfig, TrainConfig, current_settings, fixed_settings
 from ddpm_diffusion import Diffusion
 from ddpm_helpers import (
     DataSplits,
@@ -30,28 +33,22 @@ from ddpm_helpers import (
     append_jsonl,
     autocast_dtype,
     copy_checkpoint,
-    gather_rows,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     save_image_grid,
     save_json,
     save_loss_plot,
     save_labelled_rows,
     seed_everything,
-    setup_runtime,
-    to_uint8,
 )
 from ddpm_model import UNet, count_parameters
+from ddpm_sampling import every_class_in_turn, generate
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}  # fixed across runs, so loss curves compare
 PROGRESSION_COLUMNS = 8  # samples per row of the progression image
 EVAL_CHUNK = 250  # evaluation noise is seeded per chunk of this many examples, whatever the batch size
 MAX_NONFINITE_STEPS = 20  # this many non-finite losses in a row stop the run
-# Flags that define the model, the data or the diffusion: a resumed run must keep them.
-FIXED_ON_RESUME = (
-    "dataset", "image_size", "conditional", "timesteps", "schedule", "model_size", "base_dim", "dim_mults",
-    "num_res_blocks", "attn_resolutions", "loss_type",
-)
 
 
 @dataclass
@@ -163,13 +160,14 @@ class Lion(torch.optim.Optimizer):
                 exp_avg.copy_(updated_exp_avg)
 
 
-def build_optimizer(args: argparse.Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
-    betas = (args.beta1, args.beta2)
-    if args.optimizer == "lion":
-        return Lion(model.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay)
-    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+def build_optimizer(train: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """--optimizer with --lr, --beta1, --beta2 and --weight_decay."""
+    betas = (train.beta1, train.beta2)
+    if train.optimizer == "lion":
+        return Lion(model.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay)
+    optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     # fused: the whole update in one kernel per tensor, on CUDA and (PyTorch >= 2.4) on the CPU, where it is 1.8x foreach
-    return optimizer_class(model.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay, fused=True)
+    return optimizer_class(model.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True)
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -220,7 +218,7 @@ class EMA:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, diffusion: Diffusion, dataset, args: argparse.Namespace, rt: Runtime, seed: int) -> float:
+def evaluate(model: torch.nn.Module, diffusion: Diffusion, dataset, rt: Runtime, *, seed: int, batch_size: int, loss_type: str) -> float:
     """Mean loss over a dataset with fixed timesteps and noise per example (seeded per chunk), so the
     number changes only when the weights do. Chunks are shared out across ranks."""
     was_training = model.training
@@ -235,10 +233,10 @@ def evaluate(model: torch.nn.Module, diffusion: Diffusion, dataset, args: argpar
         indices = torch.arange(begin, min(begin + EVAL_CHUNK, len(images)))
         t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
         noise = torch.randn((len(indices), *images.shape[1:]), generator=generator)
-        for part in torch.split(torch.arange(len(indices)), args.batch_size):
+        for part in torch.split(torch.arange(len(indices)), batch_size):
             x0, y = load_batch(images, labels, indices[part], False, rt.device)
             y = y if null_label is not None else None
-            loss = diffusion.p_losses(model, x0, t[part].to(rt.device), y, noise[part].to(rt.device), args.loss_type)
+            loss = diffusion.p_losses(model, x0, t[part].to(rt.device), y, noise[part].to(rt.device), loss_type)
             total += loss.double() * len(part)
         count += len(indices)
     if rt.world_size > 1:
@@ -249,24 +247,17 @@ def evaluate(model: torch.nn.Module, diffusion: Diffusion, dataset, args: argpar
     return total.item() / max(count, 1)
 
 
-def sample_grid(model: torch.nn.Module, diffusion: Diffusion, args: argparse.Namespace, data: DataSplits, rt: Runtime) -> torch.Tensor:
-    """A grid of `num_samples` images from fixed noise (every class in turn for a conditional model).
-
-    With several processes each rank samples an equal slice (its own fixed noise) and the slices are
-    gathered, so the grid takes 1/world_size of the time; a single process samples them all."""
+def sample_grid(model: UNet, diffusion: Diffusion, config: RunConfig, data: DataSplits, rt: Runtime) -> torch.Tensor:
+    """--num_samples images (uint8, N x H x W x C; every class in turn for a conditional model) through the
+    sampling path of --inference, with its flags and the run's seed: the same noise at every grid, any
+    number of processes (each samples a share of the batches)."""
     was_training = model.training
     model.eval()
-    per_rank = math.ceil(args.num_samples / rt.world_size)
-    labels = None
-    if args.conditional:
-        labels = torch.arange(rt.rank * per_rank, (rt.rank + 1) * per_rank, device=rt.device) % data.num_classes
-    images = diffusion.sample(
-        model, (per_rank, data.channels, data.image_size, data.image_size), labels=labels,
-        guidance_scale=args.guidance_scale, sampler=args.sampler, steps=args.sampling_steps, eta=args.eta,
-        generator=torch.Generator().manual_seed(args.seed + 1_000_003 * rt.rank), device=rt.device,
-    )
+    labels = every_class_in_turn(data.num_classes if config.model.conditional else None, config.train.num_samples)
+    pixels = generate(model, diffusion, (data.channels, data.image_size, data.image_size), config.train.num_samples, labels,
+                      config.sampling, config.train.seed, config.train.batch_size, rt, desc="sample grid")
     model.train(was_training)
-    return gather_rows(images, rt)[: args.num_samples]
+    return pixels
 
 
 # Checkpoints
@@ -295,38 +286,40 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def model_description(model: UNet, args: argparse.Namespace, data: DataSplits) -> dict:
+def model_description(model: UNet, config: RunConfig, data: DataSplits) -> dict:
     """What `--inference --model_path` needs to rebuild the model and the diffusion."""
     return {
         "model_config": model.config,
-        "diffusion": {"timesteps": args.timesteps, "schedule": args.schedule},
-        "data": {"dataset": args.dataset, "class_names": list(data.class_names), "image_size": data.image_size, "channels": data.channels},
-        "conditional": bool(args.conditional),
+        "diffusion": {"timesteps": config.diffusion.timesteps, "schedule": config.diffusion.schedule},
+        "data": {"dataset": config.data.dataset, "class_names": list(data.class_names), "image_size": data.image_size, "channels": data.channels},
+        "conditional": config.model.conditional,
     }
 
 
-def checkpoint_state(model, ema, optimizer, scheduler, scaler, state: TrainState, args, data) -> dict:
-    return {
-        **model_description(unwrap(model), args, data),
-        "model": unwrap(model).state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
-        "ema_num_updates": int(ema.num_updates) if ema is not None else 0,
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "train_state": asdict(state),
-        "config": vars(args),
-        "rng": rng_state(),
-    }
+def check_resume_compatible(saved_config: dict, config: RunConfig, path: Path) -> None:
+    """Settings that define the model, the data or the diffusion must be those the checkpoint was trained with."""
+    now = current_settings(config)
+    for flag, saved in fixed_settings(saved_config).items():
+        if saved != now[flag]:
+            raise UsageError(f"cannot resume {path}: it was trained with --{flag} {saved}, not {now[flag]} "
+                             f"(flags that define the model, data or diffusion must stay the same)")
 
 
-def check_resume_compatible(saved_config: dict, args: argparse.Namespace, path: Path) -> None:
-    for name in FIXED_ON_RESUME:
-        if name in saved_config and saved_config[name] != getattr(args, name):
-            raise UsageError(
-                f"cannot resume {path}: it was trained with --{name} {saved_config[name]}, not {getattr(args, name)} "
-                f"(flags that define the model, data or diffusion must stay the same)"
-            )
+def load_resume_checkpoint(config: RunConfig) -> Optional[tuple[Path, dict]]:
+    """The checkpoint --resume names (default: the run's ckpt.pt), checked against the configuration; None
+    without --resume. A new run refuses to overwrite an existing run's checkpoint."""
+    train = config.train
+    last_path = Path(train.models_dir) / train.run_name / "ckpt.pt"
+    if train.resume is None:
+        if last_path.exists() and train.save_model:
+            raise UsageError(f"{last_path} exists: pass --resume to continue that run, or choose another --run_name")
+        return None
+    path = last_path if train.resume == "auto" else Path(train.resume)
+    checkpoint = load_checkpoint(path)
+    if "train_state" not in checkpoint:
+        raise UsageError(f"cannot resume {path}: it holds weights only, not a training state")
+    check_resume_compatible(checkpoint["config"], config, path)
+    return path, checkpoint
 
 
 class StopRequest:
@@ -374,227 +367,6 @@ class StopRequest:
         self.flags = torch.tensor([float(asked)])
         self.pending = dist.all_reduce(self.flags, group=self.rt.control_group, async_op=True)
         return agreed
-
-
-# The loop
-
-
-def load_resume_checkpoint(args: argparse.Namespace) -> Optional[tuple[Path, dict]]:
-    """The checkpoint `--resume` names (default: the run's ckpt.pt), checked against the flags; None
-    without --resume. A new run refuses to overwrite an existing run's checkpoint."""
-    last_path = Path(args.models_dir) / args.run_name / "ckpt.pt"
-    if args.resume is None:
-        if last_path.exists() and args.save_model:
-            raise UsageError(f"{last_path} exists: pass --resume to continue that run, or choose another --run_name")
-        return None
-    path = last_path if args.resume == "auto" else Path(args.resume)
-    checkpoint = load_checkpoint(path)
-    if "train_state" not in checkpoint:
-        raise UsageError(f"cannot resume {path}: it holds weights only, not a training state")
-    check_resume_compatible(checkpoint["config"], args, path)
-    return path, checkpoint
-
-
-def train(args: argparse.Namespace, data: DataSplits, resume: Optional[tuple[Path, dict]] = None) -> Path | None:
-    """Train as `args` say, from scratch or from `resume` (see load_resume_checkpoint); return the
-    path of the last checkpoint (None without --save_model)."""
-    rt = setup_runtime(args.device)
-    args.world_size = rt.world_size
-    run_dir = Path(args.models_dir) / args.run_name
-    last_path = run_dir / "ckpt.pt"
-    resume_path, checkpoint = resume if resume is not None else (None, None)
-
-    num_classes = data.num_classes if args.conditional else None
-    seed_everything(args.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
-    model = UNet(in_channels=data.channels, image_size=data.image_size, num_classes=num_classes, **args.model_config).to(rt.device)
-    seed_everything(args.seed + rt.rank)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    diffusion = Diffusion(args.timesteps, args.schedule).to(rt.device)
-    optimizer = build_optimizer(args, model)
-    steps_per_epoch = len(data.train) // (args.batch_size * rt.world_size) // args.grad_accum
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"the training set has {len(data.train)} images, fewer than one optimizer step needs "
-            f"(--batch_size {args.batch_size} x --grad_accum {args.grad_accum} x {rt.world_size} processes)"
-        )
-    total_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, args.warmup_steps, total_steps, args.lr_schedule)
-    )
-    amp_dtype = autocast_dtype(args.amp, rt.device)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16)
-    ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
-
-    state = TrainState()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        if ema is not None and checkpoint["ema"] is not None:
-            ema.module.load_state_dict(checkpoint["ema"])
-            ema.num_updates.fill_(checkpoint["ema_num_updates"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        state = TrainState(**checkpoint["train_state"])
-        if state.epoch_position > 0 and state.history["epochs"] and state.history["epochs"][-1] > state.epoch:
-            for values in state.history.values():  # a partial epoch's entry is replaced when the epoch ends
-                values.pop()
-        if rt.world_size == checkpoint["config"].get("world_size", 1):
-            restore_rng_state(checkpoint["rng"] if rt.world_size == 1 else checkpoint["rng_per_rank"][rt.rank])
-        else:  # another process count: a fresh stream per rank, not a replay of the run's first steps
-            seed_everything((args.seed + rt.rank + 7_919 * state.step) % 2**32)
-        for group in optimizer.param_groups:  # the lr may change on resume
-            group["initial_lr"] = args.lr
-        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-
-    if not args.max_steps:  # the lr lambda reads total_steps when called, so it sees this value
-        total_steps = state.step + steps_to_go(args, state, steps_per_epoch, args.batch_size * rt.world_size * args.grad_accum)
-    if rt.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if args.compile:  # in place, so state_dict keys stay the plain model's; after DDP so the compiled graphs overlap its all-reduce
-        model.compile()
-    eval_model = lambda: ema.module if ema is not None and not args.no_ema else unwrap(model)  # noqa: E731
-
-    if rt.is_main:
-        print(f"model: {count_parameters(unwrap(model)) / 1e6:.2f}M parameters ({args.model_size} preset"
-              f"{', conditional on ' + str(num_classes) + ' classes' if num_classes else ''}); "
-              f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images of "
-              f"{data.channels}x{data.image_size}x{data.image_size}; {steps_per_epoch} steps per epoch, {total_steps} in all")
-        if checkpoint is not None:
-            print(f"resuming {resume_path} at step {state.step} (epoch {state.epoch + 1})")
-    save_dir = Path(args.save_dir)
-
-    counters = StepCounters(rt.device)
-
-    def read_counters() -> None:
-        """Bring the on-device step figures into `state` (a host sync); stop a run whose steps keep failing."""
-        skipped, longest = counters.read_into(state)
-        if skipped and rt.is_main:
-            tqdm.write(f"step {state.step}: {skipped} step(s) skipped since the last report, for a non-finite loss or "
-                       f"gradient ({state.nonfinite_skipped} so far)")
-        if longest >= MAX_NONFINITE_STEPS:
-            raise UsageError(
-                f"{longest} non-finite losses in a row by step {state.step}: stopping; "
-                f"the last checkpoint is kept (try a lower --lr, or --amp bf16/none)"
-            )
-
-    def save(path: Path) -> None:
-        read_counters()
-        rng_per_rank = gather_rng_states(rt)  # a collective: every rank calls save, rank 0 writes
-        if rt.is_main:
-            save_checkpoint(checkpoint_state(model, ema, optimizer, scheduler, scaler, state, args, data) | {"rng_per_rank": rng_per_rank}, path)
-
-    train_images = data.train.images.to(rt.device) if args.data_on_device else data.train.images
-    train_labels = data.train.labels.to(rt.device) if args.data_on_device else data.train.labels
-    examples_per_step = args.batch_size * rt.world_size * args.grad_accum
-    epoch_examples = steps_per_epoch * examples_per_step
-    model.train()
-    with StopRequest(rt) as stop:
-        while state.step < total_steps:
-            batches = epoch_batches(len(data.train), args.batch_size, rt, args.seed, state.epoch, state.epoch_position, train_images.device)
-            remaining = min((epoch_examples - state.epoch_position) // examples_per_step, total_steps - state.step)
-            bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}", disable=not rt.is_main, dynamic_ncols=True, leave=False)
-            window_start, window_steps = time.perf_counter(), 0
-            for _ in range(remaining):
-                loss, grad_norm, skip = train_step(model, diffusion, optimizer, scaler, batches, train_images, train_labels,
-                                                   data, state, args, rt, amp_dtype)
-                if ema is not None:
-                    ema.update(unwrap(model), skip)
-                counters.record(loss, skip)
-                scheduler.step()
-                state.step += 1
-                window_steps += 1
-                bar.update(1)
-                if state.step % args.log_interval == 0:
-                    read_counters()
-                    images_per_s = window_steps * examples_per_step / (time.perf_counter() - window_start)
-                    log_step(bar, loss, grad_norm, skip, images_per_s, scheduler, state, args, rt, save_dir)
-                    window_start, window_steps = time.perf_counter(), 0
-                if args.save_model and args.save_every_steps and state.step % args.save_every_steps == 0:
-                    save(last_path)
-                if stop.requested():
-                    bar.close()
-                    save(last_path)
-                    if rt.world_size > 1:  # no rank exits (and makes torchrun stop the others) before rank 0 has written
-                        dist.barrier(group=rt.control_group)
-                    if rt.is_main:
-                        reason = f"{stop.signal_name} received" if stop.signal_name else "another process was signalled"
-                        print(f"{reason}: stopped after step {state.step}; checkpoint saved to {last_path}; "
-                              f"resume with the same command plus --resume", file=sys.stderr)
-                    raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
-            bar.close()
-            read_counters()
-
-            epoch_done = epoch_examples - state.epoch_position < examples_per_step
-            record_epoch(eval_model(), diffusion, state, args, data, rt, scheduler, epoch_done, save_dir)
-            if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
-                state.epoch += 1
-                state.epoch_position = 0
-                state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-            is_best = state.history["val_loss"][-1] < state.best_val_loss
-            if is_best:  # before saving, so a resumed run compares against the true best
-                state.best_val_loss = state.history["val_loss"][-1]
-            if args.save_model:
-                save(last_path)
-                if rt.is_main and is_best:
-                    copy_checkpoint(last_path, run_dir / "best.pt")
-                if rt.is_main and epoch_done and state.epoch % args.save_every == 0:
-                    copy_checkpoint(last_path, run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
-                    prune_snapshots(run_dir, args.keep_checkpoints)
-    if rt.is_main:
-        if state.progression:
-            save_labelled_rows(state.progression, save_dir / f"progression_{args.run_name}.png")
-        if args.save_model:
-            print(f"checkpoint: {last_path}")
-    if rt.world_size > 1:
-        check_replicas_identical([unwrap(model)] + ([ema.module] if ema is not None else []), rt)
-        dist.destroy_process_group()
-    return last_path if args.save_model else None
-
-
-def steps_to_go(args: argparse.Namespace, state: TrainState, steps_per_epoch: int, examples_per_step: int) -> int:
-    """Optimizer steps left until --epochs are done, from the position in the data order. Counted afresh
-    because a run resumed with another number of processes takes steps of another size than it saved."""
-    if state.epoch >= args.epochs:
-        return 0
-    rest_of_epoch = (steps_per_epoch * examples_per_step - state.epoch_position) // examples_per_step
-    return rest_of_epoch + (args.epochs - state.epoch - 1) * steps_per_epoch
-
-
-def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
-    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes the null label with probability p_uncond."""
-    drop = torch.rand(labels.shape, device=labels.device) < p_uncond
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
-
-
-def train_step(model, diffusion, optimizer, scaler, batches, train_images, train_labels, data, state, args, rt, amp_dtype):
-    """One optimizer step over `grad_accum` micro-batches, queued on the device without waiting for it.
-
-    Returns (mean loss, grad norm, skip). `skip` is a bool tensor, true when the loss or the gradients were
-    not finite (including fp16 gradients that overflowed, for which GradScaler lowers its scale); the
-    optimizer then leaves the weights and its own state exactly as they were. The decision is made on the
-    device, through the `found_inf` that fused Adam(W) and Lion read, so no step waits for the GPU.
-    """
-    null_label = unwrap(model).null_label
-    loss = torch.zeros((), device=rt.device)
-    optimizer.zero_grad(set_to_none=True)
-    for micro in range(args.grad_accum):
-        state.epoch_position, indices = next(batches)
-        x0, labels = load_batch(train_images, train_labels, indices, data.train.hflip, rt.device)
-        if args.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        labels = drop_labels(labels, args.p_uncond, null_label) if null_label is not None else None
-        t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), device=rt.device)
-        last_micro = micro == args.grad_accum - 1
-        with maybe_no_sync(model, last_micro), torch.autocast(rt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            micro_loss = diffusion.p_losses(model, x0, t, labels, loss_type=args.loss_type)
-        scaler.scale(micro_loss / args.grad_accum).backward()
-        loss += micro_loss.detach().float() / args.grad_accum
-    if rt.world_size > 1:
-        dist.all_reduce(loss)
-        loss /= rt.world_size
-    grad_norm, skip = apply_update(model, optimizer, scaler, loss, args.grad_clip)
-    return loss, grad_norm, skip
 
 
 def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
@@ -652,42 +424,378 @@ def peak_memory_mb(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def log_step(bar, loss, grad_norm, skip, images_per_s, scheduler, state, args, rt, save_dir: Path) -> None:
-    """Progress-bar figures and one JSON line of metrics, every --log_interval steps (the only per-step host syncs)."""
-    lr = scheduler.get_last_lr()[0]
-    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+
+# The run
+
+
+@dataclass
+class EpochData:
+    """Where train_step takes its micro-batches from: the rest of this epoch's order, and the training set
+    (moved to the GPU once where the runtime keeps data on the device)."""
+
+    batches: Iterator[tuple[int, torch.Tensor]]
+    images: torch.Tensor
+    labels: torch.Tensor
+    hflip: bool
+
+
+@dataclass
+class TrainingRun:
+    """What a run is made of: built by build_run, loaded by restore_run, advanced by the phases of train."""
+
+    config: RunConfig
+    data: DataSplits
+    rt: Runtime
+    model: torch.nn.Module  # the UNet; wrapped in DistributedDataParallel under torchrun, compiled in place with --compile
+    diffusion: Diffusion
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: Optional[EMA]
+    amp_dtype: Optional[torch.dtype]
+    state: TrainState
+    counters: StepCounters
+    steps_per_epoch: int
+    examples_per_step: int  # batch_size x grad_accum x processes
+    total_steps: int
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.train.models_dir) / self.config.train.run_name
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "ckpt.pt"
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.config.train.save_dir)
+
+    @property
+    def epoch_examples(self) -> int:
+        return self.steps_per_epoch * self.examples_per_step
+
+    def eval_model(self) -> UNet:
+        """The weights that validation, test and the sample grids use: the EMA unless --no_ema (or no EMA)."""
+        if self.ema is not None and self.config.train.sample_with_ema:
+            return self.ema.module
+        return unwrap(self.model)
+
+
+def restored_state(checkpoint: Optional[dict]) -> TrainState:
+    """The checkpoint's TrainState (a fresh one without a checkpoint); a partial epoch's history entry is
+    dropped, since it is written again when that epoch ends."""
+    if checkpoint is None:
+        return TrainState()
+    state = TrainState(**checkpoint["train_state"])
+    if state.epoch_position > 0 and state.history["epochs"] and state.history["epochs"][-1] > state.epoch:
+        for values in state.history.values():
+            values.pop()
+    return state
+
+
+def steps_to_go(epochs: int, state: TrainState, steps_per_epoch: int, examples_per_step: int) -> int:
+    """Optimizer steps left until `epochs` are done, from the position in the data order. Counted afresh
+    because a run resumed with another number of processes takes steps of another size than it saved."""
+    if state.epoch >= epochs:
+        return 0
+    rest_of_epoch = (steps_per_epoch * examples_per_step - state.epoch_position) // examples_per_step
+    return rest_of_epoch + (epochs - state.epoch - 1) * steps_per_epoch
+
+
+def build_run(config: RunConfig, data: DataSplits, rt: Runtime, state: TrainState) -> TrainingRun:
+    """The model, EMA, optimizer, LR schedule and the run's counters, for a run that is at `state`."""
+    train = config.train
+    examples_per_step = train.batch_size * rt.world_size * train.grad_accum
+    steps_per_epoch = len(data.train) // examples_per_step
+    if steps_per_epoch == 0:
+        raise UsageError(f"the training set has {len(data.train)} images, fewer than one optimizer step needs "
+                         f"(--batch_size {train.batch_size} x --grad_accum {train.grad_accum} x {rt.world_size} processes)")
+    # --max_steps, or the steps left in --epochs from where the run is: fixed before the LR schedule is made
+    total_steps = train.max_steps or state.step + steps_to_go(train.epochs, state, steps_per_epoch, examples_per_step)
+
+    seed_everything(train.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
+    model = UNet(in_channels=data.channels, image_size=data.image_size, num_classes=data.num_classes if config.model.conditional else None,
+                 **config.model.unet_kwargs(data.image_size)).to(rt.device)
+    seed_everything(train.seed + rt.rank)
+    if train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(train, model)
+    # --warmup_steps of linear warm-up, then --lr_schedule, over total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, train.warmup_steps, total_steps, train.lr_schedule))
+    amp_dtype = autocast_dtype(train.amp, rt.device)  # --amp
+    on_device = rt.data_on_device
+    return TrainingRun(
+        config=config, data=data, rt=rt, model=model, diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule).to(rt.device),
+        optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16),
+        ema=EMA(model, train.ema_decay) if train.ema_decay > 0 else None, amp_dtype=amp_dtype, state=state,
+        counters=StepCounters(rt.device), steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps,
+        train_images=data.train.images.to(rt.device) if on_device else data.train.images,
+        train_labels=data.train.labels.to(rt.device) if on_device else data.train.labels,
+    )
+
+
+def restore_run(run: TrainingRun, checkpoint: dict) -> None:
+    """Load weights, EMA, optimizer, LR schedule, grad scaler and random states from a checkpoint. The
+    learning rate may change on resume (--lr); the random streams continue when the number of processes is
+    the one that saved, and start afresh per rank otherwise."""
+    run.model.load_state_dict(checkpoint["model"])
+    if run.ema is not None and checkpoint["ema"] is not None:
+        run.ema.module.load_state_dict(checkpoint["ema"])
+        run.ema.num_updates.fill_(checkpoint["ema_num_updates"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    lr = run.config.train.lr
+    for group in run.optimizer.param_groups:
+        group["initial_lr"] = lr
+    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+    saved_world_size = checkpoint.get("runtime", {}).get("world_size", checkpoint["config"].get("world_size", 1))
+    if run.rt.world_size == saved_world_size:
+        restore_rng_state(checkpoint["rng"] if run.rt.world_size == 1 else checkpoint["rng_per_rank"][run.rt.rank])
+    else:
+        seed_everything((run.config.train.seed + run.rt.rank + 7_919 * run.state.step) % 2**32)
+
+
+def prepare_for_steps(run: TrainingRun) -> None:
+    """DistributedDataParallel under torchrun; --compile in place (state_dict keys stay the plain model's),
+    after DDP so the compiled graphs overlap its all-reduce."""
+    if run.rt.world_size > 1:
+        run.model = DistributedDataParallel(run.model, device_ids=[run.rt.device.index] if run.rt.device.type == "cuda" else None)
+    if run.config.train.compile:
+        run.model.compile()
+
+
+def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
+    if not run.rt.is_main:
+        return
+    data, config = run.data, run.config
+    print(f"model: {count_parameters(unwrap(run.model)) / 1e6:.2f}M parameters ({config.model.preset} preset"
+          f"{', conditional on ' + str(data.num_classes) + ' classes' if config.model.conditional else ''}); "
+          f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images of "
+          f"{data.channels}x{data.image_size}x{data.image_size}; {run.steps_per_epoch} steps per epoch, {run.total_steps} in all")
+    if resume_path is not None:
+        print(f"resuming {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
+
+
+def train(config: RunConfig, data: DataSplits, rt: Runtime, resume: Optional[tuple[Path, dict]] = None) -> Optional[Path]:
+    """Train as `config` says, from scratch or from `resume` (see load_resume_checkpoint); return the
+    path of the last checkpoint (None without --save_model)."""
+    resume_path, checkpoint = resume if resume is not None else (None, None)
+    run = build_run(config, data, rt, restored_state(checkpoint))
+    if checkpoint is not None:
+        restore_run(run, checkpoint)
     if rt.is_main:
-        append_jsonl(save_dir / f"metrics_{args.run_name}.jsonl", {
-            "kind": "step", "step": state.step, "epoch": state.epoch + 1, "train_loss": loss.item(), "lr": lr,
+        remove_stale_temporaries(run.run_dir)
+    prepare_for_steps(run)
+    announce(run, resume_path)
+    run.model.train()
+    with StopRequest(rt) as stop:
+        while run.state.step < run.total_steps:
+            run_steps(run, stop)
+            end_epoch(run)
+    return finish_training(run)
+
+
+# The phases of a run
+
+
+def read_counters(run: TrainingRun) -> None:
+    """Bring the on-device step figures into the state (a host sync); stop a run whose steps keep failing."""
+    state = run.state
+    skipped, longest = run.counters.read_into(state)
+    if skipped and run.rt.is_main:
+        tqdm.write(f"step {state.step}: {skipped} step(s) skipped since the last report, for a non-finite loss or "
+                   f"gradient ({state.nonfinite_skipped} so far)")
+    if longest >= MAX_NONFINITE_STEPS:
+        raise UsageError(f"{longest} non-finite losses in a row by step {state.step}: stopping; "
+                         f"the last checkpoint is kept (try a lower --lr, or --amp bf16/none)")
+
+
+def checkpoint_state(run: TrainingRun) -> dict:
+    model = unwrap(run.model)
+    return {
+        **model_description(model, run.config, run.data),
+        "model": model.state_dict(),
+        "ema": run.ema.module.state_dict() if run.ema is not None else None,
+        "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0,
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "train_state": asdict(run.state),
+        "config": run.config.to_dict(),
+        "runtime": {"world_size": run.rt.world_size},
+        "rng": rng_state(),
+    }
+
+
+def save(run: TrainingRun, path: Path) -> None:
+    """Every rank calls this (the random states are gathered); rank 0 writes."""
+    read_counters(run)
+    rng_per_rank = gather_rng_states(run.rt)
+    if run.rt.is_main:
+        save_checkpoint(checkpoint_state(run) | {"rng_per_rank": rng_per_rank}, path)
+
+
+def run_steps(run: TrainingRun, stop: "StopRequest") -> None:
+    """The step loop, over the rest of the current epoch (or up to the last step): a step, the EMA, the LR
+    schedule, and at intervals the logged figures (--log_interval) and ckpt.pt (--save_every_steps)."""
+    train, state, rt = run.config.train, run.state, run.rt
+    epoch = EpochData(epoch_batches(len(run.data.train), train.batch_size, rt, train.seed, state.epoch, state.epoch_position,
+                                    run.train_images.device), run.train_images, run.train_labels, run.data.train.hflip)
+    remaining = min((run.epoch_examples - state.epoch_position) // run.examples_per_step, run.total_steps - state.step)
+    bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}", disable=not rt.is_main, dynamic_ncols=True, leave=False)
+    window_start, window_steps = time.perf_counter(), 0
+    for _ in range(remaining):
+        loss, grad_norm, skip = train_step(run, epoch)
+        if run.ema is not None:
+            run.ema.update(unwrap(run.model), skip)
+        run.counters.record(loss, skip)
+        run.scheduler.step()
+        state.step += 1
+        window_steps += 1
+        bar.update(1)
+        if state.step % train.log_interval == 0:
+            read_counters(run)
+            log_step(run, bar, loss, grad_norm, skip, window_steps * run.examples_per_step / (time.perf_counter() - window_start))
+            window_start, window_steps = time.perf_counter(), 0
+        if train.save_model and train.save_every_steps and state.step % train.save_every_steps == 0:
+            save(run, run.last_path)
+        if stop.requested():
+            bar.close()
+            stop_after_signal(run, stop)
+    bar.close()
+    read_counters(run)
+
+
+def stop_after_signal(run: TrainingRun, stop: "StopRequest") -> None:
+    """Ctrl-C or SIGTERM (to any rank): write ckpt.pt and exit with 130 (SIGINT) or 143."""
+    save(run, run.last_path)
+    if run.rt.world_size > 1:  # no rank exits (and makes torchrun stop the others) before rank 0 has written
+        dist.barrier(group=run.rt.control_group)
+    if run.rt.is_main:
+        reason = f"{stop.signal_name} received" if stop.signal_name else "another process was signalled"
+        print(f"{reason}: stopped after step {run.state.step}; checkpoint saved to {run.last_path}; "
+              f"resume with the same command plus --resume", file=sys.stderr)
+    raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
+
+
+def end_epoch(run: TrainingRun) -> None:
+    """After the step loop: validation and test loss, history, grids (record_epoch); then, with --save_model,
+    ckpt.pt, best.pt (lowest validation loss) and every --save_every epochs a kept snapshot."""
+    train, state = run.config.train, run.state
+    epoch_done = run.epoch_examples - state.epoch_position < run.examples_per_step
+    record_epoch(run, epoch_done)
+    if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
+        state.epoch += 1
+        state.epoch_position = 0
+        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+    is_best = state.history["val_loss"][-1] < state.best_val_loss
+    if is_best:  # before saving, so a resumed run compares against the true best
+        state.best_val_loss = state.history["val_loss"][-1]
+    if not train.save_model:
+        return
+    save(run, run.last_path)
+    if run.rt.is_main and is_best:
+        copy_checkpoint(run.last_path, run.run_dir / "best.pt")
+    if run.rt.is_main and epoch_done and state.epoch % train.save_every == 0:
+        copy_checkpoint(run.last_path, run.run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
+        prune_snapshots(run.run_dir, train.keep_checkpoints)
+
+
+def finish_training(run: TrainingRun) -> Optional[Path]:
+    """The progression image; under torchrun, the check that every rank holds the same weights."""
+    if run.rt.is_main:
+        if run.state.progression:
+            save_labelled_rows(run.state.progression, run.save_dir / f"progression_{run.config.train.run_name}.png")
+        if run.config.train.save_model:
+            print(f"checkpoint: {run.last_path}")
+    if run.rt.world_size > 1:
+        check_replicas_identical([unwrap(run.model)] + ([run.ema.module] if run.ema is not None else []), run.rt)
+    return run.last_path if run.config.train.save_model else None
+
+
+def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes the null label with probability p_uncond."""
+    drop = torch.rand(labels.shape, device=labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def train_step(run: TrainingRun, epoch: EpochData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over --grad_accum micro-batches, queued on the device without waiting for it.
+
+    Returns (mean loss, grad norm, skip). `skip` is a bool tensor, true when the loss or the gradients were
+    not finite (including fp16 gradients that overflowed, for which GradScaler lowers its scale); the
+    optimizer then leaves the weights and its own state exactly as they were. The decision is made on the
+    device, through the `found_inf` that fused Adam(W) and Lion read, so no step waits for the GPU.
+    """
+    train, rt, model = run.config.train, run.rt, run.model
+    null_label = unwrap(model).null_label
+    loss = torch.zeros((), device=rt.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    for micro in range(train.grad_accum):
+        run.state.epoch_position, indices = next(epoch.batches)
+        x0, labels = load_batch(epoch.images, epoch.labels, indices, epoch.hflip, rt.device)
+        if train.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        labels = drop_labels(labels, train.p_uncond, null_label) if null_label is not None else None
+        t = torch.randint(0, run.diffusion.num_timesteps, (x0.shape[0],), device=rt.device)
+        last_micro = micro == train.grad_accum - 1
+        with maybe_no_sync(model, last_micro), torch.autocast(rt.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            micro_loss = run.diffusion.p_losses(model, x0, t, labels, loss_type=run.config.diffusion.loss_type)
+        run.scaler.scale(micro_loss / train.grad_accum).backward()
+        loss += micro_loss.detach().float() / train.grad_accum
+    if rt.world_size > 1:
+        dist.all_reduce(loss)
+        loss /= rt.world_size
+    grad_norm, skip = apply_update(model, run.optimizer, run.scaler, loss, train.grad_clip)
+    return loss, grad_norm, skip
+
+
+def log_step(run: TrainingRun, bar, loss: torch.Tensor, grad_norm: torch.Tensor, skip: torch.Tensor, images_per_s: float) -> None:
+    """Progress-bar figures and one JSON line of metrics, every --log_interval steps (the only per-step host syncs)."""
+    lr = run.scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+    if run.rt.is_main:
+        append_jsonl(run.save_dir / f"metrics_{run.config.train.run_name}.jsonl", {
+            "kind": "step", "step": run.state.step, "epoch": run.state.epoch + 1, "train_loss": loss.item(), "lr": lr,
             "grad_norm": None if skip.item() else grad_norm.item(), "images_per_s": images_per_s,
-            "peak_memory_mb": peak_memory_mb(rt.device), "nonfinite_skipped": state.nonfinite_skipped,
+            "peak_memory_mb": peak_memory_mb(run.rt.device), "nonfinite_skipped": run.state.nonfinite_skipped,
         })
 
 
-def record_epoch(eval_model, diffusion, state: TrainState, args, data: DataSplits, rt: Runtime, scheduler, epoch_done: bool, save_dir: Path) -> None:
-    """Validation and test loss, the loss history, the loss plot and (every --sample_every epochs) a sample grid."""
-    val_loss = evaluate(eval_model, diffusion, data.val, args, rt, seed=EVAL_SEEDS["val"])
-    test_loss = evaluate(eval_model, diffusion, data.test, args, rt, seed=EVAL_SEEDS["test"])
+def record_epoch(run: TrainingRun, epoch_done: bool) -> None:
+    """Validation and test loss, the loss history, the loss plot and (every --sample_every epochs, and at the
+    end) a sample grid."""
+    config, state, data, rt = run.config, run.state, run.data, run.rt
+    train = config.train
+    losses = {split: evaluate(run.eval_model(), run.diffusion, getattr(data, split), rt, seed=EVAL_SEEDS[split],
+                              batch_size=train.batch_size, loss_type=config.diffusion.loss_type) for split in ("val", "test")}
     train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else math.nan
     epochs_value = state.epoch + 1 if epoch_done else round(state.epoch + state.epoch_position / len(data.train), 4)
+    lr = run.scheduler.get_last_lr()[0]
     for key, value in (("epochs", epochs_value), ("steps", state.step), ("train_loss", train_loss),
-                       ("val_loss", val_loss), ("test_loss", test_loss), ("lr", scheduler.get_last_lr()[0])):
+                       ("val_loss", losses["val"]), ("test_loss", losses["test"]), ("lr", lr)):
         state.history[key].append(value)
-    take_sample = epoch_done and args.sample_every > 0 and (state.epoch + 1) % args.sample_every == 0
-    final = state.step >= (args.max_steps or math.inf) or (epoch_done and state.epoch + 1 >= args.epochs and not args.max_steps)
-    images = sample_grid(eval_model, diffusion, args, data, rt) if (take_sample or final) and args.sample_every > 0 else None
+    take_sample = epoch_done and train.sample_every > 0 and (state.epoch + 1) % train.sample_every == 0
+    final = state.step >= (train.max_steps or math.inf) or (epoch_done and state.epoch + 1 >= train.epochs and not train.max_steps)
+    pixels = sample_grid(run.eval_model(), run.diffusion, config, data, rt) if (take_sample or final) and train.sample_every > 0 else None
     if not rt.is_main:
         return
-    print(f"epoch {epochs_value} | step {state.step} | train {train_loss:.5f} | val {val_loss:.5f} | test {test_loss:.5f}")
-    save_json(state.history, save_dir / f"loss_history_{args.run_name}.json")
-    save_loss_plot(state.history, save_dir / f"loss_curve_{args.run_name}.png", args.run_name)
-    append_jsonl(save_dir / f"metrics_{args.run_name}.jsonl", {
-        "kind": "epoch", "step": state.step, "epoch": epochs_value, "train_loss": train_loss, "val_loss": val_loss,
-        "test_loss": test_loss, "lr": scheduler.get_last_lr()[0], "peak_memory_mb": peak_memory_mb(rt.device),
+    print(f"epoch {epochs_value} | step {state.step} | train {train_loss:.5f} | val {losses['val']:.5f} | test {losses['test']:.5f}")
+    name = train.run_name
+    save_json(state.history, run.save_dir / f"loss_history_{name}.json")
+    save_loss_plot(state.history, run.save_dir / f"loss_curve_{name}.png", name)
+    append_jsonl(run.save_dir / f"metrics_{name}.jsonl", {
+        "kind": "epoch", "step": state.step, "epoch": epochs_value, "train_loss": train_loss, "val_loss": losses["val"],
+        "test_loss": losses["test"], "lr": lr, "peak_memory_mb": peak_memory_mb(rt.device),
     })
-    if images is not None:
-        save_image_grid(images, save_dir / f"samples_{args.run_name}_epoch{state.epoch + 1:04d}.png")
-        state.progression.append((f"epoch {epochs_value:g}", to_uint8(images[:PROGRESSION_COLUMNS].cpu())))
+    if pixels is not None:
+        save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1, run.save_dir / f"samples_{name}_epoch{state.epoch + 1:04d}.png")
+        state.progression.append((f"epoch {epochs_value:g}", pixels[:PROGRESSION_COLUMNS]))
 
 
 def prune_snapshots(run_dir: Path, keep: int) -> None:

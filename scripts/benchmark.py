@@ -35,10 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tool's modules live one level up
 
+from ddpm_config import TrainConfig  # noqa: E402
 from ddpm_diffusion import SAMPLERS, Diffusion  # noqa: E402
-from ddpm_helpers import enable_tf32  # noqa: E402
+from ddpm_helpers import autocast_dtype, enable_tf32  # noqa: E402
 from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
-from ddpm_helpers import autocast_dtype  # noqa: E402
 from ddpm_train import apply_update, build_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
@@ -160,7 +160,7 @@ def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
 def train_step_fn(model: nn.Module, diffusion: Diffusion, args: argparse.Namespace, device: torch.device,
                   memory_format: torch.memory_format) -> Callable[[], None]:
     """One training step doing the work of ddpm_train.train_step (grad_accum 1, unconditional)."""
-    optimizer = build_optimizer(argparse.Namespace(optimizer="adamw", lr=2e-4, beta1=0.9, beta2=0.999, weight_decay=0.0), model)
+    optimizer = build_optimizer(TrainConfig(optimizer="adamw", lr=2e-4), model)
     amp_dtype = autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     x0 = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1).contiguous(memory_format=memory_format)

@@ -65,13 +65,11 @@ def test_validation_loss_is_deterministic_for_fixed_weights(workspace):
     checkpoint = load_checkpoint(workspace / "models/C/ckpt.pt")
     model = UNet(**checkpoint["model_config"])
     model.load_state_dict(checkpoint["ema"])
-    args = ddpm_main.build_parser().parse_args(shlex.split(TINY))
     data = load_datasets("synthetic", "unused", 16)
     diffusion = Diffusion(20)
-    first = evaluate(model, diffusion, data.val, args, Runtime(torch.device("cpu")), seed=5)
+    first = evaluate(model, diffusion, data.val, Runtime(torch.device("cpu")), seed=5, batch_size=32, loss_type="l2")
     torch.manual_seed(123)
-    args.batch_size = 7
-    second = evaluate(model, diffusion, data.val, args, Runtime(torch.device("cpu")), seed=5)
+    second = evaluate(model, diffusion, data.val, Runtime(torch.device("cpu")), seed=5, batch_size=7, loss_type="l2")
     assert first == pytest.approx(second, rel=1e-6)
 
 
@@ -108,6 +106,14 @@ def test_same_seed_same_images_other_seed_other_images(workspace):
     assert not np.array_equal(first, other)
 
 
+class RunsCode:
+    """Unpickling this would call os.system; torch.load(weights_only=True) must refuse it, and the tool must say
+    that the file is unsafe (not that it is corrupt)."""
+
+    def __reduce__(self):
+        return os.system, ("echo unpickled",)
+
+
 @pytest.mark.parametrize(
     "command,message",
     [
@@ -131,11 +137,16 @@ def test_same_seed_same_images_other_seed_other_images(workspace):
         (f"{TINY} --run_name U --save_model --save_dir out_U", "exists: pass --resume"),
         ("--dataset folder --data_dir empty_dir --model_size tiny", "empty_dir"),
         ("--dataset synthetic --model_size ddpm --image_size 20", "does not fit"),
+        (f"{TINY} --save_model --run_name ../../escaped", "--run_name must be a plain name"),
+        (f"{TINY} --save_model --run_name a/b", "--run_name must be a plain name"),
+        (f"{TINY} --save_model --run_name ..", "--run_name must be a plain name"),
+        ("--inference --model_path unsafe.pt", "refusing to load it"),
     ],
 )
 def test_bad_input_gives_one_line_and_touches_nothing(workspace, capsys, command, message):
     (workspace / "truncated.pt").write_bytes((workspace / "models/C/ckpt.pt").read_bytes()[:2000])
     torch.save({"weights": torch.zeros(2)}, workspace / "foreign.pt")
+    torch.save({"format": "ddpm-checkpoint", "payload": RunsCode()}, workspace / "unsafe.pt")
     (workspace / "empty_dir").mkdir(exist_ok=True)
     before = tree_fingerprint(workspace)
     capsys.readouterr()
@@ -176,10 +187,17 @@ def test_readme_commands_parse():
 
 
 def test_guidance_sweep_script_makes_one_labelled_image(workspace):
+    """The script runs the interpreter named by PYTHON, here the one running the tests; a `python` first on PATH
+    that is not it (as from a virtual environment that is not activated) must not be used."""
     script = REPO / "scripts/guidance_sweep.sh"
+    decoy = workspace / "decoy_bin"
+    decoy.mkdir(exist_ok=True)
+    (decoy / "python").write_text("#!/bin/sh\necho 'the decoy python ran' >&2\nexit 97\n")
+    (decoy / "python").chmod(0o755)
+    env = {**os.environ, "NUM_SAMPLES": "3", "PYTHON": sys.executable, "PATH": f"{decoy}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         ["bash", str(script), "models/C/ckpt.pt", "2", "0 3", "sweep", "--sampler", "ddim", "--sampling_steps", "3", "--no_ema"],
-        cwd=workspace, capture_output=True, text=True, timeout=300, env={**os.environ, "NUM_SAMPLES": "3"},
+        cwd=workspace, capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image

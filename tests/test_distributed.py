@@ -1,5 +1,4 @@
 """Distributed training for real: two CPU processes (gloo) launched by torchrun, as a user would launch them."""
-import argparse
 import json
 import os
 import shlex
@@ -71,7 +70,7 @@ def test_two_processes_train_and_end_with_identical_weights(run_dir):
     checkpoint = load_checkpoint(run_dir / "models/D/ckpt.pt")
     assert checkpoint["train_state"]["step"] == STEPS
     assert checkpoint["train_state"]["epoch_position"] == STEPS * 2 * 16, "each step uses both ranks' batches"
-    assert checkpoint["config"]["world_size"] == 2
+    assert checkpoint["runtime"]["world_size"] == 2
     assert len(checkpoint["rng_per_rank"]) == 2
     assert not torch.equal(checkpoint["rng_per_rank"][0]["torch"], checkpoint["rng_per_rank"][1]["torch"]), "ranks draw their own noise"
 
@@ -99,7 +98,7 @@ def test_validation_loss_is_averaged_over_all_ranks(run_dir):
     model = UNet(**checkpoint["model_config"])
     model.load_state_dict(checkpoint["ema"])
     val = load_datasets("folder", run_dir / "images", 16).val
-    loss = evaluate(model, Diffusion(20), val, argparse.Namespace(batch_size=16, loss_type="l2"), Runtime(torch.device("cpu")), EVAL_SEEDS["val"])
+    loss = evaluate(model, Diffusion(20), val, Runtime(torch.device("cpu")), seed=EVAL_SEEDS["val"], batch_size=16, loss_type="l2")
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert history["val_loss"][0] == pytest.approx(loss, rel=1e-5)
 
@@ -136,15 +135,16 @@ def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_
 def test_each_rank_samples_only_its_share_of_the_batches(run_dir, monkeypatch):
     """5 samples in batches of 2 are 3 batches: rank 0 of 2 samples batch 0, rank 1 batches 1 and 2 (samples 2-4),
     each from the noise a single process uses for those batches."""
-    import ddpm_evaluate
+    import ddpm_sampling
+    from ddpm_config import SamplingConfig
 
-    loaded = ddpm_evaluate.load_model(run_dir / "models/D/ckpt.pt", "cpu")
-    settings = ddpm_evaluate.SamplerSettings("ddim", 3, 0.0, 2.0, 0.0, None)
-    labels = ddpm_evaluate.every_class_in_turn(loaded, 5)
-    generate = lambda rank, world_size: ddpm_evaluate.generate(  # noqa: E731
+    loaded = ddpm_sampling.load_model(run_dir / "models/D/ckpt.pt", "cpu")
+    settings = SamplingConfig(sampler="ddim", steps=3, guidance_scale=2.0)
+    labels = ddpm_sampling.every_class_in_turn(len(loaded.class_names), 5)
+    generate = lambda rank, world_size: ddpm_sampling.generate_from(  # noqa: E731
         loaded, 5, labels, settings, seed=5, batch_size=2, rt=Runtime(torch.device("cpu"), rank, world_size))
     everything = generate(0, 1)
-    monkeypatch.setattr(ddpm_evaluate, "gather_rows", lambda rows, rt: rows)  # each rank's own share, not gathered
+    monkeypatch.setattr(ddpm_sampling, "gather_rows", lambda rows, rt: rows)  # each rank's own share, not gathered
     assert torch.equal(generate(0, 2), everything[:2])
     assert torch.equal(generate(1, 2), everything[2:])
 

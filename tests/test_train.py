@@ -1,5 +1,6 @@
 """Training that survives real runs: exact resume, signals, crashes, non-finite losses, EMA, accumulation."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -51,7 +52,40 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
         assert checkpoint[key] is not None, key
     assert set(checkpoint["rng"]) >= {"python", "numpy", "torch"}
     assert checkpoint["train_state"]["history"]["train_loss"]
-    assert checkpoint["config"]["lr"] == 2e-3
+    config = checkpoint["config"]
+    assert config["version"] == 2 and set(config) == {"version", "data", "model", "diffusion", "train", "sampling"}
+    assert config["train"]["lr"] == 2e-3 and config["model"]["preset"] == "tiny" and config["sampling"]["steps"] == 4
+    flat = {name for section in config.values() if isinstance(section, dict) for name in section}
+    assert not flat & {"device", "world_size", "data_on_device", "model_config", "inference"}, "run-time facts are not configuration"
+    assert checkpoint["runtime"] == {"world_size": 1}
+
+
+V1_CHECKPOINT = REPO / "tests/data/checkpoint_v1_tiny.pt"
+
+
+def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resumes(tmp_path):
+    """tests/data/checkpoint_v1_tiny.pt was written by the tool before typed configuration (its "config" is the flat
+    flags), by `--dataset synthetic --image_size 8 --model_size tiny --base_dim 8 --conditional --max_steps 3
+    --batch_size 16 --warmup_steps 2 --sample_every 0 --save_model --run_name v1`; the .npz beside it holds what
+    `--inference --num_samples 4 --sampler ddim --sampling_steps 10 --guidance_scale 2` gave then."""
+    old = load_checkpoint(V1_CHECKPOINT)
+    assert "version" not in old["config"] and old["config"]["world_size"] == 1
+    assert run_cli(f"--inference --model_path {V1_CHECKPOINT} --num_samples 4 --sampler ddim --sampling_steps 10 "
+                   "--guidance_scale 2 --save_dir inf --device cpu", tmp_path) == 0
+    expected = np.load(REPO / "tests/data/checkpoint_v1_tiny_ddim10.npz")
+    now = np.load(tmp_path / "inf/samples.npz")
+    assert np.array_equal(now["images"], expected["images"]) and np.array_equal(now["labels"], expected["labels"])
+
+    run_dir = tmp_path / "models/v1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "ckpt.pt").write_bytes(V1_CHECKPOINT.read_bytes())
+    resume = "--dataset synthetic --image_size 8 --model_size tiny --base_dim 8 --conditional --batch_size 16 --warmup_steps 2 " \
+             "--sample_every 0 --save_model --run_name v1 --resume --device cpu"
+    assert run_cli(f"{resume} --model_size small", tmp_path) == 2, "the old format's fixed flags are still checked"
+    assert run_cli(f"{resume} --max_steps 5", tmp_path) == 0
+    resumed = load_checkpoint(run_dir / "ckpt.pt")
+    assert resumed["train_state"]["step"] == 5 and resumed["config"]["version"] == 2
+    assert resumed["ema_num_updates"] == 5
 
 
 @pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional"])
@@ -108,10 +142,39 @@ def dying_save(obj, f):
 torch.save = dying_save
 ddpm_helpers.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r})
 """
-    result = subprocess.run([sys.executable, "-c", killer], capture_output=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL
-    assert path.read_bytes() == before
-    assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
+    for _ in range(3):  # killed again and again: one temporary at most, never a growing pile
+        result = subprocess.run([sys.executable, "-c", killer], capture_output=True, timeout=120)
+        assert result.returncode == -signal.SIGKILL
+        assert path.read_bytes() == before
+        assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "ckpt.pt.tmp"]
+
+
+def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
+    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name K", tmp_path) == 0
+    run_dir = tmp_path / "models/K"
+    leftovers = ["ckpt.pt.tmp", "best.pt.tmp", "ckpt_epoch0010.pt.tmp", "ckpt.pt.tmp-999999999"]  # the last: an earlier version's, its process gone
+    for name in leftovers:
+        (run_dir / name).write_bytes(b"half a checkpoint")
+    (run_dir / "notes.tmp").write_text("not the tool's")
+    (run_dir / f"ckpt.pt.tmp-{os.getpid()}").write_bytes(b"a live writer's")
+    assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name K --resume", tmp_path) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["best.pt", "ckpt.pt", "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}"])
+
+
+def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
+    """The grids go through --inference's sampling path: every sampling flag, --amp included, applies to them."""
+    sampling = "--sampler ddim --sampling_steps 4 --eta 0.5 --guidance_scale 2.5 --guidance_rescale 0.7 --guidance_interval 0.5,80 --amp bf16"
+    assert run_cli(f"{FAST} --conditional --num_samples 6 --batch_size 128 --max_steps 3 --sample_every 1 {sampling} "
+                   "--save_model --run_name G --save_dir out", tmp_path) == 0
+    assert run_cli(f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling} --save_dir inf", tmp_path) == 0
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "out/samples_G_epoch0001.png"))
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "inf/grid.png")))
+    assert run_cli(f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling.replace('bf16', 'none')} "
+                   "--save_dir inf_fp32", tmp_path) == 0
+    assert not np.array_equal(grid, np.asarray(Image.open(tmp_path / "inf_fp32/grid.png"))), "--amp must change these images"
 
 
 def nan_training_losses(monkeypatch, good_steps: int, bad_steps: int):

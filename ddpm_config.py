@@ -1,0 +1,145 @@
+"""Typed configuration of a run, below the command line.
+
+`ddpm_main.py` parses and validates the flags and builds these; everything below it takes them (or
+plain keyword arguments), never argparse's Namespace. A checkpoint stores `RunConfig.to_dict()`, a
+versioned plain dict, so a resumed run reads back what was asked for and nothing that was found out
+at run time (the device, the number of processes: those live in `ddpm_helpers.Runtime`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from ddpm_model import preset_config
+
+CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-time facts mixed in
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"
+    data_dir: str = "./data"
+    image_size: Optional[int] = None  # None: the data set's own size
+    hflip: Optional[bool] = None  # random left-right flips in training; None: the data set's default
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A preset of ddpm_model.PRESETS with explicit overrides laid over it (None: the preset's value)."""
+
+    preset: str = "ddpm"
+    base_dim: Optional[int] = None
+    dim_mults: Optional[tuple[int, ...]] = None
+    num_res_blocks: Optional[int] = None
+    attn_resolutions: Optional[tuple[int, ...]] = None
+    dropout: Optional[float] = None
+    conditional: bool = False
+
+    def unet_kwargs(self, image_size: int) -> dict:
+        """The UNet's architecture keyword arguments for `image_size` (without in_channels and num_classes)."""
+        kwargs = preset_config(self.preset, image_size)
+        for name in ("base_dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "linear"
+    loss_type: str = "l2"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How images are drawn from a network: the sampler and classifier-free guidance."""
+
+    sampler: str = "ddpm"
+    steps: Optional[int] = None  # network evaluations; None: all T for ddpm, 50 otherwise
+    eta: float = 0.0  # DDIM's noise
+    guidance_scale: float = 3.0
+    guidance_rescale: float = 0.0
+    guidance_interval: Optional[tuple[float, float]] = None
+    amp: str = "none"  # the network's autocast; the sampler's own arithmetic stays in float32
+
+    def resolved_steps(self, num_timesteps: int) -> int:
+        """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
+        if self.steps is not None:
+            return self.steps
+        return num_timesteps if self.sampler == "ddpm" else min(50, num_timesteps)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's settings; each is documented where ddpm_train uses it."""
+
+    run_name: str = "DDPM"
+    save_dir: str = "outputs"
+    models_dir: str = "models"
+    seed: int = 0
+    epochs: int = 100
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    lr: float = 2e-4
+    p_uncond: float = 0.1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 5000
+    lr_schedule: str = "constant"
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    sample_with_ema: bool = True
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    log_interval: int = 100
+    sample_every: int = 10
+    num_samples: int = 64
+    save_model: bool = False
+    save_every: int = 10
+    save_every_steps: int = 0
+    keep_checkpoints: int = 3
+    resume: Optional[str] = None  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run was asked to do."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def to_dict(self) -> dict:
+        """A plain, versioned dict (tuples become lists), as checkpoints store it."""
+        return {"version": CONFIG_VERSION, **asdict(self)}
+
+
+# Settings that define the model, the data or the diffusion: a resumed run must keep them. Named by their flag.
+FIXED_ON_RESUME = {
+    "dataset": ("data", "dataset"), "image_size": ("data", "image_size"), "conditional": ("model", "conditional"),
+    "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"), "loss_type": ("diffusion", "loss_type"),
+    "model_size": ("model", "preset"), "base_dim": ("model", "base_dim"), "dim_mults": ("model", "dim_mults"),
+    "num_res_blocks": ("model", "num_res_blocks"), "attn_resolutions": ("model", "attn_resolutions"),
+}
+
+
+def fixed_settings(saved: dict) -> dict:
+    """The FIXED_ON_RESUME settings of a checkpoint's stored configuration, by flag name, from either
+    version: version 2 (RunConfig.to_dict) or version 1 (the flat flags of the first versions)."""
+    if saved.get("version") == CONFIG_VERSION:
+        values = {flag: saved[section][name] for flag, (section, name) in FIXED_ON_RESUME.items()}
+    else:
+        values = {flag: saved[flag] for flag in FIXED_ON_RESUME if flag in saved}
+    return {flag: tuple(value) if isinstance(value, list) else value for flag, value in values.items()}
+
+
+def current_settings(config: RunConfig) -> dict:
+    """The FIXED_ON_RESUME settings of `config`, by flag name."""
+    return {flag: getattr(getattr(config, section), name) for flag, (section, name) in FIXED_ON_RESUME.items()}
