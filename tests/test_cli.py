@@ -186,6 +186,17 @@ def test_readme_commands_parse():
         parser.parse_args(shlex.split(command)[2:])
 
 
+def test_readme_python_example_samples_what_inference_writes(workspace, capsys):
+    """The README's Python block, run on the conditional workspace model, gives the pixels of --inference."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("models/synthetic_tiny/ckpt.pt", str(workspace / "models/C/ckpt.pt"))
+    namespace = {}
+    exec(block, namespace)
+    assert run("--inference --model_path models/C/ckpt.pt --num_samples 8 --batch_size 8 --sampler dpm++2m --sampling_steps 20 "
+               "--guidance_scale 3 --save_dir readme_inf --device cpu", workspace) == 0
+    assert np.array_equal(namespace["images"].numpy(), np.load(workspace / "readme_inf/samples.npz")["images"])
+
+
 def test_guidance_sweep_script_makes_one_labelled_image(workspace):
     """The script runs the interpreter named by PYTHON, here the one running the tests; a `python` first on PATH
     that is not it (as from a virtual environment that is not activated) must not be used."""
