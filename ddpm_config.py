@@ -21,6 +21,8 @@ class DataConfig:
     data_dir: str = "./data"
     image_size: Optional[int] = None  # None: the data set's own size
     hflip: Optional[bool] = None  # random left-right flips in training; None: the data set's default
+    channels: Optional[int] = None  # 1 or 3; None: the data set's own
+    val_fraction: float = 0.1  # of the training images, held out for the validation loss
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"
     loss_type: str = "l2"
+    prediction_type: str = "v"  # what the network outputs: eps, v or x0 (ddpm_diffusion.Diffusion)
+    snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0: none (L_simple)
 
 
 @dataclass(frozen=True)
@@ -87,18 +91,18 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    warmup_steps: int = 5000
+    warmup_steps: Optional[int] = None  # None: derived from the planned steps (ddpm_train.derived_warmup)
     lr_schedule: str = "constant"
     grad_clip: float = 1.0
     grad_accum: int = 1
-    ema_decay: float = 0.9999
+    ema_decay: Optional[float] = None  # None: a half-life growing with the run (ddpm_train.EMA); 0: no EMA
     sample_with_ema: bool = True
     amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
     log_interval: int = 100
     sample_every: int = 10
-    num_samples: int = 64
+    num_samples: Optional[int] = None  # of a training grid; None: 16, or two per class
     save_model: bool = False
     save_every: int = 10
     save_every_steps: int = 0
@@ -125,18 +129,23 @@ class RunConfig:
 FIXED_ON_RESUME = {
     "dataset": ("data", "dataset"), "image_size": ("data", "image_size"), "conditional": ("model", "conditional"),
     "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"), "loss_type": ("diffusion", "loss_type"),
+    "prediction_type": ("diffusion", "prediction_type"),
     "model_size": ("model", "preset"), "base_dim": ("model", "base_dim"), "dim_mults": ("model", "dim_mults"),
     "num_res_blocks": ("model", "num_res_blocks"), "attn_resolutions": ("model", "attn_resolutions"),
 }
+
+
+# What settings added after a checkpoint was written meant then.
+FIRST_DEFAULTS = {"prediction_type": "eps"}
 
 
 def fixed_settings(saved: dict) -> dict:
     """The FIXED_ON_RESUME settings of a checkpoint's stored configuration, by flag name, from either
     version: version 2 (RunConfig.to_dict) or version 1 (the flat flags of the first versions)."""
     if saved.get("version") == CONFIG_VERSION:
-        values = {flag: saved[section][name] for flag, (section, name) in FIXED_ON_RESUME.items()}
+        values = {flag: saved[section].get(name, FIRST_DEFAULTS.get(flag)) for flag, (section, name) in FIXED_ON_RESUME.items()}
     else:
-        values = {flag: saved[flag] for flag in FIXED_ON_RESUME if flag in saved}
+        values = {flag: saved.get(flag, FIRST_DEFAULTS.get(flag)) for flag in FIXED_ON_RESUME if flag in saved or flag in FIRST_DEFAULTS}
     return {flag: tuple(value) if isinstance(value, list) else value for flag, value in values.items()}
 
 

@@ -4,8 +4,10 @@ Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDP
     betas[t]          = beta_t, the variance added at step t
     alphas_cumprod[t] = alpha_bar_t = prod_{s<=t} (1 - beta_s)
     q(x_t | x_0)      = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)          (eq. 4)
-The network predicts the noise eps; every sampler turns that prediction into a prediction
-of x_0 (`x0_from_eps`) and then moves from step t to an earlier step s. The samplers share one
+The network predicts the noise eps (Ho et al.), the clean image x_0, or the velocity
+v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, "Progressive Distillation",
+section 4); `Diffusion.eps_from_output` turns any of them into eps, in which guidance mixes and the samplers
+work. Every sampler turns that prediction into a prediction of x_0 (`x0_from_eps`) and then moves from step t to an earlier step s. The samplers share one
 step interface (`Sampler.step(x, t, t_prev, eps, generator)`) and one posterior
 q(x_s | x_t, x_0) (`posterior`), so the full ancestral chain, its respaced version
 (Improved DDPM, Nichol & Dhariwal 2021, section 4) and DDIM (Song et al. 2021) differ only
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 SCHEDULES = ("linear", "cosine", "sigmoid")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 LOSS_TYPES = ("l2", "l1", "huber")
+PREDICTION_TYPES = ("eps", "v", "x0")
 MAX_BETA = 0.999
 # DPM-Solver++ starts no higher than this lambda = log(alpha_t / sigma_t) (diffusers' `lambda_min_clipped`, the
 # value it recommends for the cosine schedule; DPM-Solver's reference code likewise stops the cosine schedule short of
@@ -131,9 +134,15 @@ def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
 class Diffusion:
     """The fixed forward process of a DDPM and everything computed from its schedule."""
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "linear"):
+    def __init__(self, timesteps: int = 1000, schedule: str = "linear", prediction_type: str = "eps", snr_gamma: float = 0.0):
+        """`prediction_type`: what the network outputs (eps, v or x0); `snr_gamma` > 0: min-SNR-gamma loss
+        weighting (Hang et al. 2023), 0: L_simple's uniform weighting."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         self.num_timesteps = timesteps
         self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.snr_gamma = snr_gamma
         betas = make_beta_schedule(schedule, timesteps)
         # Computed in float64, kept in float32: what the network and the samplers work in.
         self.betas = betas.float()
@@ -182,17 +191,43 @@ class Diffusion:
         noise: Optional[torch.Tensor] = None,
         loss_type: str = "l2",
     ) -> torch.Tensor:
-        """The simplified objective L_simple (Ho et al. eq. 14): distance between eps and the model's guess."""
+        """The training loss: the distance between the network's output and its target (eps, v or x_0, per
+        `prediction_type`), averaged per example, weighted per timestep (`loss_weight`) and averaged.
+        With eps and no weighting this is L_simple (Ho et al. eq. 14)."""
         if noise is None:
             noise = torch.randn_like(x0)
         predicted = model(self.q_sample(x0, t, noise), t, labels)
-        if loss_type == "l2":
-            return F.mse_loss(predicted, noise)
-        if loss_type == "l1":
-            return F.l1_loss(predicted, noise)
-        if loss_type == "huber":
-            return F.smooth_l1_loss(predicted, noise)
-        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        target = self.training_target(x0, t, noise)
+        losses = {"l2": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}
+        if loss_type not in losses:
+            raise ValueError(f"unknown loss type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}")
+        per_example = losses[loss_type](predicted.float(), target, reduction="none").flatten(1).mean(1)
+        return (per_example * self.loss_weight(t)).mean()
+
+    def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output for x_t = q_sample(x0, t, noise)."""
+        if self.prediction_type == "eps":
+            return noise
+        if self.prediction_type == "x0":
+            return x0
+        alpha_bar = _broadcast(self.alpha_bar(t), x0.ndim).to(x0.dtype)
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # v (Salimans & Ho 2022, eq. 9 and appendix D)
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t)."""
+        alpha_bar = self.alpha_bar(t)
+        return alpha_bar / (1 - alpha_bar)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-example weights of the loss: 1 without `snr_gamma`; with it, min-SNR-gamma (Hang et al. 2023,
+        "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 8 and section 3.4): the x_0 loss
+        weighted by min(SNR, gamma), which in terms of the eps loss is min(SNR, gamma) / SNR and of the v loss
+        min(SNR, gamma) / (SNR + 1)."""
+        if not self.snr_gamma:
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t)
+        clipped = snr.clamp(max=self.snr_gamma)
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction_type]
 
     # Reverse process
 
@@ -206,7 +241,8 @@ class Diffusion:
         null_label: Optional[int] = None,
         guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
-        """The noise estimate, with classifier-free guidance when labels are given.
+        """The noise estimate, with classifier-free guidance when labels are given; the network's output is
+        turned into eps first (`eps_from_output`), so guidance mixes in eps space whatever the network predicts.
 
         Ho & Salimans 2022: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 is the
         unconditional model, w = 1 the plain conditional one (both computed alone, exactly);
@@ -214,21 +250,31 @@ class Diffusion:
         rescales the result (`rescale_guidance`, Lin et al. 2023).
         """
         if labels is None:
-            return model(x, t, None)
+            return self.eps_from_output(model(x, t, None), x, t)
         if null_label is None:
             null_label = getattr(model, "num_classes", None)
             if null_label is None:
                 raise ValueError("labels were given but the model has no `num_classes`: pass null_label")
         null_labels = torch.full_like(labels, null_label)
         if guidance_scale == 1.0:
-            return model(x, t, labels)
+            return self.eps_from_output(model(x, t, labels), x, t)
         if guidance_scale == 0.0:
-            return model(x, t, null_labels)
-        eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels])).chunk(2)
+            return self.eps_from_output(model(x, t, null_labels), x, t)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null_labels]))
+        eps_cond, eps_uncond = self.eps_from_output(both, torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         if guidance_rescale:
             guided = rescale_guidance(guided, eps_cond, guidance_rescale)
         return guided
+
+    def eps_from_output(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise estimate that a network output of `prediction_type` stands for, at x_t = x."""
+        if self.prediction_type == "eps":
+            return output
+        alpha_bar = _broadcast(self.alpha_bar(t), x.ndim).to(x.dtype)
+        if self.prediction_type == "x0":
+            return eps_from_x0(x, alpha_bar, output)
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * x  # from v = sqrt(ab) eps - sqrt(1 - ab) x_0
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """Noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps,
@@ -272,7 +318,8 @@ class Diffusion:
     ) -> torch.Tensor:
         """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W).
 
-        `model(x, t, labels)` is any noise predictor; its train/eval mode is left as it is.
+        `model(x, t, labels)` is any network that predicts `prediction_type` (eps unless told otherwise); its
+        train/eval mode is left as it is.
         `steps` network evaluations (default: all T for ddpm, 50 for ddim and dpm++2m), at
         evenly spaced timesteps (log-SNR spaced for dpm++2m). Noise is drawn from `generator` (on its own device) so a
         seed gives the same images on any device.

@@ -35,7 +35,9 @@ class UsageError(Exception):
 
 
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "synthetic")
-DEFAULT_HFLIP = {"cifar10": True, "mnist": False, "fashion_mnist": False, "folder": True, "synthetic": True}
+# Random left-right flips by default: CIFAR-10's objects are mirror-symmetric as a class; a folder's content may
+# not be (digits, text, faces with a known side), so there they are asked for with --hflip.
+DEFAULT_HFLIP = {"cifar10": True, "mnist": False, "fashion_mnist": False, "folder": False, "synthetic": True}
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -81,21 +83,24 @@ class DataSplits:
 
 
 def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None = None, hflip: bool | None = None,
-                  download: bool = True, seed: int = 0) -> DataSplits:
+                  download: bool = True, seed: int = 0, channels: int | None = None, val_fraction: float = 0.1) -> DataSplits:
     """Load a data set and split it into train / val / test; the same seed always gives the same split.
 
-    Data sets without an official test split (folder, synthetic) first hold out 10% as test.
-    Validation is always 10% of what remains for training.
+    Data sets without an official test split (a folder without train/ and test/, synthetic) first hold out 10%
+    as test. Validation is `val_fraction` of what remains for training (0: no validation split). `channels`
+    forces grey (1) or RGB (3) images; by default a data set keeps its own (a folder whose images are all
+    grey is grey).
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     data, test, class_names = _load_images(name, Path(data_dir), image_size, download, seed)
     generator = torch.Generator().manual_seed(seed)
     if test is None:
-        data, test = _hold_out_tenth(data, generator)
-    train, val = _hold_out_tenth(data, generator)
+        data, test = _hold_out(data, 0.1, generator)
+    train, val = _hold_out(data, val_fraction, generator)
     if image_size is not None:
         train, val, test = (_resize(images, image_size) for images in (train, val, test))
+    train, val, test = (_to_channels(images, channels) for images in (train, val, test))
 
     use_hflip = DEFAULT_HFLIP[name] if hflip is None else hflip
     channels, size = train[0].shape[1], train[0].shape[-1]
@@ -113,20 +118,30 @@ def _load_images(name: str, data_dir: Path, image_size: int | None, download: bo
     if name == "fashion_mnist":
         return _load_torchvision_idx(torchvision.datasets.FashionMNIST, data_dir, download)
     if name == "folder":
-        images, class_names = _load_image_folder(data_dir, image_size or 32)
-        return images, None, class_names
+        return _load_split_folders(data_dir, image_size or 32)
     return _make_synthetic(6000, image_size or 32, seed), None, list(SYNTHETIC_CLASS_NAMES)
 
 
-def _hold_out_tenth(data: LabelledImages, generator: torch.Generator) -> tuple[LabelledImages, LabelledImages]:
-    """Split off a random 10% (at least one example); returns (rest, held_out)."""
+def _hold_out(data: LabelledImages, fraction: float, generator: torch.Generator) -> tuple[LabelledImages, LabelledImages]:
+    """Split off a random `fraction` (at least one example unless the fraction is 0); returns (rest, held_out)."""
     images, labels = data
-    if len(labels) < 2:
+    count = 0 if fraction == 0 else max(1, math.floor(len(labels) * fraction + 1e-9))
+    if len(labels) - count < 1:
         raise UsageError("too few images: a data set needs at least one image each for train, val and test")
     order = torch.randperm(len(labels), generator=generator)
-    count = max(1, len(labels) // 10)
     held, kept = order[:count], order[count:]
     return (images[kept], labels[kept]), (images[held], labels[held])
+
+
+def _to_channels(data: LabelledImages, channels: int | None) -> LabelledImages:
+    """Grey (1) or RGB (3) images as asked; None keeps them. RGB becomes grey by ITU-R 601 luma (as PIL's "L")."""
+    images, labels = data
+    if channels is None or images.shape[1] == channels:
+        return data
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous(), labels
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8), labels
 
 
 def _resize(data: LabelledImages, size: int) -> LabelledImages:
@@ -229,8 +244,22 @@ def _folder_layout_error(data_dir: Path, problem: str) -> UsageError:
                       f"e.g. {data_dir}/cats/001.png")
 
 
+def _load_split_folders(data_dir: Path, image_size: int) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
+    """A class folder, or one with train/ and test/ class folders (the same classes), used as the two splits."""
+    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
+        train, train_classes = _load_image_folder(data_dir / "train", image_size)
+        test, test_classes = _load_image_folder(data_dir / "test", image_size)
+        if train_classes != test_classes:
+            raise UsageError(f"{data_dir}/train and {data_dir}/test must hold the same class folders, "
+                             f"not {', '.join(train_classes)} and {', '.join(test_classes)}")
+        return train, test, train_classes
+    images, class_names = _load_image_folder(data_dir, image_size)
+    return images, None, class_names
+
+
 def _load_image_folder(data_dir: Path, image_size: int) -> tuple[LabelledImages, list[str]]:
-    """Decode every image to RGB, scale its short side to image_size and crop the centre square."""
+    """Decode every image, scale its short side to image_size and crop the centre square; grey (1 channel) if
+    every image is grey (R = G = B, whatever its file's mode), else RGB."""
     if not data_dir.is_dir():
         raise _folder_layout_error(data_dir, f"image folder not found: {data_dir}")
     to_square = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
@@ -239,9 +268,11 @@ def _load_image_folder(data_dir: Path, image_size: int) -> tuple[LabelledImages,
         folder = torchvision.datasets.ImageFolder(str(data_dir), transform=to_square)
     except FileNotFoundError as error:
         raise _folder_layout_error(data_dir, f"no class folders with images in {data_dir}") from error
-    images = [_read_folder_image(folder, index)
-              for index in tqdm(range(len(folder)), desc=f"decoding {data_dir}", unit="img", leave=False)]
-    return (torch.stack(images), torch.tensor(folder.targets, dtype=torch.int64)), folder.classes
+    images = torch.stack([_read_folder_image(folder, index)
+                          for index in tqdm(range(len(folder)), desc=f"decoding {data_dir}", unit="img", leave=False)])
+    if torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
+        images = images[:, :1]
+    return (images, torch.tensor(folder.targets, dtype=torch.int64)), folder.classes
 
 
 def _read_folder_image(folder: torchvision.datasets.ImageFolder, index: int) -> torch.Tensor:

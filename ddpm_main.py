@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ddpm_config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig
-from ddpm_diffusion import LOSS_TYPES, SAMPLERS, SCHEDULES
+from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SAMPLERS, SCHEDULES
 from ddpm_evaluate import FEATURE_EXTRACTORS, run_checkpoint_comparison, run_evaluation
 from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_datasets, setup_runtime
 from ddpm_model import PRESETS, UNet
@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="cifar10", choices=DATASETS)
     data.add_argument("--data_dir", default="./data", help="dataset location (downloads go here); for 'folder', the image folder")
     data.add_argument("--image_size", type=int, default=None, help="resize images to this size (default: the dataset's own)")
-    data.add_argument("--no_hflip", action="store_true", help="no random horizontal flips in training")
+    flips = data.add_mutually_exclusive_group()
+    flips.add_argument("--hflip", action="store_true", help="random horizontal flips in training (default: on for cifar10 and synthetic only)")
+    flips.add_argument("--no_hflip", action="store_true", help="no random horizontal flips in training")
+    data.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                      help="train on grey (1) or RGB (3) images (default: the data set's own; a folder of grey images is grey)")
+    data.add_argument("--val_fraction", type=float, default=0.1, help="share of the training images held out for the validation loss (0: none)")
 
     model = parser.add_argument_group("model (a preset, then overrides)")
     model.add_argument("--model_size", default="ddpm", choices=sorted(PRESETS), help="architecture preset")
@@ -65,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion.add_argument("--timesteps", type=int, default=1000)
     diffusion.add_argument("--schedule", default="linear", choices=SCHEDULES)
     diffusion.add_argument("--loss_type", default="l2", choices=LOSS_TYPES)
+    diffusion.add_argument("--prediction_type", default="v", choices=PREDICTION_TYPES,
+                           help="what the network predicts: v (Salimans & Ho 2022; the default, chosen by scripts/quality_benchmark.py), "
+                                "eps (Ho et al.) or x0")
+    diffusion.add_argument("--snr_gamma", type=float, default=5.0,
+                           help="min-SNR-gamma loss weighting (Hang et al. 2023; the default 5 is theirs); 0: none, Ho et al.'s L_simple")
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=100)
@@ -84,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight_decay", type=float, default=0.0)
     train.add_argument("--beta1", type=float, default=0.9)
     train.add_argument("--beta2", type=float, default=0.999)
-    train.add_argument("--warmup_steps", type=int, default=5000, help="linear learning-rate warm-up (Ho et al.: 5000)")
+    train.add_argument("--warmup_steps", type=int, default=None,
+                       help="linear learning-rate warm-up (default: 5%% of the planned steps, at most Ho et al.'s 5000)")
     train.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine", "step"))
     train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay of the weights (0: no EMA)")
+    train.add_argument("--ema_decay", type=float, default=None,
+                       help="fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; default: an EMA whose "
+                            "half-life is 5%% of the steps so far, at most 0.9999's, as EDM's ramp-up)")
     train.add_argument("--no_ema", action="store_true", help="evaluate and sample with the raw weights instead of the EMA")
     train.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                        help="mixed precision of the network, in training and sampling (auto: bf16 on GPUs that support it, else none)")
@@ -98,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model_path", default=None, help="checkpoint to sample from (default: <models_dir>/<run_name>/ckpt.pt)")
-    sampling.add_argument("--num_samples", type=int, default=64)
+    sampling.add_argument("--num_samples", type=int, default=None,
+                          help="images to sample (default: 64; training grids: 16, or two per class)")
     sampling.add_argument("--sample_classes", default=None, help='classes to sample, as indices or names: "0,1,2" or "cat,dog"')
     sampling.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger")
-    sampling.add_argument("--sampler", default="ddpm", choices=SAMPLERS)
-    sampling.add_argument("--sampling_steps", type=int, default=None, help="network evaluations (default: all timesteps for ddpm, 50 otherwise)")
+    sampling.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddpm; training grids: dpm++2m")
+    sampling.add_argument("--sampling_steps", type=int, default=None,
+                          help="network evaluations (default: all timesteps for ddpm, 50 otherwise; training grids: 20)")
     sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
     sampling.add_argument("--guidance_rescale", type=float, default=0.0,
                           help="rescale guided predictions to the conditional one's std, 0 (off) to 1 (Lin et al. 2023)")
@@ -122,11 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject bad values with one line, before any file is touched."""
-    positive = ["num_samples", "batch_size", "epochs", "timesteps", "log_interval", "grad_accum"]
+    positive = ["batch_size", "epochs", "timesteps", "log_interval", "grad_accum"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_steps", "sampling_steps", "image_size", "base_dim", "num_res_blocks"):
+    for name in ("num_samples", "max_steps", "sampling_steps", "image_size", "base_dim", "num_res_blocks"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.timesteps < 10:
@@ -136,12 +151,18 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("guidance_scale", "lr", "eta"):
         if not math.isfinite(getattr(args, name)):
             raise UsageError(f"--{name} must be a finite number, got {getattr(args, name)}")
+    if not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
+        raise UsageError(f"--snr_gamma must be 0 (off) or positive, got {args.snr_gamma}")
     if not 0.0 <= args.p_uncond <= 1.0:
         raise UsageError(f"--p_uncond must be between 0 and 1, got {args.p_uncond}")
     if not 0.0 <= args.eta <= 1.0:
         raise UsageError(f"--eta must be between 0 and 1, got {args.eta}")
-    if not 0.0 <= args.ema_decay < 1.0:
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be 0 or more, got {args.warmup_steps}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.lr <= 0:
@@ -212,8 +233,15 @@ def select_device(args: argparse.Namespace) -> str:
 
 # From flags to configuration: each flag is read here once and goes to one field.
 
-def sampling_config(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, eta=args.eta, guidance_scale=args.guidance_scale,
+INFERENCE_SAMPLES = 64  # --num_samples of --inference and --compare_checkpoints
+GRID_SAMPLER, GRID_STEPS = "dpm++2m", 20  # training grids: a fast sampler (see the README's sampler table)
+
+
+def sampling_config(args: argparse.Namespace, training: bool = False) -> SamplingConfig:
+    """The sampling flags; for training grids a fast default sampler, so that grids cost little of a run."""
+    sampler = args.sampler or (GRID_SAMPLER if training else "ddpm")
+    steps = args.sampling_steps if args.sampling_steps is not None or not (training and args.sampler is None) else GRID_STEPS
+    return SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance_scale=args.guidance_scale,
                           guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
                           amp=args.amp)
 
@@ -221,11 +249,13 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
 def run_config(args: argparse.Namespace) -> RunConfig:
     as_tuple = lambda values: None if values is None else tuple(values)  # noqa: E731
     return RunConfig(
-        data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size, hflip=False if args.no_hflip else None),
+        data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                        hflip=True if args.hflip else False if args.no_hflip else None, channels=args.channels, val_fraction=args.val_fraction),
         model=ModelConfig(preset=args.model_size, base_dim=args.base_dim, dim_mults=as_tuple(args.dim_mults),
                           num_res_blocks=args.num_res_blocks, attn_resolutions=as_tuple(args.attn_resolutions),
                           dropout=args.dropout, conditional=args.conditional),
-        diffusion=DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule, loss_type=args.loss_type),
+        diffusion=DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule, loss_type=args.loss_type,
+                                  prediction_type=args.prediction_type, snr_gamma=args.snr_gamma),
         train=TrainConfig(
             run_name=args.run_name, save_dir=args.save_dir, models_dir=args.models_dir, seed=args.seed, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, optimizer=args.optimizer,
@@ -235,7 +265,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             log_interval=args.log_interval, sample_every=args.sample_every, num_samples=args.num_samples,
             save_model=args.save_model, save_every=args.save_every, save_every_steps=args.save_every_steps,
             keep_checkpoints=args.keep_checkpoints, resume=args.resume),
-        sampling=sampling_config(args),
+        sampling=sampling_config(args, training=True),
     )
 
 
@@ -245,7 +275,12 @@ def run_training(args: argparse.Namespace) -> None:
     config = run_config(args)
     device = select_device(args)
     resume = load_resume_checkpoint(config)
-    data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0)
+    data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
+                         channels=config.data.channels, val_fraction=config.data.val_fraction)
+    if resume is not None and resume[1]["data"]["channels"] != data.channels:
+        saved = resume[1]["data"]["channels"]
+        raise UsageError(f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "
+                         f"(add --channels {saved})")
     try:
         UNet(in_channels=data.channels, image_size=data.image_size, **config.model.unet_kwargs(data.image_size))
     except ValueError as error:
@@ -265,13 +300,15 @@ def run_sampling(args: argparse.Namespace) -> None:
     common = dict(seed=args.seed, batch_size=args.batch_size, save_dir=Path(args.save_dir), use_ema=not args.no_ema, compile=args.compile)
     try:
         if args.compare_checkpoints:
-            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), rt, num_samples=args.num_samples, **common)
+            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), rt, num_samples=args.num_samples or INFERENCE_SAMPLES,
+                                      **common)
         elif args.evaluate:
             run_evaluation(model_path, sampling_config(args), rt, num_samples=args.fid_num_samples, features=args.fid_features,
                            guidance_sweep=parse_scales(args.guidance_sweep) if args.guidance_sweep else None,
                            data_dir=args.data_dir, **common)
         else:
-            run_inference(model_path, sampling_config(args), rt, num_samples=args.num_samples, sample_classes=args.sample_classes,
+            run_inference(model_path, sampling_config(args), rt, num_samples=args.num_samples or INFERENCE_SAMPLES,
+                          sample_classes=args.sample_classes,
                           require_conditional=args.conditional, **common)
     finally:
         if rt.world_size > 1:

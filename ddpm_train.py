@@ -49,6 +49,8 @@ EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}  # fixed across runs, so loss
 PROGRESSION_COLUMNS = 8  # samples per row of the progression image
 EVAL_CHUNK = 250  # evaluation noise is seeded per chunk of this many examples, whatever the batch size
 MAX_NONFINITE_STEPS = 20  # this many non-finite losses in a row stop the run
+EVAL_BUDGET = 0.05  # validation and test losses may take at most this share of the training time (evaluation_interval)
+GRID_IMAGES = 16  # images per sample grid of an unconditional model (two per class for a conditional one)
 
 
 @dataclass
@@ -182,19 +184,35 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
     return 1.0
 
 
+EMA_HALFLIFE_RATIO = 0.05  # the default EMA averages over a half-life of 5% of the steps so far (EDM's ema_rampup_ratio)
+EMA_MAX_DECAY = 0.9999  # ... at most the half-life of Ho et al.'s decay (6,931 steps)
+WARMUP_FRACTION, MAX_WARMUP_STEPS = 0.05, 5000  # the default warm-up: 5% of the planned steps, at most Ho et al.'s
+
+
+def derived_warmup(total_steps: int) -> int:
+    """--warmup_steps when not given: a few percent of the run, so that a short run is not spent warming up."""
+    return min(MAX_WARMUP_STEPS, math.ceil(WARMUP_FRACTION * total_steps))
+
+
 class EMA:
-    """Exponential moving average of the weights, starting from the initial weights, with warm-up:
-    decay_n = min(decay, (1 + n) / (10 + n)) after n updates (as TensorFlow's ExponentialMovingAverage with
-    num_updates), so short runs are not dominated by the initial weights.
+    """Exponential moving average of the weights, starting from the initial weights, with one of two warm-ups
+    after n updates:
+
+    * `halflife_ratio` r (the default): a half-life of r * n steps, decay_n = min(decay, 0.5 ** (1 / (r n))), the
+      ramp-up of Karras et al. 2022 (EDM, ema_rampup_ratio): the average covers the last few percent of the run
+      whatever its length, so a 600-step run and an 800k-step run both sample from well-trained weights;
+    * without it: decay_n = min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with
+      num_updates, as Ho et al.'s code), which at 0.9999 averages over the last ~10,000 steps once n is large.
 
     The update count lives on the device and an update can be cancelled there (`skip`, a step whose loss or
     gradient was not finite), so updating never waits for the GPU. torch.optim.swa_utils.AveragedModel reads its
     count on the host at every update, which would stall the training loop once per step.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, halflife_ratio: Optional[float] = None):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self.halflife_ratio = halflife_ratio
         self.num_updates = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
 
     def tensors(self, module: torch.nn.Module) -> list[torch.Tensor]:
@@ -204,7 +222,11 @@ class EMA:
     def update(self, model: torch.nn.Module, skip: Optional[torch.Tensor] = None) -> None:
         """ema <- ema + (1 - decay_n) (weights - ema), unless `skip` (a bool tensor) is true."""
         n = self.num_updates
-        weight = 1 - torch.clamp((1 + n) / (10 + n), max=self.decay)
+        if self.halflife_ratio is None:
+            decay = (1 + n) / (10 + n)
+        else:
+            decay = 0.5 ** (1 / (self.halflife_ratio * n).clamp(min=1e-8))
+        weight = 1 - torch.clamp(decay, max=self.decay)
         if skip is not None:
             weight = weight * ~skip
         ema_tensors = self.tensors(self.module)
@@ -244,17 +266,17 @@ def evaluate(model: torch.nn.Module, diffusion: Diffusion, dataset, rt: Runtime,
         dist.all_reduce(stats)
         total, count = stats[0], stats[1].item()
     model.train(was_training)
-    return total.item() / max(count, 1)
+    return total.item() / count if count else math.nan  # NaN: an empty split (--val_fraction 0)
 
 
-def sample_grid(model: UNet, diffusion: Diffusion, config: RunConfig, data: DataSplits, rt: Runtime) -> torch.Tensor:
-    """--num_samples images (uint8, N x H x W x C; every class in turn for a conditional model) through the
+def sample_grid(model: UNet, diffusion: Diffusion, config: RunConfig, count: int, data: DataSplits, rt: Runtime) -> torch.Tensor:
+    """`count` images (uint8, N x H x W x C; every class in turn for a conditional model) through the
     sampling path of --inference, with its flags and the run's seed: the same noise at every grid, any
     number of processes (each samples a share of the batches)."""
     was_training = model.training
     model.eval()
-    labels = every_class_in_turn(data.num_classes if config.model.conditional else None, config.train.num_samples)
-    pixels = generate(model, diffusion, (data.channels, data.image_size, data.image_size), config.train.num_samples, labels,
+    labels = every_class_in_turn(data.num_classes if config.model.conditional else None, count)
+    pixels = generate(model, diffusion, (data.channels, data.image_size, data.image_size), count, labels,
                       config.sampling, config.train.seed, config.train.batch_size, rt, desc="sample grid")
     model.train(was_training)
     return pixels
@@ -290,7 +312,8 @@ def model_description(model: UNet, config: RunConfig, data: DataSplits) -> dict:
     """What `--inference --model_path` needs to rebuild the model and the diffusion."""
     return {
         "model_config": model.config,
-        "diffusion": {"timesteps": config.diffusion.timesteps, "schedule": config.diffusion.schedule},
+        "diffusion": {"timesteps": config.diffusion.timesteps, "schedule": config.diffusion.schedule,
+                      "prediction_type": config.diffusion.prediction_type},
         "data": {"dataset": config.data.dataset, "class_names": list(data.class_names), "image_size": data.image_size, "channels": data.channels},
         "conditional": config.model.conditional,
     }
@@ -458,8 +481,13 @@ class TrainingRun:
     steps_per_epoch: int
     examples_per_step: int  # batch_size x grad_accum x processes
     total_steps: int
+    warmup_steps: int  # --warmup_steps, or derived from total_steps
+    eval_every: int  # epochs between validation and test losses (evaluation_interval)
+    grid_count: int  # images per sample grid: --num_samples, or 16, or two per class
     train_images: torch.Tensor
     train_labels: torch.Tensor
+    started: float = field(default_factory=time.perf_counter)  # wall clock of this process's start, for the time split
+    seconds_in_steps: float = 0.0  # of that, the time spent in optimizer steps
 
     @property
     def run_dir(self) -> Path:
@@ -505,6 +533,13 @@ def steps_to_go(epochs: int, state: TrainState, steps_per_epoch: int, examples_p
     return rest_of_epoch + (epochs - state.epoch - 1) * steps_per_epoch
 
 
+def evaluation_interval(eval_examples: int, epoch_examples: int) -> int:
+    """Epochs between validation and test losses: every epoch unless evaluating them (a forward pass per example,
+    about a third of a training step's work per image) would cost more than EVAL_BUDGET of the training time,
+    as on small data sets with short epochs."""
+    return max(1, math.ceil(eval_examples / (3 * EVAL_BUDGET * epoch_examples)))
+
+
 def build_run(config: RunConfig, data: DataSplits, rt: Runtime, state: TrainState) -> TrainingRun:
     """The model, EMA, optimizer, LR schedule and the run's counters, for a run that is at `state`."""
     train = config.train
@@ -516,6 +551,7 @@ def build_run(config: RunConfig, data: DataSplits, rt: Runtime, state: TrainStat
     # --max_steps, or the steps left in --epochs from where the run is: fixed before the LR schedule is made
     total_steps = train.max_steps or state.step + steps_to_go(train.epochs, state, steps_per_epoch, examples_per_step)
 
+    warmup_steps = train.warmup_steps if train.warmup_steps is not None else derived_warmup(total_steps)
     seed_everything(train.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
     model = UNet(in_channels=data.channels, image_size=data.image_size, num_classes=data.num_classes if config.model.conditional else None,
                  **config.model.unet_kwargs(data.image_size)).to(rt.device)
@@ -524,15 +560,22 @@ def build_run(config: RunConfig, data: DataSplits, rt: Runtime, state: TrainStat
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(train, model)
     # --warmup_steps of linear warm-up, then --lr_schedule, over total_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, train.warmup_steps, total_steps, train.lr_schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, train.lr_schedule))
+    if train.ema_decay is None:  # --ema_decay: by default a half-life that grows with the run
+        ema = EMA(model, EMA_MAX_DECAY, halflife_ratio=EMA_HALFLIFE_RATIO)
+    else:
+        ema = EMA(model, train.ema_decay) if train.ema_decay > 0 else None
     amp_dtype = autocast_dtype(train.amp, rt.device)  # --amp
     on_device = rt.data_on_device
     return TrainingRun(
-        config=config, data=data, rt=rt, model=model, diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule).to(rt.device),
+        config=config, data=data, rt=rt, model=model,
+        diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule, prediction_type=config.diffusion.prediction_type,
+                            snr_gamma=config.diffusion.snr_gamma).to(rt.device),
         optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16),
-        ema=EMA(model, train.ema_decay) if train.ema_decay > 0 else None, amp_dtype=amp_dtype, state=state,
-        counters=StepCounters(rt.device), steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps,
+        ema=ema, amp_dtype=amp_dtype, state=state, counters=StepCounters(rt.device), steps_per_epoch=steps_per_epoch,
+        examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
+        eval_every=evaluation_interval(len(data.val) + len(data.test), steps_per_epoch * examples_per_step),
+        grid_count=train.num_samples or (2 * data.num_classes if config.model.conditional else GRID_IMAGES),
         train_images=data.train.images.to(rt.device) if on_device else data.train.images,
         train_labels=data.train.labels.to(rt.device) if on_device else data.train.labels,
     )
@@ -577,6 +620,16 @@ def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
           f"{', conditional on ' + str(data.num_classes) + ' classes' if config.model.conditional else ''}); "
           f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images of "
           f"{data.channels}x{data.image_size}x{data.image_size}; {run.steps_per_epoch} steps per epoch, {run.total_steps} in all")
+    train, sampling = config.train, config.sampling
+    derived = "derived from the run" if train.warmup_steps is None else "--warmup_steps"
+    ema = ("none" if run.ema is None else f"decay {run.ema.decay} with TensorFlow's warm-up (--ema_decay)" if run.ema.halflife_ratio is None
+           else f"half-life {EMA_HALFLIFE_RATIO:.0%} of the steps so far, at most decay {run.ema.decay}'s (derived; --ema_decay fixes one)")
+    grids = (f"grids: {run.grid_count} images by {sampling.sampler} {sampling.resolved_steps(config.diffusion.timesteps)} steps, every "
+             f"{train.sample_every} epochs and at the end" if train.sample_every else "grids: none (--sample_every 0)")
+    print(f"warm-up: {run.warmup_steps} steps ({derived}); EMA: {ema}; random flips: {'on' if data.train.hflip else 'off'} "
+          f"(--hflip / --no_hflip); losses: {config.diffusion.prediction_type} prediction"
+          f"{f', min-SNR-{config.diffusion.snr_gamma:g} weighting' if config.diffusion.snr_gamma else ''}; validation and test loss every "
+          f"{run.eval_every} epoch(s); {grids}")
     if resume_path is not None:
         print(f"resuming {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
 
@@ -648,7 +701,8 @@ def run_steps(run: TrainingRun, stop: "StopRequest") -> None:
                                     run.train_images.device), run.train_images, run.train_labels, run.data.train.hflip)
     remaining = min((run.epoch_examples - state.epoch_position) // run.examples_per_step, run.total_steps - state.step)
     bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}", disable=not rt.is_main, dynamic_ncols=True, leave=False)
-    window_start, window_steps = time.perf_counter(), 0
+    loop_start, saving = time.perf_counter(), 0.0
+    window_start, window_steps = loop_start, 0
     for _ in range(remaining):
         loss, grad_norm, skip = train_step(run, epoch)
         if run.ema is not None:
@@ -663,12 +717,15 @@ def run_steps(run: TrainingRun, stop: "StopRequest") -> None:
             log_step(run, bar, loss, grad_norm, skip, window_steps * run.examples_per_step / (time.perf_counter() - window_start))
             window_start, window_steps = time.perf_counter(), 0
         if train.save_model and train.save_every_steps and state.step % train.save_every_steps == 0:
+            save_start = time.perf_counter()
             save(run, run.last_path)
+            saving += time.perf_counter() - save_start
         if stop.requested():
             bar.close()
             stop_after_signal(run, stop)
     bar.close()
     read_counters(run)
+    run.seconds_in_steps += time.perf_counter() - loop_start - saving
 
 
 def stop_after_signal(run: TrainingRun, stop: "StopRequest") -> None:
@@ -684,18 +741,20 @@ def stop_after_signal(run: TrainingRun, stop: "StopRequest") -> None:
 
 
 def end_epoch(run: TrainingRun) -> None:
-    """After the step loop: validation and test loss, history, grids (record_epoch); then, with --save_model,
-    ckpt.pt, best.pt (lowest validation loss) and every --save_every epochs a kept snapshot."""
+    """After the step loop: every `eval_every` epochs and at the end, the validation and test losses and the
+    history (record_losses); every --sample_every epochs and at the end, a sample grid (record_grid); then, with
+    --save_model, ckpt.pt, best.pt (lowest validation loss) and every --save_every epochs a kept snapshot."""
     train, state = run.config.train, run.state
     epoch_done = run.epoch_examples - state.epoch_position < run.examples_per_step
-    record_epoch(run, epoch_done)
+    final = state.step >= run.total_steps
+    is_best = False
+    if final or (epoch_done and (state.epoch + 1) % run.eval_every == 0):
+        is_best = record_losses(run, epoch_done)
+    if train.sample_every > 0 and (final or (epoch_done and (state.epoch + 1) % train.sample_every == 0)):
+        record_grid(run, epoch_done)
     if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
         state.epoch += 1
         state.epoch_position = 0
-        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-    is_best = state.history["val_loss"][-1] < state.best_val_loss
-    if is_best:  # before saving, so a resumed run compares against the true best
-        state.best_val_loss = state.history["val_loss"][-1]
     if not train.save_model:
         return
     save(run, run.last_path)
@@ -711,6 +770,9 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
     if run.rt.is_main:
         if run.state.progression:
             save_labelled_rows(run.state.progression, run.save_dir / f"progression_{run.config.train.run_name}.png")
+        total = time.perf_counter() - run.started
+        print(f"time: {run.seconds_in_steps:.0f} s in optimizer steps, {total - run.seconds_in_steps:.0f} s outside them "
+              f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)")
         if run.config.train.save_model:
             print(f"checkpoint: {run.last_path}")
     if run.rt.world_size > 1:
@@ -767,35 +829,55 @@ def log_step(run: TrainingRun, bar, loss: torch.Tensor, grad_norm: torch.Tensor,
         })
 
 
-def record_epoch(run: TrainingRun, epoch_done: bool) -> None:
-    """Validation and test loss, the loss history, the loss plot and (every --sample_every epochs, and at the
-    end) a sample grid."""
+def epochs_so_far(run: TrainingRun, epoch_done: bool) -> float:
+    """The epoch count of a history entry: whole after an epoch, fractional for a last partial epoch."""
+    state = run.state
+    return state.epoch + 1 if epoch_done else round(state.epoch + state.epoch_position / len(run.data.train), 4)
+
+
+def record_losses(run: TrainingRun, epoch_done: bool) -> bool:
+    """Validation and test loss, the mean training loss since the last entry, the history, the loss plot and the
+    metrics line with the time split; returns whether the validation loss is the best so far (it is recorded so,
+    before the checkpoint is written, so that a resumed run compares against the true best)."""
     config, state, data, rt = run.config, run.state, run.data, run.rt
     train = config.train
     losses = {split: evaluate(run.eval_model(), run.diffusion, getattr(data, split), rt, seed=EVAL_SEEDS[split],
                               batch_size=train.batch_size, loss_type=config.diffusion.loss_type) for split in ("val", "test")}
     train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else math.nan
-    epochs_value = state.epoch + 1 if epoch_done else round(state.epoch + state.epoch_position / len(data.train), 4)
+    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+    epochs_value = epochs_so_far(run, epoch_done)
     lr = run.scheduler.get_last_lr()[0]
     for key, value in (("epochs", epochs_value), ("steps", state.step), ("train_loss", train_loss),
                        ("val_loss", losses["val"]), ("test_loss", losses["test"]), ("lr", lr)):
         state.history[key].append(value)
-    take_sample = epoch_done and train.sample_every > 0 and (state.epoch + 1) % train.sample_every == 0
-    final = state.step >= (train.max_steps or math.inf) or (epoch_done and state.epoch + 1 >= train.epochs and not train.max_steps)
-    pixels = sample_grid(run.eval_model(), run.diffusion, config, data, rt) if (take_sample or final) and train.sample_every > 0 else None
+    is_best = losses["val"] < state.best_val_loss  # never for NaN: no validation split (--val_fraction 0)
+    if is_best:
+        state.best_val_loss = losses["val"]
     if not rt.is_main:
-        return
-    print(f"epoch {epochs_value} | step {state.step} | train {train_loss:.5f} | val {losses['val']:.5f} | test {losses['test']:.5f}")
+        return is_best
+    total = time.perf_counter() - run.started
+    print(f"epoch {epochs_value} | step {state.step} | train {train_loss:.5f} | val {losses['val']:.5f} | test {losses['test']:.5f} | "
+          f"{total - run.seconds_in_steps:.0f} of {total:.0f} s outside optimizer steps")
     name = train.run_name
     save_json(state.history, run.save_dir / f"loss_history_{name}.json")
     save_loss_plot(state.history, run.save_dir / f"loss_curve_{name}.png", name)
     append_jsonl(run.save_dir / f"metrics_{name}.jsonl", {
         "kind": "epoch", "step": state.step, "epoch": epochs_value, "train_loss": train_loss, "val_loss": losses["val"],
         "test_loss": losses["test"], "lr": lr, "peak_memory_mb": peak_memory_mb(rt.device),
+        "seconds_in_steps": round(run.seconds_in_steps, 3), "seconds_outside_steps": round(total - run.seconds_in_steps, 3),
     })
-    if pixels is not None:
-        save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1, run.save_dir / f"samples_{name}_epoch{state.epoch + 1:04d}.png")
-        state.progression.append((f"epoch {epochs_value:g}", pixels[:PROGRESSION_COLUMNS]))
+    return is_best
+
+
+def record_grid(run: TrainingRun, epoch_done: bool) -> None:
+    """A sample grid from the fixed noise, and its row of the progression image."""
+    pixels = sample_grid(run.eval_model(), run.diffusion, run.config, run.grid_count, run.data, run.rt)
+    if not run.rt.is_main:
+        return
+    epochs_value = epochs_so_far(run, epoch_done)
+    save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
+                    run.save_dir / f"samples_{run.config.train.run_name}_epoch{run.state.epoch + 1:04d}.png")
+    run.state.progression.append((f"epoch {epochs_value:g}", pixels[:PROGRESSION_COLUMNS]))
 
 
 def prune_snapshots(run_dir: Path, keep: int) -> None:

@@ -84,9 +84,10 @@ class NoisePredictor(nn.Module):
         return out.sample if self.returns_output_object else out
 
 
-def diffusers_unet(config: dict, image_size: int) -> Optional[nn.Module]:
+def diffusers_unet(config: dict, image_size: int, in_channels: int = 3, num_class_embeds: Optional[int] = None) -> Optional[nn.Module]:
     """diffusers' UNet2DModel with our preset's layout: the same widths, blocks per level (decoder one more),
-    attention resolutions and heads, and scale-shift (FiLM) time conditioning. None if not installed."""
+    attention resolutions and heads, and scale-shift (FiLM) time conditioning; with `num_class_embeds`, a class
+    embedding added to the time embedding, as ours. None if not installed."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
@@ -95,13 +96,13 @@ def diffusers_unet(config: dict, image_size: int) -> Optional[nn.Module]:
     attention = [res in config["attn_resolutions"] for res in resolutions]
     widths = tuple(config["base_dim"] * mult for mult in config["dim_mults"])
     net = UNet2DModel(
-        sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=widths,
+        sample_size=image_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=widths,
         layers_per_block=config["num_res_blocks"], dropout=config["dropout"],
         norm_num_groups=math.gcd(32, config["base_dim"]),  # ours: gcd(32, channels) groups per norm
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         attention_head_dim=widths[-1] // config["num_heads"] if config["num_heads"] > 1 else None,
-        resnet_time_scale_shift="scale_shift" if config["film"] else "default",
+        resnet_time_scale_shift="scale_shift" if config["film"] else "default", num_class_embeds=num_class_embeds,
     )
     return NoisePredictor(net, returns_output_object=True)
 

@@ -128,3 +128,18 @@ def image_folder_dir(tmp_path: Path) -> Path:
             Image.new("RGB", (40, 24), colour).save(root / name / f"{index}.png")
     Image.new("L", (40, 24), 128).save(root / "cat" / "grey.png")
     return root
+
+
+def write_grey_folder(root: Path, layout: str) -> None:
+    """Grey PNGs (mode "L", a vertical bar brighter on its left edge: not mirror-symmetric) for classes a and b:
+    layout "flat" is root/<class>/, "split" is root/train/<class>/ (4 each) and root/test/<class>/ (2 each)."""
+    splits = {"train": 4, "test": 2} if layout == "split" else {"": 6}
+    for split, count in splits.items():
+        for label, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = np.zeros((8, 8), dtype=np.uint8)
+                pixels[:, 2 + label] = 200 + index
+                pixels[:, 1 + label] = 100
+                Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddpm_main
-from conftest import REPO, run_cli as run
+from conftest import REPO, run_cli as run, write_grey_folder
 from ddpm_helpers import load_checkpoint
 
 TINY = "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 --log_interval 1 --num_samples 4"
@@ -34,7 +34,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_training_writes_checkpoint_history_metrics_and_images(workspace):
     checkpoint = load_checkpoint(workspace / "models/U/ckpt.pt")
     assert checkpoint["conditional"] is False
-    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear"}
+    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear", "prediction_type": "eps"}
     assert checkpoint["data"]["image_size"] == 16 and checkpoint["data"]["channels"] == 3
     assert checkpoint["train_state"]["step"] == 3
     history = json.loads((workspace / "out_U/loss_history_U.json").read_text())
@@ -184,6 +184,25 @@ def test_readme_commands_parse():
     assert len(commands) >= 5
     for command in commands:
         parser.parse_args(shlex.split(command)[2:])
+
+
+def test_a_grey_folder_trains_a_one_channel_model_that_writes_grey_pngs(tmp_path, capsys):
+    write_grey_folder(tmp_path / "grey", "split")
+    assert run("--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+               "--conditional --save_model --run_name G --save_dir out_G", tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "7 train / 1 val / 4 test images of 1x8x8" in out and "random flips: off" in out
+    checkpoint = load_checkpoint(tmp_path / "models/G/ckpt.pt")
+    assert checkpoint["data"]["channels"] == 1 and checkpoint["model_config"]["in_channels"] == 1
+    assert run("--inference --model_path models/G/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 3 --save_dir inf_G", tmp_path) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "inf_G/samples/00000.png") as image:
+        assert image.mode == "L" and image.size == (8, 8)
+    assert np.load(tmp_path / "inf_G/samples.npz")["images"].shape == (2, 8, 8, 1)
+    assert run("--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 3 "
+               "--conditional --save_model --run_name G --save_dir out_G --resume --channels 3", tmp_path) == 2
+    assert "add --channels 1" in capsys.readouterr().err
 
 
 def test_readme_python_example_samples_what_inference_writes(workspace, capsys):

@@ -495,3 +495,84 @@ def test_sampling_steps_never_wait_for_the_device(tensor_reads, sampler):
                          generator=torch.Generator().manual_seed(0))
         counts[steps] = tensor_reads["count"]
     assert counts[40] == counts[4], f"{(counts[40] - counts[4]) / 36:.1f} tensor reads per sampling step"
+
+
+# Prediction types and loss weighting
+
+
+def as_prediction(diffusion: Diffusion, eps_model, prediction_type: str):
+    """The network of `prediction_type` that stands for the noise predictor eps_model (exactly, in float64)."""
+    from ddpm_diffusion import x0_from_eps
+
+    def network(x, t, labels):
+        eps = eps_model(x, t, labels).double()
+        alpha_bar = diffusion.alpha_bar(t).double().reshape(-1, *[1] * (x.ndim - 1))
+        x0 = x0_from_eps(x.double(), alpha_bar, eps)
+        output = {"eps": eps, "x0": x0, "v": alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0}[prediction_type]
+        return output.to(x.dtype)
+    return network
+
+
+@pytest.mark.parametrize("prediction_type", ["v", "x0"])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 100), ("ddim", 50), ("dpm++2m", 20)])
+def test_every_sampler_recovers_a_gaussian_from_a_v_or_x0_network(prediction_type, sampler, steps):
+    diffusion = Diffusion(1000, "linear", prediction_type=prediction_type)
+    network = as_prediction(diffusion, GaussianMixtureNoise(diffusion, [0.2], 0.3), prediction_type)
+    samples = sample_1d(diffusion, network, 10_000, sampler=sampler, steps=steps)
+    assert samples.mean().item() == pytest.approx(0.2, abs=0.015)
+    assert samples.std().item() == pytest.approx(0.3, rel=0.1)
+
+
+@pytest.mark.parametrize("prediction_type", ["v", "x0"])
+def test_guidance_mixes_in_eps_space_whatever_the_network_predicts(prediction_type):
+    eps_diffusion = Diffusion(1000, "cosine")
+    model = GaussianMixtureNoise(eps_diffusion, [-0.5, 0.5], std=0.2)
+    diffusion = Diffusion(1000, "cosine", prediction_type=prediction_type)
+    labels = torch.tensor([0, 1]).repeat(256)
+    kwargs = dict(labels=labels, guidance_scale=3.0, guidance_rescale=0.5, null_label=2, sampler="ddim", steps=20)
+    reference = sample_1d(eps_diffusion, model, 512, **kwargs)
+    torch.testing.assert_close(sample_1d(diffusion, as_prediction(diffusion, model, prediction_type), 512, **kwargs), reference,
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
+def test_p_losses_targets_each_prediction_type(prediction_type):
+    """Zero for the oracle of each type; for a network that outputs zeros, the mean square of that type's target."""
+    diffusion = Diffusion(1000, "linear", prediction_type=prediction_type)
+    x0 = torch.rand(256, 1, 4, 4) * 2 - 1
+    t, noise = torch.randint(0, 1000, (256,)), torch.randn(256, 1, 4, 4)
+    oracle = as_prediction(diffusion, lambda x_t, t_, y: diffusion.predict_eps_from_x0(x_t, t_, x0), prediction_type)
+    assert diffusion.p_losses(oracle, x0, t, noise=noise).item() < 1e-6
+    alpha_bar = diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    target = {"eps": noise, "x0": x0, "v": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[prediction_type]
+    zeros = diffusion.p_losses(lambda x, t_, y: torch.zeros_like(x), x0, t, noise=noise)
+    assert zeros.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
+
+
+def test_min_snr_weighting_is_one_loss_in_x0_space_for_all_three_parametrisations():
+    """Hang et al.'s min(SNR, gamma) ||x_0 - x_0_hat||^2, whatever the network predicts: the same (wrong) network gives
+    the same weighted loss as an eps, v or x0 predictor, and gamma = 0 is plain L_simple."""
+    x0 = torch.rand(512, 1, 4, 4) * 2 - 1
+    t, noise = torch.randint(0, 1000, (512,)), torch.randn(512, 1, 4, 4)
+
+    def wrong_eps(x, t_, labels):
+        return 0.8 * x + 0.1
+
+    losses = {}
+    for prediction_type in ("eps", "v", "x0"):
+        diffusion = Diffusion(1000, "linear", prediction_type=prediction_type, snr_gamma=5.0)
+        losses[prediction_type] = diffusion.p_losses(as_prediction(diffusion, wrong_eps, prediction_type), x0, t, noise=noise).item()
+    assert losses["v"] == pytest.approx(losses["eps"], rel=1e-4) and losses["x0"] == pytest.approx(losses["eps"], rel=1e-4)
+
+    diffusion = Diffusion(1000, "linear", snr_gamma=5.0)
+    snr = diffusion.alphas_cumprod[t] / (1 - diffusion.alphas_cumprod[t])
+    per_example = (wrong_eps(diffusion.q_sample(x0, t, noise), t, None) - noise).pow(2).flatten(1).mean(1)
+    assert losses["eps"] == pytest.approx((per_example * snr.clamp(max=5.0) / snr).mean().item(), rel=1e-5)
+    plain = Diffusion(1000, "linear").p_losses(wrong_eps, x0, t, noise=noise).item()
+    assert plain == pytest.approx(per_example.mean().item(), rel=1e-5)
+    assert plain != pytest.approx(losses["eps"], rel=1e-2), "the weighting must change the loss"
+
+
+def test_an_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction type"):
+        Diffusion(100, "linear", prediction_type="score")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import IMAGE_FOLDER_COLOURS
+from conftest import IMAGE_FOLDER_COLOURS, write_grey_folder
 from ddpm_helpers import (SYNTHETIC_CLASS_NAMES, UsageError, load_checkpoint, load_datasets, save_checkpoint,
                           save_image_grid, save_json, save_samples, seed_everything, to_uint8)
 
@@ -143,7 +143,7 @@ def test_missing_mnist_names_the_four_files_and_the_folder(tmp_path):
 
 def test_image_folder_classes_colours_and_resize(image_folder_dir):
     data = load_datasets("folder", image_folder_dir, image_size=16)
-    assert data.class_names == ["cat", "dog", "fox"] and (data.channels, data.image_size) == (3, 16)
+    assert data.class_names == ["cat", "dog", "fox"] and (data.channels, data.image_size) == (3, 16), "one colour image: RGB"
     assert (len(data.train), len(data.val), len(data.test)) == (11, 1, 1)
     for split in (data.train, data.val, data.test):
         for image, label in zip(split.images, split.labels):
@@ -151,6 +151,37 @@ def test_image_folder_classes_colours_and_resize(image_folder_dir):
             assert colour in (IMAGE_FOLDER_COLOURS[data.class_names[label]], (128, 128, 128))
             assert (image == image[:, :1, :1]).all()
     assert load_datasets("folder", image_folder_dir).image_size == 32
+
+
+def test_a_folder_of_grey_images_stays_grey_and_unflipped_unless_asked(tmp_path):
+    write_grey_folder(tmp_path, "flat")
+    data = load_datasets("folder", tmp_path, image_size=8)
+    assert data.channels == 1 and data.train.images.shape[1:] == (1, 8, 8)
+    assert data.train.hflip is False, "folders: flips only with --hflip"
+    assert load_datasets("folder", tmp_path, image_size=8, hflip=True).train.hflip is True
+    assert load_datasets("folder", tmp_path, image_size=8, channels=3).channels == 3
+    written = {np.asarray(Image.open(path)).tobytes() for path in tmp_path.rglob("*.png")}
+    assert all(image[0].numpy().tobytes() in written for image in data.train.images), "the grey pixels as written"
+
+
+def test_a_folder_of_rgb_images_can_be_trained_grey(image_folder_dir):
+    data = load_datasets("folder", image_folder_dir, image_size=8, channels=1)
+    assert data.channels == 1
+    red_cat = next(image for image, label in zip(data.train.images, data.train.labels) if data.class_names[label] == "cat"
+                   and image.float().mean() < 120)
+    assert red_cat[0, 4, 4].item() == round(0.299 * 255), "ITU-R 601 luma of pure red"
+
+
+def test_a_folder_with_train_and_test_subfolders_uses_them_as_the_splits(tmp_path):
+    write_grey_folder(tmp_path, "split")
+    data = load_datasets("folder", tmp_path, image_size=8, val_fraction=0)
+    assert data.class_names == ["a", "b"]
+    assert (len(data.train), len(data.val), len(data.test)) == (8, 0, 4)
+    assert sorted(data.test.labels.tolist()) == [0, 0, 1, 1]
+    assert (len(load_datasets("folder", tmp_path, image_size=8).val)) == 1, "--val_fraction 0.1 of 8, at least one"
+    (tmp_path / "test" / "c").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "test" / "c" / "0.png")
+    assert "same class folders" in usage_error(load_datasets, "folder", tmp_path)
 
 
 def test_a_folder_without_class_subfolders_is_a_usage_error(tmp_path):

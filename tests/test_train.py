@@ -1,5 +1,6 @@
 """Training that survives real runs: exact resume, signals, crashes, non-finite losses, EMA, accumulation."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import torch
 import ddpm_diffusion
 from conftest import REPO, run_cli
 from ddpm_helpers import load_checkpoint, save_checkpoint
-from ddpm_train import EMA, lr_multiplier
+from ddpm_train import EMA, EMA_HALFLIFE_RATIO, EMA_MAX_DECAY, derived_warmup, evaluation_interval, lr_multiplier
 
 # 4,860 synthetic training images at batch 256: 18 steps per epoch.
 FAST = (
@@ -307,6 +308,60 @@ def test_ema_warms_up_then_decays_at_the_given_rate_and_skips_on_the_device():
     ema.num_updates.fill_(10**6)
     ema.update(model)
     assert ema.module.weight.item() == pytest.approx(1e-4)
+
+
+def test_the_default_ema_has_a_half_life_of_a_twentieth_of_the_steps_so_far():
+    """decay_n = min(0.9999, 0.5 ** (1 / (0.05 n))): the first update copies the weights; after 200 updates the
+    half-life is 10 steps; late in a long run the cap (Ho et al.'s 0.9999) holds."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=EMA_MAX_DECAY, halflife_ratio=EMA_HALFLIFE_RATIO)
+    expected = 0.0
+    for n in range(300):
+        model.weight.data.fill_(float(n))
+        ema.update(model)
+        decay = 0.0 if n == 0 else min(EMA_MAX_DECAY, 0.5 ** (1 / (0.05 * n)))
+        expected = decay * expected + (1 - decay) * n
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5), n
+    assert 0.5 ** (1 / (0.05 * 200)) == pytest.approx(0.5 ** 0.1), "a half-life of 10 steps at n = 200"
+    ema.num_updates.fill_(10**6)
+    ema.module.weight.data.zero_()
+    model.weight.data.fill_(1.0)
+    ema.update(model)
+    assert ema.module.weight.item() == pytest.approx(1e-4)
+
+
+def test_warmup_and_evaluation_interval_follow_the_run():
+    assert [derived_warmup(steps) for steps in (20, 600, 1200, 800_000)] == [1, 30, 60, 5000]
+    assert evaluation_interval(eval_examples=15_000, epoch_examples=45_000) == 3  # CIFAR-10: 5,000 val + 10,000 test
+    assert evaluation_interval(eval_examples=450, epoch_examples=1344) == 3  # the benchmark's digits, no validation split
+    assert evaluation_interval(eval_examples=10, epoch_examples=45_000) == 1
+
+
+def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_split(tmp_path, capsys):
+    command = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --log_interval 5 "
+               "--conditional --max_steps 40 --save_model --run_name D --save_dir out")
+    assert run_cli(command, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "warm-up: 2 steps (derived from the run)" in out and "half-life 5% of the steps so far" in out
+    assert "grids: 20 images by dpm++2m 20 steps" in out and "random flips: on" in out
+    checkpoint = load_checkpoint(tmp_path / "models/D/ckpt.pt")
+    assert checkpoint["lr_scheduler"]["base_lrs"] == [2e-4]
+    assert checkpoint["config"]["train"]["warmup_steps"] is None and checkpoint["config"]["sampling"]["sampler"] == "dpm++2m"
+    epochs = [json.loads(line) for line in (tmp_path / "out/metrics_D.jsonl").read_text().splitlines() if '"epoch"' in line]
+    last = [line for line in epochs if line["kind"] == "epoch"][-1]
+    assert last["seconds_in_steps"] > 0 and last["seconds_outside_steps"] >= 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "out/samples_D_epoch0003.png") as grid:  # 20 images, 5 per row
+        assert grid.size == (2 + 5 * 10, 2 + 4 * 10)
+
+
+def test_no_validation_split_means_no_validation_loss_and_no_best_checkpoint(tmp_path):
+    assert run_cli(f"{FAST} --max_steps 2 --val_fraction 0 --save_model --run_name N --save_dir out", tmp_path) == 0
+    history = json.loads((tmp_path / "out/loss_history_N.json").read_text())
+    assert math.isnan(history["val_loss"][-1]) and math.isfinite(history["test_loss"][-1])
+    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == ["ckpt.pt"]
 
 
 def test_lion_follows_its_update_rule():

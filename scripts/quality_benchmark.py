@@ -1,0 +1,329 @@
+"""How good are the samples for the steps spent? The tool against diffusers on real data, side by side.
+
+    python scripts/quality_benchmark.py --budgets 300,600,1200 --out quality_bench
+
+Data: scikit-learn's handwritten digits (1,797 real 8x8 grey images, 10 classes; shipped inside scikit-learn,
+no download), upscaled to --image_size and written as a folder of grey PNGs with train/ and test/ sub-folders
+(a stratified 75/25 split). For each budget of optimizer steps it trains, with the same images, batch size,
+learning rate and steps:
+
+* `ours`: the tool, through its real command line (`ddpm_main.main`), with its defaults for everything else,
+  except that no training images are held out for validation (`--val_fraction 0`), so that both trainers see
+  identical data;
+* `ours, defaults`: the same command without `--val_fraction 0` (10% of the training images become the
+  validation split);
+* `diffusers`: diffusers' `UNet2DModel` of the same layout and size with its `DDPMScheduler`, trained as its
+  unconditional example trains (AdamW with its example's betas, eps and weight decay; gradient clipping at 1)
+  without warm-up, EMA or LR decay, and class-conditional through `num_class_embeds` with a null class.
+
+Then it draws --num_samples guided images (every class in turn) from each with one sampler, the tool's
+`Diffusion.sample` (--sampler, --sampling_steps, --guidance_scale), and reports: class accuracy by a small
+CNN trained on the real training digits (its accuracy on the real test digits is printed), the Frechet
+distance between that CNN's 64-d features of the samples and of the real test digits, and the training wall
+time. Writes quality_benchmark.json and quality_benchmark.md to --out.
+
+Needs `pip install scikit-learn diffusers` (benchmark only). `--tool_repo` runs the tool's rows with the code
+of another checkout (e.g. an older commit) for before/after tables; `--flat_folder` writes the training digits
+as a plain class folder for code that does not know train/ and test/ sub-folders.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_CLASSES = 10
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--budgets", default="300,600,1200", help="optimizer steps per run, comma-separated")
+    parser.add_argument("--rows", default="ours,ours_defaults,diffusers", help="which trainers: ours, ours_defaults, diffusers")
+    parser.add_argument("--image_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--model_flags", default="--model_size small --base_dim 32", help="the tool's architecture flags (diffusers copies them)")
+    parser.add_argument("--equal_flags", default="--val_fraction 0", help="what the `ours` row adds to the defaults so the data is identical")
+    parser.add_argument("--defaults_flags", default="", help="what the `ours, defaults` row adds (nothing: the defaults)")
+    parser.add_argument("--num_samples", type=int, default=200)
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--sampling_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier_epochs", type=int, default=40, help="training epochs of the judging CNN")
+    parser.add_argument("--out", default="quality_bench")
+    parser.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes (the cores are shared out)")
+    parser.add_argument("--tool_repo", default=str(REPO), help="checkout whose ddpm_main the tool rows run")
+    parser.add_argument("--flat_folder", action="store_true", help="training digits as one class folder (no train/ and test/)")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+
+def digits(image_size: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The scikit-learn digits as uint8 (N, 1, S, S) upscaled bilinearly, split 75/25 stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    pixels = np.clip(data.images * (255 / 16), 0, 255).astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(p).resize((image_size, image_size), Image.BILINEAR)) for p in pixels])[:, None]
+    train, test = train_test_split(np.arange(len(images)), test_size=0.25, random_state=seed, stratify=data.target)
+    return {"train": (images[train], data.target[train]), "test": (images[test], data.target[test])}
+
+
+def write_folder(splits: dict, root: Path, flat: bool) -> Path:
+    """root/train/<digit>/*.png and root/test/<digit>/*.png (grey PNGs), or root/<digit>/*.png of the training digits."""
+    for split, (images, labels) in splits.items():
+        if flat and split == "test":
+            continue
+        for index, (image, label) in enumerate(zip(images, labels)):
+            folder = root / ("" if flat else split) / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0]).save(folder / f"{index:05d}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------- the judge
+
+class DigitClassifier(nn.Module):
+    """A small CNN: its 64-d penultimate features serve the Frechet distance, its logits the class accuracy."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(256, 64), nn.ReLU())
+        self.head = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return features, self.head(features)
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(images), dtype=torch.float32) / 127.5 - 1
+
+
+@torch.no_grad()
+def classifier_features(classifier: DigitClassifier, images: np.ndarray) -> np.ndarray:
+    return classifier(to_float(images))[0].double().numpy()
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int = 40) -> DigitClassifier:
+    torch.manual_seed(seed)
+    model = DigitClassifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    x, y = to_float(images), torch.as_tensor(labels)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x)).split(64):
+            shift = torch.randint(-1, 2, (2,)).tolist()  # small translations: samples need not be pixel-aligned
+            loss = F.cross_entropy(model(torch.roll(x[batch], shift, dims=(2, 3)))[1], y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def judge(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, reference_features: np.ndarray) -> dict:
+    """Class accuracy and the Frechet distance of the classifier's features to the reference's."""
+    from ddpm_evaluate import feature_statistics, frechet_distance
+
+    features, logits = classifier(to_float(images))
+    mu, sigma = feature_statistics(features.double().numpy())
+    mu_ref, sigma_ref = feature_statistics(reference_features)
+    return {"class_accuracy": (logits.argmax(1).numpy() == labels).mean().item(),
+            "frechet_distance": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+
+
+# ----------------------------------------------------------------------------- trainers
+
+def sample_labels(count: int) -> torch.Tensor:
+    return torch.arange(count) % NUM_CLASSES
+
+
+def draw(network: Callable, diffusion, null_label: int, channels: int, args: argparse.Namespace) -> np.ndarray:
+    """The one sampler every row uses: the tool's Diffusion.sample (of the network's prediction type), guided, from
+    the same seed. A model that turned the grey digits into RGB (the tool before 1-channel folders) is judged on
+    the mean of its channels."""
+    images = diffusion.sample(
+        network, (args.num_samples, channels, args.image_size, args.image_size), labels=sample_labels(args.num_samples),
+        guidance_scale=args.guidance_scale, null_label=null_label, sampler=args.sampler, steps=args.sampling_steps,
+        generator=torch.Generator().manual_seed(args.seed), progress=False).mean(dim=1, keepdim=True)
+    return ((images.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def train_ours(steps: int, flags: str, data_dir: Path, work: Path, args: argparse.Namespace) -> tuple:
+    """The tool's real training path; returns (its EMA network, its Diffusion, null label, channels, wall seconds,
+    start-up report, share of the run outside optimizer steps from its metrics log)."""
+    import ddpm_main
+    from ddpm_diffusion import Diffusion
+    from ddpm_helpers import load_checkpoint
+    from ddpm_model import UNet
+
+    command = (f"--dataset folder --data_dir {data_dir} --image_size {args.image_size} {args.model_flags} --conditional "
+               f"--batch_size {args.batch_size} --lr {args.lr} --max_steps {steps} --seed {args.seed} --device cpu "
+               f"--save_model --models_dir {work / 'models'} --save_dir {work / 'outputs'} --run_name run {flags}")
+    printed = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(printed):
+        code = ddpm_main.main(shlex.split(command))
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"the tool's training failed (exit {code}): {command}")
+    metrics = [json.loads(line) for line in (work / "outputs/metrics_run.jsonl").read_text().splitlines()]
+    timing = [line for line in metrics if "seconds_in_steps" in line]
+    outside = timing[-1]["seconds_outside_steps"] / (timing[-1]["seconds_in_steps"] + timing[-1]["seconds_outside_steps"]) if timing else None
+    checkpoint = load_checkpoint(work / "models/run/ckpt.pt")
+    model = UNet(**checkpoint["model_config"])
+    model.load_state_dict(checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"])
+    report = printed.getvalue() + (f"\nshare of the run outside optimizer steps: {outside:.1%}" if outside is not None else "")
+    return model.eval(), Diffusion(**checkpoint["diffusion"]), model.null_label, model.in_channels, seconds, report, outside
+
+
+def diffusers_network(model_flags: str, image_size: int):
+    """diffusers' UNet2DModel with the layout the tool's flags give (scripts/benchmark.py's mapping), 1 channel,
+    conditional on 10 classes plus a null class."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    import ddpm_main
+    from ddpm_model import preset_config
+
+    parsed = ddpm_main.build_parser().parse_args(shlex.split(model_flags))
+    config = preset_config(parsed.model_size, image_size)
+    config.update({name: getattr(parsed, name) for name in ("base_dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout")
+                   if getattr(parsed, name) is not None})
+    return benchmark.diffusers_unet(config, image_size, in_channels=1, num_class_embeds=NUM_CLASSES + 1).net
+
+
+def train_diffusers(steps: int, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> tuple:
+    from diffusers import DDPMScheduler
+
+    from ddpm_diffusion import Diffusion
+
+    torch.manual_seed(args.seed)
+    net = diffusers_network(args.model_flags, args.image_size)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    # diffusers' examples/unconditional_image_generation defaults, less its warm-up, LR decay and EMA
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    x_all, y_all = to_float(images), torch.as_tensor(labels)
+    started = time.perf_counter()
+    net.train()
+    order, position = torch.randperm(len(x_all)), 0
+    for _ in range(steps):
+        if position + args.batch_size > len(order):
+            order, position = torch.randperm(len(x_all)), 0
+        batch = order[position: position + args.batch_size]
+        position += args.batch_size
+        x0, y = x_all[batch], y_all[batch]
+        y = torch.where(torch.rand(len(y)) < 0.1, NUM_CLASSES, y)  # classifier-free guidance's null class
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(x0),))
+        loss = F.mse_loss(net(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+    seconds = time.perf_counter() - started
+    net.eval()
+    return (lambda x, t, y: net(x, t, class_labels=y).sample), Diffusion(1000, "linear"), NUM_CLASSES, 1, seconds, "", None
+
+
+# ----------------------------------------------------------------------------- the table
+
+ROW_NAMES = {"ours": "ours", "ours_defaults": "ours, defaults", "diffusers": "diffusers UNet2DModel + DDPMScheduler"}
+
+
+def markdown(results: list[dict], classifier_accuracy: float, floor: float, args: argparse.Namespace) -> str:
+    lines = [f"Class accuracy of guided samples (w={args.guidance_scale:g}, {args.sampler} {args.sampling_steps} steps, "
+             f"{args.num_samples} samples) and Frechet distance to the real test digits (64-d CNN features; real training "
+             f"digits against test digits: {floor:.2f}); judge's accuracy on the real test digits {classifier_accuracy:.3f}.",
+             "", "| steps | trainer | class accuracy | Frechet distance | training wall s | outside optimizer steps |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in results:
+        outside = "-" if row["outside_steps_share"] is None else f"{row['outside_steps_share']:.1%}"
+        lines.append(f"| {row['steps']} | {ROW_NAMES[row['trainer']]} | {row['class_accuracy']:.3f} | {row['frechet_distance']:.2f} | "
+                     f"{row['train_seconds']:.0f} | {outside} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, data_dir: Path, out: Path, classifier_state: dict,
+            test_features: np.ndarray) -> tuple[dict, str]:
+    """Train one row's model for `steps`, sample it, judge the samples; (the row, the tool's start-up report)."""
+    if args.jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
+        sys.path.insert(0, args.tool_repo)
+    classifier = DigitClassifier()
+    classifier.load_state_dict(classifier_state)
+    classifier.eval()
+    if trainer == "diffusers":
+        network, diffusion, null_label, channels, seconds, report, outside = train_diffusers(steps, *splits["train"], args)
+    else:
+        flags = args.equal_flags if trainer == "ours" else args.defaults_flags
+        network, diffusion, null_label, channels, seconds, report, outside = train_ours(steps, flags, data_dir, out / f"{trainer}_{steps}",
+                                                                                         args)
+    with torch.no_grad():
+        samples = draw(network, diffusion, null_label, channels, args)
+    row = {"steps": steps, "trainer": trainer, "train_seconds": seconds, "outside_steps_share": outside,
+           **judge(classifier, samples, sample_labels(args.num_samples).numpy(), test_features)}
+    size, rows = args.image_size, max(1, min(4, args.num_samples // NUM_CLASSES))  # one column per class
+    grid = samples[:rows * NUM_CLASSES, 0].reshape(rows, NUM_CLASSES, size, size).transpose(0, 2, 1, 3)
+    Image.fromarray(grid.reshape(rows * size, NUM_CLASSES * size)).save(out / f"samples_{trainer}_{steps}.png")
+    return row, report if steps == int(args.budgets.split(",")[0]) else ""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, args.tool_repo)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    splits = digits(args.image_size, args.seed)
+    data_dir = write_folder(splits, out / "digits", args.flat_folder)
+    classifier = train_classifier(*splits["train"], seed=args.seed, epochs=args.classifier_epochs)
+    test_features = classifier_features(classifier, splits["test"][0])
+    accuracy = judge(classifier, *splits["test"], test_features)["class_accuracy"]
+    floor = judge(classifier, *splits["train"], test_features)["frechet_distance"]
+    print(f"judge: {accuracy:.3f} on the {len(splits['test'][1])} real test digits; real train vs test Frechet distance {floor:.2f}")
+
+    jobs = [(steps, trainer) for steps in (int(b) for b in args.budgets.split(",")) for trainer in args.rows.split(",")]
+    shared = (args, splits, data_dir, out, classifier.state_dict(), test_features)
+    if args.jobs == 1:
+        outcomes = [run_row(steps, trainer, *shared) for steps, trainer in jobs]
+    else:  # rows in parallel processes, the cores shared out between them (each trains with its own seeds, as alone)
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            outcomes = list(pool.map(run_row, *zip(*jobs), *([item] * len(jobs) for item in shared)))
+    results = []
+    for row, report in outcomes:
+        results.append(row)
+        print(json.dumps(row))
+        if report:
+            print(report.strip())
+    table = markdown(results, accuracy, floor, args)
+    (out / "quality_benchmark.md").write_text(table)
+    (out / "quality_benchmark.json").write_text(json.dumps({"config": vars(args), "judge_test_accuracy": accuracy,
+                                                           "train_vs_test_frechet": floor, "results": results}, indent=2))
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
