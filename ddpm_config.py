@@ -49,6 +49,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"
     loss_type: str = "l2"
+    variance: str = "fixed_small"  # the ancestral sampler's default, recorded in the checkpoint
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class SamplingConfig:
     guidance_scale: float = 3.0
     guidance_rescale: float = 0.0
     guidance_interval: Optional[tuple[float, float]] = None
+    variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
     amp: str = "none"  # the network's autocast; the sampler's own arithmetic stays in float32
 
     def resolved_steps(self, num_timesteps: int) -> int:

@@ -254,7 +254,7 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, num
         "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
         "dataset": loaded.checkpoint["data"]["dataset"], "image_size": loaded.checkpoint["data"]["image_size"],
         "num_samples": num_samples, "seed": seed,
-        **sampling_record(settings, rt, guided=loaded.conditional, num_timesteps=loaded.diffusion.num_timesteps),
+        **sampling_record(settings, rt, guided=loaded.conditional, diffusion=loaded.diffusion, resolve_steps=True),
         "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
         "reference_statistics": str(reference.path), "reference_images": reference.num_images,
     }

@@ -290,7 +290,8 @@ def model_description(model: UNet, config: RunConfig, data: DataSplits) -> dict:
     """What `--inference --model_path` needs to rebuild the model and the diffusion."""
     return {
         "model_config": model.config,
-        "diffusion": {"timesteps": config.diffusion.timesteps, "schedule": config.diffusion.schedule},
+        "diffusion": {"timesteps": config.diffusion.timesteps, "schedule": config.diffusion.schedule,
+                      "variance": config.diffusion.variance},
         "data": {"dataset": config.data.dataset, "class_names": list(data.class_names), "image_size": data.image_size, "channels": data.channels},
         "conditional": config.model.conditional,
     }
@@ -529,7 +530,8 @@ def build_run(config: RunConfig, data: DataSplits, rt: Runtime, state: TrainStat
     amp_dtype = autocast_dtype(train.amp, rt.device)  # --amp
     on_device = rt.data_on_device
     return TrainingRun(
-        config=config, data=data, rt=rt, model=model, diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule).to(rt.device),
+        config=config, data=data, rt=rt, model=model, diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule,
+                                                                    variance=config.diffusion.variance).to(rt.device),
         optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16),
         ema=EMA(model, train.ema_decay) if train.ema_decay > 0 else None, amp_dtype=amp_dtype, state=state,
         counters=StepCounters(rt.device), steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps,
