@@ -463,17 +463,28 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor | None, out_dir: str
     labels (-1 marks an unconditional sample)."""
     out_dir = Path(out_dir)
     pixels = to_uint8(images).numpy()
-    labels = np.full(len(pixels), -1, dtype=np.int64) if labels is None else labels.detach().cpu().long().numpy()
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    save_pngs(pixels, out_dir / "samples")
+    save_sample_arrays(pixels, None if labels is None else labels.detach().cpu().long().numpy(), out_dir / "samples.npz")
+
+
+def save_pngs(pixels: np.ndarray, folder: str | os.PathLike) -> None:
+    """uint8 images (N, H, W, C) as folder/00000.png, ...: what folder-based FID tools read (pytorch-fid, clean-fid,
+    torch-fidelity)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(pixels):
-        grey_or_rgb = image[:, :, 0] if image.shape[-1] == 1 else image
-        Image.fromarray(grey_or_rgb).save(out_dir / "samples" / f"{index:05d}.png")
-    save_sample_arrays(pixels, labels, out_dir / "samples.npz")
+        Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image).save(folder / f"{index:05d}.png")
 
 
-def save_sample_arrays(pixels: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> None:
-    """The .npz that evaluation suites read: uint8 `images` (N, H, W, C) and int64 `labels`, written atomically."""
-    _atomic_write(path, lambda f: np.savez(f, images=pixels, labels=labels))
+def save_sample_arrays(pixels: np.ndarray, labels: np.ndarray | None, path: str | os.PathLike) -> None:
+    """The .npz of the guided-diffusion (ADM) evaluator, written atomically: `arr_0`, uint8 (N, H, W, C), first, then
+    for class-conditional samples `arr_1`, their int64 labels; also `images` and `labels` (-1: unconditional), the
+    names of earlier versions."""
+    arrays = {"arr_0": pixels}
+    if labels is not None:
+        arrays["arr_1"] = labels
+    arrays |= {"images": pixels, "labels": np.full(len(pixels), -1, dtype=np.int64) if labels is None else labels}
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:
