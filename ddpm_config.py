@@ -106,6 +106,7 @@ class TrainConfig:
     save_every_steps: int = 0
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
+    logger: str = "jsonl"  # "tensorboard": also TensorBoard events (ddpm_train.TensorBoardLog)
 
 
 @dataclass(frozen=True)

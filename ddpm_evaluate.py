@@ -298,7 +298,10 @@ def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], da
         results["notes"].append(f"no KID or precision/recall: {reference.path} holds mu and sigma only, not the reference features")
     else:
         results["kid"] = kernel_inception_distance(features, reference.features)
-        results["precision_recall"] = precision_recall(features, reference.features)
+        if min(len(features), len(reference.features)) > PRC_NEIGHBORHOOD:
+            results["precision_recall"] = precision_recall(features, reference.features)
+        else:
+            results["notes"].append(f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples")
     results["class_consistency"] = None
     if labels is not None:
         results["class_consistency"], note = class_consistency(dataset, nchw, labels)

@@ -34,7 +34,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_training_writes_checkpoint_history_metrics_and_images(workspace):
     checkpoint = load_checkpoint(workspace / "models/U/ckpt.pt")
     assert checkpoint["conditional"] is False
-    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear"}
+    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear", "variance": "fixed_small"}
     assert checkpoint["data"]["image_size"] == 16 and checkpoint["data"]["channels"] == 3
     assert checkpoint["train_state"]["step"] == 3
     history = json.loads((workspace / "out_U/loss_history_U.json").read_text())
