@@ -313,7 +313,7 @@ def temporary_path(path: Path) -> Path:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp`, and the
+    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp` (and `<weights>.safetensors.tmp`), and the
     `<checkpoint>.tmp-<pid>` of earlier versions of the tool whose process is gone. Nothing else is touched."""
     if not folder.is_dir():
         return
@@ -322,6 +322,8 @@ def remove_stale_temporaries(folder: Path) -> None:
         pid = suffix[len(TEMPORARY_SUFFIX) + 1:]
         if suffix == TEMPORARY_SUFFIX or (suffix.startswith(TEMPORARY_SUFFIX + "-") and pid.isdigit() and not _process_alive(int(pid))):
             leftover.unlink(missing_ok=True)
+    for leftover in folder.glob(f"*.safetensors{TEMPORARY_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -358,15 +360,50 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Copy a saved checkpoint atomically (cheaper than serialising the same state again)."""
-    with open(source, "rb") as f:
-        _atomic_write(path, lambda out: shutil.copyfileobj(f, out))
+    """Copy a saved checkpoint atomically (cheaper than serialising the same state again), and its weights file."""
+    for source_file, target in ((Path(source), Path(path)), (weights_path(source), weights_path(path))):
+        if source_file.is_file():
+            with open(source_file, "rb") as f:
+                _atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+
+
+def weights_path(checkpoint_path: str | os.PathLike) -> Path:
+    """Where the sampling weights of a checkpoint go: ckpt.pt -> ckpt.safetensors."""
+    return Path(checkpoint_path).with_suffix(".safetensors")
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], description: dict, path: str | os.PathLike) -> None:
+    """The sampling weights alone, as safetensors (no optimizer state: a tenth of a training checkpoint), with what
+    --inference needs (load_checkpoint's keys model_config, diffusion, data, conditional, ...) as JSON metadata."""
+    from safetensors.torch import save
+
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "description": json.dumps(description)}
+    _atomic_write(path, lambda f: f.write(save(tensors, metadata)))
+
+
+def _load_weights(path: Path) -> dict:
+    """save_weights' file as a checkpoint dict whose weights are its "ema" (and "model")."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:
+        raise UsageError(f"{path} is not a readable safetensors file ({_first_line(error)})") from error
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a weights file written by this tool (no description of the model in it)")
+    return {**json.loads(metadata["description"]), "model": weights, "ema": weights}
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint; weights_only=True means no code is ever unpickled."""
+    """Load a checkpoint written by save_checkpoint (weights_only=True: no code is ever unpickled), or the weights
+    file of save_weights (.safetensors)."""
     if not Path(path).is_file():
         raise UsageError(f"checkpoint not found: {path}")
+    if Path(path).suffix == ".safetensors":
+        return _load_weights(Path(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

@@ -38,9 +38,11 @@ from ddpm_helpers import (
     save_checkpoint,
     save_image_grid,
     save_json,
-    save_loss_plot,
     save_labelled_rows,
+    save_loss_plot,
+    save_weights,
     seed_everything,
+    weights_path,
 )
 from ddpm_model import UNet, count_parameters
 from ddpm_sampling import every_class_in_turn, generate
@@ -461,6 +463,7 @@ class TrainingRun:
     total_steps: int
     train_images: torch.Tensor
     train_labels: torch.Tensor
+    tensorboard: Optional["TensorBoardLog"] = None  # --logger tensorboard, rank 0
 
     @property
     def run_dir(self) -> Path:
@@ -593,6 +596,8 @@ def train(config: RunConfig, data: DataSplits, rt: Runtime, resume: Optional[tup
     if rt.is_main:
         remove_stale_temporaries(run.run_dir)
     prepare_for_steps(run)
+    if rt.is_main and config.train.logger == "tensorboard":
+        run.tensorboard = TensorBoardLog(Path(config.train.save_dir) / "tensorboard" / config.train.run_name)
     announce(run, resume_path)
     run.model.train()
     with StopRequest(rt) as stop:
@@ -635,11 +640,16 @@ def checkpoint_state(run: TrainingRun) -> dict:
 
 
 def save(run: TrainingRun, path: Path) -> None:
-    """Every rank calls this (the random states are gathered); rank 0 writes."""
+    """Every rank calls this (the random states are gathered); rank 0 writes the checkpoint and, next to it, the
+    sampling weights alone (the EMA, or the raw weights without one) as safetensors (weights_path)."""
     read_counters(run)
     rng_per_rank = gather_rng_states(run.rt)
     if run.rt.is_main:
         save_checkpoint(checkpoint_state(run) | {"rng_per_rank": rng_per_rank}, path)
+        model = run.ema.module if run.ema is not None else unwrap(run.model)
+        description = model_description(unwrap(run.model), run.config, run.data) | {
+            "train_state": {"step": run.state.step}, "weights": "ema" if run.ema is not None else "raw"}
+        save_weights(model.state_dict(), description, weights_path(path))
 
 
 def run_steps(run: TrainingRun, stop: "StopRequest") -> None:
@@ -715,6 +725,8 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
             save_labelled_rows(run.state.progression, run.save_dir / f"progression_{run.config.train.run_name}.png")
         if run.config.train.save_model:
             print(f"checkpoint: {run.last_path}")
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     if run.rt.world_size > 1:
         check_replicas_identical([unwrap(run.model)] + ([run.ema.module] if run.ema is not None else []), run.rt)
     return run.last_path if run.config.train.save_model else None
@@ -762,11 +774,14 @@ def log_step(run: TrainingRun, bar, loss: torch.Tensor, grad_norm: torch.Tensor,
     lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
     if run.rt.is_main:
-        append_jsonl(run.save_dir / f"metrics_{run.config.train.run_name}.jsonl", {
+        record = {
             "kind": "step", "step": run.state.step, "epoch": run.state.epoch + 1, "train_loss": loss.item(), "lr": lr,
             "grad_norm": None if skip.item() else grad_norm.item(), "images_per_s": images_per_s,
             "peak_memory_mb": peak_memory_mb(run.rt.device), "nonfinite_skipped": run.state.nonfinite_skipped,
-        })
+        }
+        append_jsonl(run.save_dir / f"metrics_{run.config.train.run_name}.jsonl", record)
+        if run.tensorboard is not None:
+            run.tensorboard.scalars(record)
 
 
 def record_epoch(run: TrainingRun, epoch_done: bool) -> None:
@@ -791,16 +806,48 @@ def record_epoch(run: TrainingRun, epoch_done: bool) -> None:
     name = train.run_name
     save_json(state.history, run.save_dir / f"loss_history_{name}.json")
     save_loss_plot(state.history, run.save_dir / f"loss_curve_{name}.png", name)
-    append_jsonl(run.save_dir / f"metrics_{name}.jsonl", {
+    record = {
         "kind": "epoch", "step": state.step, "epoch": epochs_value, "train_loss": train_loss, "val_loss": losses["val"],
         "test_loss": losses["test"], "lr": lr, "peak_memory_mb": peak_memory_mb(rt.device),
-    })
+    }
+    append_jsonl(run.save_dir / f"metrics_{name}.jsonl", record)
+    if run.tensorboard is not None:
+        run.tensorboard.scalars(record)
+        if pixels is not None:
+            run.tensorboard.images(pixels, state.step)
     if pixels is not None:
         save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1, run.save_dir / f"samples_{name}_epoch{state.epoch + 1:04d}.png")
         state.progression.append((f"epoch {epochs_value:g}", pixels[:PROGRESSION_COLUMNS]))
+
+
+class TensorBoardLog:
+    """--logger tensorboard: the figures of the metrics JSON lines (losses, lr, images/s, ...) under "step/" and
+    "epoch/", and the sample grids, as TensorBoard events. tensorboard is optional and imported only here."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError('--logger tensorboard needs tensorboard: pip install tensorboard (or pip install ".[tensorboard]")') from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, record: dict) -> None:
+        for key, value in record.items():
+            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def images(self, pixels: torch.Tensor, step: int) -> None:
+        """A sample grid, uint8 (N, H, W, C)."""
+        self.writer.add_images("samples", pixels.numpy(), step, dataformats="NHWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def prune_snapshots(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` per-epoch snapshots (ckpt.pt and best.pt are separate and always kept)."""
     for old in sorted(run_dir.glob("ckpt_epoch*.pt"))[:-keep] if keep > 0 else []:
         old.unlink()
+        weights_path(old).unlink(missing_ok=True)
