@@ -253,7 +253,7 @@ def model_card(checkpoint: dict, unet_config: dict, sampler_config: dict, weight
     """A short README.md for the Hub: what the model is and the lines that sample it."""
     data, conditional = checkpoint["data"], checkpoint["conditional"]
     step = checkpoint.get("train_state", {}).get("step")
-    tag = "class-conditional image generation" if conditional else "unconditional-image-generation"
+    tag = "class-conditional-image-generation" if conditional else "unconditional-image-generation"
     usage = ("images = pipeline(batch_size=16).images  # PIL images" if not conditional else
              "# DDPMPipeline passes no labels; sample classes with the UNet and the scheduler (see the tool's README)")
     classes = f"\nClasses (index = label; label {len(data['class_names'])} is the null label of classifier-free guidance): " \
