@@ -76,7 +76,8 @@ def test_two_processes_train_and_end_with_identical_weights(run_dir):
 
 
 def test_only_rank_zero_writes_and_writes_once(run_dir):
-    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == ["best.pt", "ckpt.pt"], "no temporary files left"
+    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == ["best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors"], \
+        "no temporary files left"
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert all(len(values) == 1 for values in history.values()), history
     kinds = [json.loads(line)["kind"] for line in (run_dir / "out/metrics_D.jsonl").read_text().splitlines()]

@@ -153,13 +153,15 @@ ddpm_helpers.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r})
 def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
     assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name K", tmp_path) == 0
     run_dir = tmp_path / "models/K"
-    leftovers = ["ckpt.pt.tmp", "best.pt.tmp", "ckpt_epoch0010.pt.tmp", "ckpt.pt.tmp-999999999"]  # the last: an earlier version's, its process gone
+    leftovers = ["ckpt.pt.tmp", "best.pt.tmp", "ckpt_epoch0010.pt.tmp", "ckpt.safetensors.tmp",
+                 "ckpt.pt.tmp-999999999"]  # the last: an earlier version's, its process gone
     for name in leftovers:
         (run_dir / name).write_bytes(b"half a checkpoint")
     (run_dir / "notes.tmp").write_text("not the tool's")
     (run_dir / f"ckpt.pt.tmp-{os.getpid()}").write_bytes(b"a live writer's")
     assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name K --resume", tmp_path) == 0
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["best.pt", "ckpt.pt", "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors", "notes.tmp",
+                                                                f"ckpt.pt.tmp-{os.getpid()}"])
 
 
 def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
