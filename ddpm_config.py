@@ -7,7 +7,7 @@ at run time (the device, the number of processes: those live in `ddpm_helpers.Ru
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from ddpm_model import preset_config
@@ -51,8 +51,9 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"
     loss_type: str = "l2"
-    prediction_type: str = "v"  # what the network outputs: eps, v or x0 (ddpm_diffusion.Diffusion)
-    snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 0: none (L_simple)
+    prediction_type: Optional[str] = "v"  # what the network outputs: eps, v or x0 (ddpm_diffusion.Diffusion); None: see with_objective
+    snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting; 0: none (L_simple); None: see with_objective
+    variance: str = "fixed_small"  # the ancestral sampler's default, recorded in the checkpoint
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class SamplingConfig:
     guidance_scale: float = 3.0
     guidance_rescale: float = 0.0
     guidance_interval: Optional[tuple[float, float]] = None
+    variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
     amp: str = "none"  # the network's autocast; the sampler's own arithmetic stays in float32
 
     def resolved_steps(self, num_timesteps: int) -> int:
@@ -101,6 +103,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     log_interval: int = 100
+    eval_every: Optional[int] = None  # epochs between validation/test losses; None: ddpm_train.evaluation_interval
     sample_every: int = 10
     num_samples: Optional[int] = None  # of a training grid; None: 16, or two per class
     save_model: bool = False
@@ -108,6 +111,7 @@ class TrainConfig:
     save_every_steps: int = 0
     keep_checkpoints: int = 3
     resume: Optional[str] = None  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
+    logger: str = "jsonl"  # "tensorboard": also TensorBoard events (ddpm_train.TensorBoardLog)
 
 
 @dataclass(frozen=True)
@@ -135,8 +139,28 @@ FIXED_ON_RESUME = {
 }
 
 
+NEW_RUN_OBJECTIVE = {"prediction_type": "v", "snr_gamma": 5.0}  # chosen by scripts/quality_benchmark.py
+
+
+def with_objective(config: RunConfig, resumed: Optional[dict]) -> RunConfig:
+    """The training objective not given on the command line (None): a resumed run's own (`resumed`: its stored
+    configuration, of either version), else NEW_RUN_OBJECTIVE. Checkpoints of the first version trained L_simple."""
+    chosen = {}
+    for name, new_run_value in NEW_RUN_OBJECTIVE.items():
+        given = getattr(config.diffusion, name)
+        if given is not None:
+            chosen[name] = given
+        elif resumed is None:
+            chosen[name] = new_run_value
+        elif resumed.get("version") == CONFIG_VERSION:
+            chosen[name] = resumed["diffusion"].get(name, FIRST_DEFAULTS[name])
+        else:
+            chosen[name] = FIRST_DEFAULTS[name]
+    return replace(config, diffusion=replace(config.diffusion, **chosen))
+
+
 # What settings added after a checkpoint was written meant then.
-FIRST_DEFAULTS = {"prediction_type": "eps"}
+FIRST_DEFAULTS = {"prediction_type": "eps", "snr_gamma": 0.0}
 
 
 def fixed_settings(saved: dict) -> dict:
@@ -150,5 +174,6 @@ def fixed_settings(saved: dict) -> dict:
 
 
 def current_settings(config: RunConfig) -> dict:
-    """The FIXED_ON_RESUME settings of `config`, by flag name."""
-    return {flag: getattr(getattr(config, section), name) for flag, (section, name) in FIXED_ON_RESUME.items()}
+    """The FIXED_ON_RESUME settings of `config`, by flag name; those left to the resumed run (None) are not compared."""
+    values = {flag: getattr(getattr(config, section), name) for flag, (section, name) in FIXED_ON_RESUME.items()}
+    return {flag: value for flag, value in values.items() if value is not None or flag not in NEW_RUN_OBJECTIVE}

@@ -26,6 +26,9 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 LOSS_TYPES = ("l2", "l1", "huber")
 PREDICTION_TYPES = ("eps", "v", "x0")
+# The ancestral sampler's sigma_t^2 (Ho et al., section 3.2): the posterior variance beta_tilde_t, optimal for x_0 at a
+# point, or beta_t, optimal for x_0 ~ N(0, I). Ho et al. report their CIFAR-10 numbers with fixed_large.
+VARIANCES = ("fixed_small", "fixed_large")
 MAX_BETA = 0.999
 # DPM-Solver++ starts no higher than this lambda = log(alpha_t / sigma_t) (diffusers' `lambda_min_clipped`, the
 # value it recommends for the cosine schedule; DPM-Solver's reference code likewise stops the cosine schedule short of
@@ -134,15 +137,19 @@ def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
 class Diffusion:
     """The fixed forward process of a DDPM and everything computed from its schedule."""
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "linear", prediction_type: str = "eps", snr_gamma: float = 0.0):
+    def __init__(self, timesteps: int = 1000, schedule: str = "linear", prediction_type: str = "eps", snr_gamma: float = 0.0,
+                 variance: str = "fixed_small"):
         """`prediction_type`: what the network outputs (eps, v or x0); `snr_gamma` > 0: min-SNR-gamma loss
-        weighting (Hang et al. 2023), 0: L_simple's uniform weighting."""
+        weighting (Hang et al. 2023), 0: L_simple's uniform weighting; `variance`: the ancestral sampler's default."""
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
         self.num_timesteps = timesteps
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
+        self.variance = variance  # the ancestral sampler's default (AncestralSampler)
         betas = make_beta_schedule(schedule, timesteps)
         # Computed in float64, kept in float32: what the network and the samplers work in.
         self.betas = betas.float()
@@ -315,6 +322,7 @@ class Diffusion:
         progress: bool = True,
         guidance_rescale: float = 0.0,
         guidance_interval: Optional[tuple[float, float]] = None,
+        variance: Optional[str] = None,
     ) -> torch.Tensor:
         """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W).
 
@@ -322,9 +330,9 @@ class Diffusion:
         train/eval mode is left as it is.
         `steps` network evaluations (default: all T for ddpm, 50 for ddim and dpm++2m), at
         evenly spaced timesteps (log-SNR spaced for dpm++2m). Noise is drawn from `generator` (on its own device) so a
-        seed gives the same images on any device.
+        seed gives the same images on any device. `variance` overrides the ancestral sampler's (see VARIANCES).
         """
-        solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised)
+        solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised, variance=variance)
         timesteps = solver.timesteps(steps)
         if device is None:
             device = labels.device if labels is not None else self.alphas_cumprod.device
@@ -358,11 +366,16 @@ def rescale_guidance(guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -
 
 
 class AncestralSampler:
-    """Ho et al. Algorithm 2: x_{t_prev} ~ q(x_{t_prev} | x_t, x_0 = predicted x_0), the posterior variance
-    (sigma_t^2 = beta_tilde_t). On a respaced chain t_prev is the next kept step (Improved DDPM, section 4)."""
+    """Ho et al. Algorithm 2: x_{t_prev} ~ N(mean of q(x_{t_prev} | x_t, x_0 = predicted x_0), sigma_t^2), with
+    sigma_t^2 = beta_tilde_t (fixed_small, the posterior variance) or beta_t (fixed_large); no noise is added on
+    the last step. On a respaced chain t_prev is the next kept step and beta_t = 1 - alpha_bar_t / alpha_bar_{t_prev}
+    (Improved DDPM, section 4). `variance` None: the diffusion's."""
 
-    def __init__(self, diffusion: Diffusion, clip_denoised: bool = True):
-        self.diffusion, self.clip_denoised = diffusion, clip_denoised
+    def __init__(self, diffusion: Diffusion, clip_denoised: bool = True, variance: Optional[str] = None):
+        variance = variance or diffusion.variance
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+        self.diffusion, self.clip_denoised, self.variance = diffusion, clip_denoised, variance
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
         return evenly_spaced_timesteps(self.diffusion.num_timesteps, steps)
@@ -374,6 +387,8 @@ class AncestralSampler:
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         coef_x0, coef_xt, variance = posterior(alpha_bar_t, alpha_bar_s)
+        if self.variance == "fixed_large" and t_prev >= 0:
+            variance = 1 - alpha_bar_t / alpha_bar_s
         mean = coef_x0 * self.predicted_x0(x, alpha_bar_t, eps) + coef_xt * x
         return mean + variance.sqrt() * _randn_like(x, generator)
 
@@ -433,10 +448,12 @@ class DPMSolverPlusPlus2M(AncestralSampler):
         return sigma_ratio * x - alpha_bar_s.sqrt() * torch.expm1(-h) * denoised
 
 
-def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, clip_denoised: bool = True) -> AncestralSampler:
-    """A fresh sampler (DPM-Solver++ keeps the previous steps' predictions, so one per run) by its --sampler name."""
+def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, clip_denoised: bool = True,
+                 variance: Optional[str] = None) -> AncestralSampler:
+    """A fresh sampler (DPM-Solver++ keeps the previous steps' predictions, so one per run) by its --sampler name;
+    `variance` is the ancestral sampler's (the others have their own)."""
     if name == "ddpm":
-        return AncestralSampler(diffusion, clip_denoised)
+        return AncestralSampler(diffusion, clip_denoised, variance)
     if name == "ddim":
         return DDIMSampler(diffusion, eta, clip_denoised)
     if name == "dpm++2m":

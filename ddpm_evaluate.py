@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm_config import SamplingConfig
-from ddpm_helpers import SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, load_datasets, save_image_grid, save_json, save_labelled_rows, save_sample_arrays
+from ddpm_helpers import SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, load_datasets, save_image_grid, save_json, save_labelled_rows, save_pngs, save_sample_arrays
 from ddpm_sampling import LoadedModel, check_sampling_steps, every_class_in_turn, generate_from, load_model, sampling_record
 
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -37,6 +37,8 @@ FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.T
 # where it is used, so that training and inference do not pay for its import.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SCORE_SPLITS = 10  # as in Salimans et al.'s code and every published Inception Score
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018, as torch-fidelity's defaults
+PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds of precision and recall (Kynkaanniemi et al. 2019)
 GRID_IMAGES = 64
 SWEEP_GRID_COLUMNS = 8
 
@@ -154,6 +156,28 @@ def inception_score(logits: torch.Tensor, splits: int = INCEPTION_SCORE_SPLITS) 
     return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
 
 
+def kernel_inception_distance(features: np.ndarray, reference: np.ndarray) -> dict:
+    """KID (Binkowski et al. 2018): the unbiased squared MMD with the cubic polynomial kernel, mean and std over
+    random subsets, by torch-fidelity. Unbiased at any sample count, unlike FID."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    subset_size = min(KID_SUBSET_SIZE, len(features), len(reference))
+    result = kid_features_to_metric(torch.from_numpy(features), torch.from_numpy(reference), kid_subsets=KID_SUBSETS,
+                                    kid_subset_size=subset_size, verbose=False, rng_seed=2020)
+    return {"mean": result[KEY_METRIC_KID_MEAN], "std": result[KEY_METRIC_KID_STD], "subsets": KID_SUBSETS, "subset_size": subset_size}
+
+
+def precision_recall(features: np.ndarray, reference: np.ndarray) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019), by torch-fidelity: the share of samples inside the
+    k-NN balls of the reference features, and of reference images inside those of the samples. Computed on the FID
+    features, as the guided-diffusion (ADM) evaluator does."""
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    result = prc_features_to_metric(torch.from_numpy(features).float(), torch.from_numpy(reference).float(),
+                                    prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return {"precision": result[KEY_METRIC_PRECISION], "recall": result[KEY_METRIC_RECALL], "neighborhood": PRC_NEIGHBORHOOD}
+
+
 def classify_synthetic(images: torch.Tensor) -> torch.Tensor:
     """Class of synthetic images (uint8, N x 3 x H x W), -1 where nothing is drawn.
 
@@ -189,8 +213,9 @@ def class_consistency(dataset: str, images: torch.Tensor, labels: torch.Tensor) 
 class ReferenceStatistics:
     mu: np.ndarray
     sigma: np.ndarray
-    num_images: int
+    num_images: Optional[int]  # None: a --fid_ref file that does not say
     path: Path
+    features: Optional[np.ndarray] = None  # what KID and precision/recall need; only mu and sigma in a --fid_ref file
 
 
 def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor_name: str, extractor: FeatureExtractor,
@@ -203,23 +228,51 @@ def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor
     path = Path(data_dir) / f"fid_stats_{dataset}_{image_size}_{extractor_name}.npz"
     if path.is_file():
         with np.load(path) as cached:
-            return ReferenceStatistics(cached["mu"], cached["sigma"], int(cached["num_images"]), path)
+            features = cached["features"].astype(np.float64) if "features" in cached else None
+            return ReferenceStatistics(cached["mu"], cached["sigma"], int(cached["num_images"]), path, features)
     data = load_datasets(dataset, data_dir, image_size, hflip=False)
     images = torch.cat([data.train.images, data.val.images])
     features, _ = extract_features(extractor, images, batch_size, device, desc="training-set features (once)")
     mu, sigma = feature_statistics(features)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, num_images=len(images))
-    return ReferenceStatistics(mu, sigma, len(images), path)
+    np.savez(path, mu=mu, sigma=sigma, num_images=len(images), features=features.astype(np.float32))
+    return ReferenceStatistics(mu, sigma, len(images), path, features.astype(np.float32).astype(np.float64))
 
 
-def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path) -> None:
-    """samples.npz (uint8 N x H x W x C `images`, int64 `labels`, -1 if unconditional), the format
-    evaluation suites read, and grid.png of the first images."""
+def load_reference_file(path: Path, extractor: FeatureExtractor, image_shape: tuple[int, int, int], device: str) -> ReferenceStatistics:
+    """--fid_ref: precomputed `mu` and `sigma` of `feature_dim`-d features (as pytorch-fid --save-stats writes them,
+    or this tool's cache) of the extractor's features; `num_images` where the file has it."""
+    if not path.is_file():
+        raise UsageError(f"--fid_ref file not found: {path}")
+    try:
+        with np.load(path) as stats:
+            mu, sigma = np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
+            num_images = int(stats["num_images"]) if "num_images" in stats else None
+    except KeyError:
+        raise UsageError(f"{path} has no `mu` and `sigma` arrays (the layout pytorch-fid --save-stats writes)") from None
+    except Exception as error:
+        raise UsageError(f"{path} is not a readable .npz file ({_first_line(error)})") from None
+    feature_dim = feature_dimension(extractor, image_shape, device)
+    if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
+        raise UsageError(f"{path} holds statistics of {mu.shape[-1] if mu.ndim else 0}-d features; these features are {feature_dim}-d")
+    return ReferenceStatistics(mu, sigma, num_images, path)
+
+
+def feature_dimension(extractor: FeatureExtractor, image_shape: tuple[int, int, int], device: str) -> int:
+    """The length of the extractor's feature vector, from one black image."""
+    with torch.no_grad():
+        features, _ = extractor(torch.zeros((1, 3, *image_shape[1:]), dtype=torch.uint8, device=device))
+    return features.shape[1]
+
+
+def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path, pngs: bool = False) -> None:
+    """samples.npz (ADM's layout, see ddpm_helpers.save_sample_arrays), grid.png of the first images and, with
+    `pngs`, every image as samples/NNNNN.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    label_array = np.full(len(images), -1, dtype=np.int64) if labels is None else labels.long().numpy()
-    save_sample_arrays(images.numpy(), label_array, out_dir / "samples.npz")
+    save_sample_arrays(images.numpy(), None if labels is None else labels.long().numpy(), out_dir / "samples.npz")
     save_image_grid(images[:GRID_IMAGES].permute(0, 3, 1, 2).float() / 127.5 - 1, out_dir / "grid.png")
+    if pngs:
+        save_pngs(images.numpy(), out_dir / "samples")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -240,6 +293,15 @@ def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], da
     else:
         mean, std = inception_score(logits)
         results["inception_score"] = {"mean": mean, "std": std, "splits": INCEPTION_SCORE_SPLITS}
+    results["kid"], results["precision_recall"] = None, None
+    if reference.features is None:
+        results["notes"].append(f"no KID or precision/recall: {reference.path} holds mu and sigma only, not the reference features")
+    else:
+        results["kid"] = kernel_inception_distance(features, reference.features)
+        if min(len(features), len(reference.features)) > PRC_NEIGHBORHOOD:
+            results["precision_recall"] = precision_recall(features, reference.features)
+        else:
+            results["notes"].append(f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples")
     results["class_consistency"] = None
     if labels is not None:
         results["class_consistency"], note = class_consistency(dataset, nchw, labels)
@@ -254,7 +316,7 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, num
         "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
         "dataset": loaded.checkpoint["data"]["dataset"], "image_size": loaded.checkpoint["data"]["image_size"],
         "num_samples": num_samples, "seed": seed,
-        **sampling_record(settings, rt, guided=loaded.conditional, num_timesteps=loaded.diffusion.num_timesteps),
+        **sampling_record(settings, rt, guided=loaded.conditional, diffusion=loaded.diffusion, resolve_steps=True),
         "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
         "reference_statistics": str(reference.path), "reference_images": reference.num_images,
     }
@@ -262,7 +324,7 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, num
 
 def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, *, num_samples: int, seed: int, batch_size: int,
                          extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
-                         out_dir: Path) -> Optional[tuple[dict, torch.Tensor]]:
+                         out_dir: Path, save_pngs: bool = False) -> Optional[tuple[dict, torch.Tensor]]:
     """Generate (shared out over the ranks), then on rank 0 measure and write samples.npz, grid.png and
     evaluation.json to out_dir and return (results, images); None on the other ranks."""
     labels = every_class_in_turn(len(loaded.class_names) if loaded.conditional else None, num_samples)
@@ -277,16 +339,18 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, rt: Runt
     results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(rt.device)))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
-    save_sample_set(images, labels, out_dir)
+    save_sample_set(images, labels, out_dir, pngs=save_pngs)
     save_json(results, out_dir / "evaluation.json")
     return results, images
 
 
 def run_evaluation(model_path: Path, settings: SamplingConfig, rt: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
                    features: str, data_dir: str, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
-                   compile: bool = False) -> None:
-    """--evaluate: FID (and IS, class consistency) of `num_samples` samples, at settings.guidance_scale or at each
-    scale of `guidance_sweep`. Under torchrun every rank samples its share; rank 0 alone measures and writes."""
+                   compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False) -> None:
+    """--evaluate: FID (and IS, KID, precision/recall, class consistency) of `num_samples` samples, at
+    settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
+    statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes."""
+    require_torch_fidelity()
     loaded = load_model(model_path, str(rt.device), use_ema, compile)
     check_sampling_steps(settings.steps, loaded)
     if guidance_sweep and not loaded.conditional:
@@ -295,13 +359,16 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, rt: Runtime, *, g
     extractor, reference = None, None
     if rt.is_main:
         extractor = FEATURE_EXTRACTORS[features](str(rt.device))
-        reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(rt.device))
+        if fid_ref is not None:
+            reference = load_reference_file(fid_ref, extractor, loaded.image_shape, str(rt.device))
+        else:
+            reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(rt.device))
     sweep = []
     for scale in guidance_sweep or [settings.guidance_scale]:
         out_dir = save_dir / f"scale_{scale:g}" if guidance_sweep else save_dir
         outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), rt, num_samples=num_samples, seed=seed,
                                        batch_size=batch_size, extractor_name=features, extractor=extractor, reference=reference,
-                                       out_dir=out_dir)
+                                       out_dir=out_dir, save_pngs=save_pngs)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             sweep.append(outcome)
@@ -309,11 +376,26 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, rt: Runtime, *, g
         save_guidance_sweep(sweep, data["class_names"], save_dir)
 
 
+def require_torch_fidelity() -> None:
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise UsageError('--evaluate needs torch-fidelity: pip install torch-fidelity (or pip install ".[eval]")') from None
+
+
 def summary_line(results: dict, json_path: Path) -> str:
-    text = f"FID {results['fid']:.3f} ({results['feature_extractor']} features, {results['num_samples']} samples " \
-           f"against {results['reference_images']} training images)"
+    """Every figure with the number of samples it was measured on."""
+    count = results["num_samples"]
+    reference = f"{results['reference_images']} reference images" if results["reference_images"] else f"the statistics in {results['reference_statistics']}"
+    text = f"FID {results['fid']:.3f} ({results['feature_extractor']} features, {count} samples against {reference})"
     if results["inception_score"]:
-        text += f", IS {results['inception_score']['mean']:.3f} +- {results['inception_score']['std']:.3f}"
+        text += f", IS {results['inception_score']['mean']:.3f} +- {results['inception_score']['std']:.3f} ({count} samples)"
+    if results["kid"]:
+        kid = results["kid"]
+        text += f", KID {kid['mean']:.5f} +- {kid['std']:.5f} ({kid['subsets']} subsets of {kid['subset_size']} of {count} samples)"
+    if results["precision_recall"]:
+        pr = results["precision_recall"]
+        text += f", precision {pr['precision']:.3f} recall {pr['recall']:.3f} (k={pr['neighborhood']}, {count} samples)"
     if results["class_consistency"] is not None:
         text += f", class consistency {results['class_consistency']:.3f}"
     return f"{text}; wrote {json_path}"
@@ -324,7 +406,7 @@ def summary_line(results: dict, json_path: Path) -> str:
 def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: list[str], save_dir: Path) -> None:
     """guidance_sweep.json and .md (FID, IS, class consistency per scale), guidance_sweep.png (FID and IS
     against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each column)."""
-    rows = [{"guidance_scale": results["guidance_scale"], "fid": results["fid"],
+    rows = [{"guidance_scale": results["guidance_scale"], "num_samples": results["num_samples"], "fid": results["fid"],
              "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
              "class_consistency": results["class_consistency"]} for results, _ in sweep]
     save_json(rows, save_dir / "guidance_sweep.json")
@@ -341,7 +423,7 @@ def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: lis
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per row, '-' for a missing value."""
-    show = lambda value: "-" if value is None else f"{value:.4g}"  # noqa: E731
+    show = lambda value: "-" if value is None else str(value) if isinstance(value, int) else f"{value:.4g}"  # noqa: E731
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
     lines += ["| " + " | ".join(show(value) for value in row.values()) + " |" for row in rows]
     return "\n".join(lines) + "\n"

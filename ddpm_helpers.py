@@ -344,7 +344,7 @@ def temporary_path(path: Path) -> Path:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp`, and the
+    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp` (and `<weights>.safetensors.tmp`), and the
     `<checkpoint>.tmp-<pid>` of earlier versions of the tool whose process is gone. Nothing else is touched."""
     if not folder.is_dir():
         return
@@ -353,6 +353,8 @@ def remove_stale_temporaries(folder: Path) -> None:
         pid = suffix[len(TEMPORARY_SUFFIX) + 1:]
         if suffix == TEMPORARY_SUFFIX or (suffix.startswith(TEMPORARY_SUFFIX + "-") and pid.isdigit() and not _process_alive(int(pid))):
             leftover.unlink(missing_ok=True)
+    for leftover in folder.glob(f"*.safetensors{TEMPORARY_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -389,15 +391,50 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 
 def copy_checkpoint(source: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Copy a saved checkpoint atomically (cheaper than serialising the same state again)."""
-    with open(source, "rb") as f:
-        _atomic_write(path, lambda out: shutil.copyfileobj(f, out))
+    """Copy a saved checkpoint atomically (cheaper than serialising the same state again), and its weights file."""
+    for source_file, target in ((Path(source), Path(path)), (weights_path(source), weights_path(path))):
+        if source_file.is_file():
+            with open(source_file, "rb") as f:
+                _atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+
+
+def weights_path(checkpoint_path: str | os.PathLike) -> Path:
+    """Where the sampling weights of a checkpoint go: ckpt.pt -> ckpt.safetensors."""
+    return Path(checkpoint_path).with_suffix(".safetensors")
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], description: dict, path: str | os.PathLike) -> None:
+    """The sampling weights alone, as safetensors (no optimizer state: a tenth of a training checkpoint), with what
+    --inference needs (load_checkpoint's keys model_config, diffusion, data, conditional, ...) as JSON metadata."""
+    from safetensors.torch import save
+
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    metadata = {"format": CHECKPOINT_FORMAT, "description": json.dumps(description)}
+    _atomic_write(path, lambda f: f.write(save(tensors, metadata)))
+
+
+def _load_weights(path: Path) -> dict:
+    """save_weights' file as a checkpoint dict whose weights are its "ema" (and "model")."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as error:
+        raise UsageError(f"{path} is not a readable safetensors file ({_first_line(error)})") from error
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a weights file written by this tool (no description of the model in it)")
+    return {**json.loads(metadata["description"]), "model": weights, "ema": weights}
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint; weights_only=True means no code is ever unpickled."""
+    """Load a checkpoint written by save_checkpoint (weights_only=True: no code is ever unpickled), or the weights
+    file of save_weights (.safetensors)."""
     if not Path(path).is_file():
         raise UsageError(f"checkpoint not found: {path}")
+    if Path(path).suffix == ".safetensors":
+        return _load_weights(Path(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -494,17 +531,28 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor | None, out_dir: str
     labels (-1 marks an unconditional sample)."""
     out_dir = Path(out_dir)
     pixels = to_uint8(images).numpy()
-    labels = np.full(len(pixels), -1, dtype=np.int64) if labels is None else labels.detach().cpu().long().numpy()
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    save_pngs(pixels, out_dir / "samples")
+    save_sample_arrays(pixels, None if labels is None else labels.detach().cpu().long().numpy(), out_dir / "samples.npz")
+
+
+def save_pngs(pixels: np.ndarray, folder: str | os.PathLike) -> None:
+    """uint8 images (N, H, W, C) as folder/00000.png, ...: what folder-based FID tools read (pytorch-fid, clean-fid,
+    torch-fidelity)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(pixels):
-        grey_or_rgb = image[:, :, 0] if image.shape[-1] == 1 else image
-        Image.fromarray(grey_or_rgb).save(out_dir / "samples" / f"{index:05d}.png")
-    save_sample_arrays(pixels, labels, out_dir / "samples.npz")
+        Image.fromarray(image[:, :, 0] if image.shape[-1] == 1 else image).save(folder / f"{index:05d}.png")
 
 
-def save_sample_arrays(pixels: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> None:
-    """The .npz that evaluation suites read: uint8 `images` (N, H, W, C) and int64 `labels`, written atomically."""
-    _atomic_write(path, lambda f: np.savez(f, images=pixels, labels=labels))
+def save_sample_arrays(pixels: np.ndarray, labels: np.ndarray | None, path: str | os.PathLike) -> None:
+    """The .npz of the guided-diffusion (ADM) evaluator, written atomically: `arr_0`, uint8 (N, H, W, C), first, then
+    for class-conditional samples `arr_1`, their int64 labels; also `images` and `labels` (-1: unconditional), the
+    names of earlier versions."""
+    arrays = {"arr_0": pixels}
+    if labels is not None:
+        arrays["arr_1"] = labels
+    arrays |= {"images": pixels, "labels": np.full(len(pixels), -1, dtype=np.int64) if labels is None else labels}
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> None:

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ddpm_config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig
-from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SAMPLERS, SCHEDULES
+from ddpm_config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, with_objective
+from ddpm_diffusers import export_diffusers, import_diffusers
+from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SAMPLERS, SCHEDULES, VARIANCES
 from ddpm_evaluate import FEATURE_EXTRACTORS, run_checkpoint_comparison, run_evaluation
 from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_datasets, setup_runtime
 from ddpm_model import PRESETS, UNet
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a DDPM (Ho et al. 2020) or sample from one, with classifier-free guidance.")
     mode = parser.add_argument_group("mode and run")
     mode.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
+    mode.add_argument("--export_diffusers", default=None, metavar="OUT_DIR",
+                      help="write --model_path as a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler, safetensors)")
+    mode.add_argument("--import_diffusers", default=None, metavar="FOLDER",
+                      help="convert a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) into the checkpoint --model_path")
     mode.add_argument("--run_name", default="DDPM", help="name of the run: models/<run_name>/, file names in --save_dir")
     mode.add_argument("--save_dir", default="outputs", help="where images, loss history and metrics go")
     mode.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
@@ -70,11 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion.add_argument("--timesteps", type=int, default=1000)
     diffusion.add_argument("--schedule", default="linear", choices=SCHEDULES)
     diffusion.add_argument("--loss_type", default="l2", choices=LOSS_TYPES)
-    diffusion.add_argument("--prediction_type", default="v", choices=PREDICTION_TYPES,
-                           help="what the network predicts: v (Salimans & Ho 2022; the default, chosen by scripts/quality_benchmark.py), "
-                                "eps (Ho et al.) or x0")
-    diffusion.add_argument("--snr_gamma", type=float, default=5.0,
-                           help="min-SNR-gamma loss weighting (Hang et al. 2023; the default 5 is theirs); 0: none, Ho et al.'s L_simple")
+    diffusion.add_argument("--prediction_type", default=None, choices=PREDICTION_TYPES,
+                           help="what the network predicts: v (Salimans & Ho 2022; the default for new runs, chosen by "
+                                "scripts/quality_benchmark.py), eps (Ho et al.) or x0; --resume keeps the run's")
+    diffusion.add_argument("--snr_gamma", type=float, default=None,
+                           help="min-SNR-gamma loss weighting (Hang et al. 2023; new runs: their 5); 0: none, Ho et al.'s L_simple; "
+                                "--resume keeps the run's")
+    diffusion.add_argument("--variance", default=None, choices=VARIANCES,
+                           help="the ddpm sampler's sigma_t^2: fixed_small (posterior, default) or fixed_large (beta_t, Ho et al.'s CIFAR-10 "
+                                "numbers); training and --import_diffusers record it in the checkpoint, sampling overrides the checkpoint's")
 
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=100)
@@ -83,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=2e-4)
     train.add_argument("--p_uncond", type=float, default=0.1, help="probability of training on the null label (--conditional)")
     train.add_argument("--log_interval", type=int, default=100, help="steps between logged losses")
+    train.add_argument("--eval_every", type=int, default=None,
+                       help="epochs between validation and test losses (default: every epoch, or fewer where they would take over 5%% of the time)")
     train.add_argument("--sample_every", type=int, default=10, help="epochs between sample grids (0: never)")
     train.add_argument("--save_model", action="store_true", help="write checkpoints to <models_dir>/<run_name>/")
     train.add_argument("--save_every", type=int, default=10, help="epochs between kept snapshots ckpt_epochNNNN.pt")
@@ -106,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                        help="mixed precision of the network, in training and sampling (auto: bf16 on GPUs that support it, else none)")
     train.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on recent GPUs)")
+    train.add_argument("--logger", default="jsonl", choices=("jsonl", "tensorboard"),
+                       help="jsonl: the metrics JSON lines only; tensorboard: also TensorBoard events in <save_dir>/tensorboard/<run_name>")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the network, for training or sampling (faster after a one-off compilation of a minute or more)")
 
@@ -129,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--fid_num_samples", type=int, default=10000, help="samples for --evaluate (published CIFAR-10 FIDs use 50000)")
     evaluation.add_argument("--fid_features", default="inception", choices=sorted(FEATURE_EXTRACTORS),
                             help="inception: the standard FID network; random-conv: fixed random features for tests, not comparable to published FID")
+    evaluation.add_argument("--fid_ref", default=None, metavar="NPZ",
+                            help="reference statistics mu, sigma (pytorch-fid --save-stats) instead of the training set's")
+    evaluation.add_argument("--save_pngs", action="store_true", help="with --evaluate: also write every sample as samples/NNNNN.png")
     evaluation.add_argument("--guidance_sweep", default=None, metavar="W1,W2,...", help="with --evaluate: one evaluation per guidance scale, a table, a plot and per-class grids")
     evaluation.add_argument("--compare_checkpoints", nargs="+", default=None, metavar="CKPT",
                             help="sample the same noise from these checkpoints of one run into one image, one row per training step")
@@ -141,7 +157,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("num_samples", "max_steps", "sampling_steps", "image_size", "base_dim", "num_res_blocks"):
+    for name in ("num_samples", "max_steps", "sampling_steps", "image_size", "base_dim", "num_res_blocks", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.timesteps < 10:
@@ -151,7 +167,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("guidance_scale", "lr", "eta"):
         if not math.isfinite(getattr(args, name)):
             raise UsageError(f"--{name} must be a finite number, got {getattr(args, name)}")
-    if not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
+    if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
         raise UsageError(f"--snr_gamma must be 0 (off) or positive, got {args.snr_gamma}")
     if not 0.0 <= args.p_uncond <= 1.0:
         raise UsageError(f"--p_uncond must be between 0 and 1, got {args.p_uncond}")
@@ -177,7 +193,7 @@ def validate_args(args: argparse.Namespace) -> None:
 def validate_evaluation_args(args: argparse.Namespace) -> None:
     """Reject bad evaluation and guidance flags with one line, before anything is written."""
     modes = [name for name in ("inference", "evaluate") if getattr(args, name)] + \
-            (["compare_checkpoints"] if args.compare_checkpoints else [])
+            [name for name in ("compare_checkpoints", "export_diffusers", "import_diffusers") if getattr(args, name)]
     if len(modes) > 1:
         raise UsageError(f"choose one of --{' and --'.join(modes)}")
     if not (math.isfinite(args.guidance_rescale) and 0 <= args.guidance_rescale <= 1):
@@ -191,6 +207,10 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
             raise UsageError("--guidance_sweep works with --evaluate")
     if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
         raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")
+    if args.variance and sampling_mode(args) and args.sampler != "ddpm":
+        raise UsageError(f"--variance is the ddpm (ancestral) sampler's; --sampler {args.sampler} has its own")
+    if (args.fid_ref or args.save_pngs) and not args.evaluate:
+        raise UsageError(f"{'--fid_ref' if args.fid_ref else '--save_pngs'} works with --evaluate")
 
 
 def parse_guidance_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -240,10 +260,10 @@ GRID_SAMPLER, GRID_STEPS = "dpm++2m", 20  # training grids: a fast sampler (see 
 def sampling_config(args: argparse.Namespace, training: bool = False) -> SamplingConfig:
     """The sampling flags; for training grids a fast default sampler, so that grids cost little of a run."""
     sampler = args.sampler or (GRID_SAMPLER if training else "ddpm")
-    steps = args.sampling_steps if args.sampling_steps is not None or not (training and args.sampler is None) else GRID_STEPS
+    steps = args.sampling_steps if args.sampling_steps is not None or not (training and args.sampler is None) else min(GRID_STEPS, args.timesteps)
     return SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance_scale=args.guidance_scale,
                           guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
-                          amp=args.amp)
+                          variance=args.variance, amp=args.amp)
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -255,16 +275,17 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                           num_res_blocks=args.num_res_blocks, attn_resolutions=as_tuple(args.attn_resolutions),
                           dropout=args.dropout, conditional=args.conditional),
         diffusion=DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule, loss_type=args.loss_type,
-                                  prediction_type=args.prediction_type, snr_gamma=args.snr_gamma),
+                                  prediction_type=args.prediction_type, snr_gamma=args.snr_gamma,
+                                  variance=args.variance or "fixed_small"),
         train=TrainConfig(
             run_name=args.run_name, save_dir=args.save_dir, models_dir=args.models_dir, seed=args.seed, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, optimizer=args.optimizer,
             weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, warmup_steps=args.warmup_steps,
             lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, grad_accum=args.grad_accum, ema_decay=args.ema_decay,
             sample_with_ema=not args.no_ema, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
-            log_interval=args.log_interval, sample_every=args.sample_every, num_samples=args.num_samples,
+            log_interval=args.log_interval, eval_every=args.eval_every, sample_every=args.sample_every, num_samples=args.num_samples,
             save_model=args.save_model, save_every=args.save_every, save_every_steps=args.save_every_steps,
-            keep_checkpoints=args.keep_checkpoints, resume=args.resume),
+            keep_checkpoints=args.keep_checkpoints, resume=args.resume, logger=args.logger),
         sampling=sampling_config(args, training=True),
     )
 
@@ -275,6 +296,7 @@ def run_training(args: argparse.Namespace) -> None:
     config = run_config(args)
     device = select_device(args)
     resume = load_resume_checkpoint(config)
+    config = with_objective(config, resume[1]["config"] if resume is not None else None)
     data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
                          channels=config.data.channels, val_fraction=config.data.val_fraction)
     if resume is not None and resume[1]["data"]["channels"] != data.channels:
@@ -293,10 +315,15 @@ def run_training(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """--model_path, by default <models_dir>/<run_name>/ckpt.pt."""
+    return Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
+
+
 def run_sampling(args: argparse.Namespace) -> None:
     """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's."""
     rt = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
-    model_path = Path(args.model_path or Path(args.models_dir) / args.run_name / "ckpt.pt")
+    model_path = checkpoint_path(args)
     common = dict(seed=args.seed, batch_size=args.batch_size, save_dir=Path(args.save_dir), use_ema=not args.no_ema, compile=args.compile)
     try:
         if args.compare_checkpoints:
@@ -305,7 +332,7 @@ def run_sampling(args: argparse.Namespace) -> None:
         elif args.evaluate:
             run_evaluation(model_path, sampling_config(args), rt, num_samples=args.fid_num_samples, features=args.fid_features,
                            guidance_sweep=parse_scales(args.guidance_sweep) if args.guidance_sweep else None,
-                           data_dir=args.data_dir, **common)
+                           data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
         else:
             run_inference(model_path, sampling_config(args), rt, num_samples=args.num_samples or INFERENCE_SAMPLES,
                           sample_classes=args.sample_classes,
@@ -321,7 +348,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         validate_args(args)
         if not args.no_tf32 and select_device(args).startswith("cuda"):
             enable_tf32()
-        if sampling_mode(args):
+        if args.export_diffusers:
+            export_diffusers(checkpoint_path(args), Path(args.export_diffusers), use_ema=not args.no_ema)
+        elif args.import_diffusers:
+            import_diffusers(Path(args.import_diffusers), checkpoint_path(args), dataset=args.dataset, variance=args.variance)
+        elif sampling_mode(args):
             run_sampling(args)
         else:
             run_training(args)

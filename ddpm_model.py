@@ -37,6 +37,7 @@ PRESET_IMAGE_SIZE = 32  # the attention resolutions in PRESETS are written for 3
 #   small         6,949,187       6,472,195
 #   ddpm         38,307,203      35,746,307   (Ho et al. report 35.7M)
 #   ddpm-large   52,542,979      49,062,787
+#   ddpm-ho                      35,746,307   (film=False is its definition)
 PRESETS: dict[str, dict] = {
     # For tests and quick experiments.
     "tiny": dict(base_dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
@@ -51,6 +52,11 @@ PRESETS: dict[str, dict] = {
     # attention at 16x16 and 8x8 with 4 heads, dropout 0.3.
     "ddpm-large": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=3,
                        attn_resolutions=(16, 8), dropout=0.3, num_heads=4, film=True),
+    # Ho et al.'s network exactly as released (google/ddpm-cifar10-32 in diffusers): the time embedding added
+    # before the second GroupNorm, GroupNorm eps 1e-6 and TensorFlow's "SAME" padding in the downsampling
+    # convolutions. What `--import_diffusers` builds for that model.
+    "ddpm-ho": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                    dropout=0.1, num_heads=1, film=False, norm_eps=1e-6, tf_padding=True),
 }
 
 
@@ -72,9 +78,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups as in Ho et al.; fewer (a divisor of `channels`) for narrow layers."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in Ho et al.; fewer (a divisor of `channels`) for narrow layers. Ho et al.'s
+    TensorFlow code normalises with eps 1e-6, PyTorch's default is 1e-5."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -122,13 +129,13 @@ class ResnetBlock(nn.Module):
     film=False: the embedding gives a bias added before the second GroupNorm, as in Ho et al.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, film: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, film: bool = True, norm_eps: float = 1e-5):
         super().__init__()
         self.film = film
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch if film else out_ch))
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -148,12 +155,12 @@ class ResnetBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual."""
 
-    def __init__(self, channels: int, num_heads: int = 1):
+    def __init__(self, channels: int, num_heads: int = 1, norm_eps: float = 1e-5):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide the {channels} attention channels")
         self.num_heads = num_heads
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -174,23 +181,30 @@ class ResAttnBlock(nn.Module):
     """One step of a U-Net level: a ResnetBlock, followed by self-attention if `attn`."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, film: bool,
-                 attn: bool, num_heads: int):
+                 attn: bool, num_heads: int, norm_eps: float = 1e-5):
         super().__init__()
-        self.res = ResnetBlock(in_ch, out_ch, emb_dim, dropout, film)
-        self.attn = AttentionBlock(out_ch, num_heads) if attn else nn.Identity()
+        self.res = ResnetBlock(in_ch, out_ch, emb_dim, dropout, film, norm_eps)
+        self.attn = AttentionBlock(out_ch, num_heads, norm_eps) if attn else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         return self.attn(self.res(x, emb))
 
 
 class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 convolution."""
+    """Halve the resolution with a stride-2 3x3 convolution.
 
-    def __init__(self, channels: int):
+    tf_padding: TensorFlow's "SAME" padding, as in Ho et al.'s code: for even sizes one row and column of
+    zeros at the bottom and right only (diffusers' downsample_padding=0), instead of one on every side.
+    """
+
+    def __init__(self, channels: int, tf_padding: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.tf_padding = tf_padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if tf_padding else 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.tf_padding:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -224,6 +238,8 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         num_heads: int = 1,
         film: bool = True,
+        norm_eps: float = 1e-5,
+        tf_padding: bool = False,
     ):
         super().__init__()
         num_levels = len(dim_mults)
@@ -244,7 +260,7 @@ class UNet(nn.Module):
             in_channels=in_channels, image_size=image_size, base_dim=base_dim,
             dim_mults=list(dim_mults), num_res_blocks=num_res_blocks,
             attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
-            num_heads=num_heads, film=film,
+            num_heads=num_heads, film=film, norm_eps=norm_eps, tf_padding=tf_padding,
         )
         self.in_channels = in_channels
         self.image_size = image_size
@@ -257,7 +273,7 @@ class UNet(nn.Module):
             self.label_embed = nn.Embedding(num_classes + 1, emb_dim)  # last row: null label
 
         def block(in_ch: int, out_ch: int, res: int) -> ResAttnBlock:
-            return ResAttnBlock(in_ch, out_ch, emb_dim, dropout, film, res in attn_resolutions, num_heads)
+            return ResAttnBlock(in_ch, out_ch, emb_dim, dropout, film, res in attn_resolutions, num_heads, norm_eps)
 
         self.conv_in = nn.Conv2d(in_channels, base_dim, 3, padding=1)
 
@@ -274,12 +290,12 @@ class UNet(nn.Module):
                 skip_chs.append(ch)
             self.down_blocks.append(blocks)
             if level < num_levels - 1:
-                self.downsamples.append(Downsample(ch))
+                self.downsamples.append(Downsample(ch, tf_padding))
                 skip_chs.append(ch)
 
-        self.mid_block1 = ResnetBlock(ch, ch, emb_dim, dropout, film)
-        self.mid_attn = AttentionBlock(ch, num_heads)
-        self.mid_block2 = ResnetBlock(ch, ch, emb_dim, dropout, film)
+        self.mid_block1 = ResnetBlock(ch, ch, emb_dim, dropout, film, norm_eps)
+        self.mid_attn = AttentionBlock(ch, num_heads, norm_eps)
+        self.mid_block2 = ResnetBlock(ch, ch, emb_dim, dropout, film, norm_eps)
 
         # Decoder: one more block per level than the encoder, so every skip is consumed.
         self.up_blocks = nn.ModuleList()
@@ -293,7 +309,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.upsamples.append(Upsample(ch))
 
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, norm_eps)
         self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -115,7 +115,7 @@ def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int
                 guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
                 steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
                 device=rt.device, progress=rt.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval)
+                guidance_interval=settings.guidance_interval, variance=settings.variance)
             samples.append(to_uint8(images))
             bar.update(size)
     local = torch.cat(samples) if samples else torch.zeros((0, *image_shape[1:], image_shape[0]), dtype=torch.uint8)
@@ -173,17 +173,18 @@ def run_inference(model_path: Path, settings: SamplingConfig, rt: Runtime, *, nu
     save_image_grid(images, save_dir / "grid.png")
     save_samples(images, labels, save_dir)
     save_json({"model_path": str(model_path), "num_samples": num_samples, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-               **sampling_record(settings, rt, guided=labels is not None),
+               **sampling_record(settings, rt, guided=labels is not None, diffusion=loaded.diffusion),
                "classes": None if labels is None else [loaded.class_names[i] for i in labels.tolist()]}, save_dir / "samples.json")
     print(f"wrote {save_dir / 'grid.png'}, {num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
 
 
-def sampling_record(settings: SamplingConfig, rt: Runtime, guided: bool, num_timesteps: Optional[int] = None) -> dict:
-    """The sampling settings as a results file records them (guidance only where labels were sampled); with
-    `num_timesteps`, the number of sampling steps resolved to what ran."""
+def sampling_record(settings: SamplingConfig, rt: Runtime, guided: bool, diffusion: Diffusion, resolve_steps: bool = False) -> dict:
+    """The sampling settings as a results file records them (guidance only where labels were sampled, the variance
+    where the ancestral sampler ran); with `resolve_steps`, the number of sampling steps resolved to what ran."""
     return {
         "sampler": settings.sampler,
-        "sampling_steps": settings.steps if num_timesteps is None else settings.resolved_steps(num_timesteps),
+        "sampling_steps": settings.resolved_steps(diffusion.num_timesteps) if resolve_steps else settings.steps,
+        "variance": (settings.variance or diffusion.variance) if settings.sampler == "ddpm" else None,
         "eta": settings.eta,
         "network_autocast": str(autocast_dtype(settings.amp, rt.device) or "float32"),
         "guidance_scale": settings.guidance_scale if guided else None,

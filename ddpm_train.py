@@ -38,9 +38,11 @@ from ddpm_helpers import (
     save_checkpoint,
     save_image_grid,
     save_json,
-    save_loss_plot,
     save_labelled_rows,
+    save_loss_plot,
+    save_weights,
     seed_everything,
+    weights_path,
 )
 from ddpm_model import UNet, count_parameters
 from ddpm_sampling import every_class_in_turn, generate
@@ -313,7 +315,7 @@ def model_description(model: UNet, config: RunConfig, data: DataSplits) -> dict:
     return {
         "model_config": model.config,
         "diffusion": {"timesteps": config.diffusion.timesteps, "schedule": config.diffusion.schedule,
-                      "prediction_type": config.diffusion.prediction_type},
+                      "prediction_type": config.diffusion.prediction_type, "variance": config.diffusion.variance},
         "data": {"dataset": config.data.dataset, "class_names": list(data.class_names), "image_size": data.image_size, "channels": data.channels},
         "conditional": config.model.conditional,
     }
@@ -323,7 +325,7 @@ def check_resume_compatible(saved_config: dict, config: RunConfig, path: Path) -
     """Settings that define the model, the data or the diffusion must be those the checkpoint was trained with."""
     now = current_settings(config)
     for flag, saved in fixed_settings(saved_config).items():
-        if saved != now[flag]:
+        if flag in now and saved != now[flag]:
             raise UsageError(f"cannot resume {path}: it was trained with --{flag} {saved}, not {now[flag]} "
                              f"(flags that define the model, data or diffusion must stay the same)")
 
@@ -488,6 +490,7 @@ class TrainingRun:
     train_labels: torch.Tensor
     started: float = field(default_factory=time.perf_counter)  # wall clock of this process's start, for the time split
     seconds_in_steps: float = 0.0  # of that, the time spent in optimizer steps
+    tensorboard: Optional["TensorBoardLog"] = None  # --logger tensorboard, rank 0
 
     @property
     def run_dir(self) -> Path:
@@ -570,11 +573,11 @@ def build_run(config: RunConfig, data: DataSplits, rt: Runtime, state: TrainStat
     return TrainingRun(
         config=config, data=data, rt=rt, model=model,
         diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule, prediction_type=config.diffusion.prediction_type,
-                            snr_gamma=config.diffusion.snr_gamma).to(rt.device),
+                            snr_gamma=config.diffusion.snr_gamma, variance=config.diffusion.variance).to(rt.device),
         optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=amp_dtype == torch.float16),
         ema=ema, amp_dtype=amp_dtype, state=state, counters=StepCounters(rt.device), steps_per_epoch=steps_per_epoch,
         examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
-        eval_every=evaluation_interval(len(data.val) + len(data.test), steps_per_epoch * examples_per_step),
+        eval_every=train.eval_every or evaluation_interval(len(data.val) + len(data.test), steps_per_epoch * examples_per_step),
         grid_count=train.num_samples or (2 * data.num_classes if config.model.conditional else GRID_IMAGES),
         train_images=data.train.images.to(rt.device) if on_device else data.train.images,
         train_labels=data.train.labels.to(rt.device) if on_device else data.train.labels,
@@ -644,6 +647,8 @@ def train(config: RunConfig, data: DataSplits, rt: Runtime, resume: Optional[tup
     if rt.is_main:
         remove_stale_temporaries(run.run_dir)
     prepare_for_steps(run)
+    if rt.is_main and config.train.logger == "tensorboard":
+        run.tensorboard = TensorBoardLog(Path(config.train.save_dir) / "tensorboard" / config.train.run_name)
     announce(run, resume_path)
     run.model.train()
     with StopRequest(rt) as stop:
@@ -686,11 +691,16 @@ def checkpoint_state(run: TrainingRun) -> dict:
 
 
 def save(run: TrainingRun, path: Path) -> None:
-    """Every rank calls this (the random states are gathered); rank 0 writes."""
+    """Every rank calls this (the random states are gathered); rank 0 writes the checkpoint and, next to it, the
+    sampling weights alone (the EMA, or the raw weights without one) as safetensors (weights_path)."""
     read_counters(run)
     rng_per_rank = gather_rng_states(run.rt)
     if run.rt.is_main:
         save_checkpoint(checkpoint_state(run) | {"rng_per_rank": rng_per_rank}, path)
+        model = run.ema.module if run.ema is not None else unwrap(run.model)
+        description = model_description(unwrap(run.model), run.config, run.data) | {
+            "train_state": {"step": run.state.step}, "weights": "ema" if run.ema is not None else "raw"}
+        save_weights(model.state_dict(), description, weights_path(path))
 
 
 def run_steps(run: TrainingRun, stop: "StopRequest") -> None:
@@ -775,6 +785,8 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
               f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)")
         if run.config.train.save_model:
             print(f"checkpoint: {run.last_path}")
+    if run.tensorboard is not None:
+        run.tensorboard.close()
     if run.rt.world_size > 1:
         check_replicas_identical([unwrap(run.model)] + ([run.ema.module] if run.ema is not None else []), run.rt)
     return run.last_path if run.config.train.save_model else None
@@ -822,11 +834,14 @@ def log_step(run: TrainingRun, bar, loss: torch.Tensor, grad_norm: torch.Tensor,
     lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
     if run.rt.is_main:
-        append_jsonl(run.save_dir / f"metrics_{run.config.train.run_name}.jsonl", {
+        record = {
             "kind": "step", "step": run.state.step, "epoch": run.state.epoch + 1, "train_loss": loss.item(), "lr": lr,
             "grad_norm": None if skip.item() else grad_norm.item(), "images_per_s": images_per_s,
             "peak_memory_mb": peak_memory_mb(run.rt.device), "nonfinite_skipped": run.state.nonfinite_skipped,
-        })
+        }
+        append_jsonl(run.save_dir / f"metrics_{run.config.train.run_name}.jsonl", record)
+        if run.tensorboard is not None:
+            run.tensorboard.scalars(record)
 
 
 def epochs_so_far(run: TrainingRun, epoch_done: bool) -> float:
@@ -844,7 +859,8 @@ def record_losses(run: TrainingRun, epoch_done: bool) -> bool:
     losses = {split: evaluate(run.eval_model(), run.diffusion, getattr(data, split), rt, seed=EVAL_SEEDS[split],
                               batch_size=train.batch_size, loss_type=config.diffusion.loss_type) for split in ("val", "test")}
     train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else math.nan
-    state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+    if epoch_done:  # a last partial epoch's entry is replaced on resume, so its steps count again then
+        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
     epochs_value = epochs_so_far(run, epoch_done)
     lr = run.scheduler.get_last_lr()[0]
     for key, value in (("epochs", epochs_value), ("steps", state.step), ("train_loss", train_loss),
@@ -861,26 +877,58 @@ def record_losses(run: TrainingRun, epoch_done: bool) -> bool:
     name = train.run_name
     save_json(state.history, run.save_dir / f"loss_history_{name}.json")
     save_loss_plot(state.history, run.save_dir / f"loss_curve_{name}.png", name)
-    append_jsonl(run.save_dir / f"metrics_{name}.jsonl", {
+    record = {
         "kind": "epoch", "step": state.step, "epoch": epochs_value, "train_loss": train_loss, "val_loss": losses["val"],
         "test_loss": losses["test"], "lr": lr, "peak_memory_mb": peak_memory_mb(rt.device),
         "seconds_in_steps": round(run.seconds_in_steps, 3), "seconds_outside_steps": round(total - run.seconds_in_steps, 3),
-    })
+    }
+    append_jsonl(run.save_dir / f"metrics_{name}.jsonl", record)
+    if run.tensorboard is not None:
+        run.tensorboard.scalars(record)
     return is_best
 
 
 def record_grid(run: TrainingRun, epoch_done: bool) -> None:
-    """A sample grid from the fixed noise, and its row of the progression image."""
+    """A sample grid from the fixed noise, and its row of the progression image (and TensorBoard's, with --logger)."""
     pixels = sample_grid(run.eval_model(), run.diffusion, run.config, run.grid_count, run.data, run.rt)
     if not run.rt.is_main:
         return
     epochs_value = epochs_so_far(run, epoch_done)
+    if run.tensorboard is not None:
+        run.tensorboard.images(pixels, run.state.step)
     save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
                     run.save_dir / f"samples_{run.config.train.run_name}_epoch{run.state.epoch + 1:04d}.png")
     run.state.progression.append((f"epoch {epochs_value:g}", pixels[:PROGRESSION_COLUMNS]))
+
+
+class TensorBoardLog:
+    """--logger tensorboard: the figures of the metrics JSON lines (losses, lr, images/s, ...) under "step/" and
+    "epoch/", and the sample grids, as TensorBoard events. tensorboard is optional and imported only here."""
+
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError('--logger tensorboard needs tensorboard: pip install tensorboard (or pip install ".[tensorboard]")') from None
+        self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, record: dict) -> None:
+        for key, value in record.items():
+            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        self.writer.flush()
+
+    def images(self, pixels: torch.Tensor, step: int) -> None:
+        """A sample grid, uint8 (N, H, W, C)."""
+        self.writer.add_images("samples", pixels.numpy(), step, dataformats="NHWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def prune_snapshots(run_dir: Path, keep: int) -> None:
     """Keep the newest `keep` per-epoch snapshots (ckpt.pt and best.pt are separate and always kept)."""
     for old in sorted(run_dir.glob("ckpt_epoch*.pt"))[:-keep] if keep > 0 else []:
         old.unlink()
+        weights_path(old).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         if not npz.is_file():
             print(f"error: {npz} not found (run ddpm_main.py --inference --save_dir {directory} first)", file=sys.stderr)
             return 2
-        rows.append((label or directory, torch.from_numpy(np.load(npz)["images"])))
+        rows.append((label or directory, torch.from_numpy(np.load(npz)["arr_0"])))
     save_labelled_rows(rows, argv[0])
     print(f"wrote {argv[0]}")
     return 0

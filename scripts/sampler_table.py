@@ -31,7 +31,7 @@ def evaluate(model: str, out_dir: Path, sampler: str, steps: str, seed: int, ext
 
 
 def sample_statistics(save_dir: Path, extractor, device: str) -> tuple[np.ndarray, np.ndarray]:
-    images = torch.from_numpy(np.load(save_dir / "samples.npz")["images"]).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.load(save_dir / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
     features, _ = extract_features(extractor, images, 256, device, desc=f"features of {save_dir.name}")
     return feature_statistics(features)
 

@@ -67,6 +67,11 @@ def _write_pickle(path: Path, obj: dict) -> None:
 
 @pytest.fixture
 def cifar10_dir(tmp_path: Path) -> Path:
+    """See write_cifar10."""
+    return write_cifar10(tmp_path)
+
+
+def write_cifar10(tmp_path: Path) -> Path:
     """<tmp>/cifar-10-batches-py with 5 training batches of 20 images (training image k = 0..99) and a
     test_batch of 20 (test image k = 100..119). Image k has label k % 10, red plane filled with k, green
     plane filled with 255 - k and blue pixel (row, column) = 8 * column, so it is not mirror-symmetric."""

@@ -34,7 +34,7 @@ def workspace(tmp_path_factory) -> Path:
 def test_training_writes_checkpoint_history_metrics_and_images(workspace):
     checkpoint = load_checkpoint(workspace / "models/U/ckpt.pt")
     assert checkpoint["conditional"] is False
-    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear", "prediction_type": "eps"}
+    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear", "prediction_type": "v", "variance": "fixed_small"}
     assert checkpoint["data"]["image_size"] == 16 and checkpoint["data"]["channels"] == 3
     assert checkpoint["train_state"]["step"] == 3
     history = json.loads((workspace / "out_U/loss_history_U.json").read_text())
@@ -238,3 +238,26 @@ def test_guidance_sweep_script_makes_one_labelled_image(workspace):
     guided = np.load(workspace / "sweep/scale_3/samples.npz")
     assert unguided["labels"].tolist() == guided["labels"].tolist() == [2, 2, 2]
     assert not np.array_equal(unguided["images"], guided["images"])
+
+
+def test_every_checkpoint_has_its_sampling_weights_as_safetensors(workspace):
+    """ckpt.safetensors: the EMA weights and the model's description, a fraction of ckpt.pt, sampling the same images."""
+    weights, full = workspace / "models/C/ckpt.safetensors", workspace / "models/C/ckpt.pt"
+    assert weights.stat().st_size < full.stat().st_size / 2
+    from_weights, from_full = load_checkpoint(weights), load_checkpoint(full)
+    assert all(torch.equal(from_weights["ema"][key], value) for key, value in from_full["ema"].items())
+    for name, path in (("w", weights), ("f", full)):
+        assert run(f"--inference --model_path {path.relative_to(workspace)} --num_samples 2 --sampler ddim --sampling_steps 2 --save_dir st_{name}", workspace) == 0
+    assert np.array_equal(np.load(workspace / "st_w/samples.npz")["arr_0"], np.load(workspace / "st_f/samples.npz")["arr_0"])
+
+
+def test_tensorboard_logger_writes_losses_lr_throughput_and_grids(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert run(f"{TINY} --max_steps 2 --logger tensorboard --run_name tb --save_dir out_tb", tmp_path) == 0
+    events = EventAccumulator(str(tmp_path / "out_tb/tensorboard/tb"), size_guidance={"images": 0}).Reload()
+    assert {"step/train_loss", "step/lr", "step/images_per_s", "epoch/val_loss", "epoch/test_loss"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("step/train_loss")] == [1, 2]
+    assert events.Tags()["images"] == ["samples"]
+    assert (tmp_path / "out_tb/metrics_tb.jsonl").is_file(), "the JSON lines are still written"

@@ -76,7 +76,8 @@ def test_two_processes_train_and_end_with_identical_weights(run_dir):
 
 
 def test_only_rank_zero_writes_and_writes_once(run_dir):
-    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == ["best.pt", "ckpt.pt"], "no temporary files left"
+    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == ["best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors"], \
+        "no temporary files left"
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert all(len(values) == 1 for values in history.values()), history
     kinds = [json.loads(line)["kind"] for line in (run_dir / "out/metrics_D.jsonl").read_text().splitlines()]
@@ -98,7 +99,9 @@ def test_validation_loss_is_averaged_over_all_ranks(run_dir):
     model = UNet(**checkpoint["model_config"])
     model.load_state_dict(checkpoint["ema"])
     val = load_datasets("folder", run_dir / "images", 16).val
-    loss = evaluate(model, Diffusion(20), val, Runtime(torch.device("cpu")), seed=EVAL_SEEDS["val"], batch_size=16, loss_type="l2")
+    objective = checkpoint["config"]["diffusion"]
+    diffusion = Diffusion(20, prediction_type=objective["prediction_type"], snr_gamma=objective["snr_gamma"])
+    loss = evaluate(model, diffusion, val, Runtime(torch.device("cpu")), seed=EVAL_SEEDS["val"], batch_size=16, loss_type="l2")
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert history["val_loss"][0] == pytest.approx(loss, rel=1e-5)
 

@@ -249,7 +249,7 @@ def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, 
     assert [row["guidance_scale"] for row in rows] == [0.0, 4.0]
     assert all(np.isfinite(row["fid"]) and row["inception_score"] is not None for row in rows)  # logits give an IS
     assert rows[0]["fid"] != rows[1]["fid"]
-    assert "| guidance_scale | fid | inception_score | class_consistency |" in (workspace / "sweep/guidance_sweep.md").read_text()
+    assert "| guidance_scale | num_samples | fid | inception_score | class_consistency |" in (workspace / "sweep/guidance_sweep.md").read_text()
     assert (workspace / "sweep/guidance_sweep.png").stat().st_size > 0
     unguided, guided = (np.load(workspace / f"sweep/scale_{w}/samples.npz") for w in (0, 4))
     assert np.array_equal(unguided["labels"], guided["labels"]) and not np.array_equal(unguided["images"], guided["images"])
@@ -258,6 +258,75 @@ def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, 
     assert len(grids) == len(names)
     with Image.open(workspace / f"sweep/guidance_class3_{names[3]}.png") as grid:
         assert grid.height == 2 * 16  # one row per scale
+
+
+# KID, precision/recall, --fid_ref, the ADM evaluator's samples.npz
+
+
+def test_kid_and_precision_recall_separate_shifted_sets_and_not_identical_ones():
+    from ddpm_evaluate import kernel_inception_distance, precision_recall
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.standard_normal((300, 8)), rng.standard_normal((300, 8))
+    same, shifted = kernel_inception_distance(fake, real), kernel_inception_distance(fake + 2.0, real)
+    assert abs(same["mean"]) < 0.05 < shifted["mean"] and same["subset_size"] == 300
+    assert precision_recall(real, real)["precision"] == precision_recall(real, real)["recall"] == 1.0
+    far = precision_recall(real + 100.0, real)
+    assert far["precision"] == far["recall"] == 0.0
+
+
+def read_like_the_adm_evaluator(path: Path, name: str) -> np.ndarray:
+    """guided-diffusion's evaluations/evaluator.py opens `name`.npy inside the .npz as a zip member and streams it
+    after reading its header (open_npz_array, StreamingNpzArrayReader); a missing key is its `missing arr_0 in npz file`."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist()[0] == "arr_0.npy", "arr_0 comes first"
+        with archive.open(f"{name}.npy") as member:
+            assert np.lib.format.read_magic(member) == (1, 0)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+            assert not fortran and not dtype.hasobject
+            return np.frombuffer(member.read(), dtype=dtype).reshape(shape)
+
+
+def test_evaluate_reports_kid_precision_recall_writes_pngs_and_an_adm_npz(workspace, tmp_path, capsys):
+    command = f"--evaluate --model_path models/C/ckpt.pt {FAST} --fid_num_samples 12 --data_dir {tmp_path}"
+    assert run(f"{command} --save_pngs --save_dir ev_kid", workspace) == 0
+    results = read_json(workspace / "ev_kid/evaluation.json")
+    assert np.isfinite(results["kid"]["mean"]) and results["kid"]["subset_size"] == 12 and results["kid"]["subsets"] == 100
+    assert 0 <= results["precision_recall"]["precision"] <= 1 and results["precision_recall"]["neighborhood"] == 3
+    summary = capsys.readouterr().out
+    assert summary.count("12 samples") == 3, summary  # FID, KID, precision/recall: each with its sample count
+    images = read_like_the_adm_evaluator(workspace / "ev_kid/samples.npz", "arr_0")
+    assert images.dtype == np.uint8 and images.shape == (12, 16, 16, 3)
+    assert read_like_the_adm_evaluator(workspace / "ev_kid/samples.npz", "arr_1").tolist() == [i % 10 for i in range(12)]
+    pngs = sorted((workspace / "ev_kid/samples").glob("*.png"))
+    assert len(pngs) == 12 and np.array_equal(np.asarray(Image.open(pngs[5])), images[5])
+
+
+def test_unconditional_npz_has_no_labels_for_the_adm_evaluator(workspace):
+    assert run(f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_num_samples 4 --save_dir ev_U_adm", workspace) == 0
+    with np.load(workspace / "ev_U_adm/samples.npz") as npz:
+        assert list(npz.keys())[0] == "arr_0" and "arr_1" not in npz
+
+
+def test_fid_ref_statistics_replace_the_training_set(workspace, tmp_path):
+    """pytorch-fid --save-stats writes np.savez_compressed(path, mu=mu, sigma=sigma); with the training set's own mu
+    and sigma the FID is the training-set one, with shifted ones it grows; KID and precision/recall need features."""
+    command = f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_num_samples 6 --data_dir {tmp_path}"
+    assert run(f"{command} --save_dir ref_0", workspace) == 0
+    with np.load(tmp_path / "fid_stats_synthetic_16_random-conv.npz") as stats:
+        mu, sigma = stats["mu"], stats["sigma"]
+    np.savez_compressed(tmp_path / "same.npz", mu=mu, sigma=sigma)
+    np.savez_compressed(tmp_path / "shifted.npz", mu=mu + 1.0, sigma=sigma)
+    for name in ("same", "shifted"):
+        assert run(f"{command} --fid_ref {tmp_path / name}.npz --save_dir ref_{name}", workspace) == 0
+    own, same, shifted = (read_json(workspace / f"ref_{name}/evaluation.json") for name in ("0", "same", "shifted"))
+    assert same["fid"] == pytest.approx(own["fid"], rel=1e-9) and shifted["fid"] > own["fid"] + 1.0
+    assert same["reference_images"] is None and same["reference_statistics"] == str(tmp_path / "same.npz")
+    assert same["kid"] is None and any("mu and sigma only" in note for note in same["notes"])
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(10), sigma=np.eye(10))
+    assert run(f"{command} --fid_ref {tmp_path / 'wide.npz'} --save_dir ref_wide", workspace) == 2
 
 
 # --compare_checkpoints
@@ -297,6 +366,10 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
         (f"--evaluate --model_path models/C/ckpt.pt {FAST} --sampling_steps 50", "cannot exceed"),
         ("--evaluate --model_path models/missing.pt", "not found"),
         ("--compare_checkpoints models/C/ckpt.pt models/U/ckpt.pt", "not from one run"),
+        (f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_ref models/missing_stats.npz", "--fid_ref file not found"),
+        (f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_ref models/U/ckpt.pt", "no `mu` and `sigma`"),
+        ("--inference --model_path models/U/ckpt.pt --fid_ref stats.npz", "--fid_ref works with --evaluate"),
+        ("--inference --model_path models/U/ckpt.pt --sampler ddim --variance fixed_large", "ancestral"),
     ],
 )
 def test_bad_evaluation_input_gives_one_line_and_touches_nothing(workspace, capsys, command, message):

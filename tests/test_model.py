@@ -168,3 +168,33 @@ def test_preset_config_moves_attention_to_the_same_depth():
     assert PRESETS["tiny"]["attn_resolutions"] == (16,)  # the preset itself is untouched
     with pytest.raises(ValueError, match="unknown model preset"):
         preset_config("huge", 32)
+
+
+def test_ddpm_ho_preset_is_ho_et_al_exactly():
+    """Additive time embedding (35,746,307 parameters, Ho et al.'s 35.7M), GroupNorm eps 1e-6 everywhere, TF padding."""
+    model = UNet(**preset_config("ddpm-ho", 32))
+    assert count_parameters(model) == 35_746_307
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and all(norm.eps == 1e-6 for norm in norms)
+    assert all(block.tf_padding for block in model.downsamples)
+
+
+def test_tf_padding_pads_only_bottom_and_right():
+    """TensorFlow's SAME padding for a stride-2 3x3 convolution of an even size: one row and column of zeros at the
+    bottom and right. Output pixel (0, 0) then sees input rows and columns 0-2, not -1..1."""
+    from ddpm_model import Downsample
+
+    tf, symmetric = Downsample(4, tf_padding=True), Downsample(4)
+    symmetric.load_state_dict(tf.state_dict())
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv2d(x[:, :, :3, :3], tf.conv.weight, tf.conv.bias)[0, :, 0, 0]
+        assert torch.allclose(tf(x)[0, :, 0, 0], expected, atol=1e-6)
+        assert tf(x).shape == symmetric(x).shape == (1, 4, 4, 4)
+        assert not torch.allclose(tf(x), symmetric(x))
+
+
+def test_norm_eps_and_tf_padding_keep_the_state_dict_layout():
+    plain, ho = tiny(), tiny(norm_eps=1e-6, tf_padding=True)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ho.state_dict().items()}
+    assert ho.config["norm_eps"] == 1e-6 and ho.config["tf_padding"] is True

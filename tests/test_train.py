@@ -29,11 +29,11 @@ def weights_equal(a: dict, b: dict) -> bool:
 
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     """12 steps, stop, resume for 12 more (crossing the epoch end at 18) == 24 steps straight."""
-    assert run_cli(f"{FAST} --conditional --max_steps 24 --save_model --run_name straight --save_dir out", tmp_path) == 0
-    assert run_cli(f"{FAST} --conditional --max_steps 12 --save_model --run_name split --save_dir out", tmp_path) == 0
+    assert run_cli(f"{FAST} --conditional --max_steps 24 --eval_every 1 --save_model --run_name straight --save_dir out", tmp_path) == 0
+    assert run_cli(f"{FAST} --conditional --max_steps 12 --eval_every 1 --save_model --run_name split --save_dir out", tmp_path) == 0
     halfway = load_checkpoint(tmp_path / "models/split/ckpt.pt")
     assert halfway["train_state"]["step"] == 12
-    assert run_cli(f"{FAST} --conditional --max_steps 24 --save_model --run_name split --save_dir out --resume", tmp_path) == 0
+    assert run_cli(f"{FAST} --conditional --max_steps 24 --eval_every 1 --save_model --run_name split --save_dir out --resume", tmp_path) == 0
 
     straight = load_checkpoint(tmp_path / "models/straight/ckpt.pt")
     resumed = load_checkpoint(tmp_path / "models/split/ckpt.pt")
@@ -87,6 +87,9 @@ def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resu
     resumed = load_checkpoint(run_dir / "ckpt.pt")
     assert resumed["train_state"]["step"] == 5 and resumed["config"]["version"] == 2
     assert resumed["ema_num_updates"] == 5
+    assert (resumed["config"]["diffusion"]["prediction_type"], resumed["config"]["diffusion"]["snr_gamma"]) == ("eps", 0.0), \
+        "a resumed run keeps its own objective, not the new runs' default"
+    assert run_cli(f"{resume} --max_steps 6 --prediction_type v", tmp_path) == 2, "and refuses another prediction type"
 
 
 @pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional"])
@@ -154,13 +157,15 @@ ddpm_helpers.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r})
 def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
     assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name K", tmp_path) == 0
     run_dir = tmp_path / "models/K"
-    leftovers = ["ckpt.pt.tmp", "best.pt.tmp", "ckpt_epoch0010.pt.tmp", "ckpt.pt.tmp-999999999"]  # the last: an earlier version's, its process gone
+    leftovers = ["ckpt.pt.tmp", "best.pt.tmp", "ckpt_epoch0010.pt.tmp", "ckpt.safetensors.tmp",
+                 "ckpt.pt.tmp-999999999"]  # the last: an earlier version's, its process gone
     for name in leftovers:
         (run_dir / name).write_bytes(b"half a checkpoint")
     (run_dir / "notes.tmp").write_text("not the tool's")
     (run_dir / f"ckpt.pt.tmp-{os.getpid()}").write_bytes(b"a live writer's")
     assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name K --resume", tmp_path) == 0
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["best.pt", "ckpt.pt", "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors", "notes.tmp",
+                                                                f"ckpt.pt.tmp-{os.getpid()}"])
 
 
 def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
@@ -263,7 +268,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
 
 
 def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
-    assert run_cli(f"{FAST} --epochs 3 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K", tmp_path) == 0
+    assert run_cli(f"{FAST} --epochs 3 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K",
+                   tmp_path) == 0
     run_dir = tmp_path / "models/K"
     assert sorted(p.name for p in run_dir.glob("ckpt_epoch*.pt")) == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
     history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
@@ -275,7 +281,8 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     assert not list(run_dir.glob("*.tmp-*"))
     # A checkpoint taken at an epoch's end resumes at the next epoch, without repeating the last one.
     assert load_checkpoint(run_dir / "ckpt.pt")["train_state"]["epoch"] == 3
-    assert run_cli(f"{FAST} --epochs 4 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K --resume", tmp_path) == 0
+    assert run_cli(f"{FAST} --epochs 4 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K "
+                   "--resume", tmp_path) == 0
     history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
     assert history["epochs"] == [1, 2, 3, 4]
     resumed = load_checkpoint(run_dir / "ckpt.pt")["train_state"]
@@ -361,7 +368,7 @@ def test_no_validation_split_means_no_validation_loss_and_no_best_checkpoint(tmp
     assert run_cli(f"{FAST} --max_steps 2 --val_fraction 0 --save_model --run_name N --save_dir out", tmp_path) == 0
     history = json.loads((tmp_path / "out/loss_history_N.json").read_text())
     assert math.isnan(history["val_loss"][-1]) and math.isfinite(history["test_loss"][-1])
-    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == ["ckpt.pt", "ckpt.safetensors"]
 
 
 def test_lion_follows_its_update_rule():
