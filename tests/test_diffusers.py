@@ -109,7 +109,7 @@ def test_imported_google_model_samples_evaluates_and_compares_through_the_cli(go
     assert run(f"--evaluate {model} --fid_num_samples 2 --fid_features random-conv --sampler ddim --sampling_steps 1 --save_dir ev", root) == 0
     assert np.isfinite(json.loads((root / "ev/evaluation.json").read_text())["fid"])
     shutil.copy(root / "models/ddpm_cifar10_32/ckpt.pt", root / "models/copy.pt")
-    assert run(f"--compare_checkpoints models/ddpm_cifar10_32/ckpt.pt models/copy.pt --num_samples 1 --sampler ddim "
+    assert run("--compare_checkpoints models/ddpm_cifar10_32/ckpt.pt models/copy.pt --num_samples 1 --sampler ddim "
                "--sampling_steps 1 --save_dir cmp", root) == 0
     assert (root / "cmp/checkpoint_comparison.png").is_file()
 
