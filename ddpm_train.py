@@ -783,6 +783,9 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
         total = time.perf_counter() - run.started
         print(f"time: {run.seconds_in_steps:.0f} s in optimizer steps, {total - run.seconds_in_steps:.0f} s outside them "
               f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)")
+        append_jsonl(run.save_dir / f"metrics_{run.config.train.run_name}.jsonl", {
+            "kind": "end", "step": run.state.step, "seconds_in_steps": round(run.seconds_in_steps, 3),
+            "seconds_outside_steps": round(total - run.seconds_in_steps, 3)})
         if run.config.train.save_model:
             print(f"checkpoint: {run.last_path}")
     if run.tensorboard is not None:

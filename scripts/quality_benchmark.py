@@ -190,7 +190,7 @@ def train_ours(steps: int, flags: str, data_dir: Path, work: Path, args: argpars
     if code != 0:
         raise SystemExit(f"the tool's training failed (exit {code}): {command}")
     metrics = [json.loads(line) for line in (work / "outputs/metrics_run.jsonl").read_text().splitlines()]
-    timing = [line for line in metrics if "seconds_in_steps" in line]
+    timing = [line for line in metrics if line["kind"] == "end"]  # the whole run's split, written as it ends
     outside = timing[-1]["seconds_outside_steps"] / (timing[-1]["seconds_in_steps"] + timing[-1]["seconds_outside_steps"]) if timing else None
     checkpoint = load_checkpoint(work / "models/run/ckpt.pt")
     model = UNet(**checkpoint["model_config"])

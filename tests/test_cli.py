@@ -42,7 +42,7 @@ def test_training_writes_checkpoint_history_metrics_and_images(workspace):
     assert len(history["epochs"]) == 1 and 0 < history["epochs"][0] < 1, "a partial epoch cut by --max_steps gets its entry"
     assert all(np.isfinite(history[key][0]) for key in ("train_loss", "val_loss", "test_loss"))
     lines = (workspace / "out_U/metrics_U.jsonl").read_text().splitlines()
-    assert [json.loads(line)["kind"] for line in lines] == ["step", "step", "step", "epoch"]
+    assert [json.loads(line)["kind"] for line in lines] == ["step", "step", "step", "epoch", "end"]
     assert (workspace / "out_U/loss_curve_U.png").stat().st_size > 0
     assert list((workspace / "out_U").glob("samples_U_epoch*.png")), "a sample grid at the end of training"
 

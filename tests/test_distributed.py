@@ -81,7 +81,7 @@ def test_only_rank_zero_writes_and_writes_once(run_dir):
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert all(len(values) == 1 for values in history.values()), history
     kinds = [json.loads(line)["kind"] for line in (run_dir / "out/metrics_D.jsonl").read_text().splitlines()]
-    assert kinds == ["step"] * STEPS + ["epoch"], "one metrics line per logged step, not one per rank"
+    assert kinds == ["step"] * STEPS + ["epoch", "end"], "one metrics line per logged step, not one per rank"
     assert len(list((run_dir / "out").glob("samples_D_epoch*.png"))) == 1
 
 

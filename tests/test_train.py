@@ -355,9 +355,10 @@ def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_spl
     checkpoint = load_checkpoint(tmp_path / "models/D/ckpt.pt")
     assert checkpoint["lr_scheduler"]["base_lrs"] == [2e-4]
     assert checkpoint["config"]["train"]["warmup_steps"] is None and checkpoint["config"]["sampling"]["sampler"] == "dpm++2m"
-    epochs = [json.loads(line) for line in (tmp_path / "out/metrics_D.jsonl").read_text().splitlines() if '"epoch"' in line]
-    last = [line for line in epochs if line["kind"] == "epoch"][-1]
-    assert last["seconds_in_steps"] > 0 and last["seconds_outside_steps"] >= 0
+    records = [json.loads(line) for line in (tmp_path / "out/metrics_D.jsonl").read_text().splitlines()]
+    last_epoch, end = [line for line in records if line["kind"] == "epoch"][-1], records[-1]
+    assert end["kind"] == "end" and end["step"] == 40
+    assert 0 < last_epoch["seconds_in_steps"] <= end["seconds_in_steps"] and 0 <= last_epoch["seconds_outside_steps"] <= end["seconds_outside_steps"]
     from PIL import Image
 
     with Image.open(tmp_path / "out/samples_D_epoch0003.png") as grid:  # 20 images, 5 per row
