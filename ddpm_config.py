@@ -133,7 +133,7 @@ class RunConfig:
 FIXED_ON_RESUME = {
     "dataset": ("data", "dataset"), "image_size": ("data", "image_size"), "conditional": ("model", "conditional"),
     "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"), "loss_type": ("diffusion", "loss_type"),
-    "prediction_type": ("diffusion", "prediction_type"),
+    "prediction_type": ("diffusion", "prediction_type"), "val_fraction": ("data", "val_fraction"),
     "model_size": ("model", "preset"), "base_dim": ("model", "base_dim"), "dim_mults": ("model", "dim_mults"),
     "num_res_blocks": ("model", "num_res_blocks"), "attn_resolutions": ("model", "attn_resolutions"),
 }
@@ -160,7 +160,7 @@ def with_objective(config: RunConfig, resumed: Optional[dict]) -> RunConfig:
 
 
 # What settings added after a checkpoint was written meant then.
-FIRST_DEFAULTS = {"prediction_type": "eps", "snr_gamma": 0.0}
+FIRST_DEFAULTS = {"prediction_type": "eps", "snr_gamma": 0.0, "val_fraction": 0.1}
 
 
 def fixed_settings(saved: dict) -> dict:

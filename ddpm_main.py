@@ -259,8 +259,10 @@ GRID_SAMPLER, GRID_STEPS = "dpm++2m", 20  # training grids: a fast sampler (see 
 
 def sampling_config(args: argparse.Namespace, training: bool = False) -> SamplingConfig:
     """The sampling flags; for training grids a fast default sampler, so that grids cost little of a run."""
-    sampler = args.sampler or (GRID_SAMPLER if training else "ddpm")
-    steps = args.sampling_steps if args.sampling_steps is not None or not (training and args.sampler is None) else min(GRID_STEPS, args.timesteps)
+    sampler, steps = args.sampler or "ddpm", args.sampling_steps
+    if training and args.sampler is None:
+        sampler = GRID_SAMPLER
+        steps = min(GRID_STEPS, args.timesteps) if args.sampling_steps is None else args.sampling_steps
     return SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance_scale=args.guidance_scale,
                           guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
                           variance=args.variance, amp=args.amp)

@@ -92,7 +92,8 @@ def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resu
     assert run_cli(f"{resume} --max_steps 6 --prediction_type v", tmp_path) == 2, "and refuses another prediction type"
 
 
-@pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional"])
+@pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional",
+                                  "--prediction_type x0", "--val_fraction 0.2"])
 def test_resume_refuses_flags_that_change_the_model_or_data(tmp_path, capsys, flag):
     assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name R", tmp_path) == 0
     before = (tmp_path / "models/R/ckpt.pt").read_bytes()
