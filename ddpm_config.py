@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
+from ddpm_diffusion import default_steps
 from ddpm_model import preset_config
 
 CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-time facts mixed in
@@ -71,9 +72,7 @@ class SamplingConfig:
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
-        if self.steps is not None:
-            return self.steps
-        return num_timesteps if self.sampler == "ddpm" else min(50, num_timesteps)
+        return default_steps(self.sampler, num_timesteps) if self.steps is None else self.steps
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,12 @@ def eps_from_x0(x: torch.Tensor, alpha_bar: torch.Tensor, x0: torch.Tensor) -> t
     return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
 
+def default_steps(sampler: str, num_timesteps: int) -> int:
+    """Network evaluations per image when none are asked for: the whole chain for the ancestral sampler, 50 (at
+    most T) for ddim and dpm++2m."""
+    return num_timesteps if sampler == "ddpm" else min(50, num_timesteps)
+
+
 def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[int]:
     """`steps` timesteps from T-1 down to 0, evenly spaced; all T of them when steps is None."""
     if steps is None or steps == num_timesteps:
@@ -378,7 +384,7 @@ class AncestralSampler:
         self.diffusion, self.clip_denoised, self.variance = diffusion, clip_denoised, variance
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
-        return evenly_spaced_timesteps(self.diffusion.num_timesteps, steps)
+        return evenly_spaced_timesteps(self.diffusion.num_timesteps, default_steps("ddpm", self.diffusion.num_timesteps) if steps is None else steps)
 
     def predicted_x0(self, x: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         x0 = x0_from_eps(x, alpha_bar_t, eps)
@@ -402,7 +408,7 @@ class DDIMSampler(AncestralSampler):
         self.eta = eta
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
-        return evenly_spaced_timesteps(self.diffusion.num_timesteps, min(50, self.diffusion.num_timesteps) if steps is None else steps)
+        return evenly_spaced_timesteps(self.diffusion.num_timesteps, default_steps("ddim", self.diffusion.num_timesteps) if steps is None else steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
@@ -429,7 +435,8 @@ class DPMSolverPlusPlus2M(AncestralSampler):
         self.previous_h: Optional[torch.Tensor] = None
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
-        return log_snr_spaced_timesteps(self.diffusion.alphas_cumprod, min(50, self.diffusion.num_timesteps) if steps is None else steps)
+        steps = default_steps("dpm++2m", self.diffusion.num_timesteps) if steps is None else steps
+        return log_snr_spaced_timesteps(self.diffusion.alphas_cumprod, steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)

@@ -327,7 +327,7 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, rt: Runt
                          out_dir: Path, save_pngs: bool = False) -> Optional[tuple[dict, torch.Tensor]]:
     """Generate (shared out over the ranks), then on rank 0 measure and write samples.npz, grid.png and
     evaluation.json to out_dir and return (results, images); None on the other ranks."""
-    labels = every_class_in_turn(len(loaded.class_names) if loaded.conditional else None, num_samples)
+    labels = every_class_in_turn(loaded.num_classes, num_samples)
     started = time.perf_counter()
     images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, rt)
     seconds = time.perf_counter() - started
@@ -459,7 +459,7 @@ def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, rt: Ru
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
     check_sampling_steps(settings.steps, loaded[0])
-    labels = every_class_in_turn(len(loaded[0].class_names) if loaded[0].conditional else None, num_samples)
+    labels = every_class_in_turn(loaded[0].num_classes, num_samples)
     rows = [(f"step {item.step}", generate_from(item, num_samples, labels, settings, seed, batch_size, rt, desc=f"step {item.step}"))
             for item in loaded]
     if not rt.is_main:

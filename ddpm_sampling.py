@@ -49,6 +49,11 @@ class LoadedModel:
         return bool(self.checkpoint["conditional"])
 
     @property
+    def num_classes(self) -> Optional[int]:
+        """The classes of a conditional model; None for an unconditional one."""
+        return len(self.class_names) if self.conditional else None
+
+    @property
     def step(self) -> Optional[int]:
         return self.checkpoint.get("train_state", {}).get("step")
 
