@@ -10,8 +10,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-from ddpm_diffusion import default_steps
+from ddpm_samplers import default_steps
 from ddpm_model import preset_config
+
+
+class UsageError(Exception):
+    """Bad input the user can fix. The CLI prints str(e) as one line on stderr and exits with code 2."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line (its type and the first line of its message), for a UsageError that names its cause."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
 
 CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-time facts mixed in
 
@@ -52,9 +63,13 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "linear"
     loss_type: str = "l2"
-    prediction_type: Optional[str] = "v"  # what the network outputs: eps, v or x0 (ddpm_diffusion.Diffusion); None: see with_objective
-    snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting; 0: none (L_simple); None: see with_objective
+    prediction_type: Optional[str] = "v"  # what the network outputs: eps, v or x0 (ddpm_diffusion.Diffusion); None: with_objective
+    snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0: none (L_simple); None: with_objective
     variance: str = "fixed_small"  # the ancestral sampler's default, recorded in the checkpoint
+
+
+TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS = "dpm++2m", 20  # see the README's sampler table
+INFERENCE_SAMPLES = 64  # --num_samples of --inference and --compare_checkpoints
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,15 @@ class SamplingConfig:
     guidance_interval: Optional[tuple[float, float]] = None
     variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
     amp: str = "none"  # the network's autocast; the sampler's own arithmetic stays in float32
+
+    @classmethod
+    def for_training_grids(cls, timesteps: int, **flags) -> SamplingConfig:
+        """The grids of a training run: a fast sampler unless one is asked for, so that grids cost little of a run."""
+        if flags.get("sampler") is None:
+            flags["sampler"] = TRAINING_GRID_SAMPLER
+            if flags.get("steps") is None:
+                flags["steps"] = min(TRAINING_GRID_STEPS, timesteps)
+        return cls(**flags)
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
@@ -97,7 +121,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: Optional[float] = None  # None: a half-life growing with the run (ddpm_train.EMA); 0: no EMA
-    sample_with_ema: bool = True
+    use_ema: bool = True  # evaluate, sample grids and (sampling) draw with the EMA weights; --no_ema: the raw ones
     amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
@@ -138,19 +162,20 @@ FIXED_ON_RESUME = {
 }
 
 
-NEW_RUN_OBJECTIVE = {"prediction_type": "v", "snr_gamma": 5.0}  # chosen by scripts/quality_benchmark.py
+OBJECTIVE = ("prediction_type", "snr_gamma")  # left to a resumed run when not given; DiffusionConfig's defaults for new runs
 
 
 def with_objective(config: RunConfig, resumed: Optional[dict]) -> RunConfig:
     """The training objective not given on the command line (None): a resumed run's own (`resumed`: its stored
-    configuration, of either version), else NEW_RUN_OBJECTIVE. Checkpoints of the first version trained L_simple."""
+    configuration, of either version), else DiffusionConfig's defaults (chosen by scripts/quality_benchmark.py).
+    Checkpoints of the first version trained Ho et al.'s L_simple (FIRST_DEFAULTS)."""
     chosen = {}
-    for name, new_run_value in NEW_RUN_OBJECTIVE.items():
+    for name in OBJECTIVE:
         given = getattr(config.diffusion, name)
         if given is not None:
             chosen[name] = given
         elif resumed is None:
-            chosen[name] = new_run_value
+            chosen[name] = getattr(DiffusionConfig, name)
         elif resumed.get("version") == CONFIG_VERSION:
             chosen[name] = resumed["diffusion"].get(name, FIRST_DEFAULTS[name])
         else:
@@ -175,4 +200,4 @@ def fixed_settings(saved: dict) -> dict:
 def current_settings(config: RunConfig) -> dict:
     """The FIXED_ON_RESUME settings of `config`, by flag name; those left to the resumed run (None) are not compared."""
     values = {flag: getattr(getattr(config, section), name) for flag, (section, name) in FIXED_ON_RESUME.items()}
-    return {flag: value for flag, value in values.items() if value is not None or flag not in NEW_RUN_OBJECTIVE}
+    return {flag: value for flag, value in values.items() if value is not None or flag not in OBJECTIVE}

@@ -21,9 +21,11 @@ from typing import Optional
 
 import torch
 
-from ddpm_diffusion import MAX_BETA, VARIANCES, _linear_beta_range, make_beta_schedule
-from ddpm_helpers import UsageError, load_checkpoint, save_checkpoint
+from ddpm_checkpoint import ModelDescription, build_network, load_model, save_checkpoint
+from ddpm_config import UsageError
+from ddpm_diffusion import MAX_BETA, linear_beta_range, make_beta_schedule
 from ddpm_model import UNet
+from ddpm_samplers import VARIANCES
 
 GROUPS = 32  # diffusers' norm_num_groups; ours is gcd(32, channels) per layer
 TOOL_FILE = "ddpm_tool.json"  # what diffusers' files do not say: data set, class names, the null label
@@ -205,7 +207,7 @@ def scheduler_config(diffusion: dict) -> dict:
     trained_betas where ours clips betas at MAX_BETA and diffusers' named schedule would not (linear and sigmoid
     with fewer than 21 steps)."""
     timesteps, schedule = diffusion["timesteps"], diffusion["schedule"]
-    beta_start, beta_end = _linear_beta_range(timesteps)
+    beta_start, beta_end = linear_beta_range(timesteps)
     clipped = schedule != "cosine" and beta_end > MAX_BETA
     return {
         "num_train_timesteps": timesteps, "beta_schedule": SCHEDULES[schedule], "beta_start": beta_start, "beta_end": beta_end,
@@ -234,7 +236,7 @@ def diffusion_from_scheduler(config: Optional[dict], source: Path) -> dict:
     elif schedule is None:
         raise UsageError(f"cannot import {source}: beta_schedule={config['beta_schedule']!r}; this tool has {', '.join(SCHEDULES.values())}")
     if schedule != "cosine" and config["trained_betas"] is None:
-        expected = _linear_beta_range(timesteps)
+        expected = linear_beta_range(timesteps)
         given = (config["beta_start"], config["beta_end"])
         if not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(given, expected)):
             raise UsageError(f"cannot import {source}: betas from {given[0]} to {given[1]} over {timesteps} steps; this tool's "
@@ -290,15 +292,13 @@ def export_diffusers(model_path: Path, out_dir: Path, use_ema: bool = True) -> N
         from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
     except ImportError:
         raise UsageError('--export_diffusers needs diffusers: pip install diffusers (or pip install ".[diffusers]")') from None
-    checkpoint = load_checkpoint(model_path)
-    if "model_config" not in checkpoint or "model" not in checkpoint:
-        raise UsageError(f"{model_path} has no model in it")
+    loaded = load_model(model_path, "cpu", use_ema)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UsageError(f"{out_dir} exists and is not empty: choose another folder for --export_diffusers")
-    use_ema = use_ema and checkpoint.get("ema") is not None
-    config = unet2d_config(checkpoint["model_config"])
+    checkpoint, use_ema = loaded.checkpoint, loaded.use_ema
+    config = unet2d_config(loaded.description.model_config)
     unet = UNet2DModel(**config)
-    unet.load_state_dict(to_diffusers_state_dict(checkpoint["ema"] if use_ema else checkpoint["model"]), strict=True)
+    unet.load_state_dict(to_diffusers_state_dict(loaded.model.state_dict()), strict=True)
     sampler_config = scheduler_config(checkpoint["diffusion"])
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(**sampler_config)).save_pretrained(out_dir, safe_serialization=True)
     data = checkpoint["data"]
@@ -370,15 +370,17 @@ def import_diffusers(folder: Path, out_path: Path, *, dataset: str, variance: Op
     if model_config["num_classes"] is not None and tool.get("null_label") != model_config["num_classes"]:
         raise UsageError(f"cannot import {folder}: a class-conditional UNet2DModel needs a null label for classifier-free "
                          f"guidance, and only folders exported by this tool ({TOOL_FILE}) say which row is one")
-    model = UNet(**model_config)
-    state = from_diffusers_state_dict(read_unet_weights(unet_dir), model, unet_dir)
     diffusion = diffusion_from_scheduler(_scheduler_config(folder), folder)
     if variance is not None:
         diffusion["variance"] = variance
+    description = ModelDescription(
+        model_config=model_config, diffusion=diffusion, conditional=model_config["num_classes"] is not None,
+        data={"dataset": tool.get("dataset", dataset), "class_names": tool.get("class_names", []),
+              "image_size": model_config["image_size"], "channels": model_config["in_channels"]})
+    model = build_network(description)
+    state = from_diffusers_state_dict(read_unet_weights(unet_dir), model, unet_dir)
     checkpoint = {
-        "model_config": model.config, "diffusion": diffusion, "conditional": model_config["num_classes"] is not None,
-        "data": {"dataset": tool.get("dataset", dataset), "class_names": tool.get("class_names", []),
-                 "image_size": model_config["image_size"], "channels": model_config["in_channels"]},
+        **description.to_dict(), "model_config": model.config,
         # One set of weights (diffusers keeps no separate EMA); stored under both names, which torch.save writes once.
         "model": state, "ema": state,
         "source": {"diffusers_folder": str(folder), "weights": tool.get("weights", "as published")},

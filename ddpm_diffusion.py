@@ -1,4 +1,4 @@
-"""Gaussian diffusion: noise schedules, the forward process, the training loss and the samplers.
+"""Gaussian diffusion: noise schedules, the forward process, the training loss, guidance and the sampling loop.
 
 Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDPM):
     betas[t]          = beta_t, the variance added at step t
@@ -6,14 +6,14 @@ Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDP
     q(x_t | x_0)      = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)          (eq. 4)
 The network predicts the noise eps (Ho et al.), the clean image x_0, or the velocity
 v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, "Progressive Distillation",
-section 4); `Diffusion.eps_from_output` turns any of them into eps, in which guidance mixes and the samplers
-work. Every sampler turns that prediction into a prediction of x_0 (`x0_from_eps`) and then moves from step t to an earlier step s. The samplers share one
-step interface (`Sampler.step(x, t, t_prev, eps, generator)`) and one posterior
-q(x_s | x_t, x_0) (`posterior`), so the full ancestral chain, its respaced version
-(Improved DDPM, Nichol & Dhariwal 2021, section 4) and DDIM (Song et al. 2021) differ only
-in how much fresh noise they add. DPM-Solver++ (Lu et al. 2022) works on the same
-x_0 predictions. Timestep indices run from 0 (almost clean) to T-1 (pure noise); the
-index -1 stands for the clean image itself (alpha_bar = 1).
+section 4); `Diffusion.eps_from_output` turns any of them into eps, in which guidance mixes. `Diffusion.sample`
+runs the reverse process: at each step the guided noise estimate (`predict_noise`) goes to a sampler's `step`
+(ddpm_samplers: the ancestral sampler, DDIM, DPM-Solver++), which moves x_t to an earlier step.
+Timestep indices run from 0 (almost clean) to T-1 (pure noise); the index -1 stands for the clean image
+itself (alpha_bar = 1).
+
+Reading order: `Diffusion.q_sample` (eq. 4) -> `Diffusion.p_losses` (the training loss) -> `Diffusion.sample`
+-> a sampler's `step` in ddpm_samplers.
 """
 import math
 from typing import Callable, Optional, Sequence
@@ -22,31 +22,24 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddpm_samplers import VARIANCES, eps_from_x0, make_sampler, posterior, randn, x0_from_eps
+
 SCHEDULES = ("linear", "cosine", "sigmoid")
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 LOSS_TYPES = ("l2", "l1", "huber")
 PREDICTION_TYPES = ("eps", "v", "x0")
-# The ancestral sampler's sigma_t^2 (Ho et al., section 3.2): the posterior variance beta_tilde_t, optimal for x_0 at a
-# point, or beta_t, optimal for x_0 ~ N(0, I). Ho et al. report their CIFAR-10 numbers with fixed_large.
-VARIANCES = ("fixed_small", "fixed_large")
 MAX_BETA = 0.999
-# DPM-Solver++ starts no higher than this lambda = log(alpha_t / sigma_t) (diffusers' `lambda_min_clipped`, the
-# value it recommends for the cosine schedule; DPM-Solver's reference code likewise stops the cosine schedule short of
-# t = 1). The cosine schedule's clipped last betas drive lambda to about -9.9, where log-SNR spacing would spend 8 of 20
-# steps at t >= 992; the linear schedule ends at -5.06 and is not clipped.
-DPM_LAMBDA_MIN = -5.1
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-def _linear_beta_range(timesteps: int) -> tuple[float, float]:
+def linear_beta_range(timesteps: int) -> tuple[float, float]:
     """Ho et al.'s 1e-4..0.02 at T=1000, scaled by 1000/T (Improved DDPM code) so x_T is noise for any T."""
     scale = 1000.0 / timesteps
     return scale * 1e-4, scale * 0.02
 
 
 def linear_beta_schedule(timesteps: int) -> torch.Tensor:
-    beta_start, beta_end = _linear_beta_range(timesteps)
+    beta_start, beta_end = linear_beta_range(timesteps)
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
@@ -60,7 +53,7 @@ def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 def sigmoid_beta_schedule(timesteps: int) -> torch.Tensor:
     """Betas follow a sigmoid between the linear schedule's end points (slow start, slow finish)."""
-    beta_start, beta_end = _linear_beta_range(timesteps)
+    beta_start, beta_end = linear_beta_range(timesteps)
     return torch.sigmoid(torch.linspace(-6, 6, timesteps, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
 
 
@@ -72,68 +65,6 @@ def make_beta_schedule(schedule: str, timesteps: int) -> torch.Tensor:
     if timesteps < 2:
         raise ValueError(f"timesteps must be at least 2, got {timesteps}")
     return builders[schedule](timesteps).clamp(max=MAX_BETA)
-
-
-def posterior(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Coefficients of q(x_s | x_t, x_0) = N(coef_x0 * x_0 + coef_xt * x_t, variance) for s < t.
-
-    Ho et al. eq. 6-7 for s = t-1; for any s < t it is the same formula with the betas of the
-    skipped steps merged into beta = 1 - alpha_bar_t / alpha_bar_s (Improved DDPM, section 4).
-    alpha_bar_s = 1 (s = -1, the clean image) gives variance 0 and mean x_0.
-    """
-    beta = 1 - alpha_bar_t / alpha_bar_s
-    variance = beta * (1 - alpha_bar_s) / (1 - alpha_bar_t)
-    coef_x0 = beta * alpha_bar_s.sqrt() / (1 - alpha_bar_t)
-    coef_xt = (1 - alpha_bar_s) * (1 - beta).sqrt() / (1 - alpha_bar_t)
-    return coef_x0, coef_xt, variance
-
-
-def x0_from_eps(x: torch.Tensor, alpha_bar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Invert Ho et al. eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-
-
-def eps_from_x0(x: torch.Tensor, alpha_bar: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """The noise that takes x_0 to x_t (Ho et al. eq. 4 solved for eps)."""
-    return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
-
-
-def default_steps(sampler: str, num_timesteps: int) -> int:
-    """Network evaluations per image when none are asked for: the whole chain for the ancestral sampler, 50 (at
-    most T) for ddim and dpm++2m."""
-    return num_timesteps if sampler == "ddpm" else min(50, num_timesteps)
-
-
-def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[int]:
-    """`steps` timesteps from T-1 down to 0, evenly spaced; all T of them when steps is None."""
-    if steps is None or steps == num_timesteps:
-        return list(range(num_timesteps - 1, -1, -1))
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"sampling steps must be between 1 and {num_timesteps}, got {steps}")
-    if steps == 1:
-        return [num_timesteps - 1]
-    return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-
-
-def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_min: float = DPM_LAMBDA_MIN) -> list[int]:
-    """`steps` distinct timesteps down to 0 whose log-SNR (2 lambda) is as evenly spaced as integer steps
-    allow: the DPM-Solver paper's "logSNR" skip type, recommended for low-resolution images (Lu et al. 2022,
-    appendix). Evenly spaced t would leave one huge last step in lambda, which a second-order multistep
-    solver overshoots. The first timestep is the last one whose lambda is at least `lambda_min`
-    (DPM_LAMBDA_MIN), or later where that leaves fewer than `steps` timesteps."""
-    num_timesteps = len(alphas_cumprod)
-    if not 2 <= steps <= num_timesteps:
-        raise ValueError(f"dpm++2m needs between 2 and {num_timesteps} sampling steps, got {steps}")
-    alphas_cumprod = alphas_cumprod.double().cpu()
-    lambdas = 0.5 * (alphas_cumprod.log() - (1 - alphas_cumprod).log())  # decreasing in t
-    first = max(int((lambdas >= lambda_min).sum()) - 1, steps - 1)
-    targets = torch.linspace(lambdas[first].item(), lambdas[0].item(), steps, dtype=torch.float64)
-    indices = torch.searchsorted(-lambdas, -targets).clamp(max=first).tolist()
-    for i in range(1, steps):  # make them strictly decreasing ...
-        indices[i] = min(indices[i], indices[i - 1] - 1)
-    for i in range(steps):  # ... without running below 0
-        indices[i] = max(indices[i], steps - 1 - i)
-    return indices
 
 
 def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -343,7 +274,7 @@ class Diffusion:
         if device is None:
             device = labels.device if labels is not None else self.alphas_cumprod.device
         guided = self.guided_steps(timesteps, guidance_interval)
-        x = _randn(shape, generator, device)
+        x = randn(shape, generator, device)
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             eps = self.predict_noise(model, x, t, labels, guidance_scale if guided[i] else 1.0, null_label, guidance_rescale)
@@ -366,117 +297,7 @@ def rescale_guidance(guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -
     return phi * guided * ratio + (1 - phi) * guided
 
 
-# Samplers. Each one chooses its timesteps and moves x_t to x_{t_prev} given the noise estimate at t, through
-# `step(x, t, t_prev, eps, generator)`: t and t_prev are Python ints (t_prev = -1: the clean image), so that a
-# step reads nothing back from the device.
-
-
-class AncestralSampler:
-    """Ho et al. Algorithm 2: x_{t_prev} ~ N(mean of q(x_{t_prev} | x_t, x_0 = predicted x_0), sigma_t^2), with
-    sigma_t^2 = beta_tilde_t (fixed_small, the posterior variance) or beta_t (fixed_large); no noise is added on
-    the last step. On a respaced chain t_prev is the next kept step and beta_t = 1 - alpha_bar_t / alpha_bar_{t_prev}
-    (Improved DDPM, section 4). `variance` None: the diffusion's."""
-
-    def __init__(self, diffusion: Diffusion, clip_denoised: bool = True, variance: Optional[str] = None):
-        variance = variance or diffusion.variance
-        if variance not in VARIANCES:
-            raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-        self.diffusion, self.clip_denoised, self.variance = diffusion, clip_denoised, variance
-
-    def timesteps(self, steps: Optional[int]) -> list[int]:
-        return evenly_spaced_timesteps(self.diffusion.num_timesteps, default_steps("ddpm", self.diffusion.num_timesteps) if steps is None else steps)
-
-    def predicted_x0(self, x: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        x0 = x0_from_eps(x, alpha_bar_t, eps)
-        return x0.clamp(-1, 1) if self.clip_denoised else x0
-
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
-        coef_x0, coef_xt, variance = posterior(alpha_bar_t, alpha_bar_s)
-        if self.variance == "fixed_large" and t_prev >= 0:
-            variance = 1 - alpha_bar_t / alpha_bar_s
-        mean = coef_x0 * self.predicted_x0(x, alpha_bar_t, eps) + coef_xt * x
-        return mean + variance.sqrt() * _randn_like(x, generator)
-
-
-class DDIMSampler(AncestralSampler):
-    """One DDIM step (Song et al. 2021, eq. 12) with sigma = eta * sqrt(posterior variance) (eq. 16):
-    eta = 0 is deterministic; eta = 1 has the ancestral step's variance."""
-
-    def __init__(self, diffusion: Diffusion, eta: float = 0.0, clip_denoised: bool = True):
-        super().__init__(diffusion, clip_denoised)
-        self.eta = eta
-
-    def timesteps(self, steps: Optional[int]) -> list[int]:
-        return evenly_spaced_timesteps(self.diffusion.num_timesteps, default_steps("ddim", self.diffusion.num_timesteps) if steps is None else steps)
-
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
-        x0 = self.predicted_x0(x, alpha_bar_t, eps)
-        if self.clip_denoised:  # the direction towards x_t must agree with the clipped x_0
-            eps = eps_from_x0(x, alpha_bar_t, x0)
-        sigma = self.eta * posterior(alpha_bar_t, alpha_bar_s)[2].sqrt()
-        direction = (1 - alpha_bar_s - sigma**2).clamp(min=0).sqrt()
-        return alpha_bar_s.sqrt() * x0 + direction * eps + sigma * _randn_like(x, generator)
-
-
-class DPMSolverPlusPlus2M(AncestralSampler):
-    """DPM-Solver++(2M), the multistep second-order solver in data-prediction form (Lu et al. 2022, Alg. 2).
-
-    Works in lambda_t = log(alpha_t / sigma_t) with alpha_t = sqrt(alpha_bar_t) and
-    sigma_t = sqrt(1 - alpha_bar_t), on log-SNR-spaced steps. The first step is first order (DDIM); later
-    steps extrapolate the x_0 predictions of the last two steps. The final step to the clean image
-    (lambda = infinity) returns the x_0 prediction, i.e. it is first order, as recommended for few steps.
-    """
-
-    def __init__(self, diffusion: Diffusion, clip_denoised: bool = True):
-        super().__init__(diffusion, clip_denoised)
-        self.previous_x0: Optional[torch.Tensor] = None
-        self.previous_h: Optional[torch.Tensor] = None
-
-    def timesteps(self, steps: Optional[int]) -> list[int]:
-        steps = default_steps("dpm++2m", self.diffusion.num_timesteps) if steps is None else steps
-        return log_snr_spaced_timesteps(self.diffusion.alphas_cumprod, steps)
-
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
-        x0 = self.predicted_x0(x, alpha_bar_t, eps)
-        if t_prev == -1:
-            return x0
-        lambda_t = 0.5 * (alpha_bar_t.log() - (1 - alpha_bar_t).log())
-        lambda_s = 0.5 * (alpha_bar_s.log() - (1 - alpha_bar_s).log())
-        h = lambda_s - lambda_t
-        denoised = x0
-        if self.previous_x0 is not None:
-            r = self.previous_h / h
-            denoised = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * self.previous_x0
-        self.previous_x0, self.previous_h = x0, h
-        sigma_ratio = ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt()
-        return sigma_ratio * x - alpha_bar_s.sqrt() * torch.expm1(-h) * denoised
-
-
-def make_sampler(name: str, diffusion: Diffusion, eta: float = 0.0, clip_denoised: bool = True,
-                 variance: Optional[str] = None) -> AncestralSampler:
-    """A fresh sampler (DPM-Solver++ keeps the previous steps' predictions, so one per run) by its --sampler name;
-    `variance` is the ancestral sampler's (the others have their own)."""
-    if name == "ddpm":
-        return AncestralSampler(diffusion, clip_denoised, variance)
-    if name == "ddim":
-        return DDIMSampler(diffusion, eta, clip_denoised)
-    if name == "dpm++2m":
-        return DPMSolverPlusPlus2M(diffusion, clip_denoised)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def _randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:
-    """Standard normal noise from `generator` (on its own device), moved to `device`. Noise from a CPU generator
-    goes to a GPU through pinned memory, asynchronously: a plain copy would wait for the GPU at every step."""
-    noise_device = generator.device if generator is not None else torch.device(device)
-    noise = torch.randn(tuple(shape), generator=generator, device=noise_device)
-    if noise.device.type == "cpu" and torch.device(device).type == "cuda":
-        return noise.pin_memory().to(device, non_blocking=True)
-    return noise.to(device)
-
-
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return _randn(x.shape, generator, x.device).to(x.dtype)
+def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes the null label with probability p_uncond."""
+    drop = torch.rand(labels.shape, device=labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, null_label), labels)

@@ -1,268 +1,43 @@
-"""Numbers for samples: FID, Inception Score and class consistency, guidance sweeps, checkpoint comparisons.
+"""Evaluation runs: --evaluate (FID, IS, KID, precision/recall, class consistency of a checkpoint's samples), guidance
+sweeps, --compare_checkpoints, and the loss of a model on a data split.
 
     python ddpm_main.py --evaluate --model_path models/run/ckpt.pt --fid_num_samples 10000 --sampler dpm++2m --sampling_steps 20
 
-FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to the features of the
-generated images and of the training images. The standard features, used by published CIFAR-10
-numbers, are the 2048-d pool features of the TensorFlow Inception network of 2015
-(`pt_inception-2015-12-05`); torch-fidelity ports it bit-exactly, including TensorFlow's resize to 299x299,
-and also gives its logits for the Inception Score (Salimans et al. 2016).
-
-A feature extractor here is any callable mapping uint8 images (N, 3, H, W) to a pair
-(features (N, D), logits (N, K) or None). `FEATURE_EXTRACTORS` names the ones `--fid_features` offers;
-`random-conv` is a fixed random network for tests and quick relative comparisons, NOT comparable to
-published FID. Tests may add their own entry to that dict.
+The metrics themselves and their feature extractors are in ddpm_metrics.
 """
 from __future__ import annotations
 
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+import torch.distributed as dist
 
-from ddpm_config import SamplingConfig
-from ddpm_helpers import SYNTHETIC_CLASSES, Runtime, UsageError, _first_line, load_datasets, save_image_grid, save_json, save_labelled_rows, save_pngs, save_sample_arrays
-from ddpm_sampling import LoadedModel, check_sampling_steps, every_class_in_turn, generate_from, load_model, sampling_record
+from ddpm_checkpoint import LoadedModel, load_model
+from ddpm_config import SamplingConfig, UsageError
+from ddpm_data import Split, load_batch
+from ddpm_diffusion import Diffusion
+from ddpm_metrics import (
+    COMPARABLE_TO_PUBLISHED,
+    FEATURE_EXTRACTORS,
+    FeatureExtractor,
+    ReferenceStatistics,
+    evaluate_sample_set,
+    load_reference_file,
+    reference_statistics,
+    require_torch_fidelity,
+)
+from ddpm_outputs import save_image_grid, save_json, save_labelled_rows, save_pngs, save_sample_arrays
+from ddpm_runtime import Runtime, unwrap
+from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate_from, sampling_record
 
-FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
-# The last part of torch-fidelity's URL_INCEPTION_V3 (checked by a test). torch-fidelity is imported only
-# where it is used, so that training and inference do not pay for its import.
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_SCORE_SPLITS = 10  # as in Salimans et al.'s code and every published Inception Score
-KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # Binkowski et al. 2018, as torch-fidelity's defaults
-PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds of precision and recall (Kynkaanniemi et al. 2019)
 GRID_IMAGES = 64
 SWEEP_GRID_COLUMNS = 8
-
-
-# ----------------------------------------------------------------------------- feature extractors
-
-def inception_weights_path() -> Path:
-    """Where torch.hub keeps downloaded weights: $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def load_inception(device: str) -> FeatureExtractor:
-    """The FID Inception network (torch-fidelity's port), giving pool features and unbiased logits.
-
-    The weights are downloaded once into the torch hub cache; offline, one line says where to put them.
-    """
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-
-    path = inception_weights_path()
-    if not path.is_file():
-        _download_inception_weights(path)
-    try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                              feature_extractor_weights_path=str(path))
-    except Exception as error:
-        raise UsageError(f"cannot read the Inception weights {path} ({_first_line(error)}): "
-                         f"replace it with {INCEPTION_FILE} from {URL_INCEPTION_V3}") from error
-    return network.to(device)
-
-
-def _download_inception_weights(path: Path) -> None:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path))
-    except Exception as error:
-        raise UsageError(f"the FID Inception weights could not be downloaded ({_first_line(error)}): "
-                         f"place {INCEPTION_FILE} (from {URL_INCEPTION_V3}) in {path.parent}/") from error
-
-
-class RandomConvFeatures(nn.Module):
-    """Two random ReLU convolutions (fixed seed) and a spatial mean: 64 features per image, no logits.
-
-    Cheap enough for tests and for comparing samplers or checkpoints of one model on a CPU. The
-    numbers mean something only relative to each other; they are not comparable to published FID.
-    """
-
-    def __init__(self, dim: int = 64, seed: int = 0):
-        super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.convs = nn.ModuleList([nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.Conv2d(32, dim, 3, stride=2, padding=1)])
-        for conv in self.convs:  # He initialisation, so activations neither vanish nor explode
-            fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / fan_in)
-            conv.bias.data.zero_()
-        self.requires_grad_(False)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
-        x = images.float() / 127.5 - 1
-        for conv in self.convs:
-            x = F.relu(conv(x))
-        return x.mean(dim=(2, 3)), None
-
-
-FEATURE_EXTRACTORS: dict[str, Callable[[str], FeatureExtractor]] = {
-    "inception": load_inception,
-    "random-conv": lambda device: RandomConvFeatures().to(device),
-}
-COMPARABLE_TO_PUBLISHED = {"inception"}
-
-
-@torch.no_grad()
-def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int, device: str,
-                     desc: str = "features") -> tuple[np.ndarray, Optional[torch.Tensor]]:
-    """Features (float64, N x D) and logits (or None) of uint8 images (N, C, H, W); grey images become RGB."""
-    features, logits = [], []
-    for batch in tqdm(images.split(batch_size), desc=desc, unit="batch"):
-        batch = batch.to(device)
-        if batch.shape[1] == 1:
-            batch = batch.expand(-1, 3, -1, -1)
-        batch_features, batch_logits = extractor(batch)
-        features.append(batch_features.double().cpu())
-        if batch_logits is not None:
-            logits.append(batch_logits.cpu())
-    return torch.cat(features).numpy(), torch.cat(logits) if logits else None
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance (N - 1 normalised, as in the reference FID code) of N x D features."""
-    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2):
-
-        ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))      (Dowson & Landau 1982)
-
-    FID is this distance between Inception features (Heusel et al. 2017). torch-fidelity computes the
-    trace of the matrix square root as the sum of the square roots of the eigenvalues of sigma1 sigma2.
-    """
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
-    as_stats = lambda mu, sigma: {"mu": np.asarray(mu, np.float64), "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}  # noqa: E731
-    return fid_statistics_to_metric(as_stats(mu1, sigma1), as_stats(mu2, sigma2), verbose=False)[KEY_METRIC_FID]
-
-
-def inception_score(logits: torch.Tensor, splits: int = INCEPTION_SCORE_SPLITS) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over `splits` parts, by torch-fidelity."""
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
-    result = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=2020)
-    return result[KEY_METRIC_ISC_MEAN], result[KEY_METRIC_ISC_STD]
-
-
-def kernel_inception_distance(features: np.ndarray, reference: np.ndarray) -> dict:
-    """KID (Binkowski et al. 2018): the unbiased squared MMD with the cubic polynomial kernel, mean and std over
-    random subsets, by torch-fidelity. Unbiased at any sample count, unlike FID."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
-    subset_size = min(KID_SUBSET_SIZE, len(features), len(reference))
-    result = kid_features_to_metric(torch.from_numpy(features), torch.from_numpy(reference), kid_subsets=KID_SUBSETS,
-                                    kid_subset_size=subset_size, verbose=False, rng_seed=2020)
-    return {"mean": result[KEY_METRIC_KID_MEAN], "std": result[KEY_METRIC_KID_STD], "subsets": KID_SUBSETS, "subset_size": subset_size}
-
-
-def precision_recall(features: np.ndarray, reference: np.ndarray) -> dict:
-    """Improved precision and recall (Kynkaanniemi et al. 2019), by torch-fidelity: the share of samples inside the
-    k-NN balls of the reference features, and of reference images inside those of the samples. Computed on the FID
-    features, as the guided-diffusion (ADM) evaluator does."""
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-
-    result = prc_features_to_metric(torch.from_numpy(features).float(), torch.from_numpy(reference).float(),
-                                    prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
-    return {"precision": result[KEY_METRIC_PRECISION], "recall": result[KEY_METRIC_RECALL], "neighborhood": PRC_NEIGHBORHOOD}
-
-
-def classify_synthetic(images: torch.Tensor) -> torch.Tensor:
-    """Class of synthetic images (uint8, N x 3 x H x W), -1 where nothing is drawn.
-
-    Each synthetic class has its own colour (ddpm_helpers.SYNTHETIC_CLASSES), so the mean colour of the
-    bright pixels (the object; the background stays below about 60) names the class. Shapes are not checked.
-    """
-    pixels = images.float()
-    bright = pixels.amax(dim=1, keepdim=True) > 100
-    count = bright.sum(dim=(1, 2, 3))
-    mean_colour = (pixels * bright).sum(dim=(2, 3)) / count.clamp(min=1).unsqueeze(1)
-    palette = torch.tensor([colour for _, colour, _ in SYNTHETIC_CLASSES], dtype=torch.float32)
-    nearest = torch.cdist(mean_colour, palette).argmin(dim=1)
-    return torch.where(count > 0, nearest, -1)
-
-
-CLASSIFIERS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "synthetic": ("colour of the drawn object (each synthetic class has its own colour)", classify_synthetic),
-}
-
-
-def class_consistency(dataset: str, images: torch.Tensor, labels: torch.Tensor) -> tuple[Optional[float], str]:
-    """Fraction of samples that a classifier for `dataset` puts in the class they were sampled for, and a note."""
-    if dataset not in CLASSIFIERS:
-        return None, f"no classifier for {dataset!r} in this tool: class consistency not measured"
-    description, classify = CLASSIFIERS[dataset]
-    agreement = (classify(images) == labels).float().mean().item()
-    return agreement, f"class consistency by a fixed classifier: {description}"
-
-
-# ----------------------------------------------------------------------------- reference statistics
-
-@dataclass
-class ReferenceStatistics:
-    mu: np.ndarray
-    sigma: np.ndarray
-    num_images: Optional[int]  # None: a --fid_ref file that does not say
-    path: Path
-    features: Optional[np.ndarray] = None  # what KID and precision/recall need; only mu and sigma in a --fid_ref file
-
-
-def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor_name: str, extractor: FeatureExtractor,
-                         batch_size: int, device: str) -> ReferenceStatistics:
-    """Feature statistics of the training images, cached in <data_dir>/fid_stats_<dataset>_<size>_<extractor>.npz.
-
-    "Training images" are the training and validation splits together: for CIFAR-10 all 50,000 training
-    images, the reference of published numbers.
-    """
-    path = Path(data_dir) / f"fid_stats_{dataset}_{image_size}_{extractor_name}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            features = cached["features"].astype(np.float64) if "features" in cached else None
-            return ReferenceStatistics(cached["mu"], cached["sigma"], int(cached["num_images"]), path, features)
-    data = load_datasets(dataset, data_dir, image_size, hflip=False)
-    images = torch.cat([data.train.images, data.val.images])
-    features, _ = extract_features(extractor, images, batch_size, device, desc="training-set features (once)")
-    mu, sigma = feature_statistics(features)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, num_images=len(images), features=features.astype(np.float32))
-    return ReferenceStatistics(mu, sigma, len(images), path, features.astype(np.float32).astype(np.float64))
-
-
-def load_reference_file(path: Path, extractor: FeatureExtractor, image_shape: tuple[int, int, int], device: str) -> ReferenceStatistics:
-    """--fid_ref: precomputed `mu` and `sigma` of `feature_dim`-d features (as pytorch-fid --save-stats writes them,
-    or this tool's cache) of the extractor's features; `num_images` where the file has it."""
-    if not path.is_file():
-        raise UsageError(f"--fid_ref file not found: {path}")
-    try:
-        with np.load(path) as stats:
-            mu, sigma = np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
-            num_images = int(stats["num_images"]) if "num_images" in stats else None
-    except KeyError:
-        raise UsageError(f"{path} has no `mu` and `sigma` arrays (the layout pytorch-fid --save-stats writes)") from None
-    except Exception as error:
-        raise UsageError(f"{path} is not a readable .npz file ({_first_line(error)})") from None
-    feature_dim = feature_dimension(extractor, image_shape, device)
-    if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
-        raise UsageError(f"{path} holds statistics of {mu.shape[-1] if mu.ndim else 0}-d features; these features are {feature_dim}-d")
-    return ReferenceStatistics(mu, sigma, num_images, path)
-
-
-def feature_dimension(extractor: FeatureExtractor, image_shape: tuple[int, int, int], device: str) -> int:
-    """The length of the extractor's feature vector, from one black image."""
-    with torch.no_grad():
-        features, _ = extractor(torch.zeros((1, 3, *image_shape[1:]), dtype=torch.uint8, device=device))
-    return features.shape[1]
+EVAL_CHUNK = 250  # evaluation noise is seeded per chunk of this many examples, whatever the batch size
 
 
 def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path, pngs: bool = False) -> None:
@@ -275,68 +50,34 @@ def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_di
         save_pngs(images.numpy(), out_dir / "samples")
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], dataset: str, extractor: FeatureExtractor,
-                        reference: ReferenceStatistics, batch_size: int, device: str) -> dict:
-    """FID against the reference, Inception Score where the extractor has logits, class consistency where
-    labels and a classifier exist; a missing metric is None with a note saying why."""
-    nchw = images.permute(0, 3, 1, 2)
-    features, logits = extract_features(extractor, nchw, batch_size, device, desc="sample features")
-    mu, sigma = feature_statistics(features)
-    results: dict = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "notes": []}
-    results["inception_score"] = None
-    if logits is None:
-        results["notes"].append("no Inception Score: this feature extractor has no class logits")
-    elif len(logits) < INCEPTION_SCORE_SPLITS:
-        results["notes"].append(f"no Inception Score: it needs at least {INCEPTION_SCORE_SPLITS} samples")
-    else:
-        mean, std = inception_score(logits)
-        results["inception_score"] = {"mean": mean, "std": std, "splits": INCEPTION_SCORE_SPLITS}
-    results["kid"], results["precision_recall"] = None, None
-    if reference.features is None:
-        results["notes"].append(f"no KID or precision/recall: {reference.path} holds mu and sigma only, not the reference features")
-    else:
-        results["kid"] = kernel_inception_distance(features, reference.features)
-        if min(len(features), len(reference.features)) > PRC_NEIGHBORHOOD:
-            results["precision_recall"] = precision_recall(features, reference.features)
-        else:
-            results["notes"].append(f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples")
-    results["class_consistency"] = None
-    if labels is not None:
-        results["class_consistency"], note = class_consistency(dataset, nchw, labels)
-        results["notes"].append(note)
-    return results
-
-
-def describe_run(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, num_samples: int, seed: int, extractor_name: str,
+def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, num_samples: int, seed: int, extractor_name: str,
                  reference: ReferenceStatistics) -> dict:
     """Everything needed to reproduce and compare an evaluation, for the results JSON."""
     return {
         "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
-        "dataset": loaded.checkpoint["data"]["dataset"], "image_size": loaded.checkpoint["data"]["image_size"],
+        "dataset": loaded.description.data["dataset"], "image_size": loaded.description.data["image_size"],
         "num_samples": num_samples, "seed": seed,
-        **sampling_record(settings, rt, guided=loaded.conditional, diffusion=loaded.diffusion, resolve_steps=True),
+        **sampling_record(settings, runtime, guided=loaded.description.conditional, diffusion=loaded.diffusion, resolve_steps=True),
         "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
         "reference_statistics": str(reference.path), "reference_images": reference.num_images,
     }
 
 
-def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, rt: Runtime, *, num_samples: int, seed: int, batch_size: int,
+def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int, batch_size: int,
                          extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
                          out_dir: Path, save_pngs: bool = False) -> Optional[tuple[dict, torch.Tensor]]:
     """Generate (shared out over the ranks), then on rank 0 measure and write samples.npz, grid.png and
     evaluation.json to out_dir and return (results, images); None on the other ranks."""
-    labels = every_class_in_turn(loaded.num_classes, num_samples)
+    labels = every_class_in_turn(loaded.description.num_classes, num_samples)
     started = time.perf_counter()
-    images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, rt)
+    images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime)
     seconds = time.perf_counter() - started
-    if not rt.is_main:
+    if not runtime.is_main:
         return None
-    results = describe_run(loaded, settings, rt, num_samples, seed, extractor_name, reference)
+    results = describe_run(loaded, settings, runtime, num_samples, seed, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
-    results["processes"] = rt.world_size
-    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(rt.device)))
+    results["processes"] = runtime.world_size
+    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(runtime.device)))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
     save_sample_set(images, labels, out_dir, pngs=save_pngs)
@@ -344,43 +85,36 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, rt: Runt
     return results, images
 
 
-def run_evaluation(model_path: Path, settings: SamplingConfig, rt: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
+def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
                    features: str, data_dir: str, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
                    compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False) -> None:
     """--evaluate: FID (and IS, KID, precision/recall, class consistency) of `num_samples` samples, at
     settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
     statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes."""
     require_torch_fidelity()
-    loaded = load_model(model_path, str(rt.device), use_ema, compile)
+    loaded = load_model(model_path, str(runtime.device), use_ema, compile)
     check_sampling_steps(settings.steps, loaded)
-    if guidance_sweep and not loaded.conditional:
+    if guidance_sweep and not loaded.description.conditional:
         raise UsageError(f"--guidance_sweep needs a class-conditional model, but {loaded.path} is unconditional")
-    data = loaded.checkpoint["data"]
+    data = loaded.description.data
     extractor, reference = None, None
-    if rt.is_main:
-        extractor = FEATURE_EXTRACTORS[features](str(rt.device))
+    if runtime.is_main:
+        extractor = FEATURE_EXTRACTORS[features](str(runtime.device))
         if fid_ref is not None:
-            reference = load_reference_file(fid_ref, extractor, loaded.image_shape, str(rt.device))
+            reference = load_reference_file(fid_ref, extractor, loaded.description.image_shape, str(runtime.device))
         else:
-            reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(rt.device))
+            reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(runtime.device))
     sweep = []
     for scale in guidance_sweep or [settings.guidance_scale]:
         out_dir = save_dir / f"scale_{scale:g}" if guidance_sweep else save_dir
-        outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), rt, num_samples=num_samples, seed=seed,
+        outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples, seed=seed,
                                        batch_size=batch_size, extractor_name=features, extractor=extractor, reference=reference,
                                        out_dir=out_dir, save_pngs=save_pngs)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             sweep.append(outcome)
-    if guidance_sweep and rt.is_main:
+    if guidance_sweep and runtime.is_main:
         save_guidance_sweep(sweep, data["class_names"], save_dir)
-
-
-def require_torch_fidelity() -> None:
-    try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        raise UsageError('--evaluate needs torch-fidelity: pip install torch-fidelity (or pip install ".[eval]")') from None
 
 
 def summary_line(results: dict, json_path: Path) -> str:
@@ -400,8 +134,6 @@ def summary_line(results: dict, json_path: Path) -> str:
         text += f", class consistency {results['class_consistency']:.3f}"
     return f"{text}; wrote {json_path}"
 
-
-# ----------------------------------------------------------------------------- guidance sweep
 
 def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: list[str], save_dir: Path) -> None:
     """guidance_sweep.json and .md (FID, IS, class consistency per scale), guidance_sweep.png (FID and IS
@@ -449,20 +181,18 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-# ----------------------------------------------------------------------------- checkpoint comparison
-
-def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, rt: Runtime, *, num_samples: int, seed: int,
+def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int,
                               batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
-    loaded = sorted((load_model(path, str(rt.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
+    loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
     check_sampling_steps(settings.steps, loaded[0])
-    labels = every_class_in_turn(loaded[0].num_classes, num_samples)
-    rows = [(f"step {item.step}", generate_from(item, num_samples, labels, settings, seed, batch_size, rt, desc=f"step {item.step}"))
+    labels = every_class_in_turn(loaded[0].description.num_classes, num_samples)
+    rows = [(f"step {item.step}", generate_from(item, num_samples, labels, settings, seed, batch_size, runtime, desc=f"step {item.step}"))
             for item in loaded]
-    if not rt.is_main:
+    if not runtime.is_main:
         return
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
     save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],
@@ -475,3 +205,36 @@ def check_same_run(first: LoadedModel, other: LoadedModel) -> None:
     for key in ("model_config", "diffusion", "data"):
         if first.checkpoint[key] != other.checkpoint[key]:
             raise UsageError(f"{other.path} and {first.path} are not from one run: their {key} differs")
+
+
+@torch.no_grad()
+def evaluation_loss(model: torch.nn.Module, diffusion: Diffusion, split: Split, runtime: Runtime, *, seed: int, batch_size: int,
+                    loss_type: str, count: Optional[int] = None) -> float:
+    """Mean loss over the first `count` examples of a split (all: None) with timesteps and noise fixed per example
+    (seeded per chunk of EVAL_CHUNK), so the number changes only when the weights do, and the first examples of a
+    split always get the same noise whatever `count` is. Chunks are shared out across ranks."""
+    was_training = model.training
+    model.eval()
+    total_count = len(split) if count is None else min(count, len(split))
+    total, seen = torch.zeros((), device=runtime.device, dtype=torch.float64), 0
+    null_label = unwrap(model).null_label
+    for chunk, begin in enumerate(range(0, total_count, EVAL_CHUNK)):
+        if chunk % runtime.world_size != runtime.rank:
+            continue
+        generator = torch.Generator().manual_seed(seed * 7_919 + chunk)
+        size = min(EVAL_CHUNK, len(split) - begin)  # the noise of a whole chunk is drawn, whatever part is used
+        t = torch.randint(0, diffusion.num_timesteps, (size,), generator=generator)
+        noise = torch.randn((size, *split.images.shape[1:]), generator=generator)
+        indices = torch.arange(begin, min(begin + EVAL_CHUNK, total_count))
+        for part in torch.split(torch.arange(len(indices)), batch_size):
+            x0, y = load_batch(split.images, split.labels, indices[part], False, runtime.device)
+            loss = diffusion.p_losses(model, x0, t[part].to(runtime.device), y if null_label is not None else None,
+                                      noise[part].to(runtime.device), loss_type)
+            total += loss.double() * len(part)
+        seen += len(indices)
+    if runtime.world_size > 1:
+        stats = torch.stack([total, torch.tensor(float(seen), device=runtime.device, dtype=torch.float64)])
+        dist.all_reduce(stats)
+        total, seen = stats[0], stats[1].item()
+    model.train(was_training)
+    return total.item() / seen if seen else math.nan  # NaN: an empty split (--val_fraction 0)

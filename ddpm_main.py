@@ -7,6 +7,7 @@ Bad input ends with one line on stderr and exit code 2, before anything is writt
 """
 import argparse
 import math
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -15,17 +16,23 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ddpm_config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, with_objective
+from ddpm_checkpoint import RunLock, load_resume_checkpoint
+from ddpm_config import (INFERENCE_SAMPLES, TRAINING_GRID_SAMPLER, DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, UsageError,
+                         with_objective)
+from ddpm_data import DATASETS, load_datasets
 from ddpm_diffusers import export_diffusers, import_diffusers
-from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SAMPLERS, SCHEDULES, VARIANCES
-from ddpm_evaluate import FEATURE_EXTRACTORS, run_checkpoint_comparison, run_evaluation
-from ddpm_helpers import DATASETS, UsageError, enable_tf32, load_datasets, setup_runtime
+from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES
+from ddpm_evaluate import run_checkpoint_comparison, run_evaluation
+from ddpm_metrics import FEATURE_EXTRACTORS
 from ddpm_model import PRESETS, UNet
+from ddpm_runtime import enable_tf32, setup_runtime
+from ddpm_samplers import SAMPLERS, VARIANCES
 from ddpm_sampling import run_inference
 
 # Under torchrun the other ranks wait in a collective while rank 0 alone computes FID statistics
 # (the training set's, once, then each sample set's): far longer than a sampling step.
 SAMPLING_COLLECTIVE_TIMEOUT = timedelta(hours=2)
+D, M, F, T, S = DataConfig, ModelConfig, DiffusionConfig, TrainConfig, SamplingConfig  # the defaults' one home
 
 
 def comma_ints(text: str) -> list[int]:
@@ -35,89 +42,102 @@ def comma_ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class DefaultsHelp(argparse.HelpFormatter):
+    """Help lines end with the flag's default where it has a value; a flag whose value is derived says so itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a DDPM (Ho et al. 2020) or sample from one, with classifier-free guidance.")
+    """Every flag, with its default taken from the dataclasses of ddpm_config (their one home)."""
+    parser = argparse.ArgumentParser(description="Train a DDPM (Ho et al. 2020) or sample from one, with classifier-free guidance.",
+                                     formatter_class=DefaultsHelp)
     mode = parser.add_argument_group("mode and run")
     mode.add_argument("--inference", action="store_true", help="sample from --model_path instead of training")
     mode.add_argument("--export_diffusers", default=None, metavar="OUT_DIR",
                       help="write --model_path as a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler, safetensors)")
     mode.add_argument("--import_diffusers", default=None, metavar="FOLDER",
                       help="convert a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) into the checkpoint --model_path")
-    mode.add_argument("--run_name", default="DDPM", help="name of the run: models/<run_name>/, file names in --save_dir")
-    mode.add_argument("--save_dir", default="outputs", help="where images, loss history and metrics go")
-    mode.add_argument("--models_dir", default="models", help="checkpoints go to <models_dir>/<run_name>/")
-    mode.add_argument("--seed", type=int, default=0)
-    mode.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    mode.add_argument("--run_name", default=T.run_name, help="name of the run: models/<run_name>/, file names in --save_dir")
+    mode.add_argument("--save_dir", default=T.save_dir, help="where images, loss history and metrics go")
+    mode.add_argument("--models_dir", default=T.models_dir, help="checkpoints go to <models_dir>/<run_name>/")
+    mode.add_argument("--seed", type=int, default=T.seed)
+    mode.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (derived: cuda when available)")
     mode.add_argument("--no_cuda", action="store_true", help="run on the CPU even when a GPU is present")
     mode.add_argument("--no_tf32", action="store_true", help="keep float32 matmuls in full precision on CUDA (TF32 is on by default)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    data.add_argument("--data_dir", default="./data", help="dataset location (downloads go here); for 'folder', the image folder")
-    data.add_argument("--image_size", type=int, default=None, help="resize images to this size (default: the dataset's own)")
+    data.add_argument("--dataset", default=D.dataset, choices=DATASETS)
+    data.add_argument("--data_dir", default=D.data_dir, help="dataset location (downloads go here); for 'folder', the image folder")
+    data.add_argument("--image_size", type=int, default=None, help="resize images to this size (derived: the dataset's own)")
     flips = data.add_mutually_exclusive_group()
-    flips.add_argument("--hflip", action="store_true", help="random horizontal flips in training (default: on for cifar10 and synthetic only)")
+    flips.add_argument("--hflip", action="store_true", help="random horizontal flips in training (derived: on for cifar10 and synthetic only)")
     flips.add_argument("--no_hflip", action="store_true", help="no random horizontal flips in training")
     data.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                      help="train on grey (1) or RGB (3) images (default: the data set's own; a folder of grey images is grey)")
-    data.add_argument("--val_fraction", type=float, default=0.1, help="share of the training images held out for the validation loss (0: none)")
+                      help="train on grey (1) or RGB (3) images (derived: the data set's own; a folder of grey images is grey)")
+    data.add_argument("--val_fraction", type=float, default=D.val_fraction, help="share of the training images held out for the validation loss (0: none)")
 
     model = parser.add_argument_group("model (a preset, then overrides)")
-    model.add_argument("--model_size", default="ddpm", choices=sorted(PRESETS), help="architecture preset")
-    model.add_argument("--base_dim", type=int, help="channels of the first level")
-    model.add_argument("--dim_mults", type=comma_ints, help="channel multiplier per level, e.g. 1,2,2,2")
-    model.add_argument("--num_res_blocks", type=int, help="residual blocks per level")
-    model.add_argument("--attn_resolutions", type=comma_ints, help="feature-map sizes with self-attention, e.g. 16")
-    model.add_argument("--dropout", type=float)
+    model.add_argument("--model_size", default=M.preset, choices=sorted(PRESETS), help="architecture preset")
+    model.add_argument("--base_dim", type=int, help="channels of the first level (default: the preset's)")
+    model.add_argument("--dim_mults", type=comma_ints, help="channel multiplier per level, e.g. 1,2,2,2 (default: the preset's)")
+    model.add_argument("--num_res_blocks", type=int, help="residual blocks per level (default: the preset's)")
+    model.add_argument("--attn_resolutions", type=comma_ints, help="feature-map sizes with self-attention, e.g. 16 (default: the preset's)")
+    model.add_argument("--dropout", type=float, help="(default: the preset's)")
     model.add_argument("--conditional", action="store_true", help="class-conditional model, trained for classifier-free guidance")
 
     diffusion = parser.add_argument_group("diffusion")
-    diffusion.add_argument("--timesteps", type=int, default=1000)
-    diffusion.add_argument("--schedule", default="linear", choices=SCHEDULES)
-    diffusion.add_argument("--loss_type", default="l2", choices=LOSS_TYPES)
+    diffusion.add_argument("--timesteps", type=int, default=F.timesteps)
+    diffusion.add_argument("--schedule", default=F.schedule, choices=SCHEDULES)
+    diffusion.add_argument("--loss_type", default=F.loss_type, choices=LOSS_TYPES)
     diffusion.add_argument("--prediction_type", default=None, choices=PREDICTION_TYPES,
-                           help="what the network predicts: v (Salimans & Ho 2022; the default for new runs, chosen by "
-                                "scripts/quality_benchmark.py), eps (Ho et al.) or x0; --resume keeps the run's")
+                           help=f"what the network predicts: v (Salimans & Ho 2022), eps (Ho et al.) or x0 (new runs: {F.prediction_type}, "
+                                "chosen by scripts/quality_benchmark.py; --resume keeps the run's)")
     diffusion.add_argument("--snr_gamma", type=float, default=None,
-                           help="min-SNR-gamma loss weighting (Hang et al. 2023; new runs: their 5); 0: none, Ho et al.'s L_simple; "
-                                "--resume keeps the run's")
+                           help=f"min-SNR-gamma loss weighting (Hang et al. 2023); 0: none, Ho et al.'s L_simple (new runs: {F.snr_gamma:g}; "
+                                "--resume keeps the run's)")
     diffusion.add_argument("--variance", default=None, choices=VARIANCES,
-                           help="the ddpm sampler's sigma_t^2: fixed_small (posterior, default) or fixed_large (beta_t, Ho et al.'s CIFAR-10 "
-                                "numbers); training and --import_diffusers record it in the checkpoint, sampling overrides the checkpoint's")
+                           help=f"the ddpm sampler's sigma_t^2: fixed_small (posterior) or fixed_large (beta_t, Ho et al.'s CIFAR-10 numbers); "
+                                f"training records it in the checkpoint (default: {F.variance}), sampling overrides the checkpoint's")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=100)
+    train.add_argument("--epochs", type=int, default=T.epochs)
     train.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    train.add_argument("--batch_size", type=int, default=128, help="per process and micro-batch")
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--p_uncond", type=float, default=0.1, help="probability of training on the null label (--conditional)")
-    train.add_argument("--log_interval", type=int, default=100, help="steps between logged losses")
+    train.add_argument("--batch_size", type=int, default=T.batch_size, help="per process and micro-batch")
+    train.add_argument("--lr", type=float, default=T.lr)
+    train.add_argument("--p_uncond", type=float, default=T.p_uncond, help="probability of training on the null label (--conditional)")
+    train.add_argument("--log_interval", type=int, default=T.log_interval, help="steps between logged losses")
     train.add_argument("--eval_every", type=int, default=None,
-                       help="epochs between validation and test losses (default: every epoch, or fewer where they would take over 5%% of the time)")
-    train.add_argument("--sample_every", type=int, default=10, help="epochs between sample grids (0: never)")
+                       help="epochs between losses on the whole validation and test splits (they are taken every epoch on fixed subsets "
+                            "that cost under 5%% of the time, and on the whole splits at the end)")
+    train.add_argument("--sample_every", type=int, default=T.sample_every, help="epochs between sample grids (0: never)")
     train.add_argument("--save_model", action="store_true", help="write checkpoints to <models_dir>/<run_name>/")
-    train.add_argument("--save_every", type=int, default=10, help="epochs between kept snapshots ckpt_epochNNNN.pt")
-    train.add_argument("--save_every_steps", type=int, default=0, help="also refresh ckpt.pt every N steps (0: at epoch ends only)")
-    train.add_argument("--keep_checkpoints", type=int, default=3, help="how many ckpt_epochNNNN.pt snapshots to keep")
+    train.add_argument("--save_every", type=int, default=T.save_every, help="epochs between kept snapshots ckpt_epochNNNN.pt")
+    train.add_argument("--save_every_steps", type=int, default=T.save_every_steps, help="also refresh ckpt.pt every N steps (0: at epoch ends only)")
+    train.add_argument("--keep_checkpoints", type=int, default=T.keep_checkpoints, help="how many ckpt_epochNNNN.pt snapshots to keep")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue a run from <models_dir>/<run_name>/ckpt.pt, or from the given checkpoint")
-    train.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "lion"))
-    train.add_argument("--weight_decay", type=float, default=0.0)
-    train.add_argument("--beta1", type=float, default=0.9)
-    train.add_argument("--beta2", type=float, default=0.999)
+    train.add_argument("--optimizer", default=T.optimizer, choices=("adamw", "adam", "lion"))
+    train.add_argument("--weight_decay", type=float, default=T.weight_decay)
+    train.add_argument("--beta1", type=float, default=T.beta1)
+    train.add_argument("--beta2", type=float, default=T.beta2)
     train.add_argument("--warmup_steps", type=int, default=None,
-                       help="linear learning-rate warm-up (default: 5%% of the planned steps, at most Ho et al.'s 5000)")
-    train.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine", "step"))
-    train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+                       help="linear learning-rate warm-up (derived: 5%% of the planned steps, at most Ho et al.'s 5000)")
+    train.add_argument("--lr_schedule", default=T.lr_schedule, choices=("constant", "cosine", "step"))
+    train.add_argument("--grad_clip", type=float, default=T.grad_clip, help="clip the gradient norm (0: off)")
+    train.add_argument("--grad_accum", type=int, default=T.grad_accum, help="micro-batches per optimizer step")
     train.add_argument("--ema_decay", type=float, default=None,
-                       help="fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; default: an EMA whose "
+                       help="fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; derived: an EMA whose "
                             "half-life is 5%% of the steps so far, at most 0.9999's, as EDM's ramp-up)")
     train.add_argument("--no_ema", action="store_true", help="evaluate and sample with the raw weights instead of the EMA")
-    train.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+    train.add_argument("--amp", default=T.amp, choices=("auto", "bf16", "fp16", "none"),
                        help="mixed precision of the network, in training and sampling (auto: bf16 on GPUs that support it, else none)")
     train.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on recent GPUs)")
-    train.add_argument("--logger", default="jsonl", choices=("jsonl", "tensorboard"),
+    train.add_argument("--logger", default=T.logger, choices=("jsonl", "tensorboard"),
                        help="jsonl: the metrics JSON lines only; tensorboard: also TensorBoard events in <save_dir>/tensorboard/<run_name>")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the network, for training or sampling (faster after a one-off compilation of a minute or more)")
@@ -125,14 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model_path", default=None, help="checkpoint to sample from (default: <models_dir>/<run_name>/ckpt.pt)")
     sampling.add_argument("--num_samples", type=int, default=None,
-                          help="images to sample (default: 64; training grids: 16, or two per class)")
+                          help=f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class)")
     sampling.add_argument("--sample_classes", default=None, help='classes to sample, as indices or names: "0,1,2" or "cat,dog"')
-    sampling.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger")
-    sampling.add_argument("--sampler", default=None, choices=SAMPLERS, help="default: ddpm; training grids: dpm++2m")
+    sampling.add_argument("--guidance_scale", type=float, default=S.guidance_scale,
+                          help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger")
+    sampling.add_argument("--sampler", default=None, choices=SAMPLERS, help=f"(default: {S.sampler}; training grids: {TRAINING_GRID_SAMPLER})")
     sampling.add_argument("--sampling_steps", type=int, default=None,
                           help="network evaluations (default: all timesteps for ddpm, 50 otherwise; training grids: 20)")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
-    sampling.add_argument("--guidance_rescale", type=float, default=0.0,
+    sampling.add_argument("--eta", type=float, default=S.eta, help="DDIM noise: 0 deterministic, 1 ancestral")
+    sampling.add_argument("--guidance_rescale", type=float, default=S.guidance_rescale,
                           help="rescale guided predictions to the conditional one's std, 0 (off) to 1 (Lin et al. 2023)")
     sampling.add_argument("--guidance_interval", default=None, metavar="LO,HI",
                           help="guide only at noise levels LO < sigma_t <= HI, plain conditional elsewhere (Kynkaanniemi et al. 2024)")
@@ -253,19 +274,14 @@ def select_device(args: argparse.Namespace) -> str:
 
 # From flags to configuration: each flag is read here once and goes to one field.
 
-INFERENCE_SAMPLES = 64  # --num_samples of --inference and --compare_checkpoints
-GRID_SAMPLER, GRID_STEPS = "dpm++2m", 20  # training grids: a fast sampler (see the README's sampler table)
-
 
 def sampling_config(args: argparse.Namespace, training: bool = False) -> SamplingConfig:
-    """The sampling flags; for training grids a fast default sampler, so that grids cost little of a run."""
-    sampler, steps = args.sampler or "ddpm", args.sampling_steps
-    if training and args.sampler is None:
-        sampler = GRID_SAMPLER
-        steps = min(GRID_STEPS, args.timesteps) if args.sampling_steps is None else args.sampling_steps
-    return SamplingConfig(sampler=sampler, steps=steps, eta=args.eta, guidance_scale=args.guidance_scale,
-                          guidance_rescale=args.guidance_rescale, guidance_interval=parse_guidance_interval(args.guidance_interval),
-                          variance=args.variance, amp=args.amp)
+    """The sampling flags; for training grids a fast default sampler (SamplingConfig.for_training_grids)."""
+    flags = dict(steps=args.sampling_steps, eta=args.eta, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+                 guidance_interval=parse_guidance_interval(args.guidance_interval), variance=args.variance, amp=args.amp)
+    if training:
+        return SamplingConfig.for_training_grids(args.timesteps, sampler=args.sampler, **flags)
+    return SamplingConfig(**flags, **({"sampler": args.sampler} if args.sampler else {}))
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:
@@ -278,13 +294,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                           dropout=args.dropout, conditional=args.conditional),
         diffusion=DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule, loss_type=args.loss_type,
                                   prediction_type=args.prediction_type, snr_gamma=args.snr_gamma,
-                                  variance=args.variance or "fixed_small"),
+                                  **({"variance": args.variance} if args.variance else {})),
         train=TrainConfig(
             run_name=args.run_name, save_dir=args.save_dir, models_dir=args.models_dir, seed=args.seed, epochs=args.epochs,
             max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, optimizer=args.optimizer,
             weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, warmup_steps=args.warmup_steps,
             lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, grad_accum=args.grad_accum, ema_decay=args.ema_decay,
-            sample_with_ema=not args.no_ema, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+            use_ema=not args.no_ema, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
             log_interval=args.log_interval, eval_every=args.eval_every, sample_every=args.sample_every, num_samples=args.num_samples,
             save_model=args.save_model, save_every=args.save_every, save_every_steps=args.save_every_steps,
             keep_checkpoints=args.keep_checkpoints, resume=args.resume, logger=args.logger),
@@ -293,28 +309,31 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run_training(args: argparse.Namespace) -> None:
-    from ddpm_train import load_resume_checkpoint, train
-
+    """Train, holding the run's folder (ddpm_checkpoint.RunLock) so that no second process trains the same run."""
     config = run_config(args)
     device = select_device(args)
-    resume = load_resume_checkpoint(config)
-    config = with_objective(config, resume[1]["config"] if resume is not None else None)
-    data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
-                         channels=config.data.channels, val_fraction=config.data.val_fraction)
-    if resume is not None and resume[1]["data"]["channels"] != data.channels:
-        saved = resume[1]["data"]["channels"]
-        raise UsageError(f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "
-                         f"(add --channels {saved})")
-    try:
-        UNet(in_channels=data.channels, image_size=data.image_size, **config.model.unet_kwargs(data.image_size))
-    except ValueError as error:
-        raise UsageError(f"this model does not fit {data.image_size}x{data.image_size} images: {error}") from None
-    rt = setup_runtime(device)
-    try:
-        train(config, data, rt, resume)
-    finally:
-        if rt.world_size > 1:
-            dist.destroy_process_group()
+    holds_folder = int(os.environ.get("RANK", "0")) == 0 and (config.train.save_model or config.train.resume is not None)
+    with RunLock(Path(config.train.models_dir) / config.train.run_name, enabled=holds_folder):
+        resume = load_resume_checkpoint(config)
+        config = with_objective(config, resume[1]["config"] if resume is not None else None)
+        data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
+                             channels=config.data.channels, val_fraction=config.data.val_fraction)
+        if resume is not None and resume[1]["data"]["channels"] != data.channels:
+            saved = resume[1]["data"]["channels"]
+            raise UsageError(f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "
+                             f"(add --channels {saved})")
+        try:
+            UNet(in_channels=data.channels, image_size=data.image_size, **config.model.unet_kwargs(data.image_size))
+        except ValueError as error:
+            raise UsageError(f"this model does not fit {data.image_size}x{data.image_size} images: {error}") from None
+        from ddpm_train import train  # the training loop's imports are not needed to sample
+
+        runtime = setup_runtime(device)
+        try:
+            train(config, data, runtime, resume)
+        finally:
+            if runtime.world_size > 1:
+                dist.destroy_process_group()
 
 
 def checkpoint_path(args: argparse.Namespace) -> Path:
@@ -324,23 +343,23 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 def run_sampling(args: argparse.Namespace) -> None:
     """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's."""
-    rt = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
+    runtime = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
     model_path = checkpoint_path(args)
     common = dict(seed=args.seed, batch_size=args.batch_size, save_dir=Path(args.save_dir), use_ema=not args.no_ema, compile=args.compile)
     try:
         if args.compare_checkpoints:
-            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), rt, num_samples=args.num_samples or INFERENCE_SAMPLES,
+            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
                                       **common)
         elif args.evaluate:
-            run_evaluation(model_path, sampling_config(args), rt, num_samples=args.fid_num_samples, features=args.fid_features,
+            run_evaluation(model_path, sampling_config(args), runtime, num_samples=args.fid_num_samples, features=args.fid_features,
                            guidance_sweep=parse_scales(args.guidance_sweep) if args.guidance_sweep else None,
                            data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
         else:
-            run_inference(model_path, sampling_config(args), rt, num_samples=args.num_samples or INFERENCE_SAMPLES,
+            run_inference(model_path, sampling_config(args), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
                           sample_classes=args.sample_classes,
                           require_conditional=args.conditional, **common)
     finally:
-        if rt.world_size > 1:
+        if runtime.world_size > 1:
             dist.destroy_process_group()
 
 

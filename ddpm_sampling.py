@@ -9,7 +9,6 @@ seed gives the same images whatever the number of processes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,61 +16,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ddpm_config import SamplingConfig
+from ddpm_checkpoint import LoadedModel, load_model
+from ddpm_config import SamplingConfig, UsageError
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import Runtime, UsageError, autocast_dtype, gather_rows, load_checkpoint, save_image_grid, save_json, save_samples, shard, to_uint8
 from ddpm_model import UNet
+from ddpm_outputs import save_image_grid, save_json, save_samples, to_uint8
+from ddpm_runtime import Runtime, autocast_dtype, gather_rows, shard
 
 NOISE_SEED_STRIDE = 1_000_003  # batch b of a run with seed s draws its noise from seed s + b * this
-
-
-@dataclass
-class LoadedModel:
-    """A checkpoint's network (EMA or raw weights) and diffusion, ready to sample."""
-
-    model: UNet
-    diffusion: Diffusion
-    checkpoint: dict
-    path: Path
-    use_ema: bool
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        data = self.checkpoint["data"]
-        return data["channels"], data["image_size"], data["image_size"]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.checkpoint["data"]["class_names"]
-
-    @property
-    def conditional(self) -> bool:
-        return bool(self.checkpoint["conditional"])
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        """The classes of a conditional model; None for an unconditional one."""
-        return len(self.class_names) if self.conditional else None
-
-    @property
-    def step(self) -> Optional[int]:
-        return self.checkpoint.get("train_state", {}).get("step")
-
-
-def load_model(path: str | Path, device: str, use_ema: bool = True, compile: bool = False) -> LoadedModel:
-    """The network (the EMA weights unless use_ema is false or the checkpoint has none) and diffusion of a
-    checkpoint; with `compile`, torch.compile'd in place (compiled at the first batch, again for a new shape)."""
-    checkpoint = load_checkpoint(path)
-    if "model_config" not in checkpoint or "model" not in checkpoint:
-        raise UsageError(f"{path} has no model in it")
-    use_ema = use_ema and checkpoint.get("ema") is not None
-    model = UNet(**checkpoint["model_config"])
-    model.load_state_dict(checkpoint["ema"] if use_ema else checkpoint["model"])
-    model = model.to(device).eval()
-    if compile:
-        model.compile()
-    diffusion = Diffusion(**checkpoint["diffusion"]).to(device)
-    return LoadedModel(model, diffusion, checkpoint, Path(path), use_ema)
 
 
 def check_sampling_steps(steps: Optional[int], loaded: LoadedModel) -> None:
@@ -98,7 +50,7 @@ def every_class_in_turn(num_classes: Optional[int], count: int) -> Optional[torc
 
 
 def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int], count: int, labels: Optional[torch.Tensor],
-             settings: SamplingConfig, seed: int, batch_size: int, rt: Runtime, desc: str = "generating") -> torch.Tensor:
+             settings: SamplingConfig, seed: int, batch_size: int, runtime: Runtime, desc: str = "generating") -> torch.Tensor:
     """`count` samples of `model` as uint8 (N, H, W, C), on every rank, in batches of `batch_size`.
 
     Batch b draws all its noise from its own generator, seeded with seed + b * NOISE_SEED_STRIDE, so the
@@ -106,31 +58,31 @@ def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int
     a contiguous share of the batches, gathered in order) give the same images, and the first batch is
     what `Diffusion.sample` gives with a generator seeded with `seed`. The model's train/eval mode is kept.
     """
-    amp_dtype = autocast_dtype(settings.amp, rt.device)
+    amp_dtype = autocast_dtype(settings.amp, runtime.device)
     network = model if amp_dtype is None else AutocastNetwork(model, amp_dtype)
     starts = range(0, count, batch_size)
-    sizes = {index: min(batch_size, count - starts[index]) for index in shard(len(starts), rt)}
+    sizes = {index: min(batch_size, count - starts[index]) for index in shard(len(starts), runtime)}
     samples = []
-    desc = desc if rt.world_size == 1 else f"{desc} (rank 0's share of {rt.world_size})"
-    with tqdm(total=sum(sizes.values()), desc=desc, unit="img", disable=not rt.is_main, leave=False) as bar:
+    desc = desc if runtime.world_size == 1 else f"{desc} (rank 0's share of {runtime.world_size})"
+    with tqdm(total=sum(sizes.values()), desc=desc, unit="img", disable=not runtime.is_main, leave=False) as bar:
         for index, size in sizes.items():
             begin = starts[index]
             images = diffusion.sample(
-                network, (size, *image_shape), labels=None if labels is None else labels[begin: begin + size].to(rt.device),
+                network, (size, *image_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
                 guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
                 steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
-                device=rt.device, progress=rt.is_main, guidance_rescale=settings.guidance_rescale,
+                device=runtime.device, progress=runtime.is_main, guidance_rescale=settings.guidance_rescale,
                 guidance_interval=settings.guidance_interval, variance=settings.variance)
             samples.append(to_uint8(images))
             bar.update(size)
     local = torch.cat(samples) if samples else torch.zeros((0, *image_shape[1:], image_shape[0]), dtype=torch.uint8)
-    return gather_rows(local, rt)
+    return gather_rows(local, runtime)
 
 
 def generate_from(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplingConfig, seed: int,
-                  batch_size: int, rt: Runtime, desc: str = "generating") -> torch.Tensor:
+                  batch_size: int, runtime: Runtime, desc: str = "generating") -> torch.Tensor:
     """`generate` for a loaded checkpoint."""
-    return generate(loaded.model, loaded.diffusion, loaded.image_shape, count, labels, settings, seed, batch_size, rt, desc)
+    return generate(loaded.model, loaded.diffusion, loaded.description.image_shape, count, labels, settings, seed, batch_size, runtime, desc)
 
 
 def parse_sample_classes(text: str, class_names: list[str], num_samples: int) -> list[int]:
@@ -150,40 +102,40 @@ def parse_sample_classes(text: str, class_names: list[str], num_samples: int) ->
     return [classes[i % len(classes)] for i in range(num_samples)]
 
 
-def run_inference(model_path: Path, settings: SamplingConfig, rt: Runtime, *, num_samples: int, sample_classes: Optional[str],
+def run_inference(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, num_samples: int, sample_classes: Optional[str],
                   require_conditional: bool, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
                   compile: bool = False) -> None:
     """--inference: sample from a checkpoint, everything about the model coming from the checkpoint; write
     grid.png, one PNG per sample, samples.npz and samples.json to `save_dir`. Under torchrun every rank
     samples its share of the batches and rank 0 writes them all."""
-    loaded = load_model(model_path, str(rt.device), use_ema, compile)
-    if not loaded.conditional and (require_conditional or sample_classes):
+    loaded = load_model(model_path, str(runtime.device), use_ema, compile)
+    if not loaded.description.conditional and (require_conditional or sample_classes):
         flag = "--sample_classes" if sample_classes else "--conditional"
         raise UsageError(f"{flag} needs a class-conditional model, but {model_path} is unconditional")
     labels = None
-    if loaded.conditional:
-        text = sample_classes or ",".join(str(i) for i in range(len(loaded.class_names)))
-        labels = torch.tensor(parse_sample_classes(text, loaded.class_names, num_samples))
+    if loaded.description.conditional:
+        text = sample_classes or ",".join(str(i) for i in range(len(loaded.description.class_names)))
+        labels = torch.tensor(parse_sample_classes(text, loaded.description.class_names, num_samples))
     check_sampling_steps(settings.steps, loaded)
-    channels, size, _ = loaded.image_shape
-    if rt.is_main:
+    channels, size, _ = loaded.description.image_shape
+    if runtime.is_main:
         print(f"sampling {num_samples} images of {channels}x{size}x{size} from {model_path} "
               f"({'EMA' if loaded.use_ema else 'raw'} weights, {settings.sampler}"
               f"{', guidance ' + str(settings.guidance_scale) if labels is not None else ''}"
-              f"{f', {rt.world_size} processes' if rt.world_size > 1 else ''})")
-    pixels = generate_from(loaded, num_samples, labels, settings, seed, batch_size, rt, desc="sampling")
-    if not rt.is_main:
+              f"{f', {runtime.world_size} processes' if runtime.world_size > 1 else ''})")
+    pixels = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, desc="sampling")
+    if not runtime.is_main:
         return
     images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
     save_image_grid(images, save_dir / "grid.png")
     save_samples(images, labels, save_dir)
     save_json({"model_path": str(model_path), "num_samples": num_samples, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-               **sampling_record(settings, rt, guided=labels is not None, diffusion=loaded.diffusion),
-               "classes": None if labels is None else [loaded.class_names[i] for i in labels.tolist()]}, save_dir / "samples.json")
+               **sampling_record(settings, runtime, guided=labels is not None, diffusion=loaded.diffusion),
+               "classes": None if labels is None else [loaded.description.class_names[i] for i in labels.tolist()]}, save_dir / "samples.json")
     print(f"wrote {save_dir / 'grid.png'}, {num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
 
 
-def sampling_record(settings: SamplingConfig, rt: Runtime, guided: bool, diffusion: Diffusion, resolve_steps: bool = False) -> dict:
+def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, diffusion: Diffusion, resolve_steps: bool = False) -> dict:
     """The sampling settings as a results file records them (guidance only where labels were sampled, the variance
     where the ancestral sampler ran); with `resolve_steps`, the number of sampling steps resolved to what ran."""
     return {
@@ -191,7 +143,7 @@ def sampling_record(settings: SamplingConfig, rt: Runtime, guided: bool, diffusi
         "sampling_steps": settings.resolved_steps(diffusion.num_timesteps) if resolve_steps else settings.steps,
         "variance": (settings.variance or diffusion.variance) if settings.sampler == "ddpm" else None,
         "eta": settings.eta,
-        "network_autocast": str(autocast_dtype(settings.amp, rt.device) or "float32"),
+        "network_autocast": str(autocast_dtype(settings.amp, runtime.device) or "float32"),
         "guidance_scale": settings.guidance_scale if guided else None,
         "guidance_rescale": settings.guidance_rescale if guided else None,
         "guidance_interval": list(settings.guidance_interval) if guided and settings.guidance_interval else None,

@@ -3,16 +3,15 @@
     python scripts/benchmark.py --device cpu --batch_size 16 --compare --out bench_cpu.json
     python scripts/benchmark.py --device cuda --batch_size 128 --amp bf16 --compile --channels_last --compare
 
-Training images/s times the tool's training step (ddpm_train.train_step's work: Diffusion.p_losses
-under autocast, backward, gradient clipping, the non-finite check, the optimizer ddpm_train builds)
-on random images already on the device, so the figure is the model's and the optimizer's, not the
-data pipeline's. Sampling is timed per network evaluation and for a whole sampler run. Every figure
+Training images/s times the tool's own training step (ddpm_train.train_step: Diffusion.p_losses under
+autocast, backward, gradient clipping, the non-finite check, the optimizer ddpm_optim builds) on random
+images already on the device, so the figure is the model's and the optimizer's, not the data pipeline's;
+the comparison models run through the same step. Sampling is timed per network evaluation and for a whole sampler run. Every figure
 is the median of --repeats timed rounds after --warmup untimed steps; the first warm-up step's time
 is reported as `first_step_s` (with --compile it holds the compilation).
 
---compare adds diffusers' UNet2DModel built to the same architecture as the preset (same widths,
-blocks, attention resolutions and FiLM time conditioning: parameter counts agree to 0.01% for
-`ddpm`) and denoising-diffusion-pytorch's Unet of the same width and multipliers (its own block
+--compare adds diffusers' UNet2DModel built to the same architecture as the preset by the mapping of
+--export_diffusers (ddpm_diffusers.unet2d_config: parameter counts agree exactly) and denoising-diffusion-pytorch's Unet of the same width and multipliers (its own block
 design). Both are optional, never dependencies of the tool. They run the way their own training
 examples do: the same autocast as ours, no compile, default memory format. The models take turns within
 each round (ours, theirs, ...), and each ratio is the median of the per-round ratios, so that background
@@ -20,7 +19,6 @@ load drifting on a shared machine hits every model alike.
 """
 import argparse
 import json
-import math
 import platform
 import resource
 import statistics
@@ -35,11 +33,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tool's modules live one level up
 
-from ddpm_config import TrainConfig  # noqa: E402
-from ddpm_diffusion import SAMPLERS, Diffusion  # noqa: E402
-from ddpm_helpers import autocast_dtype, enable_tf32  # noqa: E402
+from ddpm_diffusion import Diffusion  # noqa: E402
+from ddpm_config import DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig  # noqa: E402
+from ddpm_data import DataSplits, Split  # noqa: E402
+from ddpm_diffusers import unet2d_config  # noqa: E402
 from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
-from ddpm_train import apply_update, build_optimizer  # noqa: E402
+from ddpm_optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from ddpm_runtime import Runtime, autocast_dtype, enable_tf32  # noqa: E402
+from ddpm_samplers import SAMPLERS  # noqa: E402
+from ddpm_sampling import generate  # noqa: E402
+from ddpm_train import EpochData, TrainState, build_run, train_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
 # GPU's name; an unknown GPU gets no MFU figure rather than a guessed one.
@@ -72,7 +75,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 class NoisePredictor(nn.Module):
-    """Gives another library's U-Net our call signature model(x, t, labels) -> predicted noise."""
+    """Gives another library's U-Net our call signature model(x, t, labels) -> predicted noise (unconditional)."""
+
+    null_label = None  # what the tool's training step and sampling path read of an unconditional network
 
     def __init__(self, net: nn.Module, returns_output_object: bool):
         super().__init__()
@@ -84,27 +89,15 @@ class NoisePredictor(nn.Module):
         return out.sample if self.returns_output_object else out
 
 
-def diffusers_unet(config: dict, image_size: int, in_channels: int = 3, num_class_embeds: Optional[int] = None) -> Optional[nn.Module]:
-    """diffusers' UNet2DModel with our preset's layout: the same widths, blocks per level (decoder one more),
-    attention resolutions and heads, and scale-shift (FiLM) time conditioning; with `num_class_embeds`, a class
-    embedding added to the time embedding, as ours. None if not installed."""
+def diffusers_unet(model_config: dict) -> Optional[nn.Module]:
+    """diffusers' UNet2DModel built to our network's architecture by ddpm_diffusers.unet2d_config (the mapping
+    --export_diffusers uses: same widths, blocks, attention, time conditioning and class embedding). None if
+    diffusers is not installed."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
         return None
-    resolutions = [image_size // 2**level for level in range(len(config["dim_mults"]))]
-    attention = [res in config["attn_resolutions"] for res in resolutions]
-    widths = tuple(config["base_dim"] * mult for mult in config["dim_mults"])
-    net = UNet2DModel(
-        sample_size=image_size, in_channels=in_channels, out_channels=in_channels, block_out_channels=widths,
-        layers_per_block=config["num_res_blocks"], dropout=config["dropout"],
-        norm_num_groups=math.gcd(32, config["base_dim"]),  # ours: gcd(32, channels) groups per norm
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        attention_head_dim=widths[-1] // config["num_heads"] if config["num_heads"] > 1 else None,
-        resnet_time_scale_shift="scale_shift" if config["film"] else "default", num_class_embeds=num_class_embeds,
-    )
-    return NoisePredictor(net, returns_output_object=True)
+    return NoisePredictor(UNet2DModel(**unet2d_config(model_config)), returns_output_object=True)
 
 
 def lucidrains_unet(config: dict) -> Optional[nn.Module]:
@@ -120,10 +113,11 @@ def lucidrains_unet(config: dict) -> Optional[nn.Module]:
 def build_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list[str]]:
     """Ours, plus the comparison models that are installed; also the notes on those that are not."""
     config = preset_config(args.model_size, args.image_size)
-    models: dict[str, nn.Module] = {f"ours ({args.model_size})": UNet(in_channels=3, image_size=args.image_size, **config)}
+    ours = UNet(in_channels=3, image_size=args.image_size, **config)
+    models: dict[str, nn.Module] = {f"ours ({args.model_size})": ours}
     notes = []
     if args.compare:
-        for name, package, net in (("diffusers UNet2DModel", "diffusers", diffusers_unet(config, args.image_size)),
+        for name, package, net in (("diffusers UNet2DModel", "diffusers", diffusers_unet(ours.config)),
                                    ("denoising-diffusion-pytorch Unet", "denoising-diffusion-pytorch", lucidrains_unet(config))):
             if net is None:
                 notes.append(f"{name} skipped: `pip install {package}` to compare")
@@ -158,21 +152,22 @@ def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def train_step_fn(model: nn.Module, diffusion: Diffusion, args: argparse.Namespace, device: torch.device,
-                  memory_format: torch.memory_format) -> Callable[[], None]:
-    """One training step doing the work of ddpm_train.train_step (grad_accum 1, unconditional)."""
-    optimizer = build_optimizer(TrainConfig(optimizer="adamw", lr=2e-4), model)
-    amp_dtype = autocast_dtype(args.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    x0 = (torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device) * 2 - 1).contiguous(memory_format=memory_format)
+def train_step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> Callable[[], None]:
+    """The tool's own training step (ddpm_train.train_step, with its optimizer, autocast and non-finite skip) on a
+    run of random images already on the device, with `model` as the run's network."""
+    config = RunConfig(model=ModelConfig(preset=args.model_size), diffusion=DiffusionConfig(timesteps=args.timesteps),
+                       train=TrainConfig(batch_size=args.batch_size, amp=args.amp, channels_last=memory_format == torch.channels_last))
+    runtime = Runtime(device)
+    images = torch.randint(0, 256, (args.batch_size * 4, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    labels = torch.zeros(len(images), dtype=torch.int64, device=device)
+    data = DataSplits(Split(images, labels), Split(images[:1], labels[:1]), Split(images[:1], labels[:1]), ["image"], 3, args.image_size)
+    run = build_run(config, data, runtime, TrainState())
+    run.model, run.optimizer = model, build_optimizer(config.train, model)
+    run.scheduler = build_lr_scheduler(run.optimizer, run.warmup_steps, run.total_steps, config.train.lr_schedule)
+    order = torch.arange(args.batch_size, device=device)
 
     def step() -> None:
-        t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), device=device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = diffusion.p_losses(model, x0, t)
-        scaler.scale(loss).backward()
-        apply_update(model, optimizer, scaler, loss.detach(), grad_clip=1.0)
+        train_step(run, EpochData(iter([(0, order)]), images, labels, hflip=False))
 
     return step
 
@@ -191,14 +186,16 @@ def eval_fn(model: nn.Module, args: argparse.Namespace, device: torch.device, me
     return evaluate
 
 
-def sampler_fn(model: nn.Module, diffusion: Diffusion, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
-    """A whole sampler run of --sampling_steps evaluations for a batch, as ddpm_main.py --inference does."""
-    amp_dtype = autocast_dtype(args.amp, device)
+def sampler_fn(model: nn.Module, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """A whole sampler run of --sampling_steps evaluations for a batch, through the one sampling path of --inference
+    (ddpm_sampling.generate, with --amp as the network's autocast)."""
+    diffusion = Diffusion(args.timesteps).to(device)
+    settings = SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, amp=args.amp)
+    runtime = Runtime(device)
 
     def sample() -> None:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            diffusion.sample(model, (args.batch_size, 3, args.image_size, args.image_size), sampler=args.sampler,
-                             steps=args.sampling_steps, device=device, progress=False)
+        generate(model, diffusion, (3, args.image_size, args.image_size), args.batch_size, None, settings, seed=0,
+                 batch_size=args.batch_size, runtime=runtime, desc="benchmark")
 
     return sample
 
@@ -287,7 +284,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
     models, notes = build_models(args)
     ours = next(iter(models))
-    diffusion = Diffusion(args.timesteps).to(device)
     memory_formats = {name: torch.channels_last if args.channels_last and name == ours else torch.contiguous_format for name in models}
     runnable = {}
     for name, model in models.items():
@@ -296,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     flops = {name: forward_flops(model, args.image_size, device) for name, model in models.items()}
 
     results = {name: {"model": name, "params": count_parameters(model), "gflop_per_image_forward": flops[name] / 1e9} for name, model in models.items()}
-    train_fns = {name: train_step_fn(model, diffusion, args, device, memory_formats[name]) for name, model in runnable.items()}
+    train_fns = {name: train_step_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}
     for name, fn in train_fns.items():  # the first step (compilation, autotuning) and peak memory, one model at a time
         weights = sum(p.numel() * p.element_size() for p in models[name].parameters())
         held_by_others = memory_in_use(device) - weights  # the other models' weights and optimizer states
@@ -309,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for model in runnable.values():
         model.eval()
     eval_s = interleaved_timings({name: eval_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}, args, device)
-    sampler_s = interleaved_timings({ours: sampler_fn(runnable[ours], diffusion, args, device)}, args, device)
+    sampler_s = interleaved_timings({ours: sampler_fn(runnable[ours], args, device)}, args, device)
 
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for name, r in results.items():

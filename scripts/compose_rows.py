@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from ddpm_helpers import save_labelled_rows  # noqa: E402
+from ddpm_outputs import save_labelled_rows  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -17,7 +17,7 @@ learning rate and steps:
   without warm-up, EMA or LR decay, and class-conditional through `num_class_embeds` with a null class.
 
 Then it draws --num_samples guided images (every class in turn) from each with one sampler, the tool's
-`Diffusion.sample` (--sampler, --sampling_steps, --guidance_scale), and reports: class accuracy by a small
+sampling path `ddpm_sampling.generate` (--sampler, --sampling_steps, --guidance_scale), and reports: class accuracy by a small
 CNN trained on the real training digits (its accuracy on the real test digits is printed), the Frechet
 distance between that CNN's 64-d features of the samples and of the real test digits, and the training wall
 time. Writes quality_benchmark.json and quality_benchmark.md to --out.
@@ -39,7 +39,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int, epochs: 
 @torch.no_grad()
 def judge(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, reference_features: np.ndarray) -> dict:
     """Class accuracy and the Frechet distance of the classifier's features to the reference's."""
-    from ddpm_evaluate import feature_statistics, frechet_distance
+    from ddpm_metrics import feature_statistics, frechet_distance
 
     features, logits = classifier(to_float(images))
     mu, sigma = feature_statistics(features.double().numpy())
@@ -160,24 +160,25 @@ def sample_labels(count: int) -> torch.Tensor:
     return torch.arange(count) % NUM_CLASSES
 
 
-def draw(network: Callable, diffusion, null_label: int, channels: int, args: argparse.Namespace) -> np.ndarray:
-    """The one sampler every row uses: the tool's Diffusion.sample (of the network's prediction type), guided, from
-    the same seed. A model that turned the grey digits into RGB (the tool before 1-channel folders) is judged on
-    the mean of its channels."""
-    images = diffusion.sample(
-        network, (args.num_samples, channels, args.image_size, args.image_size), labels=sample_labels(args.num_samples),
-        guidance_scale=args.guidance_scale, null_label=null_label, sampler=args.sampler, steps=args.sampling_steps,
-        generator=torch.Generator().manual_seed(args.seed), progress=False).mean(dim=1, keepdim=True)
-    return ((images.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8).numpy()
+def draw(network: nn.Module, diffusion, channels: int, args: argparse.Namespace) -> np.ndarray:
+    """The one sampler every row uses: the tool's sampling path (ddpm_sampling.generate, as --inference draws), guided,
+    from the same seed, with the network's own prediction type. A model that turned the grey digits into RGB (the
+    tool before 1-channel folders) is judged on the mean of its channels."""
+    from ddpm_config import SamplingConfig
+    from ddpm_runtime import Runtime
+    from ddpm_sampling import generate
+
+    settings = SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, guidance_scale=args.guidance_scale)
+    pixels = generate(network, diffusion, (channels, args.image_size, args.image_size), args.num_samples, sample_labels(args.num_samples),
+                      settings, args.seed, args.num_samples, Runtime(torch.device("cpu")), desc="benchmark samples")
+    return pixels.float().mean(dim=-1, keepdim=True).round().to(torch.uint8).permute(0, 3, 1, 2).numpy()
 
 
 def train_ours(steps: int, flags: str, data_dir: Path, work: Path, args: argparse.Namespace) -> tuple:
-    """The tool's real training path; returns (its EMA network, its Diffusion, null label, channels, wall seconds,
-    start-up report, share of the run outside optimizer steps from its metrics log)."""
+    """The tool's real training path; returns (its EMA network, its Diffusion, channels, wall seconds, start-up report,
+    share of the run outside optimizer steps from its metrics log)."""
     import ddpm_main
-    from ddpm_diffusion import Diffusion
-    from ddpm_helpers import load_checkpoint
-    from ddpm_model import UNet
+    from ddpm_checkpoint import load_model
 
     command = (f"--dataset folder --data_dir {data_dir} --image_size {args.image_size} {args.model_flags} --conditional "
                f"--batch_size {args.batch_size} --lr {args.lr} --max_steps {steps} --seed {args.seed} --device cpu "
@@ -192,27 +193,34 @@ def train_ours(steps: int, flags: str, data_dir: Path, work: Path, args: argpars
     metrics = [json.loads(line) for line in (work / "outputs/metrics_run.jsonl").read_text().splitlines()]
     timing = [line for line in metrics if line["kind"] == "end"]  # the whole run's split, written as it ends
     outside = timing[-1]["seconds_outside_steps"] / (timing[-1]["seconds_in_steps"] + timing[-1]["seconds_outside_steps"]) if timing else None
-    checkpoint = load_checkpoint(work / "models/run/ckpt.pt")
-    model = UNet(**checkpoint["model_config"])
-    model.load_state_dict(checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"])
+    loaded = load_model(work / "models/run/ckpt.pt")
     report = printed.getvalue() + (f"\nshare of the run outside optimizer steps: {outside:.1%}" if outside is not None else "")
-    return model.eval(), Diffusion(**checkpoint["diffusion"]), model.null_label, model.in_channels, seconds, report, outside
+    return loaded.model, loaded.diffusion, loaded.description.image_shape[0], seconds, report, outside
 
 
-def diffusers_network(model_flags: str, image_size: int):
-    """diffusers' UNet2DModel with the layout the tool's flags give (scripts/benchmark.py's mapping), 1 channel,
-    conditional on 10 classes plus a null class."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import benchmark
+class DiffusersNetwork(nn.Module):
+    """diffusers' UNet2DModel with the tool's call signature model(x, t, labels) and its null label (the last class)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.null_label = net, NUM_CLASSES
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.net(x, t, class_labels=labels).sample
+
+
+def diffusers_network(model_flags: str, image_size: int) -> DiffusersNetwork:
+    """diffusers' UNet2DModel with the layout the tool's flags give (ddpm_diffusers.unet2d_config, the export's mapping),
+    1 channel, conditional on 10 classes plus a null class."""
+    from diffusers import UNet2DModel
 
     import ddpm_main
-    from ddpm_model import preset_config
+    from ddpm_diffusers import unet2d_config
+    from ddpm_model import UNet
 
-    parsed = ddpm_main.build_parser().parse_args(shlex.split(model_flags))
-    config = preset_config(parsed.model_size, image_size)
-    config.update({name: getattr(parsed, name) for name in ("base_dim", "dim_mults", "num_res_blocks", "attn_resolutions", "dropout")
-                   if getattr(parsed, name) is not None})
-    return benchmark.diffusers_unet(config, image_size, in_channels=1, num_class_embeds=NUM_CLASSES + 1).net
+    config = ddpm_main.run_config(ddpm_main.build_parser().parse_args(shlex.split(model_flags))).model
+    ours = UNet(in_channels=1, image_size=image_size, num_classes=NUM_CLASSES, **config.unet_kwargs(image_size))
+    return DiffusersNetwork(UNet2DModel(**unet2d_config(ours.config)))
 
 
 def train_diffusers(steps: int, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> tuple:
@@ -238,14 +246,14 @@ def train_diffusers(steps: int, images: np.ndarray, labels: np.ndarray, args: ar
         y = torch.where(torch.rand(len(y)) < 0.1, NUM_CLASSES, y)  # classifier-free guidance's null class
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (len(x0),))
-        loss = F.mse_loss(net(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
+        loss = F.mse_loss(net(scheduler.add_noise(x0, noise, t), t, y), noise)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
     seconds = time.perf_counter() - started
     net.eval()
-    return (lambda x, t, y: net(x, t, class_labels=y).sample), Diffusion(1000, "linear"), NUM_CLASSES, 1, seconds, "", None
+    return net, Diffusion(1000, "linear"), 1, seconds, "", None
 
 
 # ----------------------------------------------------------------------------- the table
@@ -276,13 +284,12 @@ def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, da
     classifier.load_state_dict(classifier_state)
     classifier.eval()
     if trainer == "diffusers":
-        network, diffusion, null_label, channels, seconds, report, outside = train_diffusers(steps, *splits["train"], args)
+        network, diffusion, channels, seconds, report, outside = train_diffusers(steps, *splits["train"], args)
     else:
         flags = args.equal_flags if trainer == "ours" else args.defaults_flags
-        network, diffusion, null_label, channels, seconds, report, outside = train_ours(steps, flags, data_dir, out / f"{trainer}_{steps}",
-                                                                                         args)
+        network, diffusion, channels, seconds, report, outside = train_ours(steps, flags, data_dir, out / f"{trainer}_{steps}", args)
     with torch.no_grad():
-        samples = draw(network, diffusion, null_label, channels, args)
+        samples = draw(network, diffusion, channels, args)
     row = {"steps": steps, "trainer": trainer, "train_seconds": seconds, "outside_steps_share": outside,
            **judge(classifier, samples, sample_labels(args.num_samples).numpy(), test_features)}
     size, rows = args.image_size, max(1, min(4, args.num_samples // NUM_CLASSES))  # one column per class

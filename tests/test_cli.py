@@ -13,7 +13,7 @@ import torch
 
 import ddpm_main
 from conftest import REPO, run_cli as run, write_grey_folder
-from ddpm_helpers import load_checkpoint
+from ddpm_checkpoint import load_checkpoint
 
 TINY = "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 --log_interval 1 --num_samples 4"
 
@@ -39,8 +39,11 @@ def test_training_writes_checkpoint_history_metrics_and_images(workspace):
     assert checkpoint["train_state"]["step"] == 3
     history = json.loads((workspace / "out_U/loss_history_U.json").read_text())
     assert set(history) >= {"train_loss", "val_loss", "test_loss", "epochs"}
-    assert len(history["epochs"]) == 1 and 0 < history["epochs"][0] < 1, "a partial epoch cut by --max_steps gets its entry"
+    assert (history["epochs"], history["steps"]) == ([0], [3]), "a partial epoch cut by --max_steps gets its entry"
     assert all(np.isfinite(history[key][0]) for key in ("train_loss", "val_loss", "test_loss"))
+    assert history["eval_examples"] == [363], "1.5 x 5% of an epoch of 303 steps x 16 images, per split"
+    [full] = history["full"]
+    assert (full["step"], full["at"]) == (3, "end") and np.isfinite(full["val_loss"]) and full["val_loss"] != history["val_loss"][0]
     lines = (workspace / "out_U/metrics_U.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["step", "step", "step", "epoch", "end"]
     assert (workspace / "out_U/loss_curve_U.png").stat().st_size > 0
@@ -57,10 +60,10 @@ def test_conditional_checkpoint_knows_its_classes(workspace):
 def test_validation_loss_is_deterministic_for_fixed_weights(workspace):
     """Two evaluations of the same weights give the same number, so loss curves compare across epochs."""
     from ddpm_diffusion import Diffusion
-    from ddpm_helpers import load_datasets
+    from ddpm_data import load_datasets
     from ddpm_model import UNet
-    from ddpm_helpers import Runtime
-    from ddpm_train import evaluate
+    from ddpm_runtime import Runtime
+    from ddpm_evaluate import evaluation_loss as evaluate
 
     checkpoint = load_checkpoint(workspace / "models/C/ckpt.pt")
     model = UNet(**checkpoint["model_config"])
@@ -233,7 +236,7 @@ def test_guidance_sweep_script_makes_one_labelled_image(workspace):
     from PIL import Image
 
     with Image.open(workspace / "sweep/guidance_sweep.png") as image:
-        assert image.height == 2 * 16 and image.width > 3 * 16
+        assert image.height == 2 * 64 and image.width > 3 * 64, "16-pixel images shown 4x: at least 64 px wide"
     unguided = np.load(workspace / "sweep/scale_0/samples.npz")
     guided = np.load(workspace / "sweep/scale_3/samples.npz")
     assert unguided["labels"].tolist() == guided["labels"].tolist() == [2, 2, 2]

@@ -12,10 +12,10 @@ import torch
 
 from conftest import run_cli as run, write_cifar10
 from ddpm_diffusers import unet2d_config
-from ddpm_diffusion import AncestralSampler, DDIMSampler, Diffusion
-from ddpm_helpers import load_checkpoint, save_checkpoint
+from ddpm_diffusion import Diffusion
+from ddpm_checkpoint import load_checkpoint, load_model, save_checkpoint
 from ddpm_model import UNet, count_parameters, preset_config
-from ddpm_sampling import load_model
+from ddpm_samplers import AncestralSampler, DDIMSampler
 
 diffusers = pytest.importorskip("diffusers")
 

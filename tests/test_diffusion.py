@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from ddpm_diffusion import SCHEDULES, Diffusion, evenly_spaced_timesteps, make_beta_schedule
+from ddpm_diffusion import SCHEDULES, Diffusion, make_beta_schedule
+from ddpm_samplers import evenly_spaced_timesteps
 
 
 @pytest.fixture(autouse=True)
@@ -134,7 +135,7 @@ def test_posterior_coefficients_match_ho_et_al_eq_7():
 @pytest.mark.parametrize("step,earlier", [(400, 399), (400, 250), (999, 0)])
 def test_posterior_is_the_true_conditional_of_the_forward_chain(step, earlier):
     """Simulate x_s ~ q(x_s | x_0), then x_t ~ q(x_t | x_s); regressing x_s on x_t must give the posterior."""
-    from ddpm_diffusion import posterior
+    from ddpm_samplers import posterior
 
     diffusion = Diffusion(1000, "linear")
     generator = torch.Generator().manual_seed(0)
@@ -222,7 +223,7 @@ def test_ddim_error_shrinks_with_more_steps():
 
 
 def test_log_snr_spacing_gives_distinct_timesteps_for_any_count():
-    from ddpm_diffusion import log_snr_spaced_timesteps
+    from ddpm_samplers import log_snr_spaced_timesteps
 
     alphas_cumprod = Diffusion(1000, "linear").alphas_cumprod
     for steps in (2, 10, 50, 300, 1000):
@@ -233,7 +234,7 @@ def test_log_snr_spacing_gives_distinct_timesteps_for_any_count():
 
 def test_log_snr_spacing_starts_the_cosine_schedule_below_its_clipped_end():
     """The cosine schedule's clipped last betas send lambda to about -9.9; without DPM_LAMBDA_MIN, 8 of 20 steps sat at t >= 992."""
-    from ddpm_diffusion import DPM_LAMBDA_MIN, log_snr_spaced_timesteps
+    from ddpm_samplers import DPM_LAMBDA_MIN, log_snr_spaced_timesteps
 
     alphas_cumprod = Diffusion(1000, "cosine").alphas_cumprod.double()
     timesteps = log_snr_spaced_timesteps(alphas_cumprod, 20)
@@ -502,7 +503,7 @@ def test_sampling_steps_never_wait_for_the_device(tensor_reads, sampler):
 
 def as_prediction(diffusion: Diffusion, eps_model, prediction_type: str):
     """The network of `prediction_type` that stands for the noise predictor eps_model (exactly, in float64)."""
-    from ddpm_diffusion import x0_from_eps
+    from ddpm_samplers import x0_from_eps
 
     def network(x, t, labels):
         eps = eps_model(x, t, labels).double()

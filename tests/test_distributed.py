@@ -17,11 +17,15 @@ import torch.multiprocessing as mp
 from conftest import REPO, run_cli
 from PIL import Image
 
+import ddpm_checkpoint
 import ddpm_main
 from ddpm_diffusion import Diffusion
-from ddpm_helpers import Runtime, load_checkpoint, load_datasets
+from ddpm_checkpoint import load_checkpoint
+from ddpm_data import load_datasets
+from ddpm_runtime import Runtime, check_replicas_identical
 from ddpm_model import UNet
-from ddpm_train import EVAL_SEEDS, check_replicas_identical, evaluate
+from ddpm_evaluate import evaluation_loss as evaluate
+from ddpm_train import EVAL_SEEDS
 
 TINY = ("--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
         "--warmup_steps 1 --log_interval 1 --num_samples 6 --sampler ddim --sampling_steps 5 --device cpu")
@@ -76,8 +80,8 @@ def test_two_processes_train_and_end_with_identical_weights(run_dir):
 
 
 def test_only_rank_zero_writes_and_writes_once(run_dir):
-    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == ["best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors"], \
-        "no temporary files left"
+    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == [".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors"], \
+        "no temporary files left (rank 0 holds the run lock)"
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert all(len(values) == 1 for values in history.values()), history
     kinds = [json.loads(line)["kind"] for line in (run_dir / "out/metrics_D.jsonl").read_text().splitlines()]
@@ -114,7 +118,7 @@ def test_resume_with_another_number_of_processes(run_dir):
     steps_left = (train_examples // 16 * 16 - STEPS * 2 * 16) // 16
     assert load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["step"] == STEPS + steps_left
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
-    assert history["epochs"] == [1] and history["steps"] == [STEPS + steps_left], "the partial epoch's entry is replaced"
+    assert history["epochs"] == [0] and history["steps"] == [STEPS + steps_left], "the partial epoch's entry is replaced"
 
 
 def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_dir):
@@ -141,13 +145,13 @@ def test_each_rank_samples_only_its_share_of_the_batches(run_dir, monkeypatch):
     import ddpm_sampling
     from ddpm_config import SamplingConfig
 
-    loaded = ddpm_sampling.load_model(run_dir / "models/D/ckpt.pt", "cpu")
+    loaded = ddpm_checkpoint.load_model(run_dir / "models/D/ckpt.pt", "cpu")
     settings = SamplingConfig(sampler="ddim", steps=3, guidance_scale=2.0)
-    labels = ddpm_sampling.every_class_in_turn(len(loaded.class_names), 5)
+    labels = ddpm_sampling.every_class_in_turn(len(loaded.description.class_names), 5)
     generate = lambda rank, world_size: ddpm_sampling.generate_from(  # noqa: E731
-        loaded, 5, labels, settings, seed=5, batch_size=2, rt=Runtime(torch.device("cpu"), rank, world_size))
+        loaded, 5, labels, settings, seed=5, batch_size=2, runtime=Runtime(torch.device("cpu"), rank, world_size))
     everything = generate(0, 1)
-    monkeypatch.setattr(ddpm_sampling, "gather_rows", lambda rows, rt: rows)  # each rank's own share, not gathered
+    monkeypatch.setattr(ddpm_sampling, "gather_rows", lambda rows, runtime: rows)  # each rank's own share, not gathered
     assert torch.equal(generate(0, 2), everything[:2])
     assert torch.equal(generate(1, 2), everything[2:])
 
@@ -177,7 +181,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 def test_readme_torchrun_commands_use_known_flags():
     parser = ddpm_main.build_parser()
-    commands = [line.split("ddpm_main.py", 1)[1] for line in (REPO / "README.md").read_text().splitlines() if line.startswith("torchrun ")]
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    commands = [line.split("ddpm_main.py", 1)[1] for page in pages for line in page.read_text().splitlines() if line.startswith("torchrun ")]
     assert len(commands) >= 3
     for command in commands:
         parser.parse_args(shlex.split(command))

@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 import ddpm_evaluate
+import ddpm_metrics
 from conftest import run_cli as run
-from ddpm_evaluate import (FEATURE_EXTRACTORS, INCEPTION_FILE, RandomConvFeatures, classify_synthetic, feature_statistics,
+from ddpm_metrics import (FEATURE_EXTRACTORS, INCEPTION_FILE, RandomConvFeatures, classify_synthetic, feature_statistics,
                            frechet_distance, inception_score, load_inception)
-from ddpm_helpers import SYNTHETIC_CLASS_NAMES, load_checkpoint, load_datasets, save_checkpoint
+from ddpm_checkpoint import load_checkpoint, save_checkpoint
+from ddpm_data import SYNTHETIC_CLASS_NAMES, load_datasets
 from ddpm_model import UNet, preset_config
 
 FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2"
@@ -179,7 +181,7 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(workspa
     with np.load(cache) as stats:
         mu, sigma, count = stats["mu"], stats["sigma"], stats["num_images"]
     np.savez(cache, mu=mu + 1.0, sigma=sigma, num_images=count)  # a cache that is read must change the FID
-    monkeypatch.setattr(ddpm_evaluate, "load_datasets", lambda *args, **kwargs: pytest.fail("the data set was loaded again"))
+    monkeypatch.setattr(ddpm_metrics, "load_datasets", lambda *args, **kwargs: pytest.fail("the data set was loaded again"))
     assert run(f"{command} --save_dir cache_2", workspace) == 0
     np.savez(cache, mu=mu, sigma=sigma, num_images=count)
     first, second = (read_json(workspace / name / "evaluation.json")["fid"] for name in ("cache_1", "cache_2"))
@@ -257,14 +259,14 @@ def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, 
     grids = sorted((workspace / "sweep").glob("guidance_class*.png"))
     assert len(grids) == len(names)
     with Image.open(workspace / f"sweep/guidance_class3_{names[3]}.png") as grid:
-        assert grid.height == 2 * 16  # one row per scale
+        assert grid.height == 2 * 64  # one row per scale, 16-pixel images shown at 64
 
 
 # KID, precision/recall, --fid_ref, the ADM evaluator's samples.npz
 
 
 def test_kid_and_precision_recall_separate_shifted_sets_and_not_identical_ones():
-    from ddpm_evaluate import kernel_inception_distance, precision_recall
+    from ddpm_metrics import kernel_inception_distance, precision_recall
 
     rng = np.random.default_rng(0)
     real, fake = rng.standard_normal((300, 8)), rng.standard_normal((300, 8))
@@ -342,10 +344,10 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
     assert read_json(workspace / "compare/checkpoint_comparison.json")["training_steps"] == [3, 10]
     with Image.open(workspace / "compare/checkpoint_comparison.png") as image:
         pixels = np.asarray(image.convert("RGB"))
-    assert pixels.shape[0] == 2 * 16
-    image_columns = slice(pixels.shape[1] - 2 * 16, None)
+    assert pixels.shape[0] == 2 * 64, "one row per checkpoint, 16-pixel images shown at 64"
+    image_columns = slice(pixels.shape[1] - 2 * 64, None)
     # Identical weights under two step numbers: identical rows, so every row starts from the same noise.
-    assert np.array_equal(pixels[:16, image_columns], pixels[16:, image_columns])
+    assert np.array_equal(pixels[:64, image_columns], pixels[64:, image_columns])
 
 
 # Bad input

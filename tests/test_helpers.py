@@ -10,8 +10,11 @@ import torchvision
 from PIL import Image
 
 from conftest import IMAGE_FOLDER_COLOURS, write_grey_folder
-from ddpm_helpers import (SYNTHETIC_CLASS_NAMES, UsageError, load_checkpoint, load_datasets, save_checkpoint,
-                          save_image_grid, save_json, save_samples, seed_everything, to_uint8)
+from ddpm_checkpoint import load_checkpoint, save_checkpoint
+from ddpm_config import UsageError
+from ddpm_data import SYNTHETIC_CLASS_NAMES, load_batch, load_datasets
+from ddpm_outputs import display_scale, save_image_grid, save_json, save_samples, to_uint8
+from ddpm_runtime import seed_everything
 
 
 class NotATensor:
@@ -30,6 +33,12 @@ def usage_error(call, *args, **kwargs) -> str:
 def served(value) -> torch.Tensor:
     """A uint8 value as the data sets serve it, in [-1, 1]."""
     return torch.as_tensor(value, dtype=torch.float32) / 127.5 - 1
+
+
+def first_served(split) -> tuple[torch.Tensor, int]:
+    """The first image and label of a split as the training loop serves them (ddpm_data.load_batch, flips included)."""
+    images, labels = load_batch(split.images, split.labels, torch.tensor([0]), split.hflip, torch.device("cpu"))
+    return images[0], int(labels[0])
 
 
 def fixture_indices(dataset) -> list[int]:
@@ -60,7 +69,7 @@ def test_cifar10_decodes_the_rgb_planes_labels_and_class_names(cifar10_dir):
             assert torch.equal(split.images[position], expected_cifar_image(index))
             assert split.labels[position] == index % 10
     index = fixture_indices(data.val)[0]
-    image, label = data.val[0]
+    image, label = first_served(data.val)
     assert image.dtype == torch.float32 and label == index % 10
     assert torch.equal(image[:, 5, 7], served([index, 255 - index, 8 * 7]))
 
@@ -79,13 +88,13 @@ def test_cifar10_val_is_a_fixed_tenth_of_train_and_test_is_test_batch(cifar10_di
 def test_hflip_flips_only_training_images_and_only_when_enabled(cifar10_dir):
     data = load_datasets("cifar10", cifar10_dir, download=False)
     torch.manual_seed(0)
-    train_flips = [is_flipped(data.train[0][0]) for _ in range(64)]
+    train_flips = [is_flipped(first_served(data.train)[0]) for _ in range(64)]
     assert any(train_flips) and not all(train_flips)
     torch.manual_seed(0)
-    assert [is_flipped(data.train[0][0]) for _ in range(64)] == train_flips
-    assert not any(is_flipped(split[0][0]) for split in (data.val, data.test) for _ in range(64))
+    assert [is_flipped(first_served(data.train)[0]) for _ in range(64)] == train_flips
+    assert not any(is_flipped(first_served(split)[0]) for split in (data.val, data.test) for _ in range(64))
     unflipped = load_datasets("cifar10", cifar10_dir, hflip=False, download=False)
-    assert not any(is_flipped(unflipped.train[0][0]) for _ in range(64))
+    assert not any(is_flipped(first_served(unflipped.train)[0]) for _ in range(64))
 
 
 def test_image_size_resizes_every_split_at_load_time(cifar10_dir):
@@ -130,7 +139,7 @@ def test_mnist_style_data_sets_read_the_idx_files(name, folder_fixture, first_cl
     assert (data.channels, data.image_size, data.class_names[0], data.train.hflip) == (1, 28, first_class, False)
     assert sorted(fixture_indices(data.test)) == list(range(100, 110))
     index = fixture_indices(data.val)[0]
-    image, label = data.val[0]
+    image, label = first_served(data.val)
     assert image.shape == (1, 28, 28) and label == index % 10
     assert torch.equal(image[0], served(index + 4 * torch.arange(28)).expand(28, 28))
 
@@ -306,16 +315,22 @@ def test_save_samples_writes_one_png_each_and_an_npz(tmp_path, channels, labels)
     assert np.array_equal(png, saved["images"][1].squeeze(-1) if channels == 1 else saved["images"][1])
 
 
-@pytest.mark.parametrize("nrow, width, height", [(None, 4 * 10 + 2, 3 * 10 + 2), (5, 5 * 10 + 2, 2 * 10 + 2)])
-def test_save_image_grid_lays_out_padded_rows(tmp_path, nrow, width, height):
-    """torchvision pads every 8x8 image by 2 pixels; ten images make 4 per row (ceil(sqrt(10))) by default."""
+@pytest.mark.parametrize("nrow, width, height", [(None, 4 * 66 + 2, 3 * 66 + 2), (5, 5 * 66 + 2, 2 * 66 + 2)])
+def test_save_image_grid_lays_out_padded_rows_of_images_enlarged_to_64_pixels(tmp_path, nrow, width, height):
+    """8x8 images are shown 8x (nearest neighbour: 64 px), and torchvision pads each by 2 pixels; ten images make 4 per
+    row (ceil(sqrt(10))) by default."""
     images = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     save_image_grid(images, tmp_path / "grids" / "grid.png", nrow=nrow)
     grid = np.array(Image.open(tmp_path / "grids" / "grid.png").convert("RGB"))
     assert grid.shape == (height, width, 3)
-    first_image = grid[2:10, 2:10].astype(int)
-    assert np.abs(first_image - to_uint8(images)[0].numpy()).max() <= 1
+    first_image = grid[2:66, 2:66].astype(int)
+    native = to_uint8(images)[0].numpy().astype(int)
+    assert np.abs(first_image - native.repeat(8, axis=0).repeat(8, axis=1)).max() <= 1, "each pixel an 8x8 block"
     assert os.listdir(tmp_path / "grids") == ["grid.png"]
+
+
+def test_images_of_64_pixels_or_more_are_not_enlarged():
+    assert [display_scale(width) for width in (8, 16, 28, 32, 63, 64, 256)] == [8, 4, 3, 2, 2, 1, 1]
 
 
 def test_save_json_creates_folders_and_indents(tmp_path):

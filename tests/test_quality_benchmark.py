@@ -31,7 +31,7 @@ def test_the_judge_knows_real_digits():
 
 def test_smoke_run_writes_a_row_per_trainer_and_budget(tmp_path):
     out = tmp_path / "bench"
-    argv = ["--budgets", "2,3", "--rows", "ours,diffusers", "--image_size", "8", "--batch_size", "16", "--model_flags", "--model_size tiny",
+    argv = ["--budgets", "2,3", "--rows", "ours,diffusers", "--image_size", "8", "--batch_size", "16", "--model_flags", "--model_size tiny --base_dim 32",
             "--num_samples", "10", "--sampling_steps", "2", "--classifier_epochs", "2", "--out", str(out)]
     assert quality_benchmark.main(argv) == 0
     report = json.loads((out / "quality_benchmark.json").read_text())

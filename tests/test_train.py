@@ -13,8 +13,9 @@ import torch
 
 import ddpm_diffusion
 from conftest import REPO, run_cli
-from ddpm_helpers import load_checkpoint, save_checkpoint
-from ddpm_train import EMA, EMA_HALFLIFE_RATIO, EMA_MAX_DECAY, derived_warmup, evaluation_interval, lr_multiplier
+from ddpm_checkpoint import load_checkpoint, save_checkpoint
+from ddpm_train import MIN_EVAL_EXAMPLES, evaluation_subset_size
+from ddpm_optim import EMA, EMA_HALFLIFE_RATIO, EMA_MAX_DECAY, derived_warmup, lr_multiplier
 
 # 4,860 synthetic training images at batch 256: 18 steps per epoch.
 FAST = (
@@ -43,7 +44,10 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     assert not weights_equal(halfway["model"], resumed["model"])
     history = {name: json.loads((tmp_path / f"out/loss_history_{name}.json").read_text()) for name in ("straight", "split")}
     assert history["straight"] == history["split"]
-    assert history["straight"]["epochs"][0] == 1 and 1 < history["straight"]["epochs"][1] < 2
+    straight = history["straight"]
+    assert (straight["epochs"], straight["steps"]) == ([0, 1], [18, 24]), "one entry per epoch, the last one cut short"
+    assert all(math.isfinite(straight[key][i]) for key in ("train_loss", "val_loss", "test_loss") for i in (0, 1))
+    assert [(entry["step"], entry["at"]) for entry in straight["full"]] == [(18, "every"), (24, "end")]
 
 
 def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
@@ -137,7 +141,7 @@ def test_a_process_killed_mid_write_leaves_the_old_checkpoint_loadable(tmp_path)
     killer = f"""
 import os, signal, sys, torch
 sys.path.insert(0, {str(REPO)!r})
-import ddpm_helpers
+import ddpm_checkpoint
 
 def dying_save(obj, f):
     f.write(b"PK\\x03\\x04 half a checkpoint")
@@ -145,7 +149,7 @@ def dying_save(obj, f):
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = dying_save
-ddpm_helpers.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r})
+ddpm_checkpoint.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r})
 """
     for _ in range(3):  # killed again and again: one temporary at most, never a growing pile
         result = subprocess.run([sys.executable, "-c", killer], capture_output=True, timeout=120)
@@ -165,8 +169,8 @@ def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
     (run_dir / "notes.tmp").write_text("not the tool's")
     (run_dir / f"ckpt.pt.tmp-{os.getpid()}").write_bytes(b"a live writer's")
     assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name K --resume", tmp_path) == 0
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors", "notes.tmp",
-                                                                f"ckpt.pt.tmp-{os.getpid()}"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors",
+                                                                "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}"])
 
 
 def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
@@ -274,7 +278,7 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     run_dir = tmp_path / "models/K"
     assert sorted(p.name for p in run_dir.glob("ckpt_epoch*.pt")) == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
     history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
-    assert history["epochs"] == [1, 2, 3]
+    assert history["epochs"] == [0, 1, 2]
     best_epoch = int(np.argmin(history["val_loss"]))
     assert load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1] == history["val_loss"][best_epoch]
     assert (tmp_path / "outputs/progression_K.png").exists()
@@ -285,7 +289,7 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     assert run_cli(f"{FAST} --epochs 4 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K "
                    "--resume", tmp_path) == 0
     history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
-    assert history["epochs"] == [1, 2, 3, 4]
+    assert history["epochs"] == [0, 1, 2, 3]
     resumed = load_checkpoint(run_dir / "ckpt.pt")["train_state"]
     assert resumed["best_val_loss"] == min(history["val_loss"]), "ckpt.pt must carry the best validation loss so far"
     assert load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1] == min(history["val_loss"])
@@ -339,11 +343,11 @@ def test_the_default_ema_has_a_half_life_of_a_twentieth_of_the_steps_so_far():
     assert ema.module.weight.item() == pytest.approx(1e-4)
 
 
-def test_warmup_and_evaluation_interval_follow_the_run():
+def test_warmup_and_evaluation_subset_follow_the_run():
     assert [derived_warmup(steps) for steps in (20, 600, 1200, 800_000)] == [1, 30, 60, 5000]
-    assert evaluation_interval(eval_examples=15_000, epoch_examples=45_000) == 3  # CIFAR-10: 5,000 val + 10,000 test
-    assert evaluation_interval(eval_examples=450, epoch_examples=1344) == 3  # the benchmark's digits, no validation split
-    assert evaluation_interval(eval_examples=10, epoch_examples=45_000) == 1
+    assert evaluation_subset_size(45_000) == 3375  # CIFAR-10: 2 x 3,375 forward passes ~ 5% of an epoch's 45,000 steps' work
+    assert evaluation_subset_size(1344) == 100  # the benchmark's digits
+    assert evaluation_subset_size(64) == MIN_EVAL_EXAMPLES
 
 
 def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_split(tmp_path, capsys):
@@ -363,19 +367,19 @@ def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_spl
     from PIL import Image
 
     with Image.open(tmp_path / "out/samples_D_epoch0003.png") as grid:  # 20 images, 5 per row
-        assert grid.size == (2 + 5 * 10, 2 + 4 * 10)
+        assert grid.size == (2 + 5 * (64 + 2), 2 + 4 * (64 + 2)), "8x8 images enlarged to 64 px"
 
 
 def test_no_validation_split_means_no_validation_loss_and_no_best_checkpoint(tmp_path):
     assert run_cli(f"{FAST} --max_steps 2 --val_fraction 0 --save_model --run_name N --save_dir out", tmp_path) == 0
     history = json.loads((tmp_path / "out/loss_history_N.json").read_text())
     assert math.isnan(history["val_loss"][-1]) and math.isfinite(history["test_loss"][-1])
-    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == ["ckpt.pt", "ckpt.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == [".lock", "ckpt.pt", "ckpt.safetensors"]
 
 
 def test_lion_follows_its_update_rule():
     """Chen et al. 2023, Alg. 2: p <- p (1 - lr wd) - lr sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g."""
-    from ddpm_train import Lion
+    from ddpm_optim import Lion
 
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
     optimizer = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
