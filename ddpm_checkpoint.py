@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import pickle
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -213,6 +214,47 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def empty_history() -> dict:
+    """The loss history: one entry per epoch (`epochs` counts from 0; a last epoch cut short by --max_steps has its
+    entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
+    subsets (`eval_examples`); `full` lists the losses on the whole splits, at the end and at --eval_every."""
+    return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
+
+
+@dataclass
+class TrainState:
+    """Where a run is, in plain values, so that it can be saved and restored exactly."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    epoch_position: int = 0  # examples of the current epoch already used
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    nonfinite_skipped: int = 0
+    best_val_loss: float = math.inf
+    history: dict = field(default_factory=empty_history)
+    progression: list = field(default_factory=list)  # (label, uint8 images) rows of the progression image
+
+
+def restored_state(checkpoint: Optional[dict]) -> TrainState:
+    """The checkpoint's TrainState (a fresh one without a checkpoint). What the saved run wrote only because it ended
+    there (the entry of an epoch it cut short, its losses on the full splits) is dropped: the resumed run writes it
+    again when it gets there, so a resumed history equals a straight run's."""
+    if checkpoint is None:
+        return TrainState()
+    state = TrainState(**checkpoint["train_state"])
+    history = empty_history() | state.history
+    for key in ("eval_examples",):  # what a checkpoint of an earlier version did not record per entry
+        history[key] = history[key] or [None] * len(history["epochs"])
+    if state.epoch_position > 0 and history["steps"] and history["steps"][-1] == state.step:
+        for key, values in history.items():
+            if key != "full":
+                values.pop()
+    history["full"] = [entry for entry in history["full"] if not (entry["step"] == state.step and entry["at"] == "end")]
+    state.history = history
     return state
 
 

@@ -3,15 +3,15 @@
 `ddpm_main.py` parses and validates the flags and builds these; everything below it takes them (or
 plain keyword arguments), never argparse's Namespace. A checkpoint stores `RunConfig.to_dict()`, a
 versioned plain dict, so a resumed run reads back what was asked for and nothing that was found out
-at run time (the device, the number of processes: those live in `ddpm_helpers.Runtime`).
+at run time (the device, the number of processes: those live in `ddpm_runtime.Runtime`).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-from ddpm_samplers import default_steps
 from ddpm_model import preset_config
+from ddpm_samplers import default_steps
 
 
 class UsageError(Exception):

@@ -41,7 +41,7 @@ EVAL_CHUNK = 250  # evaluation noise is seeded per chunk of this many examples, 
 
 
 def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_dir: Path, pngs: bool = False) -> None:
-    """samples.npz (ADM's layout, see ddpm_helpers.save_sample_arrays), grid.png of the first images and, with
+    """samples.npz (ADM's layout, see ddpm_outputs.save_sample_arrays), grid.png of the first images and, with
     `pngs`, every image as samples/NNNNN.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_sample_arrays(images.numpy(), None if labels is None else labels.long().numpy(), out_dir / "samples.npz")

@@ -17,8 +17,18 @@ import torch
 import torch.distributed as dist
 
 from ddpm_checkpoint import RunLock, load_resume_checkpoint
-from ddpm_config import (INFERENCE_SAMPLES, TRAINING_GRID_SAMPLER, DataConfig, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, UsageError,
-                         with_objective)
+from ddpm_config import (
+    INFERENCE_SAMPLES,
+    TRAINING_GRID_SAMPLER,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    TrainConfig,
+    UsageError,
+    with_objective,
+)
 from ddpm_data import DATASETS, load_datasets
 from ddpm_diffusers import export_diffusers, import_diffusers
 from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES

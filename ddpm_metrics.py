@@ -182,7 +182,7 @@ def precision_recall(features: np.ndarray, reference: np.ndarray) -> dict:
 def classify_synthetic(images: torch.Tensor) -> torch.Tensor:
     """Class of synthetic images (uint8, N x 3 x H x W), -1 where nothing is drawn.
 
-    Each synthetic class has its own colour (ddpm_helpers.SYNTHETIC_CLASSES), so the mean colour of the
+    Each synthetic class has its own colour (ddpm_data.SYNTHETIC_CLASSES), so the mean colour of the
     bright pixels (the object; the background stays below about 60) names the class. Shapes are not checked.
     """
     pixels = images.float()

@@ -7,7 +7,7 @@ The pieces it uses each have their own module: the optimizers, LR schedule and E
 (ddpm_data), checkpoints and resume (ddpm_checkpoint), the metrics log (ddpm_logging), the sampling path of the
 grids (ddpm_sampling), processes and signals (ddpm_runtime). Everything a run needs to continue bit-identically
 (weights, EMA, optimizer, LR schedule, grad scaler, position in the data order, loss history, random states) goes
-into its checkpoint (`checkpoint_state`).
+into its checkpoint (ddpm_checkpoint.checkpoint_state).
 """
 from __future__ import annotations
 
@@ -23,7 +23,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ddpm_checkpoint import copy_checkpoint, prune_snapshots, remove_stale_temporaries, restore_run, save_run_checkpoint
+from ddpm_checkpoint import (
+    TrainState,
+    copy_checkpoint,
+    prune_snapshots,
+    remove_stale_temporaries,
+    restore_run,
+    restored_state,
+    save_run_checkpoint,
+)
 from ddpm_config import RunConfig, UsageError
 from ddpm_data import DataSplits, epoch_batches, load_batch
 from ddpm_diffusion import Diffusion, drop_labels
@@ -41,28 +49,6 @@ MIN_EVAL_EXAMPLES = 32  # ... but are never taken on fewer examples per split th
 MAX_NONFINITE_STEPS = 20  # this many non-finite losses in a row stop the run
 GRID_IMAGES = 16  # images per sample grid of an unconditional model (two per class for a conditional one)
 PROGRESSION_COLUMNS = 8  # samples per row of the progression image
-
-
-def empty_history() -> dict:
-    """The loss history: one entry per epoch (`epochs` counts from 0; a last epoch cut short by --max_steps has its
-    entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
-    subsets (`eval_examples`); `full` lists the losses on the whole splits, at the end and at --eval_every."""
-    return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
-
-
-@dataclass
-class TrainState:
-    """Where a run is, in plain values, so that it can be saved and restored exactly."""
-
-    step: int = 0
-    epoch: int = 0  # epochs completed
-    epoch_position: int = 0  # examples of the current epoch already used
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    nonfinite_skipped: int = 0
-    best_val_loss: float = math.inf
-    history: dict = field(default_factory=empty_history)
-    progression: list = field(default_factory=list)  # (label, uint8 images) rows of the progression image
 
 
 @dataclass
@@ -132,25 +118,6 @@ def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optiona
             run_epoch(run, stop)
             end_epoch(run)
     return finish_training(run)
-
-
-def restored_state(checkpoint: Optional[dict]) -> TrainState:
-    """The checkpoint's TrainState (a fresh one without a checkpoint). What the saved run wrote only because it ended
-    there (the entry of an epoch it cut short, its losses on the full splits) is dropped: the resumed run writes it
-    again when it gets there, so a resumed history equals a straight run's."""
-    if checkpoint is None:
-        return TrainState()
-    state = TrainState(**checkpoint["train_state"])
-    history = empty_history() | state.history
-    for key in ("eval_examples",):  # what a checkpoint of an earlier version did not record per entry
-        history[key] = history[key] or [None] * len(history["epochs"])
-    if state.epoch_position > 0 and history["steps"] and history["steps"][-1] == state.step:
-        for key, values in history.items():
-            if key != "full":
-                values.pop()
-    history["full"] = [entry for entry in history["full"] if not (entry["step"] == state.step and entry["at"] == "end")]
-    state.history = history
-    return state
 
 
 def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: TrainState) -> TrainingRun:
