@@ -265,8 +265,8 @@ class Diffusion:
 
         `model(x, t, labels)` is any network that predicts `prediction_type` (eps unless told otherwise); its
         train/eval mode is left as it is.
-        `steps` network evaluations (default: all T for ddpm, 50 for ddim and dpm++2m), at
-        evenly spaced timesteps (log-SNR spaced for dpm++2m). Noise is drawn from `generator` (on its own device) so a
+        `steps` network evaluations (default: all T for ddpm, 50 for the others), at
+        evenly spaced timesteps (log-SNR spaced for dpm++2m and dpm++3m). Noise is drawn from `generator` (on its own device) so a
         seed gives the same images on any device. `variance` overrides the ancestral sampler's (see VARIANCES).
         """
         solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised, variance=variance)
