@@ -219,6 +219,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def level_resolutions(image_size: int, dim_mults: tuple[int, ...], attn_resolutions: tuple[int, ...],
+                      num_classes: int | None) -> list[int]:
+    """The feature-map size of each U-Net level, after checking that the arguments describe a U-Net."""
+    num_levels = len(dim_mults)
+    if num_levels == 0:
+        raise ValueError("dim_mults must have at least one entry")
+    if image_size % 2 ** (num_levels - 1):
+        raise ValueError(f"image_size {image_size} must be divisible by {2 ** (num_levels - 1)} "
+                         f"for {num_levels} U-Net levels (dim_mults={tuple(dim_mults)})")
+    resolutions = [image_size // 2**level for level in range(num_levels)]
+    for res in attn_resolutions:
+        if res not in resolutions:
+            raise ValueError(f"attention resolution {res} is not a feature-map size of this U-Net; choose from {resolutions}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be positive or None, got {num_classes}")
+    return resolutions
+
+
 class UNet(nn.Module):
     """Noise predictor eps_theta(x_t, t, y) of Ho et al. 2020, optionally class-conditional.
 
@@ -226,35 +244,12 @@ class UNet(nn.Module):
     classifier-free guidance, Ho & Salimans 2022); forward(x, t) without labels uses it.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        image_size: int = 32,
-        base_dim: int = 128,
-        dim_mults: tuple[int, ...] = (1, 2, 2, 2),
-        num_res_blocks: int = 2,
-        attn_resolutions: tuple[int, ...] = (16,),
-        dropout: float = 0.1,
-        num_classes: int | None = None,
-        num_heads: int = 1,
-        film: bool = True,
-        norm_eps: float = 1e-5,
-        tf_padding: bool = False,
-    ):
+    def __init__(self, in_channels: int = 3, image_size: int = 32, base_dim: int = 128, dim_mults: tuple[int, ...] = (1, 2, 2, 2),
+                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
+                 num_classes: int | None = None, num_heads: int = 1, film: bool = True, norm_eps: float = 1e-5, tf_padding: bool = False):
         super().__init__()
+        resolutions = level_resolutions(image_size, dim_mults, attn_resolutions, num_classes)
         num_levels = len(dim_mults)
-        if num_levels == 0:
-            raise ValueError("dim_mults must have at least one entry")
-        if image_size % 2 ** (num_levels - 1):
-            raise ValueError(f"image_size {image_size} must be divisible by {2 ** (num_levels - 1)} "
-                             f"for {num_levels} U-Net levels (dim_mults={tuple(dim_mults)})")
-        resolutions = [image_size // 2**level for level in range(num_levels)]
-        for res in attn_resolutions:
-            if res not in resolutions:
-                raise ValueError(f"attention resolution {res} is not a feature-map size of this "
-                                 f"U-Net; choose from {resolutions}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be positive or None, got {num_classes}")
 
         self.config = dict(
             in_channels=in_channels, image_size=image_size, base_dim=base_dim,
@@ -262,10 +257,8 @@ class UNet(nn.Module):
             attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
             num_heads=num_heads, film=film, norm_eps=norm_eps, tf_padding=tf_padding,
         )
-        self.in_channels = in_channels
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.null_label = num_classes
+        self.in_channels, self.image_size = in_channels, image_size
+        self.num_classes = self.null_label = num_classes
 
         emb_dim = 4 * base_dim
         self.time_embed = TimestepEmbedding(base_dim, emb_dim)
@@ -278,28 +271,24 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, base_dim, 3, padding=1)
 
         # Encoder. skip_chs records the channels of every activation saved for the decoder.
-        ch = base_dim
-        skip_chs = [ch]
-        self.down_blocks = nn.ModuleList()
-        self.downsamples = nn.ModuleList()
+        self.down_blocks, self.downsamples, skip_chs = nn.ModuleList(), nn.ModuleList(), [base_dim]
         for level, mult in enumerate(dim_mults):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(block(ch, base_dim * mult, resolutions[level]))
-                ch = base_dim * mult
-                skip_chs.append(ch)
+                blocks.append(block(skip_chs[-1], base_dim * mult, resolutions[level]))
+                skip_chs.append(base_dim * mult)
             self.down_blocks.append(blocks)
             if level < num_levels - 1:
-                self.downsamples.append(Downsample(ch, tf_padding))
-                skip_chs.append(ch)
+                self.downsamples.append(Downsample(skip_chs[-1], tf_padding))
+                skip_chs.append(skip_chs[-1])
+        ch = skip_chs[-1]
 
         self.mid_block1 = ResnetBlock(ch, ch, emb_dim, dropout, film, norm_eps)
         self.mid_attn = AttentionBlock(ch, num_heads, norm_eps)
         self.mid_block2 = ResnetBlock(ch, ch, emb_dim, dropout, film, norm_eps)
 
         # Decoder: one more block per level than the encoder, so every skip is consumed.
-        self.up_blocks = nn.ModuleList()
-        self.upsamples = nn.ModuleList()
+        self.up_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(num_levels)):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
