@@ -355,6 +355,10 @@ def restore_run(run: TrainingRun, checkpoint: dict) -> None:
     if run.ema is not None and checkpoint["ema"] is not None:
         run.ema.module.load_state_dict(checkpoint["ema"])
         run.ema.num_updates.fill_(checkpoint["ema_num_updates"])
+    if run.phema is not None and checkpoint.get("phema") is not None:
+        run.phema.load_state_dict(checkpoint["phema"])
+    elif run.phema is not None:  # its profiles would start here, not at step 0: a post-hoc EMA only of runs that tracked it
+        run.phema = None
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
     run.scaler.load_state_dict(checkpoint["scaler"])
@@ -378,6 +382,7 @@ def checkpoint_state(run: TrainingRun) -> dict:
         "model": model.state_dict(),
         "ema": run.ema.module.state_dict() if run.ema is not None else None,
         "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0,
+        "phema": run.phema.state_dict() if run.phema is not None else None,
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict(),

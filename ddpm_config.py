@@ -121,6 +121,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: Optional[float] = None  # None: a half-life growing with the run (ddpm_train.EMA); 0: no EMA
+    phema_every: Optional[int] = None  # steps between post-hoc EMA snapshots (ddpm_phema); None: snapshot_interval; 0: none
     use_ema: bool = True  # evaluate, sample grids and (sampling) draw with the EMA weights; --no_ema: the raw ones
     amp: str = "auto"
     channels_last: bool = False

@@ -123,7 +123,9 @@ def print_run_summary(run: TrainingRun, resume_path: Optional[Path]) -> None:
     grids = (f"grids: {run.grid_count} images by {sampling.sampler} {sampling.resolved_steps(config.diffusion.timesteps)} steps, every "
              f"{train.sample_every} epochs and at the end" if train.sample_every else "grids: none (--sample_every 0)")
     full = f"every {train.eval_every} epochs and at the end" if train.eval_every else "at the end (--eval_every for more)"
-    print(f"warm-up: {run.warmup_steps} steps ({warmup}); EMA: {ema}; random flips: {'on' if data.train.hflip else 'off'} "
+    phema = (f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in run.phema.sigma_rels)} tracked, snapshots every {run.phema_every} steps "
+             f"({'derived' if train.phema_every is None else '--phema_every'}; --posthoc_ema after training); " if run.phema is not None else "")
+    print(f"warm-up: {run.warmup_steps} steps ({warmup}); EMA: {ema}; {phema}random flips: {'on' if data.train.hflip else 'off'} "
           f"(--hflip / --no_hflip); losses: {config.diffusion.prediction_type} prediction"
           f"{f', min-SNR-{config.diffusion.snr_gamma:g} weighting' if config.diffusion.snr_gamma else ''}; validation and test loss "
           f"every epoch on {run.eval_examples} fixed examples of each split (derived), on the whole splits {full}; {grids}")

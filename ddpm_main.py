@@ -35,6 +35,7 @@ from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES
 from ddpm_evaluate import run_checkpoint_comparison, run_evaluation
 from ddpm_metrics import FEATURE_EXTRACTORS
 from ddpm_model import PRESETS, UNet
+from ddpm_phema import write_posthoc_ema
 from ddpm_runtime import enable_tf32, setup_runtime
 from ddpm_samplers import SAMPLERS, VARIANCES
 from ddpm_sampling import run_inference
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write --model_path as a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler, safetensors)")
     mode.add_argument("--import_diffusers", default=None, metavar="FOLDER",
                       help="convert a diffusers UNet2DModel folder (e.g. google/ddpm-cifar10-32) into the checkpoint --model_path")
+    mode.add_argument("--posthoc_ema", default=None, metavar="SIGMA_RELS",
+                      help="reconstruct the EMA of these lengths (e.g. 0.05,0.1,0.15) from --model_path's run's snapshots, as "
+                           "posthoc_ema_<sigma_rel>.safetensors beside it (Karras et al. 2024, EDM2)")
     mode.add_argument("--run_name", default=T.run_name, help="name of the run: models/<run_name>/, file names in --save_dir")
     mode.add_argument("--save_dir", default=T.save_dir, help="where images, loss history and metrics go")
     mode.add_argument("--models_dir", default=T.models_dir, help="checkpoints go to <models_dir>/<run_name>/")
@@ -143,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema_decay", type=float, default=None,
                        help="fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; derived: an EMA whose "
                             "half-life is 5%% of the steps so far, at most 0.9999's, as EDM's ramp-up)")
+    train.add_argument("--phema_every", type=int, default=None,
+                       help="steps between post-hoc EMA snapshots (EDM2's sigma_rel 0.05 and 0.10 profiles, float16) in <run folder>/phema/, "
+                            "with --save_model (0: none; derived: 20 to 40 per run)")
     train.add_argument("--no_ema", action="store_true", help="evaluate and sample with the raw weights instead of the EMA")
     train.add_argument("--amp", default=T.amp, choices=("auto", "bf16", "fp16", "none"),
                        help="mixed precision of the network, in training and sampling (auto: bf16 on GPUs that support it, else none)")
@@ -218,13 +225,17 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--sample_classes is empty")
     if not args.run_name or args.run_name in (".", "..") or any(sep in args.run_name for sep in ("/", "\\")):
         raise UsageError(f"--run_name must be a plain name (it names the folder {args.models_dir}/<run_name>/), got {args.run_name!r}")
+    if args.phema_every is not None and args.phema_every < 0:
+        raise UsageError(f"--phema_every must be 0 (no post-hoc EMA) or positive, got {args.phema_every}")
+    if args.posthoc_ema is not None:
+        parse_numbers(args.posthoc_ema, "--posthoc_ema")
     validate_evaluation_args(args)
 
 
 def validate_evaluation_args(args: argparse.Namespace) -> None:
     """Reject bad evaluation and guidance flags with one line, before anything is written."""
     modes = [name for name in ("inference", "evaluate") if getattr(args, name)] + \
-            [name for name in ("compare_checkpoints", "export_diffusers", "import_diffusers") if getattr(args, name)]
+            [name for name in ("compare_checkpoints", "export_diffusers", "import_diffusers", "posthoc_ema") if getattr(args, name)]
     if len(modes) > 1:
         raise UsageError(f"choose one of --{' and --'.join(modes)}")
     if not (math.isfinite(args.guidance_rescale) and 0 <= args.guidance_rescale <= 1):
@@ -233,7 +244,7 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
     if args.fid_num_samples < 2:
         raise UsageError(f"--fid_num_samples must be at least 2 (FID needs a covariance), got {args.fid_num_samples}")
     if args.guidance_sweep is not None:
-        parse_scales(args.guidance_sweep)
+        parse_numbers(args.guidance_sweep)
         if not args.evaluate:
             raise UsageError("--guidance_sweep works with --evaluate")
     if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
@@ -257,15 +268,15 @@ def parse_guidance_interval(text: Optional[str]) -> Optional[tuple[float, float]
     return low, high
 
 
-def parse_scales(text: str) -> list[float]:
-    """'0,1,3' -> [0.0, 1.0, 3.0]: finite guidance scales."""
+def parse_numbers(text: str, flag: str = "--guidance_sweep") -> list[float]:
+    """'0,1,3' -> [0.0, 1.0, 3.0]: finite numbers (guidance scales, EMA lengths)."""
     try:
-        scales = [float(part) for part in text.split(",") if part.strip()]
+        numbers = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise UsageError(f"--guidance_sweep expects comma-separated numbers, got {text!r}") from None
-    if not scales or not all(math.isfinite(scale) for scale in scales):
-        raise UsageError(f"--guidance_sweep expects finite comma-separated numbers, got {text!r}")
-    return scales
+        raise UsageError(f"{flag} expects comma-separated numbers, got {text!r}") from None
+    if not numbers or not all(math.isfinite(number) for number in numbers):
+        raise UsageError(f"{flag} expects finite comma-separated numbers, got {text!r}")
+    return numbers
 
 
 def sampling_mode(args: argparse.Namespace) -> bool:
@@ -310,7 +321,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, p_uncond=args.p_uncond, optimizer=args.optimizer,
             weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, warmup_steps=args.warmup_steps,
             lr_schedule=args.lr_schedule, grad_clip=args.grad_clip, grad_accum=args.grad_accum, ema_decay=args.ema_decay,
-            use_ema=not args.no_ema, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
+            phema_every=args.phema_every, use_ema=not args.no_ema, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
             log_interval=args.log_interval, eval_every=args.eval_every, sample_every=args.sample_every, num_samples=args.num_samples,
             save_model=args.save_model, save_every=args.save_every, save_every_steps=args.save_every_steps,
             keep_checkpoints=args.keep_checkpoints, resume=args.resume, logger=args.logger),
@@ -362,7 +373,7 @@ def run_sampling(args: argparse.Namespace) -> None:
                                       **common)
         elif args.evaluate:
             run_evaluation(model_path, sampling_config(args), runtime, num_samples=args.fid_num_samples, features=args.fid_features,
-                           guidance_sweep=parse_scales(args.guidance_sweep) if args.guidance_sweep else None,
+                           guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None,
                            data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
         else:
             run_inference(model_path, sampling_config(args), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
@@ -381,6 +392,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             enable_tf32()
         if args.export_diffusers:
             export_diffusers(checkpoint_path(args), Path(args.export_diffusers), use_ema=not args.no_ema)
+        elif args.posthoc_ema:
+            write_posthoc_ema(checkpoint_path(args), parse_numbers(args.posthoc_ema, "--posthoc_ema"))
         elif args.import_diffusers:
             import_diffusers(Path(args.import_diffusers), checkpoint_path(args), dataset=args.dataset, variance=args.variance)
         elif sampling_mode(args):

@@ -39,6 +39,7 @@ from ddpm_evaluate import evaluation_loss
 from ddpm_logging import RunLog, StepCounters, log_step, peak_memory_mb, print_run_summary, save_history
 from ddpm_model import UNet
 from ddpm_optim import EMA, apply_update, build_ema, build_lr_scheduler, build_optimizer, derived_warmup
+from ddpm_phema import PowerFunctionEMA, save_snapshot, snapshot_folder, snapshot_interval
 from ddpm_outputs import save_image_grid, save_labelled_rows
 from ddpm_runtime import Runtime, StopRequest, autocast_dtype, check_replicas_identical, maybe_no_sync, seed_everything, unwrap
 from ddpm_sampling import every_class_in_turn, generate
@@ -64,6 +65,8 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # fp16 only: loss scaling; a no-op otherwise
     ema: Optional[EMA]
+    phema: Optional[PowerFunctionEMA]  # the post-hoc EMA's tracked profiles, with --save_model (ddpm_phema)
+    phema_every: int  # steps between its snapshots in <run folder>/phema/ (0: none)
     amp_dtype: Optional[torch.dtype]  # --amp on this device
     state: TrainState
     counters: StepCounters
@@ -139,12 +142,14 @@ def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: Trai
     optimizer = build_optimizer(train, model)
     amp_dtype = autocast_dtype(train.amp, runtime.device)
     on_device = runtime.data_on_device
+    phema_every = (snapshot_interval(total_steps) if train.phema_every is None else train.phema_every) if train.save_model else 0
     return TrainingRun(
         config=config, data=data, runtime=runtime, model=model,
         diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule, prediction_type=config.diffusion.prediction_type,
                             snr_gamma=config.diffusion.snr_gamma, variance=config.diffusion.variance).to(runtime.device),
         optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, warmup_steps, total_steps, train.lr_schedule),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16), ema=build_ema(model, train.ema_decay),
+        phema=PowerFunctionEMA(model) if phema_every else None, phema_every=phema_every,
         amp_dtype=amp_dtype, state=state, counters=StepCounters(runtime.device),
         log=RunLog(Path(train.save_dir), train.run_name, train.logger, enabled=runtime.is_main),
         steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -195,6 +200,8 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
         loss, grad_norm, skip = train_step(run, epoch)
         if run.ema is not None:
             run.ema.update(unwrap(run.model), skip)
+        if run.phema is not None:
+            run.phema.update(unwrap(run.model), skip)
         run.counters.record(loss, skip)
         run.scheduler.step()
         state.step += 1
@@ -204,6 +211,11 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
             read_counters(run)
             log_step(run, bar, loss, grad_norm, skip, window_steps * run.examples_per_step / (time.perf_counter() - window_start))
             window_start, window_steps = time.perf_counter(), 0
+        if run.phema is not None and state.step % run.phema_every == 0 and runtime.is_main:
+            save_start = time.perf_counter()
+            for snapshot in run.phema.snapshot():
+                save_snapshot(snapshot, snapshot_folder(run.run_dir))
+            saving += time.perf_counter() - save_start
         if train.save_model and train.save_every_steps and state.step % train.save_every_steps == 0:
             save_start = time.perf_counter()
             read_counters(run)
