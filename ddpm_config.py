@@ -83,6 +83,7 @@ class SamplingConfig:
     guidance_rescale: float = 0.0
     guidance_interval: Optional[tuple[float, float]] = None
     variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
+    guide_model: Optional[str] = None  # autoguidance's weaker network (ddpm_sampling.load_guide); None: classifier-free guidance
     amp: str = "none"  # the network's autocast; the sampler's own arithmetic stays in float32
 
     @classmethod
@@ -127,7 +128,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     log_interval: int = 100
-    eval_every: Optional[int] = None  # epochs between validation/test losses; None: ddpm_train.evaluation_interval
+    eval_every: Optional[int] = None  # epochs between losses on the whole val/test splits; None: at the end only
     sample_every: int = 10
     num_samples: Optional[int] = None  # of a training grid; None: 16, or two per class
     save_model: bool = False

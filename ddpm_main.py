@@ -58,9 +58,10 @@ class DefaultsHelp(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help_text:
+        shown = action.default is not None and action.default is not False and action.default is not argparse.SUPPRESS
+        if shown and "%(default)" not in help_text:
             help_text += " (default: %(default)s)"
-        return help_text
+        return help_text.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--run_name", default=T.run_name, help="name of the run: models/<run_name>/, file names in --save_dir")
     mode.add_argument("--save_dir", default=T.save_dir, help="where images, loss history and metrics go")
     mode.add_argument("--models_dir", default=T.models_dir, help="checkpoints go to <models_dir>/<run_name>/")
-    mode.add_argument("--seed", type=int, default=T.seed)
+    mode.add_argument("--seed", type=int, default=T.seed, help="seeds the run and its samples")
     mode.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (derived: cuda when available)")
     mode.add_argument("--no_cuda", action="store_true", help="run on the CPU even when a GPU is present")
     mode.add_argument("--no_tf32", action="store_true", help="keep float32 matmuls in full precision on CUDA (TF32 is on by default)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=D.dataset, choices=DATASETS)
+    data.add_argument("--dataset", default=D.dataset, choices=DATASETS, help="the data set")
     data.add_argument("--data_dir", default=D.data_dir, help="dataset location (downloads go here); for 'folder', the image folder")
     data.add_argument("--image_size", type=int, default=None, help="resize images to this size (derived: the dataset's own)")
     flips = data.add_mutually_exclusive_group()
@@ -105,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--conditional", action="store_true", help="class-conditional model, trained for classifier-free guidance")
 
     diffusion = parser.add_argument_group("diffusion")
-    diffusion.add_argument("--timesteps", type=int, default=F.timesteps)
-    diffusion.add_argument("--schedule", default=F.schedule, choices=SCHEDULES)
-    diffusion.add_argument("--loss_type", default=F.loss_type, choices=LOSS_TYPES)
+    diffusion.add_argument("--timesteps", type=int, default=F.timesteps, help="diffusion steps T")
+    diffusion.add_argument("--schedule", default=F.schedule, choices=SCHEDULES, help="noise schedule of the betas")
+    diffusion.add_argument("--loss_type", default=F.loss_type, choices=LOSS_TYPES, help="distance of the training loss")
     diffusion.add_argument("--prediction_type", default=None, choices=PREDICTION_TYPES,
                            help=f"what the network predicts: v (Salimans & Ho 2022), eps (Ho et al.) or x0 (new runs: {F.prediction_type}, "
                                 "chosen by scripts/quality_benchmark.py; --resume keeps the run's)")
@@ -119,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 f"training records it in the checkpoint (default: {F.variance}), sampling overrides the checkpoint's")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=T.epochs)
+    train.add_argument("--epochs", type=int, default=T.epochs, help="epochs to train")
     train.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
     train.add_argument("--batch_size", type=int, default=T.batch_size, help="per process and micro-batch")
-    train.add_argument("--lr", type=float, default=T.lr)
+    train.add_argument("--lr", type=float, default=T.lr, help="learning rate")
     train.add_argument("--p_uncond", type=float, default=T.p_uncond, help="probability of training on the null label (--conditional)")
     train.add_argument("--log_interval", type=int, default=T.log_interval, help="steps between logged losses")
     train.add_argument("--eval_every", type=int, default=None,
@@ -135,13 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep_checkpoints", type=int, default=T.keep_checkpoints, help="how many ckpt_epochNNNN.pt snapshots to keep")
     train.add_argument("--resume", nargs="?", const="auto", default=None,
                        help="continue a run from <models_dir>/<run_name>/ckpt.pt, or from the given checkpoint")
-    train.add_argument("--optimizer", default=T.optimizer, choices=("adamw", "adam", "lion"))
-    train.add_argument("--weight_decay", type=float, default=T.weight_decay)
-    train.add_argument("--beta1", type=float, default=T.beta1)
-    train.add_argument("--beta2", type=float, default=T.beta2)
+    train.add_argument("--optimizer", default=T.optimizer, choices=("adamw", "adam", "lion"), help="the optimizer")
+    train.add_argument("--weight_decay", type=float, default=T.weight_decay, help="decoupled weight decay")
+    train.add_argument("--beta1", type=float, default=T.beta1, help="the optimizer's first beta")
+    train.add_argument("--beta2", type=float, default=T.beta2, help="the optimizer's second beta")
     train.add_argument("--warmup_steps", type=int, default=None,
                        help="linear learning-rate warm-up (derived: 5%% of the planned steps, at most Ho et al.'s 5000)")
-    train.add_argument("--lr_schedule", default=T.lr_schedule, choices=("constant", "cosine", "step"))
+    train.add_argument("--lr_schedule", default=T.lr_schedule, choices=("constant", "cosine", "step"), help="after the warm-up")
     train.add_argument("--grad_clip", type=float, default=T.grad_clip, help="clip the gradient norm (0: off)")
     train.add_argument("--grad_accum", type=int, default=T.grad_accum, help="micro-batches per optimizer step")
     train.add_argument("--ema_decay", type=float, default=None,
@@ -172,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--eta", type=float, default=S.eta, help="DDIM noise: 0 deterministic, 1 ancestral")
     sampling.add_argument("--guidance_rescale", type=float, default=S.guidance_rescale,
                           help="rescale guided predictions to the conditional one's std, 0 (off) to 1 (Lin et al. 2023)")
+    sampling.add_argument("--guide_model", default=None, metavar="CKPT",
+                          help="autoguidance (Karras et al. 2024): guide with this weaker model of the same data and diffusion (an "
+                               "earlier snapshot, a shorter post-hoc EMA, a smaller model) instead of the unconditional branch; "
+                               "also for unconditional models")
     sampling.add_argument("--guidance_interval", default=None, metavar="LO,HI",
                           help="guide only at noise levels LO < sigma_t <= HI, plain conditional elsewhere (Kynkaanniemi et al. 2024)")
 
@@ -249,8 +254,10 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
             raise UsageError("--guidance_sweep works with --evaluate")
     if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
         raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")
-    if args.variance and sampling_mode(args) and args.sampler != "ddpm":
+    if args.variance and sampling_mode(args) and (args.sampler or SamplingConfig.sampler) != "ddpm":
         raise UsageError(f"--variance is the ddpm (ancestral) sampler's; --sampler {args.sampler} has its own")
+    if args.guide_model and not sampling_mode(args):
+        raise UsageError("--guide_model is for sampling: --inference, --evaluate or --compare_checkpoints")
     if (args.fid_ref or args.save_pngs) and not args.evaluate:
         raise UsageError(f"{'--fid_ref' if args.fid_ref else '--save_pngs'} works with --evaluate")
 
@@ -299,7 +306,8 @@ def select_device(args: argparse.Namespace) -> str:
 def sampling_config(args: argparse.Namespace, training: bool = False) -> SamplingConfig:
     """The sampling flags; for training grids a fast default sampler (SamplingConfig.for_training_grids)."""
     flags = dict(steps=args.sampling_steps, eta=args.eta, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-                 guidance_interval=parse_guidance_interval(args.guidance_interval), variance=args.variance, amp=args.amp)
+                 guidance_interval=parse_guidance_interval(args.guidance_interval), variance=args.variance, amp=args.amp,
+                 guide_model=args.guide_model)
     if training:
         return SamplingConfig.for_training_grids(args.timesteps, sampler=args.sampler, **flags)
     return SamplingConfig(**flags, **({"sampler": args.sampler} if args.sampler else {}))
