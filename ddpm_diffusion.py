@@ -184,15 +184,27 @@ class Diffusion:
         guidance_scale: float = 1.0,
         null_label: Optional[int] = None,
         guidance_rescale: float = 0.0,
+        guide: Optional[NoisePredictor] = None,
     ) -> torch.Tensor:
-        """The noise estimate, with classifier-free guidance when labels are given; the network's output is
-        turned into eps first (`eps_from_output`), so guidance mixes in eps space whatever the network predicts.
+        """The noise estimate, guided; the networks' outputs are turned into eps first (`eps_from_output`), so
+        guidance mixes in eps space whatever the network predicts.
 
-        Ho & Salimans 2022: eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 is the
-        unconditional model, w = 1 the plain conditional one (both computed alone, exactly);
-        any other w evaluates both branches in one batched forward pass, then optionally
-        rescales the result (`rescale_guidance`, Lin et al. 2023).
+        Without `guide`, classifier-free guidance when labels are given (Ho & Salimans 2022):
+        eps = eps_uncond + w * (eps_cond - eps_uncond). w = 0 is the unconditional model, w = 1 the plain
+        conditional one (both computed alone, exactly); any other w evaluates both branches in one batched
+        forward pass. With `guide`, autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad
+        Version of Itself", eq. 2): eps = eps_guide + w * (eps_main - eps_guide), the guide a weaker network of the
+        same task (an earlier or shorter-EMA snapshot, a smaller model) given the same labels, for conditional
+        and unconditional models alike; w = 1 is the main network alone. Either way the result may then be
+        rescaled (`rescale_guidance`, Lin et al. 2023).
         """
+        if guide is not None:
+            if guidance_scale == 1.0:
+                return self.eps_from_output(model(x, t, labels), x, t)
+            eps_main = self.eps_from_output(model(x, t, labels), x, t)
+            eps_guide = self.eps_from_output(guide(x, t, labels), x, t)
+            guided = eps_guide + guidance_scale * (eps_main - eps_guide)
+            return rescale_guidance(guided, eps_main, guidance_rescale) if guidance_rescale else guided
         if labels is None:
             return self.eps_from_output(model(x, t, None), x, t)
         if null_label is None:
@@ -260,6 +272,7 @@ class Diffusion:
         guidance_rescale: float = 0.0,
         guidance_interval: Optional[tuple[float, float]] = None,
         variance: Optional[str] = None,
+        guide: Optional[NoisePredictor] = None,
     ) -> torch.Tensor:
         """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W).
 
@@ -267,7 +280,8 @@ class Diffusion:
         train/eval mode is left as it is.
         `steps` network evaluations (default: all T for ddpm, 50 for the others), at
         evenly spaced timesteps (log-SNR spaced for dpm++2m and dpm++3m). Noise is drawn from `generator` (on its own device) so a
-        seed gives the same images on any device. `variance` overrides the ancestral sampler's (see VARIANCES).
+        seed gives the same images on any device. `variance` overrides the ancestral sampler's (see VARIANCES); `guide`: autoguidance
+        with that network instead of classifier-free guidance (`predict_noise`).
         """
         solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised, variance=variance)
         timesteps = solver.timesteps(steps)
@@ -277,7 +291,7 @@ class Diffusion:
         x = randn(shape, generator, device)
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            eps = self.predict_noise(model, x, t, labels, guidance_scale if guided[i] else 1.0, null_label, guidance_rescale)
+            eps = self.predict_noise(model, x, t, labels, guidance_scale if guided[i] else 1.0, null_label, guidance_rescale, guide)
             x = solver.step(x, step, timesteps[i + 1] if i + 1 < len(timesteps) else -1, eps, generator)
         return x.clamp(-1, 1)
 

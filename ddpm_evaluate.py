@@ -33,7 +33,7 @@ from ddpm_metrics import (
 )
 from ddpm_outputs import save_image_grid, save_json, save_labelled_rows, save_pngs, save_sample_arrays
 from ddpm_runtime import Runtime, unwrap
-from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate_from, sampling_record
+from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate_from, load_guide, sampling_record
 
 GRID_IMAGES = 64
 SWEEP_GRID_COLUMNS = 8
@@ -57,7 +57,8 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime
         "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
         "dataset": loaded.description.data["dataset"], "image_size": loaded.description.data["image_size"],
         "num_samples": num_samples, "seed": seed,
-        **sampling_record(settings, runtime, guided=loaded.description.conditional, diffusion=loaded.diffusion, resolve_steps=True),
+        **sampling_record(settings, runtime, guided=loaded.description.conditional or settings.guide_model is not None,
+                           diffusion=loaded.diffusion, resolve_steps=True),
         "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
         "reference_statistics": str(reference.path), "reference_images": reference.num_images,
     }
@@ -65,12 +66,12 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime
 
 def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int, batch_size: int,
                          extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
-                         out_dir: Path, save_pngs: bool = False) -> Optional[tuple[dict, torch.Tensor]]:
-    """Generate (shared out over the ranks), then on rank 0 measure and write samples.npz, grid.png and
-    evaluation.json to out_dir and return (results, images); None on the other ranks."""
+                         out_dir: Path, save_pngs: bool = False, guide: Optional[LoadedModel] = None) -> Optional[tuple[dict, torch.Tensor]]:
+    """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure and write samples.npz,
+    grid.png and evaluation.json to out_dir and return (results, images); None on the other ranks."""
     labels = every_class_in_turn(loaded.description.num_classes, num_samples)
     started = time.perf_counter()
-    images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime)
+    images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, guide=guide)
     seconds = time.perf_counter() - started
     if not runtime.is_main:
         return None
@@ -94,8 +95,9 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime,
     require_torch_fidelity()
     loaded = load_model(model_path, str(runtime.device), use_ema, compile)
     check_sampling_steps(settings.steps, loaded)
-    if guidance_sweep and not loaded.description.conditional:
-        raise UsageError(f"--guidance_sweep needs a class-conditional model, but {loaded.path} is unconditional")
+    guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
+    if guidance_sweep and not loaded.description.conditional and guide is None:
+        raise UsageError(f"--guidance_sweep needs a class-conditional model or a --guide_model, but {loaded.path} is unconditional")
     data = loaded.description.data
     extractor, reference = None, None
     if runtime.is_main:
@@ -109,12 +111,12 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime,
         out_dir = save_dir / f"scale_{scale:g}" if guidance_sweep else save_dir
         outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples, seed=seed,
                                        batch_size=batch_size, extractor_name=features, extractor=extractor, reference=reference,
-                                       out_dir=out_dir, save_pngs=save_pngs)
+                                       out_dir=out_dir, save_pngs=save_pngs, guide=guide)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             sweep.append(outcome)
     if guidance_sweep and runtime.is_main:
-        save_guidance_sweep(sweep, data["class_names"], save_dir)
+        save_guidance_sweep(sweep, data["class_names"] if loaded.description.conditional else [], save_dir)
 
 
 def summary_line(results: dict, json_path: Path) -> str:

@@ -50,16 +50,21 @@ def every_class_in_turn(num_classes: Optional[int], count: int) -> Optional[torc
 
 
 def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int], count: int, labels: Optional[torch.Tensor],
-             settings: SamplingConfig, seed: int, batch_size: int, runtime: Runtime, desc: str = "generating") -> torch.Tensor:
+             settings: SamplingConfig, seed: int, batch_size: int, runtime: Runtime, desc: str = "generating",
+             guide: Optional[nn.Module] = None) -> torch.Tensor:
     """`count` samples of `model` as uint8 (N, H, W, C), on every rank, in batches of `batch_size`.
 
     Batch b draws all its noise from its own generator, seeded with seed + b * NOISE_SEED_STRIDE, so the
     images depend on the seed and the batch size only: one process or many (torchrun, each rank sampling
     a contiguous share of the batches, gathered in order) give the same images, and the first batch is
     what `Diffusion.sample` gives with a generator seeded with `seed`. The model's train/eval mode is kept.
+    With `guide` (a network of the same data and diffusion, see `load_guide`), autoguidance instead of
+    classifier-free guidance, at --guidance_scale.
     """
     amp_dtype = autocast_dtype(settings.amp, runtime.device)
     network = model if amp_dtype is None else AutocastNetwork(model, amp_dtype)
+    if guide is not None and amp_dtype is not None:
+        guide = AutocastNetwork(guide, amp_dtype)
     starts = range(0, count, batch_size)
     sizes = {index: min(batch_size, count - starts[index]) for index in shard(len(starts), runtime)}
     samples = []
@@ -72,7 +77,7 @@ def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int
                 guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
                 steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
                 device=runtime.device, progress=runtime.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval, variance=settings.variance)
+                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide)
             samples.append(to_uint8(images))
             bar.update(size)
     local = torch.cat(samples) if samples else torch.zeros((0, *image_shape[1:], image_shape[0]), dtype=torch.uint8)
@@ -80,9 +85,28 @@ def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int
 
 
 def generate_from(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplingConfig, seed: int,
-                  batch_size: int, runtime: Runtime, desc: str = "generating") -> torch.Tensor:
-    """`generate` for a loaded checkpoint."""
-    return generate(loaded.model, loaded.diffusion, loaded.description.image_shape, count, labels, settings, seed, batch_size, runtime, desc)
+                  batch_size: int, runtime: Runtime, desc: str = "generating", guide: Optional[LoadedModel] = None) -> torch.Tensor:
+    """`generate` for a loaded checkpoint (and, for autoguidance, a loaded guide)."""
+    return generate(loaded.model, loaded.diffusion, loaded.description.image_shape, count, labels, settings, seed, batch_size, runtime,
+                    desc, guide=None if guide is None else guide.model)
+
+
+GUIDE_MUST_MATCH = {"image size and channels": lambda d: d.image_shape, "classes": lambda d: (d.conditional, d.class_names),
+                    "diffusion": lambda d: {key: d.diffusion.get(key) for key in ("timesteps", "schedule", "prediction_type")}}
+
+
+def load_guide(path: Optional[str | Path], main: LoadedModel, device: str | torch.device, use_ema: bool = True,
+               compile: bool = False) -> Optional[LoadedModel]:
+    """--guide_model: the autoguidance network (None without one), refused in one line unless it is a model of the same
+    images, classes and diffusion as `main` (Karras et al. 2024 guide with a weaker model of the same task)."""
+    if path is None:
+        return None
+    guide = load_model(path, device, use_ema, compile)
+    for what, of in GUIDE_MUST_MATCH.items():
+        if of(guide.description) != of(main.description):
+            raise UsageError(f"--guide_model {path} does not match {main.path}: its {what} differ "
+                             f"({of(guide.description)} against {of(main.description)})")
+    return guide
 
 
 def parse_sample_classes(text: str, class_names: list[str], num_samples: int) -> list[int]:
@@ -117,26 +141,28 @@ def run_inference(model_path: Path, settings: SamplingConfig, runtime: Runtime, 
         text = sample_classes or ",".join(str(i) for i in range(len(loaded.description.class_names)))
         labels = torch.tensor(parse_sample_classes(text, loaded.description.class_names, num_samples))
     check_sampling_steps(settings.steps, loaded)
+    guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
     channels, size, _ = loaded.description.image_shape
     if runtime.is_main:
+        guidance = f", autoguidance {settings.guidance_scale} by {settings.guide_model}" if guide is not None else \
+            f", guidance {settings.guidance_scale}" if labels is not None else ""
         print(f"sampling {num_samples} images of {channels}x{size}x{size} from {model_path} "
-              f"({'EMA' if loaded.use_ema else 'raw'} weights, {settings.sampler}"
-              f"{', guidance ' + str(settings.guidance_scale) if labels is not None else ''}"
+              f"({'EMA' if loaded.use_ema else 'raw'} weights, {settings.sampler}{guidance}"
               f"{f', {runtime.world_size} processes' if runtime.world_size > 1 else ''})")
-    pixels = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, desc="sampling")
+    pixels = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide)
     if not runtime.is_main:
         return
     images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
     save_image_grid(images, save_dir / "grid.png")
     save_samples(images, labels, save_dir)
     save_json({"model_path": str(model_path), "num_samples": num_samples, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-               **sampling_record(settings, runtime, guided=labels is not None, diffusion=loaded.diffusion),
+               **sampling_record(settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion),
                "classes": None if labels is None else [loaded.description.class_names[i] for i in labels.tolist()]}, save_dir / "samples.json")
     print(f"wrote {save_dir / 'grid.png'}, {num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
 
 
 def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, diffusion: Diffusion, resolve_steps: bool = False) -> dict:
-    """The sampling settings as a results file records them (guidance only where labels were sampled, the variance
+    """The sampling settings as a results file records them (guidance only where it acted, the variance
     where the ancestral sampler ran); with `resolve_steps`, the number of sampling steps resolved to what ran."""
     return {
         "sampler": settings.sampler,
@@ -147,4 +173,6 @@ def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, di
         "guidance_scale": settings.guidance_scale if guided else None,
         "guidance_rescale": settings.guidance_rescale if guided else None,
         "guidance_interval": list(settings.guidance_interval) if guided and settings.guidance_interval else None,
+        "guidance": None if not guided else "autoguidance" if settings.guide_model else "classifier-free",
+        "guide_model": settings.guide_model,
     }
