@@ -7,6 +7,7 @@ Bad input ends with one line on stderr and exit code 2, before anything is writt
 """
 import argparse
 import math
+from dataclasses import replace
 import os
 import sys
 from datetime import timedelta
@@ -39,6 +40,7 @@ from ddpm_phema import write_posthoc_ema
 from ddpm_runtime import enable_tf32, setup_runtime
 from ddpm_samplers import SAMPLERS, VARIANCES
 from ddpm_sampling import run_inference
+from ddpm_sweep import best_preset, parse_samplers, run_sweep
 
 # Under torchrun the other ranks wait in a collective while rank 0 alone computes FID statistics
 # (the training set's, once, then each sample set's): far longer than a sampling step.
@@ -189,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
                             help="reference statistics mu, sigma (pytorch-fid --save-stats) instead of the training set's")
     evaluation.add_argument("--save_pngs", action="store_true", help="with --evaluate: also write every sample as samples/NNNNN.png")
     evaluation.add_argument("--guidance_sweep", default=None, metavar="W1,W2,...", help="with --evaluate: one evaluation per guidance scale, a table, a plot and per-class grids")
+    evaluation.add_argument("--sweep", action="store_true",
+                            help="with --evaluate: every combination of --sweep_ema, guidance kind (classifier-free; autoguidance with "
+                                 "--guide_model), --guidance_sweep scales and --sweep_samplers, ranked by FID (KID without the Inception "
+                                 "weights); resumable; the best goes to <run folder>/sampling_best.json")
+    evaluation.add_argument("--sweep_ema", default=None, metavar="SIGMA_RELS",
+                            help="with --sweep: post-hoc EMA lengths to try besides the checkpoint's own EMA, e.g. 0.05,0.1,0.15")
+    evaluation.add_argument("--sweep_samplers", default=None, metavar="SAMPLER:STEPS,...",
+                            help="with --sweep: solvers and steps to try, e.g. dpm++2m:20,dpm++3m:10 (default: --sampler and --sampling_steps)")
+    sampling.add_argument("--sampling_preset", default=None, choices=("best",),
+                          help="with --inference: the weights, sampler, steps and guidance that --evaluate --sweep found best for --model_path")
     evaluation.add_argument("--compare_checkpoints", nargs="+", default=None, metavar="CKPT",
                             help="sample the same noise from these checkpoints of one run into one image, one row per training step")
     return parser
@@ -256,6 +268,14 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
         raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")
     if args.variance and sampling_mode(args) and (args.sampler or SamplingConfig.sampler) != "ddpm":
         raise UsageError(f"--variance is the ddpm (ancestral) sampler's; --sampler {args.sampler} has its own")
+    if (args.sweep or args.sweep_ema or args.sweep_samplers) and not (args.evaluate and args.sweep):
+        raise UsageError("--sweep, --sweep_ema and --sweep_samplers work together with --evaluate")
+    if args.sweep_samplers:
+        parse_samplers(args.sweep_samplers)
+    if args.sweep_ema:
+        parse_numbers(args.sweep_ema, "--sweep_ema")
+    if args.sampling_preset and not args.inference:
+        raise UsageError("--sampling_preset is for --inference")
     if args.guide_model and not sampling_mode(args):
         raise UsageError("--guide_model is for sampling: --inference, --evaluate or --compare_checkpoints")
     if (args.fid_ref or args.save_pngs) and not args.evaluate:
@@ -379,12 +399,23 @@ def run_sampling(args: argparse.Namespace) -> None:
         if args.compare_checkpoints:
             run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
                                       **common)
+        elif args.evaluate and args.sweep:
+            run_sweep(model_path, sampling_config(args), runtime, sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
+                      scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [args.guidance_scale],
+                      samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None, num_samples=args.fid_num_samples,
+                      features=args.fid_features, data_dir=args.data_dir, **common)
         elif args.evaluate:
             run_evaluation(model_path, sampling_config(args), runtime, num_samples=args.fid_num_samples, features=args.fid_features,
                            guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None,
                            data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
         else:
-            run_inference(model_path, sampling_config(args), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
+            settings = sampling_config(args)
+            if args.sampling_preset == "best":
+                preset = best_preset(model_path)
+                model_path = Path(preset["weights"])
+                settings = replace(settings, sampler=preset["sampler"], steps=preset["steps"], guidance_scale=preset["guidance_scale"],
+                                   guide_model=preset["guide_model"])
+            run_inference(model_path, settings, runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
                           sample_classes=args.sample_classes,
                           require_conditional=args.conditional, **common)
     finally:

@@ -1,0 +1,193 @@
+"""One sweep that picks: --evaluate --sweep over EMA length x guidance kind x guidance scale x solver/steps.
+
+    python ddpm_main.py --evaluate --sweep --model_path models/run/ckpt.pt --sweep_ema 0.05,0.1,0.15 \
+        --guide_model models/run/ckpt_epoch0010.pt --guidance_sweep 1,1.5,2,3 --sweep_samplers dpm++2m:20,dpm++3m:10
+
+Every cell samples the same seeds through ddpm_evaluate.evaluate_one_setting and is ranked by one metric, chosen
+once (`sweep_metric`): FID where the Inception weights are there, else KID on the fixed random features (said in the
+output; those numbers compare only with each other). Cells are written to <save_dir>/cells/<cell>/evaluation.json as
+they finish, so an interrupted sweep started again computes only the missing ones. The sweep writes sweep.json,
+sweep.md and sweep.png (the metric against the scale, one line per EMA length, guide and solver) to --save_dir,
+and the best setting to <run folder>/sampling_best.json, which `--inference --sampling_preset best` applies.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from ddpm_checkpoint import load_model
+from ddpm_config import SamplingConfig, UsageError
+from ddpm_evaluate import evaluate_one_setting
+from ddpm_metrics import FEATURE_EXTRACTORS, inception_weights_path, reference_statistics, require_torch_fidelity
+from ddpm_outputs import atomic_write, save_json
+from ddpm_phema import write_posthoc_ema
+from ddpm_runtime import Runtime
+from ddpm_sampling import check_sampling_steps, load_guide
+
+BEST_FILE = "sampling_best.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting of the sweep."""
+
+    ema: str  # "ema" (the checkpoint's own sampling weights) or a post-hoc EMA length, e.g. "0.100"
+    guidance: str  # "cfg" (classifier-free), "auto" (autoguidance by --guide_model) or "none" (unguided)
+    scale: float
+    sampler: str
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"ema-{self.ema}_{self.guidance}_w{self.scale:g}_{self.sampler}-{self.steps}"
+
+    @property
+    def line(self) -> str:
+        """The line of the picture this cell belongs to (all but the scale)."""
+        return f"EMA {self.ema}, {self.guidance}, {self.sampler} {self.steps}"
+
+
+def parse_samplers(text: str) -> list[tuple[str, int]]:
+    """'dpm++2m:20,ddpm:1000' -> [("dpm++2m", 20), ("ddpm", 1000)]."""
+    from ddpm_samplers import SAMPLERS
+
+    pairs = []
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, steps = part.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise UsageError(f"--sweep_samplers expects SAMPLER:STEPS,... with a sampler of {', '.join(SAMPLERS)}, got {part!r}")
+        pairs.append((name, int(steps)))
+    if not pairs:
+        raise UsageError("--sweep_samplers is empty")
+    return pairs
+
+
+def sweep_metric(features: str) -> tuple[str, str]:
+    """(metric, feature extractor): FID on Inception features where its weights are in the torch hub cache (or on the
+    features asked for); KID on the fixed random-conv features otherwise (unbiased at small sample counts)."""
+    if features != "inception" or inception_weights_path().is_file():
+        return "fid", features
+    return "kid", "random-conv"
+
+
+def cells_of(emas: list[str], guidance: list[str], scales: list[float], samplers: list[tuple[str, int]]) -> list[Cell]:
+    return [Cell(ema, kind, scale if kind != "none" else 1.0, sampler, steps)
+            for ema in emas for kind in guidance for scale in (scales if kind != "none" else [1.0]) for sampler, steps in samplers]
+
+
+def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, sweep_ema: Optional[list[float]], scales: list[float],
+              samplers: Optional[list[tuple[str, int]]], num_samples: int, features: str, data_dir: str, seed: int, batch_size: int,
+              save_dir: Path, use_ema: bool = True, compile: bool = False) -> Optional[dict]:
+    """--evaluate --sweep: evaluate every cell not yet on disk, rank them, write the table, the picture and the best
+    setting; return the best cell's record (rank 0; None elsewhere)."""
+    require_torch_fidelity()
+    main = load_model(model_path, "cpu")
+    weights = {"ema": Path(model_path)}
+    if sweep_ema:
+        if runtime.is_main:
+            write_posthoc_ema(model_path, sweep_ema)
+        if runtime.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        weights |= {f"{s:.3f}": Path(model_path).parent / f"posthoc_ema_{s:.3f}.safetensors" for s in sweep_ema}
+    guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else []) or ["none"]
+    metric, extractor_name = sweep_metric(features)
+    extractor, reference = None, None
+    if runtime.is_main:
+        print(f"sweep: ranking by {metric.upper()} on {extractor_name} features"
+              f"{'' if metric == 'fid' else f' (no Inception weights at {inception_weights_path()}; compare only with each other)'}")
+        extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
+        data = main.description.data
+        reference = reference_statistics(data["dataset"], data_dir, data["image_size"], extractor_name, extractor, batch_size,
+                                         str(runtime.device))
+    samplers = samplers or [(settings.sampler, settings.resolved_steps(main.diffusion.num_timesteps))]
+    cells = cells_of(list(weights), guidance, scales, samplers)
+    rows = []
+    for cell in tqdm(cells, desc="sweep", unit="cell", disable=not runtime.is_main):
+        record = cell_record(cell, save_dir, metric)
+        if record is None:
+            record = evaluate_cell(cell, weights[cell.ema], settings, runtime, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                                   extractor_name=extractor_name, extractor=extractor, reference=reference, save_dir=save_dir,
+                                   metric=metric, use_ema=use_ema, compile=compile)
+        rows.append(record)
+    if not runtime.is_main:
+        return None
+    best = min(rows, key=lambda row: row["value"] if math.isfinite(row["value"]) else math.inf)
+    best_setting = {"metric": metric, "value": best["value"], "weights": str(weights[best["ema"]]), "sampler": best["sampler"],
+                    "steps": best["steps"], "guidance_scale": best["scale"],
+                    "guide_model": settings.guide_model if best["guidance"] == "auto" else None, "sweep": str(save_dir / "sweep.json")}
+    save_json({"metric": metric, "features": extractor_name, "num_samples": num_samples, "seed": seed, "cells": rows, "best": best_setting},
+              save_dir / "sweep.json")
+    table = sweep_table(rows, metric)
+    atomic_write(save_dir / "sweep.md", lambda f: f.write(table.encode()))
+    plot_sweep(rows, metric, save_dir / "sweep.png")
+    save_json(best_setting, Path(model_path).parent / BEST_FILE)
+    print(table, end="")
+    print(f"best: {best['name']} ({metric.upper()} {best['value']:.4f}); wrote {Path(model_path).parent / BEST_FILE} "
+          f"(--inference --sampling_preset best uses it)")
+    return best_setting
+
+
+def cell_record(cell: Cell, save_dir: Path, metric: str) -> Optional[dict]:
+    """A finished cell's record, from its evaluation.json; None if it has not run yet."""
+    path = save_dir / "cells" / cell.name / "evaluation.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    value = results["fid"] if metric == "fid" else results["kid"]["mean"]
+    return {"name": cell.name, **vars(cell), "value": value, "class_consistency": results["class_consistency"],
+            "sampling_seconds": results["sampling_seconds"]}
+
+
+def evaluate_cell(cell: Cell, weights: Path, settings: SamplingConfig, runtime: Runtime, *, save_dir: Path, metric: str,
+                  use_ema: bool, compile: bool, **evaluation) -> Optional[dict]:
+    """Sample and measure one cell (all ranks sample; rank 0 measures and writes its evaluation.json)."""
+    loaded = load_model(weights, str(runtime.device), use_ema, compile)
+    cell_settings = replace(settings, sampler=cell.sampler, steps=cell.steps, guidance_scale=cell.scale,
+                            guide_model=settings.guide_model if cell.guidance == "auto" else None)
+    check_sampling_steps(cell.steps, loaded)
+    guide = load_guide(cell_settings.guide_model, loaded, runtime.device, use_ema, compile)
+    evaluate_one_setting(loaded, cell_settings, runtime, out_dir=save_dir / "cells" / cell.name, guide=guide, **evaluation)
+    return cell_record(cell, save_dir, metric) if runtime.is_main else None
+
+
+def sweep_table(rows: list[dict], metric: str) -> str:
+    lines = [f"| EMA | guidance | w | sampler | steps | {metric.upper()} | class consistency | sampling s |", "| --- " * 8 + "|"]
+    for row in sorted(rows, key=lambda row: row["value"]):
+        consistency = "-" if row["class_consistency"] is None else f"{row['class_consistency']:.3f}"
+        lines.append(f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | {row['value']:.4f} | "
+                     f"{consistency} | {row['sampling_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict], metric: str, path: Path) -> None:
+    """The metric against the guidance scale, one line per EMA length, guidance kind and solver."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for line in dict.fromkeys(Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line for r in rows):
+        points = sorted((r["scale"], r["value"]) for r in rows if Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line == line)
+        axes.plot(*zip(*points), "o-", label=line)
+    axes.set(xlabel="guidance scale w", ylabel=f"{metric.upper()} (lower is better)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
+    plt.close(figure)
+
+
+def best_preset(model_path: Path) -> dict:
+    """--sampling_preset best: the setting a sweep wrote beside the checkpoint."""
+    path = Path(model_path).parent / BEST_FILE
+    if not path.is_file():
+        raise UsageError(f"--sampling_preset best needs {path}: run --evaluate --sweep on {model_path} first")
+    return json.loads(path.read_text())

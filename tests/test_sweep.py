@@ -1,0 +1,56 @@
+"""ddpm_sweep: --evaluate --sweep over EMA length x guidance kind x scale x solver, resumable, and the preset it writes."""
+import json
+
+import numpy as np
+import pytest
+
+import ddpm_main
+from conftest import run_cli
+from ddpm_sweep import Cell, cells_of, parse_samplers, sweep_metric
+
+pytest.importorskip("torch_fidelity")
+TRAIN = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 128 --warmup_steps 3 --lr 2e-3 --conditional "
+         "--max_steps 40 --sample_every 0 --save_model --run_name S --save_dir out --device cpu")
+SWEEP = ("--evaluate --sweep --model_path models/S/ckpt.pt --fid_features random-conv --fid_num_samples 20 --batch_size 20 --device cpu "
+         "--sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 --sweep_samplers ddim:3,dpm++3m:3 "
+         "--save_dir sweep")
+
+
+def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_best(tmp_path, capsys):
+    assert run_cli(TRAIN, tmp_path) == 0
+    assert ddpm_main.main(["--posthoc_ema", "0.05", "--model_path", str(tmp_path / "models/S/ckpt.pt")]) == 0
+    assert run_cli(SWEEP, tmp_path) == 0
+    report = json.loads((tmp_path / "sweep/sweep.json").read_text())
+    cells = report["cells"]
+    assert len(cells) == 2 * 2 * 2 * 2, "EMA (own, 0.1) x guidance (cfg, auto) x w (1, 2) x solver (ddim 3, dpm++3m 3)"
+    assert {(c["ema"], c["guidance"]) for c in cells} == {("ema", "cfg"), ("ema", "auto"), ("0.100", "cfg"), ("0.100", "auto")}
+    assert report["metric"] == "fid" and all(np.isfinite(c["value"]) for c in cells)
+    best = report["best"]
+    assert best["value"] == min(c["value"] for c in cells)
+    assert json.loads((tmp_path / "models/S/sampling_best.json").read_text()) == best
+    assert (tmp_path / "sweep/sweep.png").stat().st_size > 0 and "| EMA | guidance |" in (tmp_path / "sweep/sweep.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep/cells").glob("*/evaluation.json")}
+    assert len(stamps) == 16
+    assert run_cli(SWEEP, tmp_path) == 0, "again: every cell is on disk"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "finished cells are not recomputed"
+    capsys.readouterr()
+    assert run_cli("--inference --model_path models/S/ckpt.pt --sampling_preset best --num_samples 4 --save_dir inf --device cpu",
+                   tmp_path) == 0
+    record = json.loads((tmp_path / "inf/samples.json").read_text())
+    assert (record["sampler"], record["sampling_steps"], record["guidance_scale"]) == (best["sampler"], best["steps"], best["guidance_scale"])
+    assert record["model_path"] == best["weights"] and record["guide_model"] == best["guide_model"]
+
+
+def test_cells_samplers_and_the_metric():
+    assert parse_samplers("dpm++2m:20, ddpm:1000") == [("dpm++2m", 20), ("ddpm", 1000)]
+    assert [c.name for c in cells_of(["ema"], ["none"], [1, 2], [("ddim", 5)])] == ["ema-ema_none_w1_ddim-5"], "no scale axis unguided"
+    assert Cell("0.100", "auto", 2.0, "ddim", 5).line == "EMA 0.100, auto, ddim 5"
+    assert sweep_metric("random-conv") == ("fid", "random-conv")
+
+
+@pytest.mark.parametrize("command", ["--evaluate --sweep --sweep_samplers ddim:0", "--evaluate --sweep --sweep_samplers heun:5",
+                                     "--inference --sweep_ema 0.1", "--evaluate --sampling_preset best",
+                                     "--inference --sampling_preset best --model_path models/none/ckpt.pt"])
+def test_bad_sweep_flags_are_one_line(tmp_path, capsys, command):
+    assert run_cli(command, tmp_path) == 2
+    assert capsys.readouterr().err.count("\n") == 1
