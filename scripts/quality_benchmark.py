@@ -22,6 +22,11 @@ CNN trained on the real training digits (its accuracy on the real test digits is
 distance between that CNN's 64-d features of the samples and of the real test digits, and the training wall
 time. Writes quality_benchmark.json and quality_benchmark.md to --out.
 
+`--sampling_study` (issue 16) instead trains the tool once per budget and compares, on the same judge, its default
+sampling with each part alone (post-hoc EMA lengths, autoguidance by an earlier snapshot, dpm++2m/dpm++3m at 10 and 20
+steps, also measured against the 1,000-step samples) and with the best cell of a sweep over all of them; it writes
+sampling_study.json and sampling_study.md.
+
 Needs `pip install scikit-learn diffusers` (benchmark only). `--tool_repo` runs the tool's rows with the code
 of another checkout (e.g. an older commit) for before/after tables; `--flat_folder` writes the training digits
 as a plain class folder for code that does not know train/ and test/ sub-folders.
@@ -71,6 +76,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes (the cores are shared out)")
     parser.add_argument("--tool_repo", default=str(REPO), help="checkout whose ddpm_main the tool rows run")
     parser.add_argument("--flat_folder", action="store_true", help="training digits as one class folder (no train/ and test/)")
+    parser.add_argument("--sampling_study", action="store_true",
+                        help="instead of the trainer rows: for each budget, train the tool once and compare its default sampling "
+                             "with post-hoc EMA, autoguidance, the solvers and the sweep's best (issue 16)")
     return parser.parse_args(argv)
 
 
@@ -298,6 +306,98 @@ def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, da
     return row, report if steps == int(args.budgets.split(",")[0]) else ""
 
 
+# ----------------------------------------------------------------------------- the sampling study
+
+STUDY_EMAS = (0.05, 0.10, 0.15, 0.20)  # post-hoc EMA lengths tried (EDM2's range)
+STUDY_CFG_SCALES, STUDY_AUTO_SCALES = (1.0, 2.0, 3.0), (1.5, 2.0, 3.0)
+STUDY_SOLVER = ("dpm++3m", 20)  # the sweep's solver
+GUIDE_FRACTION = 4  # autoguidance's guide: the run's sigma_rel 0.10 EMA at a quarter of its steps (an earlier snapshot)
+
+
+def study_draw(model: nn.Module, diffusion, channels: int, args: argparse.Namespace, sampler: str, steps: int, scale: float,
+               guide: Optional[nn.Module] = None) -> tuple[np.ndarray, float]:
+    """Guided samples of one setting through the tool's sampling path, and the seconds they took."""
+    from ddpm_config import SamplingConfig
+    from ddpm_runtime import Runtime
+    from ddpm_sampling import generate
+
+    settings = SamplingConfig(sampler=sampler, steps=steps, guidance_scale=scale)
+    started = time.perf_counter()
+    pixels = generate(model, diffusion, (channels, args.image_size, args.image_size), args.num_samples, sample_labels(args.num_samples),
+                      settings, args.seed, args.num_samples, Runtime(torch.device("cpu")), desc="study", guide=guide)
+    return pixels.permute(0, 3, 1, 2).numpy(), time.perf_counter() - started
+
+
+def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Path, classifier: DigitClassifier,
+                   test_features: np.ndarray) -> list[dict]:
+    """One run of the tool (its defaults, --save_model: post-hoc EMA snapshots), then: its default sampling (--inference's
+    ddpm sampler over all 1,000 steps, w = 3, the checkpoint's EMA); each part alone (the best post-hoc EMA length, the
+    best autoguidance scale with an earlier snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by
+    their distance to the 1,000-step samples); and the best cell of the sweep over EMA x guidance x scale (dpm++3m 20)."""
+    from ddpm_checkpoint import build_network, load_model
+    from ddpm_metrics import feature_statistics, frechet_distance
+    from ddpm_phema import reconstruct_from_folder
+
+    work = out / f"study_{steps}"
+    model, diffusion, channels, train_seconds, _, _ = train_ours(steps, args.equal_flags, data_dir, work, args)
+    run = work / "models/run"
+    loaded = load_model(run / "ckpt.pt")
+    labels = sample_labels(args.num_samples).numpy()
+
+    def network(weights: dict) -> nn.Module:
+        net = build_network(loaded.description)
+        net.load_state_dict(weights)
+        return net.eval()
+
+    emas = {"ema": model} | {f"{s:.2f}": network(reconstruct_from_folder(run / "phema", s)) for s in STUDY_EMAS}
+    guide = network(reconstruct_from_folder(run / "phema", 0.10, target_t=steps // GUIDE_FRACTION))
+    rows, reference = [], None
+
+    def judged(name: str, part: str, images: np.ndarray, seconds: float, **setting) -> dict:
+        row = {"steps": steps, "part": part, "setting": name, **setting, "sampling_seconds": round(seconds, 1),
+               **judge(classifier, images, labels, test_features)}
+        if reference is not None:
+            mu, sigma = feature_statistics(classifier_features(classifier, images))
+            row["distance_to_1000_steps"] = frechet_distance(mu, sigma, *reference)
+        rows.append(row)
+        print(json.dumps(row))
+        return row
+
+    images, seconds = study_draw(model, diffusion, channels, args, "ddpm", diffusion.num_timesteps, 3.0)
+    judged("ddpm 1000 steps, w=3 CFG, EMA (the default)", "default", images, seconds)
+    reference = feature_statistics(classifier_features(classifier, images))
+    for sampler in ("dpm++2m", "dpm++3m"):
+        for count in (10, 20):
+            judged(f"{sampler} {count} steps, w=3 CFG, EMA", "solver", *study_draw(model, diffusion, channels, args, sampler, count, 3.0))
+    sweep_started = time.perf_counter()
+    cells = [(ema, "cfg", w) for ema in emas for w in STUDY_CFG_SCALES] + [(ema, "auto", w) for ema in emas for w in STUDY_AUTO_SCALES]
+    for ema, kind, w in cells:
+        images, seconds = study_draw(emas[ema], diffusion, channels, args, *STUDY_SOLVER, w, guide if kind == "auto" else None)
+        judged(f"EMA {ema}, {kind} w={w:g}, {STUDY_SOLVER[0]} {STUDY_SOLVER[1]}", "sweep", images, seconds, ema=ema, guidance=kind, scale=w)
+    sweep_seconds = time.perf_counter() - sweep_started
+    sweep = [row for row in rows if row["part"] == "sweep"]
+    for part, chosen in (("post-hoc EMA alone (CFG w=3)", [r for r in sweep if r["guidance"] == "cfg" and r["scale"] == 3.0]),
+                         ("autoguidance alone (EMA)", [r for r in sweep if r["guidance"] == "auto" and r["ema"] == "ema"]),
+                         ("the sweep's best", sweep)):
+        best = min(chosen, key=lambda r: r["frechet_distance"])
+        rows.append({**best, "part": part, "sweep_seconds": round(sweep_seconds, 1) if part == "the sweep's best" else None})
+    for row in rows:
+        row["train_seconds"] = round(train_seconds, 1)
+    return rows
+
+
+def study_markdown(rows: list[dict]) -> str:
+    lines = ["| steps | part | setting | class accuracy | Frechet distance | distance to 1000 steps | sampling s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if row["part"] == "sweep":
+            continue
+        to_reference = row.get("distance_to_1000_steps")
+        lines.append(f"| {row['steps']} | {row['part']} | {row['setting']} | {row['class_accuracy']:.3f} | {row['frechet_distance']:.2f} | "
+                     f"{'-' if to_reference is None else f'{to_reference:.2f}'} | {row['sampling_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, args.tool_repo)
@@ -311,6 +411,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     floor = judge(classifier, *splits["train"], test_features)["frechet_distance"]
     print(f"judge: {accuracy:.3f} on the {len(splits['test'][1])} real test digits; real train vs test Frechet distance {floor:.2f}")
 
+    if args.sampling_study:
+        rows = [row for steps in (int(b) for b in args.budgets.split(",")) for row in sampling_study(steps, args, data_dir, out, classifier,
+                                                                                                    test_features)]
+        (out / "sampling_study.json").write_text(json.dumps({"config": vars(args), "train_vs_test_frechet": floor, "rows": rows}, indent=2))
+        (out / "sampling_study.md").write_text(study_markdown(rows))
+        print(study_markdown(rows), end="")
+        return 0
     jobs = [(steps, trainer) for steps in (int(b) for b in args.budgets.split(",")) for trainer in args.rows.split(",")]
     shared = (args, splits, data_dir, out, classifier.state_dict(), test_features)
     if args.jobs == 1:

@@ -41,3 +41,19 @@ def test_smoke_run_writes_a_row_per_trainer_and_budget(tmp_path):
     table = (out / "quality_benchmark.md").read_text()
     assert "| 3 | diffusers UNet2DModel + DDPMScheduler |" in table and "| 2 | ours |" in table
     assert (out / "samples_ours_3.png").is_file() and (out / "digits/train/7").is_dir() and (out / "digits/test/7").is_dir()
+
+
+def test_sampling_study_smoke_run_reports_every_part(tmp_path):
+    out = tmp_path / "study"
+    argv = ["--sampling_study", "--budgets", "8", "--image_size", "8", "--batch_size", "16", "--model_flags",
+            "--model_size tiny --base_dim 32 --timesteps 20", "--num_samples", "10", "--classifier_epochs", "2", "--out", str(out)]
+    assert quality_benchmark.main(argv) == 0
+    rows = json.loads((out / "sampling_study.json").read_text())["rows"]
+    parts = [row["part"] for row in rows if row["part"] != "sweep"]
+    assert parts == ["default", "solver", "solver", "solver", "solver", "post-hoc EMA alone (CFG w=3)", "autoguidance alone (EMA)",
+                     "the sweep's best"]
+    sweep = [row for row in rows if row["part"] == "sweep"]
+    assert len(sweep) == 5 * 6, "EMA (own + 4 lengths) x (3 CFG + 3 autoguidance scales)"
+    assert rows[-1]["frechet_distance"] == min(row["frechet_distance"] for row in sweep)
+    assert all(math.isfinite(row["distance_to_1000_steps"]) for row in rows if row["part"] == "solver")
+    assert "| 8 | the sweep's best |" in (out / "sampling_study.md").read_text()
