@@ -229,6 +229,17 @@ def interleaved_timings(fns: dict[str, Callable[[], None]], args: argparse.Names
     return rounds
 
 
+def first_steps(train_fns: dict[str, Callable[[], None]], models: dict[str, nn.Module], device: torch.device) -> dict[str, dict]:
+    """Each model's first training step (compilation, autotuning), one model at a time: {"first_step_s", "peak_memory_mb"}."""
+    results = {}
+    for name, fn in train_fns.items():
+        weights = sum(p.numel() * p.element_size() for p in models[name].parameters())
+        held_by_others = memory_in_use(device) - weights  # the other models' weights and optimizer states
+        reset_peak_memory(device)
+        results[name] = {"first_step_s": timed(fn, 1, device), "peak_memory_mb": peak_memory_mb(device, held_by_others)}
+    return results
+
+
 def paired_ratio(theirs: list[float], ours: list[float]) -> float:
     """Median over rounds of their time / our time in the same round: on a shared machine the load drifts
     between rounds, and a ratio taken within one round cancels most of that drift."""
@@ -241,6 +252,11 @@ def paired_ratio(theirs: list[float], ours: list[float]) -> float:
 def peak_tflops(gpu_name: str) -> Optional[float]:
     """The dense bf16 peak of a GPU named like torch.cuda.get_device_name() says, None if not in the table."""
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in gpu_name), None)
+
+
+def mfu(train_images_per_s: float, forward_flops_per_image: int, peak: Optional[float]) -> Optional[float]:
+    """Model FLOP utilisation of training: achieved FLOP/s (forward and backward) over the dense bf16 peak (TFLOP/s); None without a peak."""
+    return train_images_per_s * TRAIN_FLOPS_PER_FORWARD * forward_flops_per_image / (peak * 1e12) if peak else None
 
 
 def cpu_name() -> str:
@@ -293,12 +309,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     results = {name: {"model": name, "params": count_parameters(model), "gflop_per_image_forward": flops[name] / 1e9} for name, model in models.items()}
     train_fns = {name: train_step_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}
-    for name, fn in train_fns.items():  # the first step (compilation, autotuning) and peak memory, one model at a time
-        weights = sum(p.numel() * p.element_size() for p in models[name].parameters())
-        held_by_others = memory_in_use(device) - weights  # the other models' weights and optimizer states
-        reset_peak_memory(device)
-        results[name]["first_step_s"] = timed(fn, 1, device)
-        results[name]["peak_memory_mb"] = peak_memory_mb(device, held_by_others)
+    for name, first in first_steps(train_fns, models, device).items():
+        results[name].update(first)
     train_s = interleaved_timings(train_fns, args, device)
     del train_fns  # free the optimizer states before sampling
 
@@ -315,8 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         r["eval_images_per_s"] = args.batch_size / statistics.median(eval_s[name])
         r["eval_ratio_ours_over_this"] = paired_ratio(eval_s[name], eval_s[ours])
         r["sampler_images_per_s"] = args.batch_size / statistics.median(sampler_s[name]) if name in sampler_s else None
-        achieved = r["train_images_per_s"] * TRAIN_FLOPS_PER_FORWARD * flops[name]
-        r["mfu"] = achieved / (peak * 1e12) if peak else None
+        r["mfu"] = mfu(r["train_images_per_s"], flops[name], peak)
     env = environment(device)
     print_table(list(results.values()), env, args)
     for note in notes:
