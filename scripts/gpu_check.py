@@ -617,6 +617,91 @@ def fmt(value, spec: str = ".1f", suffix: str = "") -> str:
     return f"{value:{spec}}{suffix}"
 
 
+def md_throughput(s: dict) -> list[str]:
+    """The markdown lines of step throughput."""
+    lines: list[str] = []
+    c = s["config"]
+    lines += [f"Training throughput, `{c['model_size']}` preset, batch {c['batch_size']}, {c['image_size']}x{c['image_size']}, "
+              f"bf16 autocast (median of {c['rounds']} interleaved rounds):", "",
+              "| model | images/s | vs UNet2DModel | step ms | peak MB | MFU | first step s |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in s["models"].items():
+        lines.append(f"| {name} | {r['images_per_s']:.0f} | {fmt(r['speedup_vs_unet2dmodel'], '.2f', 'x')} | {r['step_ms']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} | {fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | {r['first_step_s']:.1f} |")
+    lines += ["", f"| target ({s['best']}) | value | goal | met |", "| --- | --- | --- | --- |"]
+    for name, t in s["targets"].items():
+        lines.append(f"| {name} | {fmt(t['value'], '.2f')} | {t['goal']:g} | {fmt(t['met'])} |")
+    lines += [""] + [f"Note: {note}" for note in s["notes"]] + ([""] if s["notes"] else [])
+    return lines
+
+
+def md_profile(s: dict) -> list[str]:
+    """The markdown lines of step profile."""
+    lines: list[str] = []
+    idle = None if s["gpu_idle_share"] is None else 100 * s["gpu_idle_share"]
+    lines += [f"Profile of {s['steps']} compiled training steps (top kernels: `{s['table']}`):", "",
+              "| step ms | device busy ms per step | GPU idle (host-bound) |", "| --- | --- | --- |",
+              f"| {s['step_ms']:.1f} | {fmt(s['device_busy_ms_per_step'])} | {fmt(idle, '.1f', '%')} |", "", f"Note: {s['note']}", ""]
+    return lines
+
+
+def md_training(s: dict) -> list[str]:
+    """The markdown lines of step training."""
+    lines: list[str] = []
+    rows = [("optimizer steps (--max_steps)", f"{s['steps']} ({s['planned']})"), ("wall time of the run", fmt(s["wall_s"], ".0f", " s")),
+            ("images/s (logged windows, median)", fmt(s["images_per_s_logged_median"], ".0f")),
+            ("images/s over all steps (with compilation)", fmt(s["images_per_s_in_steps"], ".0f")),
+            ("compilation and warm-up (estimate)", fmt(s["compile_and_warmup_s_estimate"], ".0f", " s")),
+            ("seconds per checkpoint write", fmt(s["seconds_per_checkpoint_write"], ".2f")),
+            ("checkpoint writes, share of the run (estimate)", f"{s['checkpoint_writes']}, {100 * s['checkpoint_share_of_run_estimate']:.0f}%"),
+            ("time outside optimizer steps", f"{100 * s['outside_steps_share']:.0f}%"),
+            ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({s['peak_memory_source']})"),
+            ("non-finite steps skipped (must be 0)", f"{s['nonfinite_skipped']}{'' if s['nonfinite_ok'] else ' (WRONG)'}"),
+            ("resume", f"at step {s['resume']['resumed_at_step']}, to {s['resume']['final_step']}: "
+                       f"{'continued' if s['resume']['continued'] else 'did NOT continue'}")]
+    lines += [f"Training run through the CLI (`{s['command']}`), grid `{s['grid']}`:", "", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in rows] + [""]
+    return lines
+
+
+def md_sampling(s: dict) -> list[str]:
+    """The markdown lines of step sampling."""
+    lines: list[str] = []
+    lines += [f"Sampling, guided (w={s['guidance_scale']:g}), batch {s['batch_size']}:", "",
+              "| sampler | network | samples | images/s | max pixel diff bf16 vs fp32 |", "| --- | --- | --- | --- | --- |"]
+    for r in s["runs"]:
+        lines.append(f"| {r['sampler']} {r['steps']} steps | {r['network']} | {r['samples']} | {r['images_per_s']:.1f} | "
+                     f"{fmt(r.get('max_pixel_diff'), 'd')} |")
+    lines += ["", "| variant | images/s | vs eager bf16 | first batch s | max pixel diff vs eager |", "| --- | --- | --- | --- | --- |"]
+    for r in s["compiled"]:
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {r['variant']} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: `' + r['error'] + '`'} | | | |")
+        else:
+            lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} | {r['speedup_vs_eager']:.2f}x | {r['first_batch_s']:.1f} | "
+                         f"{r['max_pixel_diff']} |")
+    lines += ["", f"Note: {s['note']}.", ""]
+    return lines
+
+
+def md_nonfinite_skip(s: dict) -> list[str]:
+    """The markdown lines of step nonfinite_skip."""
+    lines: list[str] = []
+    lines += [f"Non-finite step ({s['optimizer']}, {s['device']}, {s['amp']}): skipped {fmt(s['skip_flag'])}; weights, optimizer state "
+              f"and EMA bit-identical: {fmt(s['weights_bit_identical'])}, {fmt(s['optimizer_state_bit_identical'])}, "
+              f"{fmt(s['ema_bit_identical'])} ({s['tensors_compared']} tensors).", ""]
+    return lines
+
+
+def md_torchrun(s: dict) -> list[str]:
+    """The markdown lines of step torchrun."""
+    lines: list[str] = []
+    lines += [f"torchrun, one process: {s['steps']} steps and a checkpoint in {s['seconds']:.0f} s; "
+              f"{s['process_group']['backend']} all-reduce {'ok' if s['process_group']['all_reduce_ok'] else 'WRONG'}.", ""]
+    return lines
+
+
+MARKDOWN = {"throughput": md_throughput, "profile": md_profile, "training": md_training, "sampling": md_sampling, "nonfinite_skip": md_nonfinite_skip, "torchrun": md_torchrun}  # step -> its tables, in the order of the report
+
+
 def markdown(report: dict) -> str:
     """The report as markdown tables, ready to paste into a README."""
     env, steps = report["environment"], report["steps"]
@@ -625,70 +710,11 @@ def markdown(report: dict) -> str:
              f"Driver {env['driver'] or '-'}, torch built for CUDA {env['cuda'] or '-'}, torch {env['torch']}; `{report['command']}`, "
              f"{report['total_s']:.0f} s in all.", ""]
 
-    def failed(name: str) -> bool:
+    for name, render in MARKDOWN.items():
         if steps.get(name, {}).get("error"):
             lines.extend([f"{name}: failed: `{steps[name]['error']}`", ""])
-            return True
-        return name not in steps
-
-    if not failed("throughput"):
-        s = steps["throughput"]
-        c = s["config"]
-        lines += [f"Training throughput, `{c['model_size']}` preset, batch {c['batch_size']}, {c['image_size']}x{c['image_size']}, "
-                  f"bf16 autocast (median of {c['rounds']} interleaved rounds):", "",
-                  "| model | images/s | vs UNet2DModel | step ms | peak MB | MFU | first step s |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for name, r in s["models"].items():
-            lines.append(f"| {name} | {r['images_per_s']:.0f} | {fmt(r['speedup_vs_unet2dmodel'], '.2f', 'x')} | {r['step_ms']:.1f} | "
-                         f"{r['peak_memory_mb']:.0f} | {fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | {r['first_step_s']:.1f} |")
-        lines += ["", f"| target ({s['best']}) | value | goal | met |", "| --- | --- | --- | --- |"]
-        for name, t in s["targets"].items():
-            lines.append(f"| {name} | {fmt(t['value'], '.2f')} | {t['goal']:g} | {fmt(t['met'])} |")
-        lines += [""] + [f"Note: {note}" for note in s["notes"]] + ([""] if s["notes"] else [])
-    if not failed("profile"):
-        s = steps["profile"]
-        idle = None if s["gpu_idle_share"] is None else 100 * s["gpu_idle_share"]
-        lines += [f"Profile of {s['steps']} compiled training steps (top kernels: `{s['table']}`):", "",
-                  "| step ms | device busy ms per step | GPU idle (host-bound) |", "| --- | --- | --- |",
-                  f"| {s['step_ms']:.1f} | {fmt(s['device_busy_ms_per_step'])} | {fmt(idle, '.1f', '%')} |", "", f"Note: {s['note']}", ""]
-    if not failed("training"):
-        s = steps["training"]
-        rows = [("optimizer steps (--max_steps)", f"{s['steps']} ({s['planned']})"), ("wall time of the run", fmt(s["wall_s"], ".0f", " s")),
-                ("images/s (logged windows, median)", fmt(s["images_per_s_logged_median"], ".0f")),
-                ("images/s over all steps (with compilation)", fmt(s["images_per_s_in_steps"], ".0f")),
-                ("compilation and warm-up (estimate)", fmt(s["compile_and_warmup_s_estimate"], ".0f", " s")),
-                ("seconds per checkpoint write", fmt(s["seconds_per_checkpoint_write"], ".2f")),
-                ("checkpoint writes, share of the run (estimate)", f"{s['checkpoint_writes']}, {100 * s['checkpoint_share_of_run_estimate']:.0f}%"),
-                ("time outside optimizer steps", f"{100 * s['outside_steps_share']:.0f}%"),
-                ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({s['peak_memory_source']})"),
-                ("non-finite steps skipped (must be 0)", f"{s['nonfinite_skipped']}{'' if s['nonfinite_ok'] else ' (WRONG)'}"),
-                ("resume", f"at step {s['resume']['resumed_at_step']}, to {s['resume']['final_step']}: "
-                           f"{'continued' if s['resume']['continued'] else 'did NOT continue'}")]
-        lines += [f"Training run through the CLI (`{s['command']}`), grid `{s['grid']}`:", "", "| figure | value |", "| --- | --- |"]
-        lines += [f"| {name} | {value} |" for name, value in rows] + [""]
-    if not failed("sampling"):
-        s = steps["sampling"]
-        lines += [f"Sampling, guided (w={s['guidance_scale']:g}), batch {s['batch_size']}:", "",
-                  "| sampler | network | samples | images/s | max pixel diff bf16 vs fp32 |", "| --- | --- | --- | --- | --- |"]
-        for r in s["runs"]:
-            lines.append(f"| {r['sampler']} {r['steps']} steps | {r['network']} | {r['samples']} | {r['images_per_s']:.1f} | "
-                         f"{fmt(r.get('max_pixel_diff'), 'd')} |")
-        lines += ["", "| variant | images/s | vs eager bf16 | first batch s | max pixel diff vs eager |", "| --- | --- | --- | --- | --- |"]
-        for r in s["compiled"]:
-            if "skipped" in r or "error" in r:
-                lines.append(f"| {r['variant']} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: `' + r['error'] + '`'} | | | |")
-            else:
-                lines.append(f"| {r['variant']} | {r['images_per_s']:.1f} | {r['speedup_vs_eager']:.2f}x | {r['first_batch_s']:.1f} | "
-                             f"{r['max_pixel_diff']} |")
-        lines += ["", f"Note: {s['note']}.", ""]
-    if not failed("nonfinite_skip"):
-        s = steps["nonfinite_skip"]
-        lines += [f"Non-finite step ({s['optimizer']}, {s['device']}, {s['amp']}): skipped {fmt(s['skip_flag'])}; weights, optimizer state "
-                  f"and EMA bit-identical: {fmt(s['weights_bit_identical'])}, {fmt(s['optimizer_state_bit_identical'])}, "
-                  f"{fmt(s['ema_bit_identical'])} ({s['tensors_compared']} tensors).", ""]
-    if not failed("torchrun"):
-        s = steps["torchrun"]
-        lines += [f"torchrun, one process: {s['steps']} steps and a checkpoint in {s['seconds']:.0f} s; "
-                  f"{s['process_group']['backend']} all-reduce {'ok' if s['process_group']['all_reduce_ok'] else 'WRONG'}.", ""]
+        elif name in steps:
+            lines += render(steps[name])
     lines += ["| step | status | seconds | budget s |", "| --- | --- | --- | --- |"]
     for name, s in steps.items():
         lines.append(f"| {name} | {'failed' if s['error'] else 'ok'} | {s['elapsed_s']:.1f} | {s['budget_s']} |")
