@@ -1,6 +1,7 @@
 """Checkpoints: the one writer and the one reader of the tool's files, the model description, resume."""
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import math
@@ -245,7 +246,7 @@ def restored_state(checkpoint: Optional[dict]) -> TrainState:
     again when it gets there, so a resumed history equals a straight run's."""
     if checkpoint is None:
         return TrainState()
-    state = TrainState(**checkpoint["train_state"])
+    state = TrainState(**copy.deepcopy(checkpoint["train_state"]))  # the checkpoint dict stays as it was read
     history = empty_history() | state.history
     for key in ("eval_examples",):  # what a checkpoint of an earlier version did not record per entry
         history[key] = history[key] or [None] * len(history["epochs"])

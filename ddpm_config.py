@@ -84,7 +84,7 @@ class SamplingConfig:
     guidance_interval: Optional[tuple[float, float]] = None
     variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
     guide_model: Optional[str] = None  # autoguidance's weaker network (ddpm_sampling.load_guide); None: classifier-free guidance
-    amp: str = "none"  # the network's autocast; the sampler's own arithmetic stays in float32
+    amp: str = "auto"  # the network's autocast (as --amp: bf16 on GPUs that support it); the sampler's own arithmetic stays in float32
 
     @classmethod
     def for_training_grids(cls, timesteps: int, **flags) -> SamplingConfig:

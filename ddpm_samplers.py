@@ -188,7 +188,7 @@ class MultistepDPMSolverPlusPlus:
     algorithm_type="dpmsolver++") implement it; tests/test_diffusers.py pins it to the latter. Note that the x_0'' term
     of (E)'s expansion is -alpha_s phi_3 h^2 x_0'' = -2 alpha_s phi_3 D2, so (3) carries half of it: its local error
     is O(h^3), not a third-order step's O(h^4) (with 2 D2 it would be exact for any x_0 quadratic in lambda). Kept as
-    implemented there: on the analytic mixture of tests/test_diffusion.py the full coefficient measured closer at 10
+    implemented there: on the analytic mixture of tests/test_samplers.py the full coefficient measured closer at 10
     steps but farther at 15 to 30.
 
     The first step is first order, the second at most second order, then `order`. The final step to the clean image

@@ -1,15 +1,32 @@
-"""Fixtures and helpers shared by the test modules."""
+"""Fixtures and helpers shared by the test modules (no test module imports another).
+
+* Every test process computes on one CPU thread, and so do the processes it starts (OMP_NUM_THREADS, unless set):
+  the tests run tiny networks, where a second intra-op thread gains little and, on a machine whose cores are shared,
+  waits for a descheduled partner (measured with other load: two 3-step training runs took 14 s on one thread, 160 s on two).
+* run_cli runs the command line in-process; trained_runs / trained_workspace share two tiny trained runs.
+* Analytic noise predictors (GaussianMixtureNoise) for the diffusion and sampler tests.
+* Small data sets in their real on-disk formats.
+"""
+import hashlib
 import os
 import pickle
 import shlex
+import shutil
 import struct
 from pathlib import Path
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here and in every process a test starts
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ddpm_main
+from ddpm_config import UsageError
+from ddpm_diffusion import Diffusion
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,12 +41,24 @@ def run_cli(command: str, cwd: Path) -> int:
         os.chdir(previous)
 
 
+def usage_error(call, *args, **kwargs) -> str:
+    """Run call expecting a UsageError; return its message, which must be one line."""
+    with pytest.raises(UsageError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def tree_fingerprint(root: Path) -> dict[str, str]:
+    """Every file under root (hidden ones included) by relative path, with the SHA-256 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture
 def tensor_reads(monkeypatch) -> dict:
     """Counts the reads of a tensor's value on the host (.item(), .tolist(), bool(), float(), int()): on a GPU
     each one waits for all queued work. The count is in the returned dict's "count"; set it to 0 to restart."""
-    import torch
-
     reads = {"count": 0}
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -40,6 +69,102 @@ def tensor_reads(monkeypatch) -> dict:
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     return reads
+
+
+# Two tiny runs trained once per test session: models/U (unconditional) and models/C (conditional), 3 steps each on
+# 16x16 synthetic images, with their outputs in out_U/ and out_C/. Tests that only read them take `trained_runs`
+# (which fails the test that writes into it); tests that write (inference outputs, extra files) take
+# `trained_workspace`, their own copy, so every test passes alone and in any order.
+
+TINY = "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 --log_interval 1 --num_samples 4"
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    assert run_cli(f"{TINY} --max_steps 3 --save_model --run_name U --save_dir out_U", root) == 0
+    assert run_cli(f"{TINY} --max_steps 3 --save_model --run_name C --save_dir out_C --conditional --p_uncond 0.2 --lr 0.003", root) == 0
+    return root
+
+
+@pytest.fixture
+def trained_runs(trained_template) -> Path:
+    """The shared trained runs, to read only."""
+    before = tree_fingerprint(trained_template)
+    yield trained_template
+    assert tree_fingerprint(trained_template) == before, "this test wrote into the shared runs: give it trained_workspace"
+
+
+@pytest.fixture
+def trained_workspace(trained_template, tmp_path) -> Path:
+    """This test's own copy of the trained runs, to write into."""
+    return Path(shutil.copytree(trained_template, tmp_path / "workspace"))
+
+
+def write_random_checkpoint(path: Path, conditional: bool) -> None:
+    """A tiny 16x16 model for the synthetic data set in the checkpoint format, with random weights
+    (perturbed so that its output, and its conditional and unconditional branches, differ), at training step 3."""
+    from ddpm_checkpoint import save_checkpoint
+    from ddpm_data import SYNTHETIC_CLASS_NAMES
+    from ddpm_model import UNet, preset_config
+
+    torch.manual_seed(0)
+    model = UNet(in_channels=3, image_size=16, num_classes=10 if conditional else None, **preset_config("tiny", 16))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    save_checkpoint({
+        "model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
+        "diffusion": {"timesteps": 20, "schedule": "linear"}, "conditional": conditional,
+        "data": {"dataset": "synthetic", "class_names": list(SYNTHETIC_CLASS_NAMES), "image_size": 16, "channels": 3},
+        "train_state": {"step": 3}, "config": {},
+    }, path)
+
+
+# Analytic noise predictors: the exact E[eps | x_t] for a data distribution we know (a point mass, a Gaussian, a
+# Gaussian mixture), so a correct sampler must return that distribution.
+
+
+class GaussianMixtureNoise:
+    """Exact E[eps | x_t, class] for data x_0 ~ sum_k w_k N(means[k], std^2), elementwise.
+
+    With a label k the data is the k-th component alone; the null label (or labels=None)
+    means the whole mixture, so this is also a perfect classifier-free-guidance model.
+    """
+
+    def __init__(self, diffusion: Diffusion, means: list[float], std: float, weights: list[float] | None = None):
+        self.diffusion = diffusion
+        self.means = torch.tensor(means, dtype=torch.float64)
+        self.std = std
+        self.weights = torch.tensor(weights or [1 / len(means)] * len(means), dtype=torch.float64)
+        self.num_classes = len(means)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        x64 = x.double()
+        alpha_bar = self.diffusion.alphas_cumprod.double()[t].reshape(-1, *[1] * (x.ndim - 1))
+        variance = alpha_bar * self.std**2 + 1 - alpha_bar
+        centres = alpha_bar.sqrt().unsqueeze(-1) * self.means  # (B, 1, ..., K)
+        log_resp = self.weights.log() - (x64.unsqueeze(-1) - centres) ** 2 / (2 * variance.unsqueeze(-1))
+        resp = torch.softmax(log_resp, dim=-1)
+        if labels is not None:
+            conditional = labels != self.num_classes
+            one_hot = torch.nn.functional.one_hot(labels.clamp(max=self.num_classes - 1), self.num_classes).double()
+            one_hot = one_hot.reshape(-1, *[1] * (x.ndim - 1), self.num_classes)
+            resp = torch.where(conditional.reshape(-1, *[1] * x.ndim), one_hot, resp)
+        mean_x_t = (resp * centres).sum(-1)
+        return ((1 - alpha_bar).sqrt() * (x64 - mean_x_t) / variance).to(x.dtype)
+
+
+def sample_1d(diffusion: Diffusion, model, n: int, seed: int = 0, **kwargs) -> torch.Tensor:
+    """n one-pixel samples of Diffusion.sample, flattened."""
+    generator = torch.Generator().manual_seed(seed)
+    return diffusion.sample(model, (n, 1, 1, 1), generator=generator, progress=False, **kwargs).flatten()
+
+
+def two_branch_model(x, t, labels):
+    """A toy predictor whose conditional branch (labels < 10) has a smaller spread than the unconditional one."""
+    scale = torch.where(labels < 10, 0.5, 2.0).reshape(-1, *[1] * (x.ndim - 1))
+    return scale * x + 0.1 * t.float().reshape(-1, *[1] * (x.ndim - 1))
 
 
 # Small data sets in their real on-disk formats (CIFAR-10 pickles, MNIST idx files, an image folder), so tests

@@ -1,12 +1,92 @@
 """ddpm_checkpoint: the one reader of the tool's files, the model description, and one process per run folder."""
+import os
 import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import torch
 
-from conftest import REPO, run_cli
-from ddpm_checkpoint import ModelDescription, load_checkpoint, load_model
+from conftest import REPO, run_cli, usage_error
+from ddpm_checkpoint import ModelDescription, RunLock, load_checkpoint, load_model, restored_state, save_checkpoint
+
+
+class NotATensor:
+    """Pickled into a file to check that load_checkpoint refuses to unpickle classes."""
+
+
+# ----------------------------------------------------------------------------- the file format
+
+
+def test_checkpoint_round_trip_is_tagged_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "runs" / "model.pt"
+    save_checkpoint({"model": {"weight": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 1e-4}}, path)
+    state = load_checkpoint(path)
+    assert (state["format"], state["format_version"], state["step"], state["config"]) == \
+        ("ddpm-checkpoint", 1, 7, {"lr": 1e-4})
+    assert torch.equal(state["model"]["weight"], torch.arange(6.0).view(2, 3))
+    assert os.listdir(path.parent) == ["model.pt"]
+
+
+def test_a_truncated_checkpoint_is_a_usage_error(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint({"weight": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:1000])
+    assert "truncated or corrupt" in usage_error(load_checkpoint, path)
+
+
+def test_a_checkpoint_holding_a_class_is_refused_not_unpickled(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"format": "ddpm-checkpoint", "payload": NotATensor()}, path)
+    assert "refusing" in usage_error(load_checkpoint, path)
+
+
+def test_a_foreign_torch_file_and_a_missing_file_are_usage_errors(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, path)
+    assert "not a checkpoint written by this tool" in usage_error(load_checkpoint, path)
+    assert "checkpoint not found" in usage_error(load_checkpoint, tmp_path / "missing.pt")
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_checkpoint({"step": 1}, path)
+    before = path.read_bytes()
+
+    def crash_mid_write(obj, f):
+        f.write(before[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["model.pt"]
+
+
+# ----------------------------------------------------------------------------- what a trained run's files hold
+
+def test_conditional_checkpoint_knows_its_classes(trained_runs):
+    checkpoint = load_checkpoint(trained_runs / "models/C/ckpt.pt")
+    assert checkpoint["conditional"] is True
+    assert len(checkpoint["data"]["class_names"]) == 10
+    assert checkpoint["model_config"]["num_classes"] == 10
+
+
+def test_every_checkpoint_has_its_sampling_weights_as_safetensors(trained_workspace):
+    """ckpt.safetensors: the EMA weights and the model's description, a fraction of ckpt.pt, sampling the same images."""
+    weights, full = trained_workspace / "models/C/ckpt.safetensors", trained_workspace / "models/C/ckpt.pt"
+    assert weights.stat().st_size < full.stat().st_size / 2
+    from_weights, from_full = load_checkpoint(weights), load_checkpoint(full)
+    assert all(torch.equal(from_weights["ema"][key], value) for key, value in from_full["ema"].items())
+    for name, path in (("w", weights), ("f", full)):
+        assert run_cli(f"--inference --model_path {path.relative_to(trained_workspace)} --num_samples 2 --sampler ddim --sampling_steps 2 --save_dir st_{name}", trained_workspace) == 0
+    assert np.array_equal(np.load(trained_workspace / "st_w/samples.npz")["arr_0"], np.load(trained_workspace / "st_f/samples.npz")["arr_0"])
+
+
+# ----------------------------------------------------------------------------- training state and the run lock
 
 FAST = "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --sample_every 0 --device cpu"
 
@@ -41,17 +121,50 @@ def test_a_second_process_on_a_live_run_is_refused_and_touches_nothing(tmp_path,
     assert load_checkpoint(checkpoint)["train_state"]["step"] == 4
 
 
-def test_every_writer_describes_the_model_the_same_way_and_load_model_reads_both_files(tmp_path):
-    assert run_cli(f"{FAST} --batch_size 64 --max_steps 2 --conditional --save_model --run_name D", tmp_path) == 0
-    full = load_checkpoint(tmp_path / "models/D/ckpt.pt")
-    weights = load_checkpoint(tmp_path / "models/D/ckpt.safetensors")
+def test_every_writer_describes_the_model_the_same_way_and_load_model_reads_both_files(trained_runs):
+    """The shared conditional run C (16x16, 3 steps): its checkpoint and its weights file."""
+    full = load_checkpoint(trained_runs / "models/C/ckpt.pt")
+    weights = load_checkpoint(trained_runs / "models/C/ckpt.safetensors")
     described = ModelDescription.from_checkpoint(full, "ckpt.pt")
     assert ModelDescription.from_checkpoint(weights, "ckpt.safetensors") == described
-    assert described.image_shape == (3, 8, 8) and described.num_classes == 10 and described.diffusion["prediction_type"] == "v"
-    from_checkpoint, from_weights = load_model(tmp_path / "models/D/ckpt.pt"), load_model(tmp_path / "models/D/ckpt.safetensors")
+    assert described.image_shape == (3, 16, 16) and described.num_classes == 10 and described.diffusion["prediction_type"] == "v"
+    from_checkpoint, from_weights = load_model(trained_runs / "models/C/ckpt.pt"), load_model(trained_runs / "models/C/ckpt.safetensors")
     assert from_checkpoint.use_ema and not from_checkpoint.model.training
     for key, value in from_checkpoint.model.state_dict().items():
         assert torch.equal(value, full["ema"][key]) and torch.equal(value, from_weights.model.state_dict()[key]), key
-    raw = load_model(tmp_path / "models/D/ckpt.pt", use_ema=False)
+    raw = load_model(trained_runs / "models/C/ckpt.pt", use_ema=False)
     assert not raw.use_ema and all(torch.equal(v, full["model"][k]) for k, v in raw.model.state_dict().items())
     assert any(not torch.equal(full["ema"][k], full["model"][k]) for k in full["model"]), "EMA and raw weights differ"
+
+
+def test_restored_state_drops_what_the_saved_run_wrote_only_because_it_ended_there():
+    """A run stopped mid-epoch at step 5 wrote an entry for its partial epoch and the whole-split losses at its end; the
+    resumed run writes both again when it gets there, so they go. The entry of a finished epoch and a whole-split loss
+    taken at --eval_every stay."""
+    def saved(step: int, epoch_position: int, entries: int, full: list[dict]) -> dict:
+        history = {"epochs": [0, 1][:entries], "steps": [3, 5][:entries], "train_loss": [0.5, 0.4][:entries],
+                   "val_loss": [0.6, 0.5][:entries], "test_loss": [0.7, 0.6][:entries], "lr": [1e-3, 1e-3][:entries],
+                   "eval_examples": [32, 32][:entries], "full": full}
+        return {"train_state": {"step": step, "epoch": 1, "epoch_position": epoch_position, "history": history}}
+
+    every, end_3, end_5 = ({"step": step, "at": at, "val_loss": 0.5} for step, at in ((3, "every"), (3, "end"), (5, "end")))
+    state = restored_state(saved(5, 32, 2, [every, end_5]))
+    assert (state.step, state.epoch, state.epoch_position) == (5, 1, 32)
+    assert state.history["epochs"] == [0] and state.history["steps"] == [3] and state.history["val_loss"] == [0.6]
+    assert state.history["full"] == [every]
+    at_epoch_end = restored_state(saved(3, 0, 1, [every, end_3]))
+    assert at_epoch_end.history["epochs"] == [0] and at_epoch_end.history["train_loss"] == [0.5], "a finished epoch's entry stays"
+    assert at_epoch_end.history["full"] == [every]
+    assert restored_state(None).step == 0 and restored_state(None).history["epochs"] == []
+
+
+def test_the_run_lock_lets_one_holder_in_at_a_time(tmp_path):
+    run_dir = tmp_path / "models" / "R"
+    with RunLock(run_dir):
+        assert (run_dir / ".lock").read_text().strip() == str(os.getpid())
+        message = usage_error(RunLock(run_dir).__enter__)
+        assert "being trained by another process" in message and f"pid {os.getpid()}" in message
+        with RunLock(run_dir, enabled=False):  # other ranks, and runs that write no checkpoint, take no lock
+            pass
+    with RunLock(run_dir):  # released with its holder
+        pass

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli as run, write_cifar10
-from test_diffusion import GaussianMixtureNoise
+from conftest import GaussianMixtureNoise, run_cli as run, write_cifar10
 from ddpm_diffusers import unet2d_config
 from ddpm_checkpoint import load_checkpoint, load_model, save_checkpoint
 from ddpm_diffusion import Diffusion

@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 from conftest import REPO, run_cli
 from PIL import Image
 
-import ddpm_checkpoint
 import ddpm_main
 from ddpm_diffusion import Diffusion
 from ddpm_checkpoint import load_checkpoint
@@ -80,7 +79,8 @@ def test_two_processes_train_and_end_with_identical_weights(run_dir):
 
 
 def test_only_rank_zero_writes_and_writes_once(run_dir):
-    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == [".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors"], \
+    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == [".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors",
+                                                                      "phema"], \
         "no temporary files left (rank 0 holds the run lock)"
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert all(len(values) == 1 for values in history.values()), history
@@ -122,8 +122,9 @@ def test_resume_with_another_number_of_processes(run_dir):
 
 
 def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_dir):
-    """--inference and --evaluate with 2 processes: each samples its share (see the next test), rank 0
-    gathers and writes once, and images, labels and FID equal a single process's for the same seed."""
+    """--inference and --evaluate with 2 processes: each samples its share (that a share is the rows one process samples
+    for those batches: test_sampling.py), rank 0 gathers and writes once, and images, labels and FID equal a single
+    process's for the same seed."""
     common = "--model_path models/D/ckpt.pt --device cpu --batch_size 2 --sampler ddim --sampling_steps 3 --seed 5"
     for mode, flags in (("inference", f"--inference {common} --num_samples 5"),
                         ("evaluation", f"--evaluate {common} --fid_num_samples 5 --fid_features random-conv --data_dir images")):
@@ -137,23 +138,6 @@ def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_
     results = {n: json.loads((run_dir / f"evaluation_{n}/evaluation.json").read_text()) for n in (1, 2)}
     assert results[2]["fid"] == results[1]["fid"]
     assert (results[1]["processes"], results[2]["processes"]) == (1, 2)
-
-
-def test_each_rank_samples_only_its_share_of_the_batches(run_dir, monkeypatch):
-    """5 samples in batches of 2 are 3 batches: rank 0 of 2 samples batch 0, rank 1 batches 1 and 2 (samples 2-4),
-    each from the noise a single process uses for those batches."""
-    import ddpm_sampling
-    from ddpm_config import SamplingConfig
-
-    loaded = ddpm_checkpoint.load_model(run_dir / "models/D/ckpt.pt", "cpu")
-    settings = SamplingConfig(sampler="ddim", steps=3, guidance_scale=2.0)
-    labels = ddpm_sampling.every_class_in_turn(len(loaded.description.class_names), 5)
-    generate = lambda rank, world_size: ddpm_sampling.generate_from(  # noqa: E731
-        loaded, 5, labels, settings, seed=5, batch_size=2, runtime=Runtime(torch.device("cpu"), rank, world_size))
-    everything = generate(0, 1)
-    monkeypatch.setattr(ddpm_sampling, "gather_rows", lambda rows, runtime: rows)  # each rank's own share, not gathered
-    assert torch.equal(generate(0, 2), everything[:2])
-    assert torch.equal(generate(1, 2), everything[2:])
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):

@@ -1,10 +1,7 @@
-"""Evaluation: the Frechet distance against closed forms, Inception Score, the synthetic-data classifier,
-and --evaluate / --guidance_sweep / --compare_checkpoints end to end on tiny models, with small feature
-extractors (no Inception weights are downloaded; the offline message is checked with the download mocked)."""
-import hashlib
+"""ddpm_evaluate: --evaluate / --guidance_sweep / --compare_checkpoints end to end on tiny models with small feature
+extractors (random-conv, or a test extractor with logits), and the evaluation loss that training logs."""
 import json
-import re
-import urllib.error
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,142 +9,38 @@ import pytest
 import torch
 from PIL import Image
 
-import ddpm_evaluate
 import ddpm_metrics
-from conftest import run_cli as run
-from ddpm_metrics import (FEATURE_EXTRACTORS, INCEPTION_FILE, RandomConvFeatures, classify_synthetic, feature_statistics,
-                           frechet_distance, inception_score, load_inception)
+from conftest import run_cli as run, tree_fingerprint, write_random_checkpoint
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
-from ddpm_data import SYNTHETIC_CLASS_NAMES, load_datasets
-from ddpm_model import UNet, preset_config
+from ddpm_data import load_datasets
+from ddpm_diffusion import Diffusion
+from ddpm_evaluate import evaluation_loss
+from ddpm_metrics import FEATURE_EXTRACTORS, RandomConvFeatures
+from ddpm_model import UNet
+from ddpm_runtime import Runtime
+from ddpm_train import EVAL_SEEDS
 
 FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2"
 
 
-def tree_fingerprint(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def write_checkpoint(path: Path, conditional: bool) -> None:
-    """A tiny 16x16 model for the synthetic data set in the checkpoint format, with random weights
-    (perturbed so that its output, and its conditional and unconditional branches, differ), at training step 3."""
-    torch.manual_seed(0)
-    model = UNet(in_channels=3, image_size=16, num_classes=10 if conditional else None, **preset_config("tiny", 16))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    save_checkpoint({
-        "model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
-        "diffusion": {"timesteps": 20, "schedule": "linear"}, "conditional": conditional,
-        "data": {"dataset": "synthetic", "class_names": list(SYNTHETIC_CLASS_NAMES), "image_size": 16, "channels": 3},
-        "train_state": {"step": 3}, "config": {},
-    }, path)
-
-
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """A directory with an unconditional (models/U/ckpt.pt) and a conditional (models/C/ckpt.pt) tiny model."""
+def random_models(tmp_path_factory) -> Path:
+    """An unconditional (models/U/ckpt.pt) and a conditional (models/C/ckpt.pt) tiny model with random weights, to read."""
     root = tmp_path_factory.mktemp("evaluate")
-    write_checkpoint(root / "models/U/ckpt.pt", conditional=False)
-    write_checkpoint(root / "models/C/ckpt.pt", conditional=True)
+    write_random_checkpoint(root / "models/U/ckpt.pt", conditional=False)
+    write_random_checkpoint(root / "models/C/ckpt.pt", conditional=True)
     return root
 
 
-# Frechet distance and Inception Score
-
-
-def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
-    generator = np.random.default_rng(0)
-    mu1, mu2 = generator.normal(size=5), generator.normal(size=5)
-    var1, var2 = generator.uniform(0.1, 2, 5), generator.uniform(0.1, 2, 5)
-    expected = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
-    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected, rel=1e-9)
-
-
-def test_frechet_distance_of_proportional_full_covariances():
-    """sigma1 = c^2 sigma2 gives (sigma1 sigma2)^(1/2) = c sigma2, so d = ||mu1 - mu2||^2 + (1 - c)^2 Tr(sigma2)."""
-    generator = np.random.default_rng(1)
-    root = generator.normal(size=(6, 6))
-    sigma2 = root @ root.T + 0.1 * np.eye(6)
-    mu1, mu2, c = generator.normal(size=6), generator.normal(size=6), 1.7
-    expected = np.sum((mu1 - mu2) ** 2) + (1 - c) ** 2 * np.trace(sigma2)
-    assert frechet_distance(mu1, c**2 * sigma2, mu2, sigma2) == pytest.approx(expected, rel=1e-8)
-
-
-@pytest.mark.parametrize("count,dim", [(500, 16), (40, 64)])  # the second has a singular covariance, as small FIDs do
-def test_frechet_distance_of_identical_sets_is_zero(count, dim):
-    features = np.random.default_rng(2).normal(size=(count, dim)) * np.linspace(0.5, 3, dim)
-    mu, sigma = feature_statistics(features)
-    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
-    shifted = feature_statistics(features + 0.5)
-    assert frechet_distance(*shifted, mu, sigma) == pytest.approx(0.25 * dim, rel=1e-6)
-
-
-def test_fid_of_two_gaussian_samples_approaches_the_closed_form():
-    generator = np.random.default_rng(3)
-    var1, var2 = np.array([0.5, 1.0, 2.0]), np.array([1.0, 1.0, 0.5])
-    first = generator.normal(size=(100_000, 3)) * np.sqrt(var1)
-    second = generator.normal(size=(100_000, 3)) * np.sqrt(var2) + np.array([1.0, 0.0, -1.0])
-    expected = 2.0 + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))  # = 2.0 + 0.5858
-    measured = frechet_distance(*feature_statistics(first), *feature_statistics(second))
-    assert measured == pytest.approx(expected, rel=0.02)
-
-
-def test_inception_score_is_the_number_of_confidently_and_evenly_predicted_classes():
-    confident = torch.nn.functional.one_hot(torch.arange(1000) % 4, 1008).float() * 50
-    mean, std = inception_score(confident)
-    assert mean == pytest.approx(4.0, rel=0.02) and std < 0.05  # each shuffled split of 100 holds the 4 classes about evenly
-    assert inception_score(torch.zeros(1000, 1008))[0] == pytest.approx(1.0)
-
-
-# Class consistency
-
-
-def test_synthetic_classifier_names_the_class_of_real_training_images():
-    data = load_datasets("synthetic", "unused", 16)
-    predicted = classify_synthetic(data.train.images)
-    assert (predicted == data.train.labels).float().mean().item() > 0.99
-    blank = torch.full((1, 3, 16, 16), 20, dtype=torch.uint8)
-    assert classify_synthetic(blank).tolist() == [-1]
-
-
-# Inception weights: offline message, and the file it names is the one that is used
-
-
-def test_offline_inception_says_which_file_to_place_where_and_that_file_is_used(workspace, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def no_network(url, destination, *args, **kwargs):
-        raise urllib.error.URLError("no network in this test")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    before = tree_fingerprint(workspace)
-    capsys.readouterr()
-    assert run("--evaluate --model_path models/C/ckpt.pt --fid_num_samples 4 --save_dir ev_offline", workspace) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert tree_fingerprint(workspace) == before
-    placed = re.search(r"place (\S+) \(from https://\S+\) in (\S+)/$", err)
-    assert placed and placed.group(1) == INCEPTION_FILE, err
-    assert Path(placed.group(2)) == tmp_path / "torch_home/hub/checkpoints"
-
-    # Weights of the right layout (random values) placed there are loaded, with no download attempted.
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    with monkeypatch.context() as patch:
-        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        torch.save({}, tmp_path / "empty.pth")
-        layout = FeatureExtractorInceptionV3("layout", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
-    torch.save(layout.state_dict(), Path(placed.group(2)) / placed.group(1))
-    features, logits = load_inception("cpu")(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
-    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
-
-
-# --evaluate end to end
+@pytest.fixture
+def workspace(random_models, tmp_path) -> Path:
+    """This test's own copy of random_models, to write into (results, the reference statistics cache, extra checkpoints)."""
+    return Path(shutil.copytree(random_models, tmp_path / "workspace"))
 
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
 
 
 def test_evaluate_writes_results_json_samples_npz_and_grid(workspace):
@@ -262,21 +155,6 @@ def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, 
         assert grid.height == 2 * 64  # one row per scale, 16-pixel images shown at 64
 
 
-# KID, precision/recall, --fid_ref, the ADM evaluator's samples.npz
-
-
-def test_kid_and_precision_recall_separate_shifted_sets_and_not_identical_ones():
-    from ddpm_metrics import kernel_inception_distance, precision_recall
-
-    rng = np.random.default_rng(0)
-    real, fake = rng.standard_normal((300, 8)), rng.standard_normal((300, 8))
-    same, shifted = kernel_inception_distance(fake, real), kernel_inception_distance(fake + 2.0, real)
-    assert abs(same["mean"]) < 0.05 < shifted["mean"] and same["subset_size"] == 300
-    assert precision_recall(real, real)["precision"] == precision_recall(real, real)["recall"] == 1.0
-    far = precision_recall(real + 100.0, real)
-    assert far["precision"] == far["recall"] == 0.0
-
-
 def read_like_the_adm_evaluator(path: Path, name: str) -> np.ndarray:
     """guided-diffusion's evaluations/evaluator.py opens `name`.npy inside the .npz as a zip member and streams it
     after reading its header (open_npz_array, StreamingNpzArrayReader); a missing key is its `missing arr_0 in npz file`."""
@@ -331,9 +209,6 @@ def test_fid_ref_statistics_replace_the_training_set(workspace, tmp_path):
     assert run(f"{command} --fid_ref {tmp_path / 'wide.npz'} --save_dir ref_wide", workspace) == 2
 
 
-# --compare_checkpoints
-
-
 def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(workspace):
     checkpoint = load_checkpoint(workspace / "models/C/ckpt.pt")
     checkpoint["train_state"]["step"] = 10
@@ -348,9 +223,6 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
     image_columns = slice(pixels.shape[1] - 2 * 64, None)
     # Identical weights under two step numbers: identical rows, so every row starts from the same noise.
     assert np.array_equal(pixels[:64, image_columns], pixels[64:, image_columns])
-
-
-# Bad input
 
 
 @pytest.mark.parametrize(
@@ -383,7 +255,31 @@ def test_bad_evaluation_input_gives_one_line_and_touches_nothing(workspace, caps
     assert tree_fingerprint(workspace) == before
 
 
-def test_inception_file_name_is_the_one_torch_fidelity_downloads():
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+# The evaluation loss, and the validation loss a training run logs
 
-    assert URL_INCEPTION_V3.rsplit("/", 1)[-1] == INCEPTION_FILE
+
+def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
+    """Two evaluations of the same weights give the same number, whatever the batch size and the global random state, so
+    loss curves compare across epochs; and it is the number the run logged: the loss history's val_loss is the loss of
+    the checkpoint's (EMA) weights, under the run's own objective (v prediction, min-SNR-5: the checkpoint's "diffusion"
+    and its configuration's snr_gamma), on the first `eval_examples` examples of the validation split with
+    EVAL_SEEDS["val"]; its `full` entry is the same on the whole split."""
+    checkpoint = load_checkpoint(trained_runs / "models/C/ckpt.pt")
+    model = UNet(**checkpoint["model_config"])
+    model.load_state_dict(checkpoint["ema"])
+    data = load_datasets("synthetic", "unused", 16)
+    diffusion = Diffusion(**checkpoint["diffusion"], snr_gamma=checkpoint["config"]["diffusion"]["snr_gamma"])
+    assert (diffusion.prediction_type, diffusion.snr_gamma) == ("v", 5.0), "the objective of new runs, which this one is"
+    history = json.loads((trained_runs / "out_C/loss_history_C.json").read_text())
+    [count] = history["eval_examples"]
+    assert count < len(data.val), "a subset: the count matters"
+    cpu = Runtime(torch.device("cpu"))
+    evaluate = lambda batch_size, count: evaluation_loss(model, diffusion, data.val, cpu, seed=EVAL_SEEDS["val"],  # noqa: E731
+                                                         batch_size=batch_size, loss_type="l2", count=count)
+    first = evaluate(32, count)
+    torch.manual_seed(123)
+    second = evaluate(7, count)
+    assert first == pytest.approx(second, rel=1e-6)
+    assert history["val_loss"][0] == pytest.approx(first, rel=1e-6)
+    [full] = history["full"]
+    assert full["val_loss"] == pytest.approx(evaluate(16, None), rel=1e-6)

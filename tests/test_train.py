@@ -1,11 +1,14 @@
-"""Training that survives real runs: exact resume, signals, crashes, non-finite losses, EMA, accumulation."""
+"""ddpm_train: what a run writes, and training that survives real runs: exact resume, signals, crashes, non-finite losses,
+EMA, accumulation. The optimizer, LR schedule and EMA themselves are in test_optim.py."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +18,6 @@ import ddpm_diffusion
 from conftest import REPO, run_cli
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
 from ddpm_train import MIN_EVAL_EXAMPLES, evaluation_subset_size
-from ddpm_optim import EMA, EMA_HALFLIFE_RATIO, EMA_MAX_DECAY, derived_warmup, lr_multiplier
 
 # 4,860 synthetic training images at batch 256: 18 steps per epoch.
 FAST = (
@@ -26,6 +28,31 @@ FAST = (
 
 def weights_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_writes_checkpoint_history_metrics_and_images(trained_runs):
+    checkpoint = load_checkpoint(trained_runs / "models/U/ckpt.pt")
+    assert checkpoint["conditional"] is False
+    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear", "prediction_type": "v", "variance": "fixed_small"}
+    assert checkpoint["data"]["image_size"] == 16 and checkpoint["data"]["channels"] == 3
+    assert checkpoint["train_state"]["step"] == 3
+    history = json.loads((trained_runs / "out_U/loss_history_U.json").read_text())
+    assert set(history) >= {"train_loss", "val_loss", "test_loss", "epochs"}
+    assert (history["epochs"], history["steps"]) == ([0], [3]), "a partial epoch cut by --max_steps gets its entry"
+    assert all(np.isfinite(history[key][0]) for key in ("train_loss", "val_loss", "test_loss"))
+    assert history["eval_examples"] == [363], "1.5 x 5% of an epoch of 303 steps x 16 images, per split"
+    [full] = history["full"]
+    assert (full["step"], full["at"]) == (3, "end") and np.isfinite(full["val_loss"]) and full["val_loss"] != history["val_loss"][0]
+    lines = (trained_runs / "out_U/metrics_U.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["step", "step", "step", "epoch", "end"]
+    assert (trained_runs / "out_U/loss_curve_U.png").stat().st_size > 0
+    assert list((trained_runs / "out_U").glob("samples_U_epoch*.png")), "a sample grid at the end of training"
+
+
+def test_the_evaluation_subset_follows_the_run():
+    assert evaluation_subset_size(45_000) == 3375  # CIFAR-10: 2 x 3,375 forward passes ~ 5% of an epoch's 45,000 steps' work
+    assert evaluation_subset_size(1344) == 100  # the benchmark's digits
+    assert evaluation_subset_size(64) == MIN_EVAL_EXAMPLES
 
 
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
@@ -96,21 +123,33 @@ def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resu
     assert run_cli(f"{resume} --max_steps 6 --prediction_type v", tmp_path) == 2, "and refuses another prediction type"
 
 
+@pytest.fixture(scope="module")
+def one_step_template(tmp_path_factory) -> Path:
+    """`{FAST} --max_steps 1 --save_model --run_name R`, trained once for the tests that resume it."""
+    root = tmp_path_factory.mktemp("one_step")
+    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name R", root) == 0
+    return root
+
+
+@pytest.fixture
+def one_step_run(one_step_template, tmp_path) -> Path:
+    """This test's own copy of the one-step run R (models/R, outputs/), as if it had just trained it."""
+    return Path(shutil.copytree(one_step_template, tmp_path, dirs_exist_ok=True))
+
+
 @pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional",
                                   "--prediction_type x0", "--val_fraction 0.2"])
-def test_resume_refuses_flags_that_change_the_model_or_data(tmp_path, capsys, flag):
-    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name R", tmp_path) == 0
-    before = (tmp_path / "models/R/ckpt.pt").read_bytes()
+def test_resume_refuses_flags_that_change_the_model_or_data(one_step_run, capsys, flag):
+    before = (one_step_run / "models/R/ckpt.pt").read_bytes()
     capsys.readouterr()
-    assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name R --resume {flag}", tmp_path) == 2
+    assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name R --resume {flag}", one_step_run) == 2
     assert "cannot resume" in capsys.readouterr().err
-    assert (tmp_path / "models/R/ckpt.pt").read_bytes() == before
+    assert (one_step_run / "models/R/ckpt.pt").read_bytes() == before
 
 
-def test_resume_accepts_a_new_learning_rate_and_length(tmp_path):
-    assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name R", tmp_path) == 0
-    assert run_cli(f"{FAST} --max_steps 3 --save_model --run_name R --resume --lr 1e-3 --log_interval 2 --epochs 5", tmp_path) == 0
-    checkpoint = load_checkpoint(tmp_path / "models/R/ckpt.pt")
+def test_resume_accepts_a_new_learning_rate_and_length(one_step_run):
+    assert run_cli(f"{FAST} --max_steps 3 --save_model --run_name R --resume --lr 1e-3 --log_interval 2 --epochs 5", one_step_run) == 0
+    checkpoint = load_checkpoint(one_step_run / "models/R/ckpt.pt")
     assert checkpoint["train_state"]["step"] == 3
     assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
 
@@ -170,7 +209,7 @@ def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
     (run_dir / f"ckpt.pt.tmp-{os.getpid()}").write_bytes(b"a live writer's")
     assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name K --resume", tmp_path) == 0
     assert sorted(p.name for p in run_dir.iterdir()) == sorted([".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors",
-                                                                "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}"])
+                                                                "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}", "phema"])
 
 
 def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
@@ -295,61 +334,6 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     assert load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1] == min(history["val_loss"])
 
 
-def test_lr_warmup_then_schedules():
-    assert lr_multiplier(0, 10, 100, "constant") == pytest.approx(0.1)
-    assert lr_multiplier(9, 10, 100, "constant") == 1.0
-    assert lr_multiplier(50, 10, 100, "constant") == 1.0
-    assert lr_multiplier(10, 10, 110, "cosine") == pytest.approx(1.0)
-    assert lr_multiplier(60, 10, 110, "cosine") == pytest.approx(0.5)
-    assert lr_multiplier(110, 10, 110, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert [lr_multiplier(s, 0, 100, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-
-
-def test_ema_warms_up_then_decays_at_the_given_rate_and_skips_on_the_device():
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ema = EMA(model, decay=0.9999)
-    model.weight.data.fill_(1.0)
-    ema.update(model)
-    assert ema.module.weight.item() == pytest.approx(1 - 0.1)  # decay (1+0)/(10+0) = 0.1
-    ema.update(model, skip=torch.tensor(True))
-    assert ema.module.weight.item() == pytest.approx(1 - 0.1) and ema.num_updates.item() == 1, "a skipped step changes nothing"
-    ema.update(model)
-    assert ema.module.weight.item() == pytest.approx(1 - 0.1 * 2 / 11)  # decay (1+1)/(10+1)
-    ema.module.weight.data.zero_()
-    ema.num_updates.fill_(10**6)
-    ema.update(model)
-    assert ema.module.weight.item() == pytest.approx(1e-4)
-
-
-def test_the_default_ema_has_a_half_life_of_a_twentieth_of_the_steps_so_far():
-    """decay_n = min(0.9999, 0.5 ** (1 / (0.05 n))): the first update copies the weights; after 200 updates the
-    half-life is 10 steps; late in a long run the cap (Ho et al.'s 0.9999) holds."""
-    model = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(model.weight)
-    ema = EMA(model, decay=EMA_MAX_DECAY, halflife_ratio=EMA_HALFLIFE_RATIO)
-    expected = 0.0
-    for n in range(300):
-        model.weight.data.fill_(float(n))
-        ema.update(model)
-        decay = 0.0 if n == 0 else min(EMA_MAX_DECAY, 0.5 ** (1 / (0.05 * n)))
-        expected = decay * expected + (1 - decay) * n
-        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5), n
-    assert 0.5 ** (1 / (0.05 * 200)) == pytest.approx(0.5 ** 0.1), "a half-life of 10 steps at n = 200"
-    ema.num_updates.fill_(10**6)
-    ema.module.weight.data.zero_()
-    model.weight.data.fill_(1.0)
-    ema.update(model)
-    assert ema.module.weight.item() == pytest.approx(1e-4)
-
-
-def test_warmup_and_evaluation_subset_follow_the_run():
-    assert [derived_warmup(steps) for steps in (20, 600, 1200, 800_000)] == [1, 30, 60, 5000]
-    assert evaluation_subset_size(45_000) == 3375  # CIFAR-10: 2 x 3,375 forward passes ~ 5% of an epoch's 45,000 steps' work
-    assert evaluation_subset_size(1344) == 100  # the benchmark's digits
-    assert evaluation_subset_size(64) == MIN_EVAL_EXAMPLES
-
-
 def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_split(tmp_path, capsys):
     command = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --log_interval 5 "
                "--conditional --max_steps 40 --save_model --run_name D --save_dir out")
@@ -374,35 +358,19 @@ def test_no_validation_split_means_no_validation_loss_and_no_best_checkpoint(tmp
     assert run_cli(f"{FAST} --max_steps 2 --val_fraction 0 --save_model --run_name N --save_dir out", tmp_path) == 0
     history = json.loads((tmp_path / "out/loss_history_N.json").read_text())
     assert math.isnan(history["val_loss"][-1]) and math.isfinite(history["test_loss"][-1])
-    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == [".lock", "ckpt.pt", "ckpt.safetensors"]
-
-
-def test_lion_follows_its_update_rule():
-    """Chen et al. 2023, Alg. 2: p <- p (1 - lr wd) - lr sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g."""
-    from ddpm_optim import Lion
-
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    optimizer = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
-    g1 = torch.tensor([0.3, -0.2, 0.0])
-    p.grad = g1.clone()
-    optimizer.step()
-    expected = torch.tensor([1.0, -2.0, 0.5]) * (1 - 0.05) - 0.1 * torch.sign(0.1 * g1)
-    torch.testing.assert_close(p.data, expected)
-    g2 = torch.tensor([-1.0, -1.0, 1.0])
-    p.grad = g2.clone()
-    optimizer.step()
-    momentum = 0.01 * g1
-    expected = expected * (1 - 0.05) - 0.1 * torch.sign(0.9 * momentum + 0.1 * g2)
-    torch.testing.assert_close(p.data, expected)
+    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == [".lock", "ckpt.pt", "ckpt.safetensors", "phema"], \
+        "phema/: the post-hoc EMA snapshots that --save_model keeps"
 
 
 def test_training_steps_never_wait_for_the_device(tmp_path, tensor_reads):
     """No host-device sync per step, counted on the CPU by the tensor_reads fixture: a run of 12 steps makes
-    no more reads than a run of 3; what remains is per run (final evaluation, log line, checkpoint)."""
+    no more reads than a run of 3; what remains is per run (final evaluation, log line, checkpoint). The post-hoc EMA
+    is tracked at every step, but its snapshots (one read each, every --phema_every steps: every step of a run this
+    short when derived) are kept out of the 12 steps."""
     counts = {}
     for steps in (3, 12):
         tensor_reads["count"] = 0
-        assert run_cli(f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --save_model --run_name R{steps}", tmp_path) == 0
+        assert run_cli(f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --phema_every 1000 --save_model --run_name R{steps}", tmp_path) == 0
         counts[steps] = tensor_reads["count"]
     assert counts[3] > 0, "the counting itself works"
     assert counts[12] == counts[3], f"{(counts[12] - counts[3]) / 9:.1f} tensor reads per training step"

@@ -1,33 +1,14 @@
-"""Data sets read from their real file formats, atomic checkpoints, and the output files."""
-import json
-import os
-import random
-
+"""ddpm_data: the data sets read from their real file formats (small fakes written by conftest.py), the splits, the
+images as the training loop serves them (load_batch), and the epoch order."""
 import numpy as np
 import pytest
 import torch
 import torchvision
 from PIL import Image
 
-from conftest import IMAGE_FOLDER_COLOURS, write_grey_folder
-from ddpm_checkpoint import load_checkpoint, save_checkpoint
-from ddpm_config import UsageError
-from ddpm_data import SYNTHETIC_CLASS_NAMES, load_batch, load_datasets
-from ddpm_outputs import display_scale, save_image_grid, save_json, save_samples, to_uint8
-from ddpm_runtime import seed_everything
-
-
-class NotATensor:
-    """Pickled into a file to check that load_checkpoint refuses to unpickle classes."""
-
-
-def usage_error(call, *args, **kwargs) -> str:
-    """Run call expecting a UsageError; return its message, which must be one line."""
-    with pytest.raises(UsageError) as caught:
-        call(*args, **kwargs)
-    message = str(caught.value)
-    assert "\n" not in message
-    return message
+from conftest import IMAGE_FOLDER_COLOURS, usage_error, write_grey_folder
+from ddpm_data import SYNTHETIC_CLASS_NAMES, epoch_batches, epoch_permutation, load_batch, load_datasets
+from ddpm_runtime import Runtime
 
 
 def served(value) -> torch.Tensor:
@@ -242,109 +223,32 @@ def test_synthetic_is_drawn_at_the_requested_size(size):
     assert data.image_size == size and data.train.images.shape[1:] == (3, size, size)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- serving and epoch order
 
-def test_checkpoint_round_trip_is_tagged_and_leaves_no_temporary_file(tmp_path):
-    path = tmp_path / "runs" / "model.pt"
-    save_checkpoint({"model": {"weight": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 1e-4}}, path)
-    state = load_checkpoint(path)
-    assert (state["format"], state["format_version"], state["step"], state["config"]) == \
-        ("ddpm-checkpoint", 1, 7, {"lr": 1e-4})
-    assert torch.equal(state["model"]["weight"], torch.arange(6.0).view(2, 3))
-    assert os.listdir(path.parent) == ["model.pt"]
+def test_load_batch_maps_uint8_to_minus_one_one_and_keeps_the_labels():
+    images = torch.tensor([0, 64, 128, 255], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 3).contiguous()
+    labels = torch.tensor([7, 8, 9, 6])
+    x, y = load_batch(images, labels, torch.tensor([3, 0, 2]), False, torch.device("cpu"))
+    assert x.dtype == torch.float32 and x.shape == (3, 1, 2, 3)
+    assert x[:, 0, 0, 0].tolist() == pytest.approx([1.0, -1.0, 128 / 127.5 - 1], abs=1e-6) and y.tolist() == [6, 7, 9]
 
 
-def test_a_truncated_checkpoint_is_a_usage_error(tmp_path):
-    path = tmp_path / "model.pt"
-    save_checkpoint({"weight": torch.zeros(1000)}, path)
-    path.write_bytes(path.read_bytes()[:1000])
-    assert "truncated or corrupt" in usage_error(load_checkpoint, path)
+def test_the_epoch_order_is_a_function_of_seed_and_epoch_alone():
+    first = epoch_permutation(100, seed=3, epoch=2)
+    assert sorted(first.tolist()) == list(range(100)), "a permutation"
+    assert torch.equal(first, epoch_permutation(100, seed=3, epoch=2))
+    assert not torch.equal(first, epoch_permutation(100, seed=3, epoch=3)) and not torch.equal(first, epoch_permutation(100, seed=4, epoch=2))
 
 
-def test_a_checkpoint_holding_a_class_is_refused_not_unpickled(tmp_path):
-    path = tmp_path / "model.pt"
-    torch.save({"format": "ddpm-checkpoint", "payload": NotATensor()}, path)
-    assert "refusing" in usage_error(load_checkpoint, path)
-
-
-def test_a_foreign_torch_file_and_a_missing_file_are_usage_errors(tmp_path):
-    path = tmp_path / "foreign.pt"
-    torch.save({"weight": torch.zeros(3)}, path)
-    assert "not a checkpoint written by this tool" in usage_error(load_checkpoint, path)
-    assert "checkpoint not found" in usage_error(load_checkpoint, tmp_path / "missing.pt")
-
-
-def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "model.pt"
-    save_checkpoint({"step": 1}, path)
-    before = path.read_bytes()
-
-    def crash_mid_write(obj, f):
-        f.write(before[:100])
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint({"step": 2}, path)
-    monkeypatch.undo()
-    assert path.read_bytes() == before and load_checkpoint(path)["step"] == 1
-    assert os.listdir(tmp_path) == ["model.pt"]
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def test_to_uint8_maps_the_range_ends_rounds_half_up_and_puts_channels_last():
-    values = torch.tensor([-1.5, -1.0, -0.5, 0.0, 1.0, 2.0]).view(1, 1, 1, 6)
-    assert to_uint8(values).flatten().tolist() == [0, 0, 64, 128, 255, 255]
-    pixel = to_uint8(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1))
-    assert pixel.dtype == torch.uint8 and pixel.shape == (1, 1, 1, 3) and pixel.flatten().tolist() == [0, 128, 255]
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("labels", [None, torch.tensor([3, -1])])
-def test_save_samples_writes_one_png_each_and_an_npz(tmp_path, channels, labels):
-    images = torch.rand(2, channels, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    save_samples(images, labels, tmp_path / "out")
-    saved = np.load(tmp_path / "out" / "samples.npz")
-    assert saved["images"].dtype == np.uint8 and saved["images"].shape == (2, 8, 8, channels)
-    assert np.array_equal(saved["images"], to_uint8(images).numpy())
-    assert saved["labels"].dtype == np.int64
-    assert saved["labels"].tolist() == ([-1, -1] if labels is None else [3, -1])
-    assert sorted(os.listdir(tmp_path / "out" / "samples")) == ["00000.png", "00001.png"]
-    png = np.array(Image.open(tmp_path / "out" / "samples" / "00001.png"))
-    assert np.array_equal(png, saved["images"][1].squeeze(-1) if channels == 1 else saved["images"][1])
-
-
-@pytest.mark.parametrize("nrow, width, height", [(None, 4 * 66 + 2, 3 * 66 + 2), (5, 5 * 66 + 2, 2 * 66 + 2)])
-def test_save_image_grid_lays_out_padded_rows_of_images_enlarged_to_64_pixels(tmp_path, nrow, width, height):
-    """8x8 images are shown 8x (nearest neighbour: 64 px), and torchvision pads each by 2 pixels; ten images make 4 per
-    row (ceil(sqrt(10))) by default."""
-    images = torch.rand(10, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    save_image_grid(images, tmp_path / "grids" / "grid.png", nrow=nrow)
-    grid = np.array(Image.open(tmp_path / "grids" / "grid.png").convert("RGB"))
-    assert grid.shape == (height, width, 3)
-    first_image = grid[2:66, 2:66].astype(int)
-    native = to_uint8(images)[0].numpy().astype(int)
-    assert np.abs(first_image - native.repeat(8, axis=0).repeat(8, axis=1)).max() <= 1, "each pixel an 8x8 block"
-    assert os.listdir(tmp_path / "grids") == ["grid.png"]
-
-
-def test_images_of_64_pixels_or_more_are_not_enlarged():
-    assert [display_scale(width) for width in (8, 16, 28, 32, 63, 64, 256)] == [8, 4, 3, 2, 2, 1, 1]
-
-
-def test_save_json_creates_folders_and_indents(tmp_path):
-    path = tmp_path / "a" / "b" / "metrics.json"
-    save_json({"loss": 0.5, "classes": ["cat"]}, path)
-    assert json.loads(path.read_text()) == {"loss": 0.5, "classes": ["cat"]}
-    assert path.read_text().startswith('{\n  "loss"')
-
-
-def test_seed_everything_reproduces_torch_numpy_and_python():
-    def draw():
-        return torch.randn(3).tolist(), np.random.rand(3).tolist(), random.random()
-
-    seed_everything(5)
-    first = draw()
-    seed_everything(5)
-    assert draw() == first
+def test_epoch_batches_resume_mid_epoch_drop_the_last_partial_batch_and_share_each_batch_over_the_ranks():
+    cpu = torch.device("cpu")
+    order = epoch_permutation(50, seed=1, epoch=0)
+    whole = list(epoch_batches(50, 8, Runtime(cpu), seed=1, epoch=0, start=0, device=cpu))
+    assert [position for position, _ in whole] == [8, 16, 24, 32, 40, 48], "50 = 6 x 8 + 2: the last 2 are dropped"
+    assert torch.equal(torch.cat([indices for _, indices in whole]), order[:48])
+    resumed = list(epoch_batches(50, 8, Runtime(cpu), seed=1, epoch=0, start=24, device=cpu))
+    assert [(p, i.tolist()) for p, i in resumed] == [(p, i.tolist()) for p, i in whole[3:]], "from a saved position, the same rest"
+    ranks = [list(epoch_batches(50, 4, Runtime(cpu, rank, 2), seed=1, epoch=0, start=0, device=cpu)) for rank in (0, 1)]
+    for (position, indices), rank0, rank1 in zip(whole, *ranks):
+        assert rank0[0] == rank1[0] == position, "a global batch of 2 x 4 moves both ranks to the same position"
+        assert sorted(rank0[1].tolist() + rank1[1].tolist()) == sorted(indices.tolist()), "the ranks split one batch"
