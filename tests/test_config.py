@@ -4,7 +4,6 @@ sampler."""
 import json
 from dataclasses import fields
 
-import pytest
 import torch
 
 import ddpm_main
