@@ -12,7 +12,7 @@ pytest.importorskip("torch_fidelity")
 TRAIN = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 128 --warmup_steps 3 --lr 2e-3 --conditional "
          "--max_steps 40 --sample_every 0 --save_model --run_name S --save_dir out --device cpu")
 SWEEP = ("--evaluate --sweep --model_path models/S/ckpt.pt --fid_features random-conv --fid_num_samples 20 --batch_size 20 --device cpu "
-         "--sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 --sweep_samplers ddim:3,dpm++3m:3 "
+         "--sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 --sweep_samplers dpm++3m:3 "
          "--save_dir sweep")
 
 
@@ -22,7 +22,7 @@ def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_b
     assert run_cli(SWEEP, tmp_path) == 0
     report = json.loads((tmp_path / "sweep/sweep.json").read_text())
     cells = report["cells"]
-    assert len(cells) == 2 * 2 * 2 * 2, "EMA (own, 0.1) x guidance (cfg, auto) x w (1, 2) x solver (ddim 3, dpm++3m 3)"
+    assert len(cells) == 2 * 2 * 2, "EMA (own, 0.1) x guidance (cfg, auto) x w (1, 2), with dpm++3m 3 steps"
     assert {(c["ema"], c["guidance"]) for c in cells} == {("ema", "cfg"), ("ema", "auto"), ("0.100", "cfg"), ("0.100", "auto")}
     assert report["metric"] == "fid" and all(np.isfinite(c["value"]) for c in cells)
     best = report["best"]
@@ -30,7 +30,7 @@ def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_b
     assert json.loads((tmp_path / "models/S/sampling_best.json").read_text()) == best
     assert (tmp_path / "sweep/sweep.png").stat().st_size > 0 and "| EMA | guidance |" in (tmp_path / "sweep/sweep.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep/cells").glob("*/evaluation.json")}
-    assert len(stamps) == 16
+    assert len(stamps) == 8
     assert run_cli(SWEEP, tmp_path) == 0, "again: every cell is on disk"
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "finished cells are not recomputed"
     capsys.readouterr()
