@@ -33,7 +33,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from ddpm_checkpoint import load_checkpoint, save_weights
+from ddpm_checkpoint import ModelDescription, load_checkpoint, save_weights
 from ddpm_config import UsageError
 from ddpm_outputs import atomic_write
 
@@ -365,7 +365,7 @@ def write_posthoc_ema(checkpoint_path: str | os.PathLike, sigma_rels: Sequence[f
         if not 0 < sigma_rel < MAX_SIGMA_REL:
             raise UsageError(f"--posthoc_ema takes sigma_rel between 0 and {MAX_SIGMA_REL:.4f}, got {sigma_rel}")
         weights = reconstruct_from_folder(folder, sigma_rel)
-        description = {key: checkpoint[key] for key in ("model_config", "diffusion", "data", "conditional")} | {
+        description = ModelDescription.from_checkpoint(checkpoint, checkpoint_path).to_dict() | {
             "train_state": {"step": snapshots[-1].t}, "weights": f"post-hoc EMA, sigma_rel {sigma_rel:g} at update {snapshots[-1].t}"}
         path = posthoc_weights_path(checkpoint_path, sigma_rel)
         save_weights(weights, description, path)
