@@ -20,7 +20,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from ddpm_checkpoint import load_model
+from ddpm_checkpoint import LoadedModel, load_model
 from ddpm_config import SamplingConfig, UsageError
 from ddpm_evaluate import evaluate_one_setting
 from ddpm_metrics import FEATURE_EXTRACTORS, inception_weights_path, reference_statistics, require_torch_fidelity
@@ -108,13 +108,16 @@ def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, s
                                          str(runtime.device))
     samplers = samplers or [(settings.sampler, settings.resolved_steps(main.diffusion.num_timesteps))]
     cells = cells_of(list(weights), guidance, scales, samplers)
-    rows = []
+    rows, networks, guides = [], {}, {}  # each network (and its guide) loaded once, at its first unfinished cell
     for cell in tqdm(cells, desc="sweep", unit="cell", disable=not runtime.is_main):
         record = cell_record(cell, save_dir, metric)
         if record is None:
-            record = evaluate_cell(cell, weights[cell.ema], settings, runtime, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                                   extractor_name=extractor_name, extractor=extractor, reference=reference, save_dir=save_dir,
-                                   metric=metric, use_ema=use_ema, compile=compile)
+            if cell.ema not in networks:
+                networks[cell.ema] = load_model(weights[cell.ema], str(runtime.device), use_ema, compile)
+                guides[cell.ema] = load_guide(settings.guide_model, networks[cell.ema], runtime.device, use_ema, compile)
+            record = evaluate_cell(cell, networks[cell.ema], guides[cell.ema], settings, runtime, num_samples=num_samples, seed=seed,
+                                   batch_size=batch_size, extractor_name=extractor_name, extractor=extractor, reference=reference,
+                                   save_dir=save_dir, metric=metric)
         rows.append(record)
     if not runtime.is_main:
         return None
@@ -145,15 +148,15 @@ def cell_record(cell: Cell, save_dir: Path, metric: str) -> Optional[dict]:
             "sampling_seconds": results["sampling_seconds"]}
 
 
-def evaluate_cell(cell: Cell, weights: Path, settings: SamplingConfig, runtime: Runtime, *, save_dir: Path, metric: str,
-                  use_ema: bool, compile: bool, **evaluation) -> Optional[dict]:
-    """Sample and measure one cell (all ranks sample; rank 0 measures and writes its evaluation.json)."""
-    loaded = load_model(weights, str(runtime.device), use_ema, compile)
+def evaluate_cell(cell: Cell, loaded: LoadedModel, guide: Optional[LoadedModel], settings: SamplingConfig, runtime: Runtime, *,
+                  save_dir: Path, metric: str, **evaluation) -> Optional[dict]:
+    """Sample and measure one cell (all ranks sample; rank 0 measures and writes its evaluation.json); `guide` guides
+    the autoguidance cells."""
     cell_settings = replace(settings, sampler=cell.sampler, steps=cell.steps, guidance_scale=cell.scale,
                             guide_model=settings.guide_model if cell.guidance == "auto" else None)
     check_sampling_steps(cell.steps, loaded)
-    guide = load_guide(cell_settings.guide_model, loaded, runtime.device, use_ema, compile)
-    evaluate_one_setting(loaded, cell_settings, runtime, out_dir=save_dir / "cells" / cell.name, guide=guide, **evaluation)
+    evaluate_one_setting(loaded, cell_settings, runtime, out_dir=save_dir / "cells" / cell.name,
+                         guide=guide if cell.guidance == "auto" else None, **evaluation)
     return cell_record(cell, save_dir, metric) if runtime.is_main else None
 
 
