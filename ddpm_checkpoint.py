@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ddpm_config import RunConfig, UsageError, current_settings, first_line, fixed_settings
 from ddpm_data import DataSplits
 from ddpm_diffusion import Diffusion
-from ddpm_model import UNet
+from ddpm_model import network_from_config
 from ddpm_outputs import TEMPORARY_SUFFIX, atomic_write
 from ddpm_runtime import Runtime, seed_everything, unwrap
 
@@ -129,13 +129,13 @@ class ModelDescription:
     diffusers import and the weights files write it (`to_dict`, the checkpoint's top-level keys), `load_model` reads
     it back (`from_checkpoint`)."""
 
-    model_config: dict  # the network's keyword arguments (UNet.config)
+    model_config: dict  # the network's keyword arguments (UNet.config or MLPDenoiser.config)
     diffusion: dict  # Diffusion's keyword arguments: timesteps, schedule, prediction_type, variance
-    data: dict  # dataset, class_names, image_size, channels
+    data: dict  # dataset, class_names, image_size (None: points), channels (of points: coordinates)
     conditional: bool
 
     @classmethod
-    def of_run(cls, model: UNet, config: RunConfig, data: DataSplits) -> ModelDescription:
+    def of_run(cls, model: torch.nn.Module, config: RunConfig, data: DataSplits) -> ModelDescription:
         """The description of a training run's network."""
         diffusion = config.diffusion
         return cls(model_config=model.config,
@@ -159,6 +159,16 @@ class ModelDescription:
         return self.data["channels"], self.data["image_size"], self.data["image_size"]
 
     @property
+    def points(self) -> bool:
+        """A model of 2D points (ddpm_data.POINT_DATASETS): its data has no image size."""
+        return self.data["image_size"] is None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of an image model, (D,) of a point model."""
+        return (self.data["channels"],) if self.points else self.image_shape
+
+    @property
     def class_names(self) -> list[str]:
         return self.data["class_names"]
 
@@ -168,16 +178,16 @@ class ModelDescription:
         return len(self.class_names) if self.conditional else None
 
 
-def build_network(description: ModelDescription) -> UNet:
+def build_network(description: ModelDescription) -> torch.nn.Module:
     """The (untrained) network a description stands for."""
-    return UNet(**description.model_config)
+    return network_from_config(description.model_config)
 
 
 @dataclass
 class LoadedModel:
     """A checkpoint's network (EMA or raw weights) and diffusion, ready to sample."""
 
-    model: UNet
+    model: torch.nn.Module  # UNet or MLPDenoiser
     diffusion: Diffusion
     description: ModelDescription
     checkpoint: dict

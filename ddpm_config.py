@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-from ddpm_model import preset_config
+from ddpm_model import MLP_PRESET, preset_config
 from ddpm_samplers import default_steps
 
 
@@ -27,6 +27,9 @@ def first_line(error: BaseException) -> str:
 CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-time facts mixed in
 
 
+POINT_DATASETS = ("moons", "circles", "gaussians", "swissroll")  # 2D toy data, drawn from the seed (ddpm_data.make_points)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "cifar10"
@@ -39,7 +42,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A preset of ddpm_model.PRESETS with explicit overrides laid over it (None: the preset's value)."""
+    """A preset of ddpm_model.PRESETS with explicit overrides laid over it (None: the preset's value), or the MLP of
+    2D points (preset "mlp", ddpm_model.MLPDenoiser) with its width and depth."""
 
     preset: str = "ddpm"
     base_dim: Optional[int] = None
@@ -48,6 +52,15 @@ class ModelConfig:
     attn_resolutions: Optional[tuple[int, ...]] = None
     dropout: Optional[float] = None
     conditional: bool = False
+    mlp_width: int = 128
+    mlp_depth: int = 3
+
+    def network_config(self, sample_shape: tuple[int, ...], num_classes: Optional[int]) -> dict:
+        """The network's keyword arguments (ddpm_model.network_from_config) for samples of `sample_shape`: (C, H, W)
+        images or (D,) points."""
+        if self.preset == MLP_PRESET:
+            return dict(architecture=MLP_PRESET, dim=sample_shape[0], width=self.mlp_width, depth=self.mlp_depth, num_classes=num_classes)
+        return dict(in_channels=sample_shape[0], image_size=sample_shape[-1], num_classes=num_classes, **self.unet_kwargs(sample_shape[-1]))
 
     def unet_kwargs(self, image_size: int) -> dict:
         """The UNet's architecture keyword arguments for `image_size` (without in_channels and num_classes)."""
@@ -161,6 +174,7 @@ FIXED_ON_RESUME = {
     "prediction_type": ("diffusion", "prediction_type"), "val_fraction": ("data", "val_fraction"),
     "model_size": ("model", "preset"), "base_dim": ("model", "base_dim"), "dim_mults": ("model", "dim_mults"),
     "num_res_blocks": ("model", "num_res_blocks"), "attn_resolutions": ("model", "attn_resolutions"),
+    "mlp_width": ("model", "mlp_width"), "mlp_depth": ("model", "mlp_depth"),
 }
 
 
@@ -186,7 +200,8 @@ def with_objective(config: RunConfig, resumed: Optional[dict]) -> RunConfig:
 
 
 # What settings added after a checkpoint was written meant then.
-FIRST_DEFAULTS = {"prediction_type": "eps", "snr_gamma": 0.0, "val_fraction": 0.1}
+FIRST_DEFAULTS = {"prediction_type": "eps", "snr_gamma": 0.0, "val_fraction": 0.1, "mlp_width": ModelConfig.mlp_width,
+                  "mlp_depth": ModelConfig.mlp_depth}
 
 
 def fixed_settings(saved: dict) -> dict:
@@ -203,3 +218,20 @@ def current_settings(config: RunConfig) -> dict:
     """The FIXED_ON_RESUME settings of `config`, by flag name; those left to the resumed run (None) are not compared."""
     values = {flag: getattr(getattr(config, section), name) for flag, (section, name) in FIXED_ON_RESUME.items()}
     return {flag: value for flag, value in values.items() if value is not None or flag not in OBJECTIVE}
+
+
+def check_model_fits_data(config: RunConfig) -> None:
+    """The MLP takes 2D points (POINT_DATASETS) and the UNet images; image-only settings are refused for points."""
+    points, model = config.data.dataset in POINT_DATASETS, config.model
+    if points != (model.preset == MLP_PRESET):
+        wanted = f"--model_size {MLP_PRESET}" if points else "an image model (--model_size tiny, small, ddpm, ...)"
+        raise UsageError(f"--dataset {config.data.dataset} needs {wanted}, not --model_size {model.preset}")
+    if not points:
+        return
+    image_only = {"--image_size": config.data.image_size, "--channels": config.data.channels, "--hflip": config.data.hflip,
+                  "--base_dim": model.base_dim, "--dim_mults": model.dim_mults, "--num_res_blocks": model.num_res_blocks,
+                  "--attn_resolutions": model.attn_resolutions, "--dropout": model.dropout,
+                  "--channels_last": config.train.channels_last or None}
+    given = [flag for flag, value in image_only.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: image settings, meaningless for the 2D points of --dataset {config.data.dataset}")

@@ -1,19 +1,22 @@
-"""Data sets: CIFAR-10, MNIST, Fashion-MNIST, an image folder, synthetic shapes; their splits and the order of an epoch.
+"""Data sets: CIFAR-10, MNIST, Fashion-MNIST, an image folder, synthetic shapes, 2D toy points; their splits and the
+order of an epoch.
 
-Every data set is held in memory as uint8 images (N, C, H, W) plus int64 labels, split into train / val / test,
+Every image data set is held in memory as uint8 images (N, C, H, W) plus int64 labels, split into train / val / test,
 and served to the training loop as float batches in [-1, 1] (`load_batch`), in an order that is a function of
-(seed, epoch) alone (`epoch_permutation`), so that a resumed run needs only its position in the epoch.
+(seed, epoch) alone (`epoch_permutation`), so that a resumed run needs only its position in the epoch. The 2D toy
+sets (POINT_DATASETS, `make_points`) are float32 points (N, 2) of about unit variance, served as they are.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,13 +25,13 @@ import torchvision
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from ddpm_config import UsageError, first_line
+from ddpm_config import POINT_DATASETS, UsageError, first_line
 from ddpm_runtime import Runtime
 
-DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "synthetic")
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "synthetic", *POINT_DATASETS)
 # Random left-right flips by default: CIFAR-10's objects are mirror-symmetric as a class; a folder's content may
 # not be (digits, text, faces with a known side), so there they are asked for with --hflip.
-DEFAULT_HFLIP = {"cifar10": True, "mnist": False, "fashion_mnist": False, "folder": False, "synthetic": True}
+DEFAULT_HFLIP = {"cifar10": True, "mnist": False, "fashion_mnist": False, "folder": False, "synthetic": True} | dict.fromkeys(POINT_DATASETS, False)
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -38,8 +41,8 @@ LabelledImages = tuple[torch.Tensor, torch.Tensor]  # (uint8 images N,C,H,W, int
 
 @dataclass
 class Split:
-    """One split of a data set in memory: uint8 images (N, C, H, W) and int64 labels; `hflip`: the training loop
-    flips each image left-right with probability 1/2 (`load_batch`)."""
+    """One split of a data set in memory: uint8 images (N, C, H, W), or float32 points (N, 2), and int64 labels;
+    `hflip`: the training loop flips each image left-right with probability 1/2 (`load_batch`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -55,12 +58,21 @@ class DataSplits:
     val: Split
     test: Split
     class_names: list[str]
-    channels: int
-    image_size: int
+    channels: int  # of points: their coordinates
+    image_size: Optional[int]  # None: points
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def points(self) -> bool:
+        return self.image_size is None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of an image, (D,) of a point."""
+        return (self.channels,) if self.points else (self.channels, self.image_size, self.image_size)
 
 
 def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None = None, hflip: bool | None = None,
@@ -74,6 +86,8 @@ def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    if name in POINT_DATASETS and (image_size, channels) != (None, None):
+        raise UsageError(f"--dataset {name} holds 2D points: --image_size and --channels are for images")
     data, test, class_names = _load_images(name, Path(data_dir), image_size, download, seed)
     generator = torch.Generator().manual_seed(seed)
     if test is None:
@@ -84,7 +98,7 @@ def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None
     train, val, test = (_to_channels(images, channels) for images in (train, val, test))
 
     use_hflip = DEFAULT_HFLIP[name] if hflip is None else hflip
-    channels, size = train[0].shape[1], train[0].shape[-1]
+    channels, size = train[0].shape[1], None if name in POINT_DATASETS else train[0].shape[-1]
     return DataSplits(train=Split(*train, hflip=use_hflip), val=Split(*val),
                       test=Split(*test), class_names=class_names, channels=channels, image_size=size)
 
@@ -100,6 +114,10 @@ def _load_images(name: str, data_dir: Path, image_size: int | None, download: bo
         return _load_torchvision_idx(torchvision.datasets.FashionMNIST, data_dir, download)
     if name == "folder":
         return _load_split_folders(data_dir, image_size or 32)
+    if name in POINT_DATASETS:
+        labels = np.random.default_rng(seed).permutation(np.arange(POINTS_PER_DATASET) % len(POINT_CLASS_NAMES[name]))
+        points = make_points(name, labels, seed)
+        return (torch.from_numpy(points), torch.from_numpy(labels.astype(np.int64))), None, list(POINT_CLASS_NAMES[name])
     return _make_synthetic(6000, image_size or 32, seed), None, list(SYNTHETIC_CLASS_NAMES)
 
 
@@ -302,6 +320,47 @@ def _make_synthetic(count: int, image_size: int, seed: int) -> LabelledImages:
     return torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64))
 
 
+POINTS_PER_DATASET = 40_000  # of a 2D toy set, before the splits
+POINT_CLASS_NAMES = {"moons": ("upper", "lower"), "circles": ("outer", "inner"), "swissroll": ("roll",),
+                     "gaussians": ("east", "northeast", "north", "northwest", "west", "southwest", "south", "southeast")}
+POINT_NOISE = {"moons": 0.05, "circles": 0.05, "gaussians": 0.1, "swissroll": 0.3}  # std of the Gaussian noise added, before standardising
+
+
+def _raw_points(name: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Points (N, 2) of class `labels` before standardising: the two moons and two circles of scikit-learn's make_moons
+    and make_circles (factor 0.5), a ring of 8 Gaussians, a swiss roll (make_swiss_roll's x and z), plus noise."""
+    n = len(labels)
+    if name == "moons":
+        theta = rng.uniform(0, np.pi, n)
+        upper, lower = np.stack([np.cos(theta), np.sin(theta)], 1), np.stack([1 - np.cos(theta), 0.5 - np.sin(theta)], 1)
+        points = np.where(labels[:, None] == 0, upper, lower)
+    elif name == "circles":
+        theta = rng.uniform(0, 2 * np.pi, n)
+        points = np.where(labels == 0, 1.0, 0.5)[:, None] * np.stack([np.cos(theta), np.sin(theta)], 1)
+    elif name == "gaussians":
+        angle = labels * 2 * np.pi / len(POINT_CLASS_NAMES["gaussians"])
+        points = np.stack([np.cos(angle), np.sin(angle)], 1)
+    else:
+        t = 1.5 * np.pi * (1 + 2 * rng.uniform(0, 1, n))
+        points = np.stack([t * np.cos(t), t * np.sin(t)], 1)
+    return points + POINT_NOISE[name] * rng.standard_normal((n, 2))
+
+
+@functools.lru_cache(maxsize=None)
+def point_standardisation(name: str) -> tuple[np.ndarray, float]:
+    """The mean and the scale (the root of the mean variance of a coordinate) of 100,000 balanced reference points of
+    `name`: fixed per data set, so that every draw (training data, fresh data) is standardised alike."""
+    labels = np.arange(100_000) % len(POINT_CLASS_NAMES[name])
+    reference = _raw_points(name, labels, np.random.default_rng(0))
+    return reference.mean(0), float(np.sqrt(reference.var(0).mean()))
+
+
+def make_points(name: str, labels: np.ndarray, seed: int) -> np.ndarray:
+    """float32 points (N, 2) of the 2D toy set `name`, point i of class labels[i], of about unit variance, drawn from `seed`."""
+    mean, scale = point_standardisation(name)
+    return ((_raw_points(name, labels, np.random.default_rng(seed)) - mean) / scale).astype(np.float32)
+
+
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of epoch `epoch`: a function of (seed, epoch) alone, so resuming needs only the position."""
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -318,8 +377,11 @@ def epoch_batches(num_examples: int, batch_size: int, runtime: Runtime, seed: in
 
 
 def load_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, hflip: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images -> float in [-1, 1] on `device`, each flipped left-right with probability 1/2 when hflip."""
-    x = images[indices.to(images.device)].to(device, non_blocking=True).float().div_(127.5).sub_(1)
+    """uint8 images -> float in [-1, 1] on `device`, each flipped left-right with probability 1/2 when hflip; float
+    points as they are."""
+    x = images[indices.to(images.device)].to(device, non_blocking=True)
+    if not x.is_floating_point():
+        x = x.float().div_(127.5).sub_(1)
     if hflip:
         flip = torch.rand(x.shape[0], device=device) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)

@@ -24,7 +24,7 @@ import torch
 from ddpm_checkpoint import ModelDescription, build_network, load_model, save_checkpoint
 from ddpm_config import UsageError
 from ddpm_diffusion import MAX_BETA, linear_beta_range, make_beta_schedule
-from ddpm_model import UNet
+from ddpm_model import MLP_PRESET, UNet
 from ddpm_samplers import VARIANCES
 
 GROUPS = 32  # diffusers' norm_num_groups; ours is gcd(32, channels) per layer
@@ -106,6 +106,8 @@ def unet2d_config(model_config: dict) -> dict:
     `tiny` preset is not), and multi-head models with attention at levels of different widths (diffusers derives
     the heads of every attention layer from one attention_head_dim).
     """
+    if model_config.get("architecture") == MLP_PRESET:
+        raise UsageError("an MLP of 2D points has no diffusers counterpart (diffusers exports UNet2DModel)")
     base, mults = model_config["base_dim"], model_config["dim_mults"]
     widths = [base * mult for mult in mults]
     if base % GROUPS or any(width % GROUPS for width in widths):

@@ -273,15 +273,18 @@ class Diffusion:
         guidance_interval: Optional[tuple[float, float]] = None,
         variance: Optional[str] = None,
         guide: Optional[NoisePredictor] = None,
+        trajectory: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W).
+        """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W), or of samples of any shape
+        (N, ...); `clip_denoised` False leaves the predicted x_0 and the result unclipped (points are not in [-1, 1]).
 
         `model(x, t, labels)` is any network that predicts `prediction_type` (eps unless told otherwise); its
         train/eval mode is left as it is.
         `steps` network evaluations (default: all T for ddpm, 50 for the others), at
         evenly spaced timesteps (log-SNR spaced for dpm++2m and dpm++3m). Noise is drawn from `generator` (on its own device) so a
         seed gives the same images on any device. `variance` overrides the ancestral sampler's (see VARIANCES); `guide`: autoguidance
-        with that network instead of classifier-free guidance (`predict_noise`).
+        with that network instead of classifier-free guidance (`predict_noise`). `trajectory`: a list that receives x_T
+        and x after every step (the reverse process, for pictures).
         """
         solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised, variance=variance)
         timesteps = solver.timesteps(steps)
@@ -289,11 +292,15 @@ class Diffusion:
             device = labels.device if labels is not None else self.alphas_cumprod.device
         guided = self.guided_steps(timesteps, guidance_interval)
         x = randn(shape, generator, device)
+        if trajectory is not None:
+            trajectory.append(x)
         for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             eps = self.predict_noise(model, x, t, labels, guidance_scale if guided[i] else 1.0, null_label, guidance_rescale, guide)
             x = solver.step(x, step, timesteps[i + 1] if i + 1 < len(timesteps) else -1, eps, generator)
-        return x.clamp(-1, 1)
+            if trajectory is not None:
+                trajectory.append(x)
+        return x.clamp(-1, 1) if clip_denoised else x
 
 
 def rescale_guidance(guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -> torch.Tensor:

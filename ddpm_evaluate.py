@@ -31,6 +31,7 @@ from ddpm_metrics import (
     reference_statistics,
     require_torch_fidelity,
 )
+from ddpm_points import evaluate_points
 from ddpm_outputs import save_image_grid, save_json, save_labelled_rows, save_pngs, save_sample_arrays
 from ddpm_runtime import Runtime, unwrap
 from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate_from, load_guide, sampling_record
@@ -91,13 +92,17 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime,
                    compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False) -> None:
     """--evaluate: FID (and IS, KID, precision/recall, class consistency) of `num_samples` samples, at
     settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
-    statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes."""
-    require_torch_fidelity()
+    statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes. A 2D model
+    is measured by the sliced Wasserstein distance instead (ddpm_points.evaluate_points)."""
     loaded = load_model(model_path, str(runtime.device), use_ema, compile)
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
     if guidance_sweep and not loaded.description.conditional and guide is None:
         raise UsageError(f"--guidance_sweep needs a class-conditional model or a --guide_model, but {loaded.path} is unconditional")
+    if loaded.description.points:
+        return evaluate_points(loaded, settings, runtime, scales=guidance_sweep or [settings.guidance_scale], sweep=bool(guidance_sweep),
+                               num_samples=num_samples, seed=seed, batch_size=batch_size, save_dir=save_dir, guide=guide)
+    require_torch_fidelity()
     data = loaded.description.data
     extractor, reference = None, None
     if runtime.is_main:
@@ -188,6 +193,8 @@ def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, runtim
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
     loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
+    if loaded[0].description.points:
+        raise UsageError("--compare_checkpoints draws rows of images; a 2D run's scatter progression is progression_<run_name>.png")
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
     check_sampling_steps(settings.steps, loaded[0])

@@ -113,14 +113,18 @@ def print_run_summary(run: TrainingRun, resume_path: Optional[Path]) -> None:
     if not run.runtime.is_main:
         return
     data, config, train, sampling = run.data, run.config, run.config.train, run.config.sampling
-    print(f"model: {count_parameters(unwrap(run.model)) / 1e6:.2f}M parameters ({config.model.preset} preset"
+    mlp = f", width {config.model.mlp_width}, depth {config.model.mlp_depth}" if data.points else ""
+    shape = (f"2D points of {config.data.dataset} (generated from the seed; {data.num_classes} classes: {', '.join(data.class_names)})"
+             if data.points else f"images of {data.channels}x{data.image_size}x{data.image_size}")
+    print(f"model: {count_parameters(unwrap(run.model)) / 1e6:.2f}M parameters ({config.model.preset} preset{mlp}"
           f"{', conditional on ' + str(data.num_classes) + ' classes' if config.model.conditional else ''}); "
-          f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images of "
-          f"{data.channels}x{data.image_size}x{data.image_size}; {run.steps_per_epoch} steps per epoch, {run.total_steps} in all")
+          f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test {shape}; "
+          f"{run.steps_per_epoch} steps per epoch, {run.total_steps} in all")
     warmup = "derived from the run" if train.warmup_steps is None else "--warmup_steps"
     ema = ("none" if run.ema is None else f"decay {run.ema.decay} with TensorFlow's warm-up (--ema_decay)" if run.ema.halflife_ratio is None
            else f"half-life {run.ema.halflife_ratio:.0%} of the steps so far, at most decay {run.ema.decay}'s (derived; --ema_decay fixes one)")
-    grids = (f"grids: {run.grid_count} images by {sampling.sampler} {sampling.resolved_steps(config.diffusion.timesteps)} steps, every "
+    grids = (f"{'scatter plots and sliced Wasserstein distance (every epoch)' if data.points else 'grids'}: {run.grid_count} "
+             f"{'points' if data.points else 'images'} by {sampling.sampler} {sampling.resolved_steps(config.diffusion.timesteps)} steps, every "
              f"{train.sample_every} epochs and at the end" if train.sample_every else "grids: none (--sample_every 0)")
     full = f"every {train.eval_every} epochs and at the end" if train.eval_every else "at the end (--eval_every for more)"
     phema = (f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in run.phema.sigma_rels)} tracked, snapshots every {run.phema_every} steps "

@@ -17,9 +17,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ddpm_checkpoint import RunLock, load_resume_checkpoint
+from ddpm_checkpoint import RunLock, load_model, load_resume_checkpoint
 from ddpm_config import (
     INFERENCE_SAMPLES,
+    POINT_DATASETS,
     TRAINING_GRID_SAMPLER,
     DataConfig,
     DiffusionConfig,
@@ -28,6 +29,7 @@ from ddpm_config import (
     SamplingConfig,
     TrainConfig,
     UsageError,
+    check_model_fits_data,
     with_objective,
 )
 from ddpm_data import DATASETS, load_datasets
@@ -35,8 +37,9 @@ from ddpm_diffusers import export_diffusers, import_diffusers
 from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES
 from ddpm_evaluate import run_checkpoint_comparison, run_evaluation
 from ddpm_metrics import FEATURE_EXTRACTORS
-from ddpm_model import PRESETS, UNet
+from ddpm_model import MLP_PRESET, PRESETS, network_from_config
 from ddpm_phema import write_posthoc_ema
+from ddpm_points import run_point_inference
 from ddpm_runtime import enable_tf32, setup_runtime
 from ddpm_samplers import SAMPLERS, VARIANCES
 from ddpm_sampling import run_inference
@@ -99,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--val_fraction", type=float, default=D.val_fraction, help="share of the training images held out for the validation loss (0: none)")
 
     model = parser.add_argument_group("model (a preset, then overrides)")
-    model.add_argument("--model_size", default=M.preset, choices=sorted(PRESETS), help="architecture preset")
+    model.add_argument("--model_size", default=M.preset, choices=sorted(PRESETS) + [MLP_PRESET],
+                       help=f"architecture preset: a U-Net, or {MLP_PRESET} (an MLP, for the 2D data sets {', '.join(POINT_DATASETS)})")
+    model.add_argument("--mlp_width", type=int, default=M.mlp_width, help=f"--model_size {MLP_PRESET}: hidden units per layer")
+    model.add_argument("--mlp_depth", type=int, default=M.mlp_depth, help=f"--model_size {MLP_PRESET}: residual blocks")
     model.add_argument("--base_dim", type=int, help="channels of the first level (default: the preset's)")
     model.add_argument("--dim_mults", type=comma_ints, help="channel multiplier per level, e.g. 1,2,2,2 (default: the preset's)")
     model.add_argument("--num_res_blocks", type=int, help="residual blocks per level (default: the preset's)")
@@ -208,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject bad values with one line, before any file is touched."""
-    positive = ["batch_size", "epochs", "timesteps", "log_interval", "grad_accum"]
+    positive = ["batch_size", "epochs", "timesteps", "log_interval", "grad_accum", "mlp_width", "mlp_depth"]
     for name in positive:
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -340,7 +346,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
                         hflip=True if args.hflip else False if args.no_hflip else None, channels=args.channels, val_fraction=args.val_fraction),
         model=ModelConfig(preset=args.model_size, base_dim=args.base_dim, dim_mults=as_tuple(args.dim_mults),
                           num_res_blocks=args.num_res_blocks, attn_resolutions=as_tuple(args.attn_resolutions),
-                          dropout=args.dropout, conditional=args.conditional),
+                          dropout=args.dropout, conditional=args.conditional, mlp_width=args.mlp_width, mlp_depth=args.mlp_depth),
         diffusion=DiffusionConfig(timesteps=args.timesteps, schedule=args.schedule, loss_type=args.loss_type,
                                   prediction_type=args.prediction_type, snr_gamma=args.snr_gamma,
                                   **({"variance": args.variance} if args.variance else {})),
@@ -360,6 +366,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def run_training(args: argparse.Namespace) -> None:
     """Train, holding the run's folder (ddpm_checkpoint.RunLock) so that no second process trains the same run."""
     config = run_config(args)
+    check_model_fits_data(config)
     device = select_device(args)
     holds_folder = int(os.environ.get("RANK", "0")) == 0 and (config.train.save_model or config.train.resume is not None)
     with RunLock(Path(config.train.models_dir) / config.train.run_name, enabled=holds_folder):
@@ -372,7 +379,7 @@ def run_training(args: argparse.Namespace) -> None:
             raise UsageError(f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "
                              f"(add --channels {saved})")
         try:
-            UNet(in_channels=data.channels, image_size=data.image_size, **config.model.unet_kwargs(data.image_size))
+            network_from_config(config.model.network_config(data.sample_shape, None))
         except ValueError as error:
             raise UsageError(f"this model does not fit {data.image_size}x{data.image_size} images: {error}") from None
         from ddpm_train import train  # the training loop's imports are not needed to sample
@@ -415,9 +422,10 @@ def run_sampling(args: argparse.Namespace) -> None:
                 model_path = Path(preset["weights"])
                 settings = replace(settings, sampler=preset["sampler"], steps=preset["steps"], guidance_scale=preset["guidance_scale"],
                                    guide_model=preset["guide_model"])
-            run_inference(model_path, settings, runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
-                          sample_classes=args.sample_classes,
-                          require_conditional=args.conditional, **common)
+            loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
+            inference = run_point_inference if loaded.description.points else run_inference
+            inference(loaded, settings, runtime, num_samples=args.num_samples, sample_classes=args.sample_classes,
+                      require_conditional=args.conditional, **common)
     finally:
         if runtime.world_size > 1:
             dist.destroy_process_group()

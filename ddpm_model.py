@@ -1,6 +1,7 @@
-"""The noise-prediction U-Net of Ho et al. 2020, "Denoising Diffusion Probabilistic Models".
+"""The noise-prediction networks: the U-Net of Ho et al. 2020, "Denoising Diffusion Probabilistic Models", and
+an MLP for 2D points (`MLPDenoiser`, `--model_size mlp`).
 
-This file is only the network eps_theta(x_t, t, y): it maps a noisy image, its timestep
+This file is only the network eps_theta(x_t, t, y): it maps a noisy sample, its timestep
 and (optionally) a class label to the predicted noise. Diffusion math, data and training
 live in the other ddpm_* modules.
 
@@ -337,3 +338,63 @@ class UNet(nn.Module):
                 h = self.upsamples[level](h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+MLP_PRESET = "mlp"  # --model_size of MLPDenoiser; its config says architecture "mlp" (network_from_config)
+
+
+class MLPBlock(nn.Module):
+    """A residual MLP block conditioned on the embedding: h + W2 SiLU(W1 LayerNorm(h) + proj(emb))."""
+
+    def __init__(self, width: int, emb_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, width))
+        self.fc2 = zero_module(nn.Linear(width, width))
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return h + self.fc2(F.silu(self.fc1(self.norm(h)) + self.emb_proj(emb)))
+
+
+class MLPDenoiser(nn.Module):
+    """Noise predictor eps_theta(x_t, t, y) for points x of `dim` coordinates (2D toy data): a linear map to `width`,
+    `depth` residual MLPBlocks, a linear map back. Timestep and class embeddings as in the UNet (a sinusoidal
+    embedding and an MLP; with num_classes set, label `num_classes` is the null label of classifier-free guidance)."""
+
+    def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, num_classes: int | None = None):
+        super().__init__()
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be positive or None, got {num_classes}")
+        self.config = dict(architecture=MLP_PRESET, dim=dim, width=width, depth=depth, num_classes=num_classes)
+        self.num_classes = self.null_label = num_classes
+        self.time_embed = TimestepEmbedding(width, width)
+        if num_classes is not None:
+            self.label_embed = nn.Embedding(num_classes + 1, width)  # last row: null label
+        self.input = nn.Linear(dim, width)
+        self.blocks = nn.ModuleList(MLPBlock(width, width) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(width)
+        self.output = zero_module(nn.Linear(width, dim))
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Predict the noise in x (B, dim) at integer timesteps t (B,); labels as for UNet.forward."""
+        emb = self.time_embed(t)
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("labels were given to an unconditional model (num_classes=None)")
+        else:
+            if labels is None:
+                labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+            emb = emb + self.label_embed(labels)
+        h = self.input(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(F.silu(self.norm_out(h)))
+
+
+def network_from_config(config: dict) -> nn.Module:
+    """The (untrained) network of a `config` dict (a network's `.config`, as checkpoints store it): an MLPDenoiser
+    where it says architecture "mlp", else the UNet."""
+    if config.get("architecture") == MLP_PRESET:
+        return MLPDenoiser(**{key: value for key, value in config.items() if key != "architecture"})
+    return UNet(**config)

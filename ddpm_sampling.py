@@ -17,9 +17,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import LoadedModel, load_model
-from ddpm_config import SamplingConfig, UsageError
+from ddpm_config import INFERENCE_SAMPLES, SamplingConfig, UsageError
 from ddpm_diffusion import Diffusion
-from ddpm_model import UNet
 from ddpm_outputs import save_image_grid, save_json, save_samples, to_uint8
 from ddpm_runtime import Runtime, autocast_dtype, gather_rows, shard
 
@@ -49,22 +48,25 @@ def every_class_in_turn(num_classes: Optional[int], count: int) -> Optional[torc
     return None if num_classes is None else torch.arange(count) % num_classes
 
 
-def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int], count: int, labels: Optional[torch.Tensor],
+def generate(model: nn.Module, diffusion: Diffusion, sample_shape: tuple[int, ...], count: int, labels: Optional[torch.Tensor],
              settings: SamplingConfig, seed: int, batch_size: int, runtime: Runtime, desc: str = "generating",
-             guide: Optional[nn.Module] = None) -> torch.Tensor:
-    """`count` samples of `model` as uint8 (N, H, W, C), on every rank, in batches of `batch_size`.
+             guide: Optional[nn.Module] = None, trajectory: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+    """`count` samples of `model` as uint8 images (N, H, W, C) for a `sample_shape` (C, H, W), or as float32 points
+    (N, D) unclipped for a `sample_shape` (D,), on every rank, in batches of `batch_size`.
 
     Batch b draws all its noise from its own generator, seeded with seed + b * NOISE_SEED_STRIDE, so the
     images depend on the seed and the batch size only: one process or many (torchrun, each rank sampling
     a contiguous share of the batches, gathered in order) give the same images, and the first batch is
     what `Diffusion.sample` gives with a generator seeded with `seed`. The model's train/eval mode is kept.
     With `guide` (a network of the same data and diffusion, see `load_guide`), autoguidance instead of
-    classifier-free guidance, at --guidance_scale.
+    classifier-free guidance, at --guidance_scale. `trajectory` receives the reverse process of the first batch
+    (Diffusion.sample's), on the rank that draws it.
     """
     amp_dtype = autocast_dtype(settings.amp, runtime.device)
     network = model if amp_dtype is None else AutocastNetwork(model, amp_dtype)
     if guide is not None and amp_dtype is not None:
         guide = AutocastNetwork(guide, amp_dtype)
+    points = len(sample_shape) == 1
     starts = range(0, count, batch_size)
     sizes = {index: min(batch_size, count - starts[index]) for index in shard(len(starts), runtime)}
     samples = []
@@ -72,26 +74,29 @@ def generate(model: UNet, diffusion: Diffusion, image_shape: tuple[int, int, int
     with tqdm(total=sum(sizes.values()), desc=desc, unit="img", disable=not runtime.is_main, leave=False) as bar:
         for index, size in sizes.items():
             begin = starts[index]
-            images = diffusion.sample(
-                network, (size, *image_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
+            drawn = diffusion.sample(
+                network, (size, *sample_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
                 guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
                 steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
                 device=runtime.device, progress=runtime.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide)
-            samples.append(to_uint8(images))
+                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide, clip_denoised=not points,
+                trajectory=trajectory if index == 0 else None)
+            samples.append(drawn.float().cpu() if points else to_uint8(drawn))
             bar.update(size)
-    local = torch.cat(samples) if samples else torch.zeros((0, *image_shape[1:], image_shape[0]), dtype=torch.uint8)
+    empty = torch.zeros((0, *sample_shape)) if points else torch.zeros((0, *sample_shape[1:], sample_shape[0]), dtype=torch.uint8)
+    local = torch.cat(samples) if samples else empty
     return gather_rows(local, runtime)
 
 
 def generate_from(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplingConfig, seed: int,
-                  batch_size: int, runtime: Runtime, desc: str = "generating", guide: Optional[LoadedModel] = None) -> torch.Tensor:
+                  batch_size: int, runtime: Runtime, desc: str = "generating", guide: Optional[LoadedModel] = None,
+                  trajectory: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """`generate` for a loaded checkpoint (and, for autoguidance, a loaded guide)."""
-    return generate(loaded.model, loaded.diffusion, loaded.description.image_shape, count, labels, settings, seed, batch_size, runtime,
-                    desc, guide=None if guide is None else guide.model)
+    return generate(loaded.model, loaded.diffusion, loaded.description.sample_shape, count, labels, settings, seed, batch_size, runtime,
+                    desc, guide=None if guide is None else guide.model, trajectory=trajectory)
 
 
-GUIDE_MUST_MATCH = {"image size and channels": lambda d: d.image_shape, "classes": lambda d: (d.conditional, d.class_names),
+GUIDE_MUST_MATCH = {"image size and channels": lambda d: d.sample_shape, "classes": lambda d: (d.conditional, d.class_names),
                     "diffusion": lambda d: {key: d.diffusion.get(key) for key in ("timesteps", "schedule", "prediction_type")}}
 
 
@@ -126,20 +131,26 @@ def parse_sample_classes(text: str, class_names: list[str], num_samples: int) ->
     return [classes[i % len(classes)] for i in range(num_samples)]
 
 
-def run_inference(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, num_samples: int, sample_classes: Optional[str],
-                  require_conditional: bool, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
-                  compile: bool = False) -> None:
-    """--inference: sample from a checkpoint, everything about the model coming from the checkpoint; write
-    grid.png, one PNG per sample, samples.npz and samples.json to `save_dir`. Under torchrun every rank
-    samples its share of the batches and rank 0 writes them all."""
-    loaded = load_model(model_path, str(runtime.device), use_ema, compile)
+def inference_labels(loaded: LoadedModel, sample_classes: Optional[str], require_conditional: bool, num_samples: int) -> Optional[torch.Tensor]:
+    """The labels of --inference: --sample_classes, or every class in turn; None for an unconditional model (refused
+    with --sample_classes or --conditional)."""
     if not loaded.description.conditional and (require_conditional or sample_classes):
         flag = "--sample_classes" if sample_classes else "--conditional"
-        raise UsageError(f"{flag} needs a class-conditional model, but {model_path} is unconditional")
-    labels = None
-    if loaded.description.conditional:
-        text = sample_classes or ",".join(str(i) for i in range(len(loaded.description.class_names)))
-        labels = torch.tensor(parse_sample_classes(text, loaded.description.class_names, num_samples))
+        raise UsageError(f"{flag} needs a class-conditional model, but {loaded.path} is unconditional")
+    if not loaded.description.conditional:
+        return None
+    text = sample_classes or ",".join(str(i) for i in range(len(loaded.description.class_names)))
+    return torch.tensor(parse_sample_classes(text, loaded.description.class_names, num_samples))
+
+
+def run_inference(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: Optional[int], sample_classes: Optional[str],
+                  require_conditional: bool, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
+                  compile: bool = False) -> None:
+    """--inference of an image model (load_model's, everything about it coming from its checkpoint): write grid.png,
+    one PNG per sample, samples.npz and samples.json to `save_dir`. Under torchrun every rank samples its share of
+    the batches and rank 0 writes them all. (A 2D model's: ddpm_points.run_point_inference.)"""
+    model_path, num_samples = loaded.path, num_samples or INFERENCE_SAMPLES
+    labels = inference_labels(loaded, sample_classes, require_conditional, num_samples)
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
     channels, size, _ = loaded.description.image_shape

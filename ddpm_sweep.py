@@ -85,8 +85,10 @@ def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, s
               save_dir: Path, use_ema: bool = True, compile: bool = False) -> Optional[dict]:
     """--evaluate --sweep: evaluate every cell not yet on disk, rank them, write the table, the picture and the best
     setting; return the best cell's record (rank 0; None elsewhere)."""
-    require_torch_fidelity()
     main = load_model(model_path, "cpu")
+    if main.description.points:
+        raise UsageError("--sweep ranks by FID or KID, which need images; measure a 2D model with --evaluate --guidance_sweep")
+    require_torch_fidelity()
     weights = {"ema": Path(model_path)}
     if sweep_ema:
         if runtime.is_main:

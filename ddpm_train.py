@@ -37,9 +37,10 @@ from ddpm_data import DataSplits, epoch_batches, load_batch
 from ddpm_diffusion import Diffusion, drop_labels
 from ddpm_evaluate import evaluation_loss
 from ddpm_logging import RunLog, StepCounters, log_step, peak_memory_mb, print_run_summary, save_history
-from ddpm_model import UNet
+from ddpm_model import network_from_config
 from ddpm_optim import EMA, apply_update, build_ema, build_lr_scheduler, build_optimizer, derived_warmup
 from ddpm_phema import PowerFunctionEMA, save_snapshot, snapshot_folder, snapshot_interval
+from ddpm_points import POINT_SAMPLES, distance_text, epoch_distance, record_points
 from ddpm_outputs import save_image_grid, save_labelled_rows
 from ddpm_runtime import Runtime, StopRequest, autocast_dtype, check_replicas_identical, maybe_no_sync, seed_everything, unwrap
 from ddpm_sampling import every_class_in_turn, generate
@@ -59,7 +60,7 @@ class TrainingRun:
     config: RunConfig
     data: DataSplits
     runtime: Runtime
-    model: torch.nn.Module  # the UNet; wrapped in DistributedDataParallel under torchrun, compiled in place with --compile
+    model: torch.nn.Module  # the UNet or the MLP; wrapped in DistributedDataParallel under torchrun, compiled in place with --compile
     diffusion: Diffusion
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -76,7 +77,7 @@ class TrainingRun:
     total_steps: int  # --max_steps, or what --epochs leaves from where the run is
     warmup_steps: int  # --warmup_steps, or derived from total_steps
     eval_examples: int  # per split, of the per-epoch validation and test losses (evaluation_subset_size)
-    grid_count: int  # images per sample grid: --num_samples, or 16, or two per class
+    grid_count: int  # images per sample grid: --num_samples, or 16, or two per class; points: POINT_SAMPLES
     train_images: torch.Tensor  # on the GPU where the runtime keeps data on the device
     train_labels: torch.Tensor
     started: float = field(default_factory=time.perf_counter)  # this process's start, for the time split
@@ -94,7 +95,7 @@ class TrainingRun:
     def epoch_examples(self) -> int:
         return self.steps_per_epoch * self.examples_per_step
 
-    def eval_model(self) -> UNet:
+    def eval_model(self) -> torch.nn.Module:
         """The weights that validation, test and the sample grids use: the EMA unless --no_ema (or no EMA)."""
         if self.ema is not None and self.config.train.use_ema:
             return self.ema.module
@@ -134,8 +135,8 @@ def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: Trai
     total_steps = train.max_steps or state.step + steps_to_go(train.epochs, state, steps_per_epoch, examples_per_step)
     warmup_steps = train.warmup_steps if train.warmup_steps is not None else derived_warmup(total_steps)
     seed_everything(train.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
-    model = UNet(in_channels=data.channels, image_size=data.image_size, num_classes=data.num_classes if config.model.conditional else None,
-                 **config.model.unet_kwargs(data.image_size)).to(runtime.device)
+    num_classes = data.num_classes if config.model.conditional else None
+    model = network_from_config(config.model.network_config(data.sample_shape, num_classes)).to(runtime.device)
     seed_everything(train.seed + runtime.rank)
     if train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -154,7 +155,7 @@ def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: Trai
         log=RunLog(Path(train.save_dir), train.run_name, train.logger, enabled=runtime.is_main),
         steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
         eval_examples=evaluation_subset_size(steps_per_epoch * examples_per_step),
-        grid_count=train.num_samples or (2 * data.num_classes if config.model.conditional else GRID_IMAGES),
+        grid_count=train.num_samples or (POINT_SAMPLES if data.points else 2 * data.num_classes if config.model.conditional else GRID_IMAGES),
         train_images=data.train.images.to(runtime.device) if on_device else data.train.images,
         train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels,
     )
@@ -286,7 +287,7 @@ def end_epoch(run: TrainingRun) -> None:
     full_at = "end" if final else "every" if train.eval_every and (state.epoch + 1) % train.eval_every == 0 else None
     is_best = record_losses(run, epoch_done, full_at)
     if train.sample_every > 0 and (final or (state.epoch + 1) % train.sample_every == 0):
-        record_grid(run)
+        (record_points if run.data.points else record_grid)(run)
     if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
         state.epoch += 1
         state.epoch_position = 0
@@ -312,9 +313,9 @@ def record_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) ->
         state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
     lr = run.scheduler.get_last_lr()[0]
     entry = {"epochs": state.epoch, "steps": state.step, "train_loss": train_loss, "val_loss": subset["val"], "test_loss": subset["test"],
-             "lr": lr, "eval_examples": run.eval_examples}
+             "lr": lr, "eval_examples": run.eval_examples} | (epoch_distance(run) if run.data.points else {})
     for key, value in entry.items():
-        state.history[key].append(value)
+        state.history.setdefault(key, []).append(value)
     if full_at is not None:
         full = {split: split_loss(run, split, None) for split in ("val", "test")}
         state.history["full"].append({"epoch": state.epoch, "step": state.step, "at": full_at, "val_loss": full["val"], "test_loss": full["test"]})
@@ -326,10 +327,11 @@ def record_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) ->
     total = time.perf_counter() - run.started
     whole = f" | whole splits: val {full['val']:.5f}, test {full['test']:.5f}" if full_at is not None else ""
     print(f"epoch {state.epoch + 1} | step {state.step} | train {train_loss:.5f} | val {subset['val']:.5f} | test {subset['test']:.5f}"
-          f"{whole} | {total - run.seconds_in_steps:.0f} of {total:.0f} s outside optimizer steps")
+          f"{whole}{distance_text(entry)} | {total - run.seconds_in_steps:.0f} of {total:.0f} s outside optimizer steps")
     save_history(state.history, Path(config.train.save_dir), config.train.run_name)
     run.log.write({"kind": "epoch", "step": state.step, "epoch": state.epoch, "train_loss": train_loss, "val_loss": subset["val"],
                    "test_loss": subset["test"], **({"full": state.history["full"][-1]} if full_at else {}), "lr": lr,
+                   **{key: value for key, value in entry.items() if key.startswith("sliced_wasserstein")},
                    "peak_memory_mb": peak_memory_mb(runtime.device), "seconds_in_steps": round(run.seconds_in_steps, 3),
                    "seconds_outside_steps": round(total - run.seconds_in_steps, 3)})
     return is_best
@@ -344,13 +346,13 @@ def split_loss(run: TrainingRun, split: str, count: Optional[int]) -> float:
 
 def record_grid(run: TrainingRun) -> None:
     """A sample grid from the fixed noise, through the sampling path of --inference with its flags and the run's seed
-    (any number of processes gives the same images), and its row of the progression image."""
+    (any number of processes gives the same images), and the progression image with its row."""
     config, data = run.config, run.data
     model = run.eval_model()
     was_training = model.training
     model.eval()
     labels = every_class_in_turn(data.num_classes if config.model.conditional else None, run.grid_count)
-    pixels = generate(model, run.diffusion, (data.channels, data.image_size, data.image_size), run.grid_count, labels,
+    pixels = generate(model, run.diffusion, data.sample_shape, run.grid_count, labels,
                       config.sampling, config.train.seed, config.train.batch_size, run.runtime, desc="sample grid")
     model.train(was_training)
     if not run.runtime.is_main:
@@ -359,6 +361,7 @@ def record_grid(run: TrainingRun) -> None:
     save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
                     Path(config.train.save_dir) / f"samples_{config.train.run_name}_epoch{run.state.epoch + 1:04d}.png")
     run.state.progression.append((f"epoch {run.state.epoch + 1}, step {run.state.step}", pixels[:PROGRESSION_COLUMNS]))
+    save_labelled_rows(run.state.progression, Path(config.train.save_dir) / f"progression_{config.train.run_name}.png")
 
 
 def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:
@@ -375,11 +378,9 @@ def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:
 
 
 def finish_training(run: TrainingRun) -> Optional[Path]:
-    """The progression image, the run's time split; under torchrun, the check that every rank holds the same weights."""
+    """The run's time split; under torchrun, the check that every rank holds the same weights."""
     train = run.config.train
     if run.runtime.is_main:
-        if run.state.progression:
-            save_labelled_rows(run.state.progression, Path(train.save_dir) / f"progression_{train.run_name}.png")
         total = time.perf_counter() - run.started
         print(f"time: {run.seconds_in_steps:.0f} s in optimizer steps, {total - run.seconds_in_steps:.0f} s outside them "
               f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)")

@@ -1,0 +1,244 @@
+"""2D toy runs: the distance of samples to the true distribution, the pictures, and what training, --inference and
+--evaluate do for a model of points (ddpm_data.POINT_DATASETS, ddpm_model.MLPDenoiser) instead of images.
+
+    python ddpm_main.py --dataset moons --model_size mlp --conditional --max_steps 800 --batch_size 512 --lr 3e-3 --save_model --run_name moons
+    python ddpm_main.py --inference --model_path models/moons/ckpt.pt --sampler dpm++2m --sampling_steps 20 --guidance_scale 1
+
+"How close" is the sliced Wasserstein distance (`sliced_wasserstein`) between the samples and as many fresh points
+of the true distribution (drawn by ddpm_data.make_points from seeds no training set uses); the same distance between
+two fresh sets of that size is its floor, what a perfect model would score (`distance_report`).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from ddpm_checkpoint import LoadedModel
+from ddpm_config import SamplingConfig
+from ddpm_data import POINT_CLASS_NAMES, make_points
+from ddpm_diffusion import Diffusion
+from ddpm_outputs import atomic_write, save_json
+from ddpm_runtime import Runtime
+from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate, generate_from, inference_labels, load_guide, sampling_record
+
+if TYPE_CHECKING:
+    from ddpm_train import TrainingRun
+
+POINT_SAMPLES = 1000  # samples of a 2D run's training scatter and distance, and of --inference without --num_samples
+PROJECTIONS, PROJECTION_SEED = 256, 0  # the fixed random directions of the sliced Wasserstein distance
+REFERENCE_SEED, FLOOR_SEED = 1_000_001, 2_000_001  # the fresh data the samples are measured against, and a second set for the floor
+BACKGROUND_POINTS = 2000  # fresh data drawn in grey behind samples
+FORWARD_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 1.0)  # of T: the steps the forward-process picture shows
+REVERSE_PANELS = 6  # panels of the reverse-process picture, from x_T to the samples
+PANEL_LIMIT = 3.0  # every panel shows [-3, 3]^2: data of unit variance, and the noise it diffuses into
+
+Panel = tuple[str, torch.Tensor, Optional[torch.Tensor]]  # (title, points (N, 2), class labels or None)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = PROJECTIONS, seed: int = PROJECTION_SEED) -> float:
+    """The sliced Wasserstein-2 distance (Rabin et al. 2011, Bonneel et al. 2015) of two point sets of equal size:
+    the root of the mean, over `projections` fixed random directions theta, of the squared 1D Wasserstein-2 distance
+    of <a, theta> and <b, theta>, which for equal sizes pairs the sorted projections."""
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs point sets of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    theta = torch.randn(projections, a.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    theta = theta / theta.norm(dim=1, keepdim=True)
+    projected_a, projected_b = ((points.double() @ theta.T).sort(dim=0).values for points in (a, b))
+    return (projected_a - projected_b).pow(2).mean().sqrt().item()
+
+
+def fresh_points(dataset: str, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Points of the true distribution, point i of class labels[i]."""
+    return torch.from_numpy(make_points(dataset, labels.numpy(), seed))
+
+
+def distance_report(samples: torch.Tensor, labels: Optional[torch.Tensor], dataset: str) -> dict:
+    """The sliced Wasserstein distance of `samples` to as many fresh points with the same labels (unconditional
+    samples, None: to the classes in equal shares), and its floor, the distance of a second fresh set to the first;
+    per class for conditional samples."""
+    class_names = POINT_CLASS_NAMES[dataset]
+    truth_labels = labels if labels is not None else torch.arange(len(samples)) % len(class_names)
+    fresh, second = (fresh_points(dataset, truth_labels, seed) for seed in (REFERENCE_SEED, FLOOR_SEED))
+    report = {"sliced_wasserstein": sliced_wasserstein(samples, fresh), "sliced_wasserstein_floor": sliced_wasserstein(second, fresh)}
+    if labels is not None and len(class_names) > 1:
+        report["sliced_wasserstein_per_class"] = {
+            name: {"distance": sliced_wasserstein(samples[labels == k], fresh[labels == k]),
+                   "floor": sliced_wasserstein(second[labels == k], fresh[labels == k])}
+            for k, name in enumerate(class_names) if (labels == k).any()}
+    return report
+
+
+def distance_line(report: dict, count: int) -> str:
+    """The report in one line, every distance beside its floor."""
+    text = (f"sliced Wasserstein {report['sliced_wasserstein']:.4f} (floor {report['sliced_wasserstein_floor']:.4f}: "
+            f"two fresh data sets of {count} points)")
+    per_class = report.get("sliced_wasserstein_per_class", {})
+    if per_class:
+        text += "; per class " + ", ".join(f"{name} {value['distance']:.4f} (floor {value['floor']:.4f})" for name, value in per_class.items())
+    return text
+
+
+def distance_text(entry: dict) -> str:
+    """The distance of a loss-history entry, for the epoch line ("" without one)."""
+    if "sliced_wasserstein" not in entry:
+        return ""
+    return f" | sliced Wasserstein {entry['sliced_wasserstein']:.4f} (floor {entry['sliced_wasserstein_floor']:.4f})"
+
+
+# Pictures
+
+
+def save_panels(panels: list[Panel], path: Path, dataset: Optional[str] = None, columns: int = 6) -> None:
+    """One scatter plot per panel, coloured by class (tab10), on a grid of at most `columns` per row; with `dataset`,
+    fresh data of it in grey behind each panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows, columns = -(-len(panels) // columns), min(columns, len(panels))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    background = None
+    if dataset is not None:
+        background = fresh_points(dataset, torch.arange(BACKGROUND_POINTS) % len(POINT_CLASS_NAMES[dataset]), REFERENCE_SEED)
+    for axis, (title, points, labels) in zip(axes.flat, panels):
+        if background is not None:
+            axis.scatter(background[:, 0], background[:, 1], s=2, c="lightgrey", linewidths=0)
+        colours = "tab:blue" if labels is None else [f"C{k % 10}" for k in labels.tolist()]
+        axis.scatter(points[:, 0], points[:, 1], s=3, c=colours, linewidths=0)
+        axis.set(xlim=(-PANEL_LIMIT, PANEL_LIMIT), ylim=(-PANEL_LIMIT, PANEL_LIMIT), aspect="equal", xticks=[], yticks=[])
+        axis.set_title(title, fontsize=9)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.tight_layout()
+    atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
+    plt.close(figure)
+
+
+def save_forward_process(diffusion: Diffusion, dataset: str, path: Path, count: int = POINT_SAMPLES, seed: int = 0) -> None:
+    """x_t ~ q(x_t | x_0) (Diffusion.q_sample) of fresh data at FORWARD_FRACTIONS of the T steps."""
+    labels = torch.arange(count) % len(POINT_CLASS_NAMES[dataset])
+    x0 = fresh_points(dataset, labels, REFERENCE_SEED).to(diffusion.alphas_cumprod.device)
+    generator = torch.Generator().manual_seed(seed)
+    panels = []
+    for fraction in FORWARD_FRACTIONS:
+        step = round(fraction * (diffusion.num_timesteps - 1))
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        x_t = diffusion.q_sample(x0, torch.full((count,), step, device=x0.device), noise)
+        panels.append((f"q(x_t | x_0): t = {step}, alpha_bar {diffusion.alpha_bar(step).item():.3f}", x_t.cpu(), labels))
+    save_panels(panels, path)
+
+
+def save_reverse_process(trajectory: list[torch.Tensor], labels: Optional[torch.Tensor], sampler: str, dataset: str, path: Path) -> None:
+    """REVERSE_PANELS states of one sampler run (x_T, then x after every step, from Diffusion.sample's trajectory)."""
+    steps = len(trajectory) - 1
+    chosen = sorted({round(i) for i in np.linspace(0, steps, min(REVERSE_PANELS, steps + 1))})
+    labels = None if labels is None else labels[: len(trajectory[0])]
+    panels = [("x_T: noise" if i == 0 else f"{sampler}: after step {i} of {steps}", trajectory[i].float().cpu(), labels) for i in chosen]
+    save_panels(panels, path, dataset=dataset)
+
+
+def save_point_arrays(points: torch.Tensor, labels: Optional[torch.Tensor], path: Path) -> None:
+    """points.npz: `points` float32 (N, 2), `labels` int64 (-1: unconditional)."""
+    label_array = np.full(len(points), -1, dtype=np.int64) if labels is None else labels.long().numpy()
+    atomic_write(path, lambda f: np.savez(f, points=points.numpy(), labels=label_array))
+
+
+# Training, --inference and --evaluate of a 2D model
+
+
+def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The run's grid samples (run.grid_count of them, every class in turn), drawn as --inference would draw them."""
+    model = run.eval_model()
+    was_training = model.training
+    model.eval()
+    labels = every_class_in_turn(run.data.num_classes if run.config.model.conditional else None, run.grid_count)
+    samples = generate(model, run.diffusion, run.data.sample_shape, run.grid_count, labels, run.config.sampling, run.config.train.seed,
+                       run.config.train.batch_size, run.runtime, desc="samples")
+    model.train(was_training)
+    return samples, labels
+
+
+def epoch_distance(run: TrainingRun) -> dict:
+    """The distance report of a 2D run's samples, for its loss history and metrics log (every epoch)."""
+    samples, labels = training_samples(run)
+    return distance_report(samples, labels, run.config.data.dataset)
+
+
+def record_points(run: TrainingRun) -> None:
+    """A 2D run's sample grid: its samples over the data (samples_<run>_epochNNNN.png), the scatter progression (a
+    panel per grid, progression_<run>.png) and, at the first grid, the forward process (forward_process_<run>.png)."""
+    samples, labels = training_samples(run)
+    if not run.runtime.is_main:
+        return
+    save_dir, name, state, dataset = Path(run.config.train.save_dir), run.config.train.run_name, run.state, run.config.data.dataset
+    if not state.progression:
+        save_forward_process(run.diffusion, dataset, save_dir / f"forward_process_{name}.png")
+    title = f"epoch {state.epoch + 1}, step {state.step}"
+    state.progression.append((title, samples))
+    save_panels([(title, samples, labels)], save_dir / f"samples_{name}_epoch{state.epoch + 1:04d}.png", dataset=dataset)
+    save_panels([(text, points, labels) for text, points in state.progression], save_dir / f"progression_{name}.png", dataset=dataset)
+
+
+def run_point_inference(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: Optional[int],
+                        sample_classes: Optional[str], require_conditional: bool, seed: int, batch_size: int, save_dir: Path,
+                        use_ema: bool = True, compile: bool = False) -> None:
+    """--inference of a 2D model: samples.png (the samples over the data, coloured by class), points.npz,
+    reverse_process.png (the first batch at a few steps of the sampler), forward_process.png, samples.json, and the
+    distance to the data."""
+    count = num_samples or POINT_SAMPLES
+    labels = inference_labels(loaded, sample_classes, require_conditional, count)
+    check_sampling_steps(settings.steps, loaded)
+    guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
+    trajectory: list[torch.Tensor] = []
+    points = generate_from(loaded, count, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide, trajectory=trajectory)
+    if not runtime.is_main:
+        return
+    dataset = loaded.description.data["dataset"]
+    report = distance_report(points, labels, dataset)
+    save_panels([(f"{count} samples, {settings.sampler}, w = {settings.guidance_scale:g}", points, labels)], save_dir / "samples.png",
+                dataset=dataset, columns=1)
+    save_point_arrays(points, labels, save_dir / "points.npz")
+    save_reverse_process(trajectory, labels, settings.sampler, dataset, save_dir / "reverse_process.png")
+    save_forward_process(loaded.diffusion, dataset, save_dir / "forward_process.png")
+    save_json({"model_path": str(loaded.path), "num_samples": count, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
+               **sampling_record(settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion),
+               **report}, save_dir / "samples.json")
+    print(distance_line(report, count))
+    print(f"wrote {save_dir / 'samples.png'}, {save_dir / 'reverse_process.png'}, {save_dir / 'forward_process.png'} and "
+          f"{count} points in {save_dir / 'points.npz'}")
+
+
+def evaluate_points(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, scales: list[float], sweep: bool,
+                    num_samples: int, seed: int, batch_size: int, save_dir: Path, guide: Optional[LoadedModel] = None) -> None:
+    """--evaluate of a 2D model: the sliced Wasserstein distance (instead of FID, which needs images) at each scale, with
+    evaluation.json, points.npz and samples.png per scale; for a sweep also guidance_sweep.json and guidance_sweep.png
+    (a scatter panel per scale)."""
+    labels = every_class_in_turn(loaded.description.num_classes, num_samples)
+    dataset = loaded.description.data["dataset"]
+    panels, rows = [], []
+    for scale in scales:
+        scaled = replace(settings, guidance_scale=scale)
+        points = generate_from(loaded, num_samples, labels, scaled, seed, batch_size, runtime, guide=guide)
+        if not runtime.is_main:
+            continue
+        report = distance_report(points, labels, dataset)
+        out_dir = save_dir / f"scale_{scale:g}" if sweep else save_dir
+        guided = loaded.description.conditional or guide is not None
+        save_json({"checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw", "dataset": dataset,
+                   "num_samples": num_samples, "seed": seed, **sampling_record(scaled, runtime, guided, loaded.diffusion, resolve_steps=True),
+                   **report}, out_dir / "evaluation.json")
+        save_point_arrays(points, labels, out_dir / "points.npz")
+        title = f"w = {scale:g}: SW {report['sliced_wasserstein']:.3f} (floor {report['sliced_wasserstein_floor']:.3f})"
+        save_panels([(title, points, labels)], out_dir / "samples.png", dataset=dataset, columns=1)
+        print(f"w = {scale:g}: {distance_line(report, num_samples)}; wrote {out_dir / 'evaluation.json'}")
+        panels.append((title, points, labels))
+        rows.append({"guidance_scale": scale, "num_samples": num_samples, **report})
+    if sweep and runtime.is_main:
+        save_json(rows, save_dir / "guidance_sweep.json")
+        save_panels(panels, save_dir / "guidance_sweep.png", dataset=dataset, columns=len(panels))
+        print(f"wrote {save_dir / 'guidance_sweep.json'} and {save_dir / 'guidance_sweep.png'}")
