@@ -50,6 +50,10 @@ def usage_error(call, *args, **kwargs) -> str:
     return message
 
 
+def weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def tree_fingerprint(root: Path) -> dict[str, str]:
     """Every file under root (hidden ones included) by relative path, with the SHA-256 of its bytes."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -84,6 +88,19 @@ def trained_template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     assert run_cli(f"{TINY} --max_steps 3 --save_model --run_name U --save_dir out_U", root) == 0
     assert run_cli(f"{TINY} --max_steps 3 --save_model --run_name C --save_dir out_C --conditional --p_uncond 0.2 --lr 0.003", root) == 0
+    return root
+
+
+# A 2D run trained once per session (models/moons, outputs in out_moons/), to read only: 150 steps of the MLP on the
+# moons, conditional, sampled at w = 1 (measured: sliced Wasserstein 0.119 against a floor of 0.068 at 500 samples).
+MOONS = ("--dataset moons --model_size mlp --mlp_width 64 --conditional --batch_size 256 --lr 3e-3 --timesteps 100 --guidance_scale 1 "
+         "--num_samples 500 --seed 0")
+
+
+@pytest.fixture(scope="session")
+def trained_moons(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("moons")
+    assert run_cli(f"{MOONS} --max_steps 150 --sample_every 1 --save_model --run_name moons --save_dir out_moons", root) == 0
     return root
 
 
@@ -153,6 +170,33 @@ class GaussianMixtureNoise:
             resp = torch.where(conditional.reshape(-1, *[1] * x.ndim), one_hot, resp)
         mean_x_t = (resp * centres).sum(-1)
         return ((1 - alpha_bar).sqrt() * (x64 - mean_x_t) / variance).to(x.dtype)
+
+
+class GaussianMixture2DNoise:
+    """Exact E[eps | x_t, class] for points x_0 ~ (1 / K) sum_k N(means[k], std^2 I) in 2D (means: (K, 2)); as
+    GaussianMixtureNoise, a label k means the k-th component alone and the null label (or None) the whole mixture."""
+
+    def __init__(self, diffusion: Diffusion, means: list[list[float]], std: float):
+        self.diffusion, self.std = diffusion, std
+        self.means = torch.tensor(means, dtype=torch.float64)
+        self.num_classes = len(means)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        alpha_bar = self.diffusion.alphas_cumprod.double()[t][:, None]  # (B, 1)
+        variance = alpha_bar * self.std**2 + 1 - alpha_bar
+        centres = alpha_bar.sqrt()[:, None] * self.means  # (B, K, 2)
+        log_resp = -((x.double()[:, None] - centres) ** 2).sum(-1) / (2 * variance)  # (B, K)
+        resp = torch.softmax(log_resp, dim=-1)
+        if labels is not None:
+            conditional = (labels != self.num_classes)[:, None]
+            resp = torch.where(conditional, torch.nn.functional.one_hot(labels.clamp(max=self.num_classes - 1), self.num_classes).double(), resp)
+        mean_x_t = (resp[..., None] * centres).sum(1)
+        return ((1 - alpha_bar).sqrt() * (x.double() - mean_x_t) / variance).to(x.dtype)
+
+    def draw(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Points of the mixture's components `labels`."""
+        generator = torch.Generator().manual_seed(seed)
+        return (self.means[labels] + self.std * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)).float()
 
 
 def sample_1d(diffusion: Diffusion, model, n: int, seed: int = 0, **kwargs) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ddpm_diffusion
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, weights_equal
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
 from ddpm_train import MIN_EVAL_EXAMPLES, evaluation_subset_size
 
@@ -24,10 +24,6 @@ FAST = (
     "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --warmup_steps 3 "
     "--log_interval 1 --num_samples 4 --sampler ddim --sampling_steps 4 --dropout 0.1 --lr 2e-3 --ema_decay 0.99"
 )
-
-
-def weights_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_training_writes_checkpoint_history_metrics_and_images(trained_runs):
