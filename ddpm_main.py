@@ -39,7 +39,7 @@ from ddpm_evaluate import run_checkpoint_comparison, run_evaluation
 from ddpm_metrics import FEATURE_EXTRACTORS
 from ddpm_model import MLP_PRESET, PRESETS, network_from_config
 from ddpm_phema import write_posthoc_ema
-from ddpm_points import run_point_inference
+from ddpm_points import POINT_SAMPLES, run_point_inference
 from ddpm_runtime import enable_tf32, setup_runtime
 from ddpm_samplers import SAMPLERS, VARIANCES
 from ddpm_sampling import run_inference
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--model_path", default=None, help="checkpoint to sample from (default: <models_dir>/<run_name>/ckpt.pt)")
     sampling.add_argument("--num_samples", type=int, default=None,
-                          help=f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class)")
+                          help=f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class; 2D models: {POINT_SAMPLES})")
     sampling.add_argument("--sample_classes", default=None, help='classes to sample, as indices or names: "0,1,2" or "cat,dog"')
     sampling.add_argument("--guidance_scale", type=float, default=S.guidance_scale,
                           help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger")
@@ -253,6 +253,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.posthoc_ema is not None:
         parse_numbers(args.posthoc_ema, "--posthoc_ema")
     validate_evaluation_args(args)
+    if not (sampling_mode(args) or args.export_diffusers or args.import_diffusers or args.posthoc_ema):
+        check_model_fits_data(run_config(args))
 
 
 def validate_evaluation_args(args: argparse.Namespace) -> None:
@@ -366,7 +368,6 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def run_training(args: argparse.Namespace) -> None:
     """Train, holding the run's folder (ddpm_checkpoint.RunLock) so that no second process trains the same run."""
     config = run_config(args)
-    check_model_fits_data(config)
     device = select_device(args)
     holds_folder = int(os.environ.get("RANK", "0")) == 0 and (config.train.save_model or config.train.resume is not None)
     with RunLock(Path(config.train.models_dir) / config.train.run_name, enabled=holds_folder):

@@ -7,7 +7,7 @@ import torchvision
 from PIL import Image
 
 from conftest import IMAGE_FOLDER_COLOURS, usage_error, write_grey_folder
-from ddpm_data import SYNTHETIC_CLASS_NAMES, epoch_batches, epoch_permutation, load_batch, load_datasets
+from ddpm_data import POINTS_PER_DATASET, SYNTHETIC_CLASS_NAMES, epoch_batches, epoch_permutation, load_batch, load_datasets
 from ddpm_runtime import Runtime
 
 
@@ -252,3 +252,16 @@ def test_epoch_batches_resume_mid_epoch_drop_the_last_partial_batch_and_share_ea
     for (position, indices), rank0, rank1 in zip(whole, *ranks):
         assert rank0[0] == rank1[0] == position, "a global batch of 2 x 4 moves both ranks to the same position"
         assert sorted(rank0[1].tolist() + rank1[1].tolist()) == sorted(indices.tolist()), "the ranks split one batch"
+
+
+def test_a_point_data_set_is_float_points_split_like_every_other():
+    data = load_datasets("moons", "unused", seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (32_400, 3_600, 4_000)
+    assert sum((len(data.train), len(data.val), len(data.test))) == POINTS_PER_DATASET
+    assert data.train.images.dtype == torch.float32 and data.train.images.shape == (32_400, 2)
+    assert data.points and data.sample_shape == (2,) and data.class_names == ["upper", "lower"] and not data.train.hflip
+    assert data.train.images.var(0).mean().item() == pytest.approx(1.0, abs=0.05)
+    assert torch.equal(load_datasets("moons", "unused", seed=0).train.images, data.train.images)
+    x, labels = load_batch(data.train.images, data.train.labels, torch.arange(4), False, torch.device("cpu"))
+    assert torch.equal(x, data.train.images[:4]) and torch.equal(labels, data.train.labels[:4])
+    assert "--image_size and --channels are for images" in usage_error(load_datasets, "moons", "unused", image_size=8)

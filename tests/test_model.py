@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_model import PRESETS, AttentionBlock, UNet, count_parameters, preset_config
+from ddpm_model import PRESETS, AttentionBlock, MLPDenoiser, UNet, count_parameters, network_from_config, preset_config
 
 
 def tiny(image_size: int = 32, in_channels: int = 3, **overrides) -> UNet:
@@ -235,3 +235,20 @@ def test_norm_eps_and_tf_padding_keep_the_state_dict_layout():
     plain, ho = tiny(), tiny(norm_eps=1e-6, tf_padding=True)
     assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in ho.state_dict().items()}
     assert ho.config["norm_eps"] == 1e-6 and ho.config["tf_padding"] is True
+
+
+def test_the_mlp_takes_points_and_the_null_label_like_the_unet():
+    torch.manual_seed(0)
+    model = MLPDenoiser(dim=2, width=32, depth=2, num_classes=3)
+    with torch.no_grad():
+        model.output.weight.normal_()  # zero-initialised: perturbed so that the labels show in the output
+    x, t = torch.randn(5, 2), torch.randint(0, 1000, (5,))
+    assert model(x, t, torch.zeros(5, dtype=torch.long)).shape == (5, 2)
+    assert model.null_label == 3
+    assert torch.equal(model(x, t), model(x, t, torch.full((5,), 3)))
+    assert not torch.allclose(model(x, t, torch.zeros(5, dtype=torch.long)), model(x, t))
+    rebuilt = network_from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert type(rebuilt) is MLPDenoiser and torch.equal(rebuilt(x, t), model(x, t))
+    with pytest.raises(ValueError):
+        MLPDenoiser(num_classes=None)(x, t, torch.zeros(5, dtype=torch.long))
