@@ -124,7 +124,8 @@ def test_fixed_settings_of_the_first_version_flat_flags():
     assert settings["prediction_type"] == "eps" and settings["val_fraction"] == 0.1, "not stored then: FIRST_DEFAULTS"
     assert set(settings) <= set(FIXED_ON_RESUME)
     flat = {"dataset": "cifar10", "timesteps": 1000}
-    assert fixed_settings(flat) == {"dataset": "cifar10", "timesteps": 1000, "prediction_type": "eps", "val_fraction": 0.1}, \
+    assert fixed_settings(flat) == {"dataset": "cifar10", "timesteps": 1000, "prediction_type": "eps", "val_fraction": 0.1,
+                                    "mlp_width": 128, "mlp_depth": 3}, \
         "what was not stored and has no first default is not compared"
 
 

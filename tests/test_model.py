@@ -240,8 +240,9 @@ def test_norm_eps_and_tf_padding_keep_the_state_dict_layout():
 def test_the_mlp_takes_points_and_the_null_label_like_the_unet():
     torch.manual_seed(0)
     model = MLPDenoiser(dim=2, width=32, depth=2, num_classes=3)
-    with torch.no_grad():
-        model.output.weight.normal_()  # zero-initialised: perturbed so that the labels show in the output
+    with torch.no_grad():  # the last layers start at zero: perturbed so that the labels show in the output
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     x, t = torch.randn(5, 2), torch.randint(0, 1000, (5,))
     assert model(x, t, torch.zeros(5, dtype=torch.long)).shape == (5, 2)
     assert model.null_label == 3

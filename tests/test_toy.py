@@ -9,7 +9,7 @@ import torch
 from conftest import MOONS, GaussianMixture2DNoise, run_cli, usage_error, weights_equal
 
 from ddpm_checkpoint import load_checkpoint, load_model
-from ddpm_config import ModelConfig, RunConfig, DataConfig, check_model_fits_data
+from ddpm_config import DataConfig, ModelConfig, RunConfig, check_model_fits_data
 from ddpm_data import make_points, point_standardisation
 from ddpm_diffusion import Diffusion
 from ddpm_points import distance_report, sliced_wasserstein
