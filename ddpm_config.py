@@ -27,6 +27,8 @@ def first_line(error: BaseException) -> str:
 CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-time facts mixed in
 
 
+GUIDANCE_SCALE = 3.0  # classifier-free guidance of images unless told
+POINT_GUIDANCE_SCALE = 1.0  # of 2D points: plain conditional sampling measured closest to the data, w > 1 empties the moons' tips (docs/toy.md)
 POINT_DATASETS = ("moons", "circles", "gaussians", "swissroll")  # 2D toy data, drawn from the seed (ddpm_data.make_points)
 
 
@@ -92,7 +94,7 @@ class SamplingConfig:
     sampler: str = "ddpm"
     steps: Optional[int] = None  # network evaluations; None: all T for ddpm, 50 otherwise
     eta: float = 0.0  # DDIM's noise
-    guidance_scale: float = 3.0
+    guidance_scale: Optional[float] = None  # None: derived from the kind of samples (derived)
     guidance_rescale: float = 0.0
     guidance_interval: Optional[tuple[float, float]] = None
     variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
@@ -107,6 +109,13 @@ class SamplingConfig:
             if flags.get("steps") is None:
                 flags["steps"] = min(TRAINING_GRID_STEPS, timesteps)
         return cls(**flags)
+
+    def derived(self, points: bool) -> SamplingConfig:
+        """The settings with the guidance scale of the samples' kind where none was given: GUIDANCE_SCALE for images,
+        POINT_GUIDANCE_SCALE for 2D points."""
+        if self.guidance_scale is not None:
+            return self
+        return replace(self, guidance_scale=POINT_GUIDANCE_SCALE if points else GUIDANCE_SCALE)
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""

@@ -95,6 +95,7 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime,
     statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes. A 2D model
     is measured by the sliced Wasserstein distance instead (ddpm_points.evaluate_points)."""
     loaded = load_model(model_path, str(runtime.device), use_ema, compile)
+    settings = settings.derived(loaded.description.points)
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
     if guidance_sweep and not loaded.description.conditional and guide is None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_config import UsageError
+from ddpm_config import SamplingConfig, UsageError
 from ddpm_model import count_parameters
 from ddpm_outputs import append_jsonl, save_json, save_loss_plot
 from ddpm_runtime import unwrap
@@ -108,6 +108,13 @@ def save_history(history: dict, save_dir: Path, run_name: str) -> None:
     save_loss_plot(history, Path(save_dir) / f"loss_curve_{run_name}.png", run_name)
 
 
+def guidance_text(sampling: SamplingConfig, points: bool) -> str:
+    """The grids' guidance scale, and whether it was derived."""
+    if sampling.guidance_scale is not None:
+        return f", guidance {sampling.guidance_scale:g}"
+    return f", guidance {sampling.derived(points).guidance_scale:g} (derived for {'2D points' if points else 'images'}; --guidance_scale)"
+
+
 def print_run_summary(run: TrainingRun, resume_path: Optional[Path]) -> None:
     """The start-up lines: the model, the data, and every setting the run derived rather than was given."""
     if not run.runtime.is_main:
@@ -123,9 +130,11 @@ def print_run_summary(run: TrainingRun, resume_path: Optional[Path]) -> None:
     warmup = "derived from the run" if train.warmup_steps is None else "--warmup_steps"
     ema = ("none" if run.ema is None else f"decay {run.ema.decay} with TensorFlow's warm-up (--ema_decay)" if run.ema.halflife_ratio is None
            else f"half-life {run.ema.halflife_ratio:.0%} of the steps so far, at most decay {run.ema.decay}'s (derived; --ema_decay fixes one)")
-    grids = (f"{'scatter plots and sliced Wasserstein distance (every epoch)' if data.points else 'grids'}: {run.grid_count} "
-             f"{'points' if data.points else 'images'} by {sampling.sampler} {sampling.resolved_steps(config.diffusion.timesteps)} steps, every "
-             f"{train.sample_every} epochs and at the end" if train.sample_every else "grids: none (--sample_every 0)")
+    drawn = (f"{run.grid_count} {'points' if data.points else 'images'} by {sampling.sampler} "
+             f"{sampling.resolved_steps(config.diffusion.timesteps)} steps{guidance_text(sampling, data.points) if config.model.conditional else ''}")
+    pictures = f"every {train.sample_every} epochs and at the end" if train.sample_every else "none (--sample_every 0)"
+    grids = (f"sliced Wasserstein distance every epoch, scatter plots {pictures}: {drawn}" if data.points
+             else f"grids {pictures}: {drawn}" if train.sample_every else f"grids: {pictures}")
     full = f"every {train.eval_every} epochs and at the end" if train.eval_every else "at the end (--eval_every for more)"
     phema = (f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in run.phema.sigma_rels)} tracked, snapshots every {run.phema_every} steps "
              f"({'derived' if train.phema_every is None else '--phema_every'}; --posthoc_ema after training); " if run.phema is not None else "")

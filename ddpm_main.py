@@ -19,8 +19,10 @@ import torch.distributed as dist
 
 from ddpm_checkpoint import RunLock, load_model, load_resume_checkpoint
 from ddpm_config import (
+    GUIDANCE_SCALE,
     INFERENCE_SAMPLES,
     POINT_DATASETS,
+    POINT_GUIDANCE_SCALE,
     TRAINING_GRID_SAMPLER,
     DataConfig,
     DiffusionConfig,
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class; 2D models: {POINT_SAMPLES})")
     sampling.add_argument("--sample_classes", default=None, help='classes to sample, as indices or names: "0,1,2" or "cat,dog"')
     sampling.add_argument("--guidance_scale", type=float, default=S.guidance_scale,
-                          help="classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger")
+                          help=f"classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default: {GUIDANCE_SCALE:g}; "
+                               f"2D points: {POINT_GUIDANCE_SCALE:g})")
     sampling.add_argument("--sampler", default=None, choices=SAMPLERS, help=f"(default: {S.sampler}; training grids: {TRAINING_GRID_SAMPLER})")
     sampling.add_argument("--sampling_steps", type=int, default=None,
                           help="network evaluations (default: all timesteps for ddpm, 50 otherwise; training grids: 20)")
@@ -226,7 +229,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.sampling_steps is not None and args.sampling_steps > args.timesteps and not sampling_mode(args):
         raise UsageError(f"--sampling_steps ({args.sampling_steps}) cannot exceed --timesteps ({args.timesteps})")
     for name in ("guidance_scale", "lr", "eta"):
-        if not math.isfinite(getattr(args, name)):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             raise UsageError(f"--{name} must be a finite number, got {getattr(args, name)}")
     if args.snr_gamma is not None and not (math.isfinite(args.snr_gamma) and args.snr_gamma >= 0):
         raise UsageError(f"--snr_gamma must be 0 (off) or positive, got {args.snr_gamma}")
@@ -405,11 +408,12 @@ def run_sampling(args: argparse.Namespace) -> None:
     common = dict(seed=args.seed, batch_size=args.batch_size, save_dir=Path(args.save_dir), use_ema=not args.no_ema, compile=args.compile)
     try:
         if args.compare_checkpoints:
-            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
+            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args).derived(points=False), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
                                       **common)
         elif args.evaluate and args.sweep:
-            run_sweep(model_path, sampling_config(args), runtime, sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
-                      scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [args.guidance_scale],
+            settings = sampling_config(args).derived(points=False)
+            run_sweep(model_path, settings, runtime, sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
+                      scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [settings.guidance_scale],
                       samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None, num_samples=args.fid_num_samples,
                       features=args.fid_features, data_dir=args.data_dir, **common)
         elif args.evaluate:
@@ -425,7 +429,7 @@ def run_sampling(args: argparse.Namespace) -> None:
                                    guide_model=preset["guide_model"])
             loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
             inference = run_point_inference if loaded.description.points else run_inference
-            inference(loaded, settings, runtime, num_samples=args.num_samples, sample_classes=args.sample_classes,
+            inference(loaded, settings.derived(loaded.description.points), runtime, num_samples=args.num_samples, sample_classes=args.sample_classes,
                       require_conditional=args.conditional, **common)
     finally:
         if runtime.world_size > 1:

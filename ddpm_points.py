@@ -2,7 +2,7 @@
 --evaluate do for a model of points (ddpm_data.POINT_DATASETS, ddpm_model.MLPDenoiser) instead of images.
 
     python ddpm_main.py --dataset moons --model_size mlp --conditional --max_steps 800 --batch_size 512 --lr 3e-3 --save_model --run_name moons
-    python ddpm_main.py --inference --model_path models/moons/ckpt.pt --sampler dpm++2m --sampling_steps 20 --guidance_scale 1
+    python ddpm_main.py --inference --model_path models/moons/ckpt.pt --sampler dpm++2m --sampling_steps 20
 
 "How close" is the sliced Wasserstein distance (`sliced_wasserstein`) between the samples and as many fresh points
 of the true distribution (drawn by ddpm_data.make_points from seeds no training set uses); the same distance between

@@ -59,14 +59,16 @@ def generate(model: nn.Module, diffusion: Diffusion, sample_shape: tuple[int, ..
     a contiguous share of the batches, gathered in order) give the same images, and the first batch is
     what `Diffusion.sample` gives with a generator seeded with `seed`. The model's train/eval mode is kept.
     With `guide` (a network of the same data and diffusion, see `load_guide`), autoguidance instead of
-    classifier-free guidance, at --guidance_scale. `trajectory` receives the reverse process of the first batch
+    classifier-free guidance, at --guidance_scale (derived from the kind of samples where it is None,
+    SamplingConfig.derived). `trajectory` receives the reverse process of the first batch
     (Diffusion.sample's), on the rank that draws it.
     """
+    points = len(sample_shape) == 1
+    settings = settings.derived(points)
     amp_dtype = autocast_dtype(settings.amp, runtime.device)
     network = model if amp_dtype is None else AutocastNetwork(model, amp_dtype)
     if guide is not None and amp_dtype is not None:
         guide = AutocastNetwork(guide, amp_dtype)
-    points = len(sample_shape) == 1
     starts = range(0, count, batch_size)
     sizes = {index: min(batch_size, count - starts[index]) for index in shard(len(starts), runtime)}
     samples = []

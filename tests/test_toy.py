@@ -103,19 +103,21 @@ def test_a_moons_checkpoint_describes_the_mlp_and_samples_the_training_points(tr
 
 def test_inference_on_a_moons_run_writes_points_and_pictures(trained_moons, tmp_path):
     model = trained_moons / "models/moons/ckpt.pt"
-    assert run_cli(f"--inference --model_path {model} --sampler dpm++2m --sampling_steps 20 --guidance_scale 1 --num_samples 300 "
+    assert run_cli(f"--inference --model_path {model} --sampler dpm++2m --sampling_steps 20 --num_samples 300 "
                    f"--batch_size 300 --save_dir inf", tmp_path) == 0
     arrays = np.load(tmp_path / "inf/points.npz")
     assert arrays["points"].shape == (300, 2) and arrays["points"].dtype == np.float32
     assert arrays["labels"].tolist() == [i % 2 for i in range(300)]
     assert np.abs(arrays["points"]).max() > 1, "points are not clipped to [-1, 1]"
     record = json.loads((tmp_path / "inf/samples.json").read_text())
+    assert record["guidance_scale"] == 1.0, "a 2D model's guidance scale is derived: plain conditional sampling"
     assert record["sliced_wasserstein"] < 0.2 and set(record["sliced_wasserstein_per_class"]) == {"upper", "lower"}
     for picture in ("samples.png", "reverse_process.png", "forward_process.png"):
         assert (tmp_path / "inf" / picture).stat().st_size > 1000, picture
     assert run_cli(f"--inference --model_path {model} --sampler dpm++2m --sampling_steps 20 --guidance_scale 1 --num_samples 300 "
                    f"--batch_size 300 --save_dir again", tmp_path) == 0
-    assert np.array_equal(np.load(tmp_path / "again/points.npz")["points"], arrays["points"]), "the seed and batch size fix the points"
+    assert np.array_equal(np.load(tmp_path / "again/points.npz")["points"], arrays["points"]), \
+        "the seed and batch size fix the points, and the derived scale is --guidance_scale 1"
 
 
 def test_evaluate_on_a_moons_run_reports_the_distance_per_guidance_scale(trained_moons, tmp_path, capsys):
