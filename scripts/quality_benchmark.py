@@ -24,7 +24,8 @@ time. Writes quality_benchmark.json and quality_benchmark.md to --out.
 
 `--sampling_study` (issue 16) instead trains the tool once per budget and compares, on the same judge, its default
 sampling with each part alone (post-hoc EMA lengths, autoguidance by an earlier snapshot, dpm++2m/dpm++3m at 10 and 20
-steps, also measured against the 1,000-step samples) and with the best cell of a sweep over all of them; it writes
+steps, also measured against the 1,000-step ancestral samples and against the probability-flow ODE solved closely by
+dpm++2m at 100 steps, the limit both ODE solvers converge to) and with the best cell of a sweep over all of them; it writes
 sampling_study.json and sampling_study.md.
 
 Needs `pip install scikit-learn diffusers` (benchmark only). `--tool_repo` runs the tool's rows with the code
@@ -311,6 +312,7 @@ def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, da
 STUDY_EMAS = (0.05, 0.10, 0.15, 0.20)  # post-hoc EMA lengths tried (EDM2's range)
 STUDY_CFG_SCALES, STUDY_AUTO_SCALES = (1.0, 2.0, 3.0), (1.5, 2.0, 3.0)
 STUDY_SOLVER = ("dpm++3m", 20)  # the sweep's solver
+ODE_REFERENCE = ("dpm++2m", 100)  # the probability-flow ODE solved closely: what the ODE solvers converge to as steps grow
 GUIDE_FRACTION = 4  # autoguidance's guide: the run's sigma_rel 0.10 EMA at a quarter of its steps (an earlier snapshot)
 
 
@@ -330,10 +332,10 @@ def study_draw(model: nn.Module, diffusion, channels: int, args: argparse.Namesp
 
 def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Path, classifier: DigitClassifier,
                    test_features: np.ndarray) -> list[dict]:
-    """One run of the tool (its defaults, --save_model: post-hoc EMA snapshots), then: its default sampling (--inference's
-    ddpm sampler over all 1,000 steps, w = 3, the checkpoint's EMA); each part alone (the best post-hoc EMA length, the
+    """One run of the tool (its defaults, --save_model: post-hoc EMA snapshots), then: its default sampling before this
+    study (--inference's ddpm sampler over all 1,000 steps, w = 3, the checkpoint's EMA); each part alone (the best post-hoc EMA length, the
     best autoguidance scale with an earlier snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by
-    their distance to the 1,000-step samples); and the best cell of the sweep over EMA x guidance x scale (dpm++3m 20)."""
+    their distance to the 1,000-step samples and to the ODE_REFERENCE samples); and the best cell of the sweep over EMA x guidance x scale (dpm++3m 20)."""
     from ddpm_checkpoint import build_network, load_model
     from ddpm_metrics import feature_statistics, frechet_distance
     from ddpm_phema import reconstruct_from_folder
@@ -351,21 +353,24 @@ def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Pa
 
     emas = {"ema": model} | {f"{s:.2f}": network(reconstruct_from_folder(run / "phema", s)) for s in STUDY_EMAS}
     guide = network(reconstruct_from_folder(run / "phema", 0.10, target_t=steps // GUIDE_FRACTION))
-    rows, reference = [], None
+    rows, references = [], {}
 
     def judged(name: str, part: str, images: np.ndarray, seconds: float, **setting) -> dict:
         row = {"steps": steps, "part": part, "setting": name, **setting, "sampling_seconds": round(seconds, 1),
                **judge(classifier, images, labels, test_features)}
-        if reference is not None:
-            mu, sigma = feature_statistics(classifier_features(classifier, images))
-            row["distance_to_1000_steps"] = frechet_distance(mu, sigma, *reference)
+        mu, sigma = feature_statistics(classifier_features(classifier, images))
+        row |= {f"distance_to_{key}": frechet_distance(mu, sigma, *statistics) for key, statistics in references.items()}
         rows.append(row)
         print(json.dumps(row))
         return row
 
     images, seconds = study_draw(model, diffusion, channels, args, "ddpm", diffusion.num_timesteps, 3.0)
-    judged("ddpm 1000 steps, w=3 CFG, EMA (the default)", "default", images, seconds)
-    reference = feature_statistics(classifier_features(classifier, images))
+    judged("ddpm 1000 steps, w=3 CFG, EMA (the default until w=1.5)", "default", images, seconds)
+    references["1000_steps"] = feature_statistics(classifier_features(classifier, images))
+    ode_sampler, ode_steps = ODE_REFERENCE[0], min(ODE_REFERENCE[1], diffusion.num_timesteps)
+    images, seconds = study_draw(model, diffusion, channels, args, ode_sampler, ode_steps, 3.0)
+    judged(f"{ode_sampler} {ode_steps} steps, w=3 CFG, EMA (the ODE reference)", "ode reference", images, seconds)
+    references["ode"] = feature_statistics(classifier_features(classifier, images))
     for sampler in ("dpm++2m", "dpm++3m"):
         for count in (10, 20):
             judged(f"{sampler} {count} steps, w=3 CFG, EMA", "solver", *study_draw(model, diffusion, channels, args, sampler, count, 3.0))
@@ -387,14 +392,14 @@ def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Pa
 
 
 def study_markdown(rows: list[dict]) -> str:
-    lines = ["| steps | part | setting | class accuracy | Frechet distance | distance to 1000 steps | sampling s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| steps | part | setting | class accuracy | Frechet distance | distance to 1000 steps | distance to the ODE | sampling s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if row["part"] == "sweep":
             continue
-        to_reference = row.get("distance_to_1000_steps")
+        to_references = [row.get(key) for key in ("distance_to_1000_steps", "distance_to_ode")]
         lines.append(f"| {row['steps']} | {row['part']} | {row['setting']} | {row['class_accuracy']:.3f} | {row['frechet_distance']:.2f} | "
-                     f"{'-' if to_reference is None else f'{to_reference:.2f}'} | {row['sampling_seconds']:.0f} |")
+                     + " | ".join("-" if value is None else f"{value:.2f}" for value in to_references) + f" | {row['sampling_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

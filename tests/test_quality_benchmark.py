@@ -50,10 +50,11 @@ def test_sampling_study_smoke_run_reports_every_part(tmp_path):
     assert quality_benchmark.main(argv) == 0
     rows = json.loads((out / "sampling_study.json").read_text())["rows"]
     parts = [row["part"] for row in rows if row["part"] != "sweep"]
-    assert parts == ["default", "solver", "solver", "solver", "solver", "post-hoc EMA alone (CFG w=3)", "autoguidance alone (EMA)",
+    assert parts == ["default", "ode reference", "solver", "solver", "solver", "solver", "post-hoc EMA alone (CFG w=3)", "autoguidance alone (EMA)",
                      "the sweep's best"]
     sweep = [row for row in rows if row["part"] == "sweep"]
     assert len(sweep) == 5 * 6, "EMA (own + 4 lengths) x (3 CFG + 3 autoguidance scales)"
     assert rows[-1]["frechet_distance"] == min(row["frechet_distance"] for row in sweep)
-    assert all(math.isfinite(row["distance_to_1000_steps"]) for row in rows if row["part"] == "solver")
+    assert all(math.isfinite(row["distance_to_1000_steps"]) and math.isfinite(row["distance_to_ode"]) for row in rows if row["part"] == "solver")
+    assert rows[1]["setting"].startswith("dpm++2m 20 steps") and "distance_to_ode" not in rows[1], "the ODE reference: min(100, T) steps"
     assert "| 8 | the sweep's best |" in (out / "sampling_study.md").read_text()
