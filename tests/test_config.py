@@ -153,7 +153,7 @@ def test_training_grids_sample_fast_unless_told_otherwise():
 def test_the_guidance_scale_is_derived_from_the_kind_of_samples_unless_given():
     derived = SamplingConfig()
     assert derived.guidance_scale is None
-    assert derived.derived(points=False).guidance_scale == GUIDANCE_SCALE == 3.0
+    assert derived.derived(points=False).guidance_scale == GUIDANCE_SCALE == 1.5
     assert derived.derived(points=True).guidance_scale == POINT_GUIDANCE_SCALE == 1.0
     given = SamplingConfig(guidance_scale=2.5)
     assert given.derived(points=True) is given and given.derived(points=False).guidance_scale == 2.5

@@ -336,7 +336,7 @@ def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_spl
     assert run_cli(command, tmp_path) == 0
     out = capsys.readouterr().out
     assert "warm-up: 2 steps (derived from the run)" in out and "half-life 5% of the steps so far" in out
-    assert "grids every 10 epochs and at the end: 20 images by dpm++2m 20 steps, guidance 3 (derived for images" in out
+    assert "grids every 10 epochs and at the end: 20 images by dpm++2m 20 steps, guidance 1.5 (derived for images" in out
     assert "random flips: on" in out
     checkpoint = load_checkpoint(tmp_path / "models/D/ckpt.pt")
     assert checkpoint["lr_scheduler"]["base_lrs"] == [2e-4]
