@@ -52,7 +52,7 @@ def test_the_parsers_defaults_are_the_dataclasses_defaults():
 
 
 def test_inference_gets_the_sampling_dataclass_amp():
-    """The README's Python example (SamplingConfig()) samples as --inference does: the same autocast."""
+    """The Python example of docs/python.md (SamplingConfig()) samples as --inference does: the same autocast."""
     args = ddpm_main.build_parser().parse_args(["--inference"])
     assert ddpm_main.sampling_config(args).amp == SamplingConfig().amp
 

@@ -98,8 +98,8 @@ def test_same_seed_same_images_other_seed_other_images(trained_workspace):
 
 
 def test_readme_python_example_samples_what_inference_writes(trained_workspace, capsys):
-    """The README's Python block, run on the conditional workspace model, gives the pixels of --inference."""
-    readme = (REPO / "README.md").read_text()
+    """The Python block of docs/python.md, run on the conditional workspace model, gives the pixels of --inference."""
+    readme = (REPO / "docs/python.md").read_text()
     block = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("models/synthetic_tiny/ckpt.pt", str(trained_workspace / "models/C/ckpt.pt"))
     namespace = {}
     exec(block, namespace)
