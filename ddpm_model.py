@@ -93,6 +93,18 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+def add_label_embedding(model: nn.Module, emb: Tensor, labels: Tensor | None) -> Tensor:
+    """The time embedding `emb` (B, D) plus the class embedding of `labels` for a conditional model (UNet or
+    MLPDenoiser); labels None mean the null label, "no class". Labels given to an unconditional model are an error."""
+    if model.num_classes is None:
+        if labels is not None:
+            raise ValueError("labels were given to an unconditional model (num_classes=None)")
+        return emb
+    if labels is None:
+        labels = torch.full((emb.shape[0],), model.null_label, dtype=torch.long, device=emb.device)
+    return emb + model.label_embed(labels)
+
+
 class SinusoidalPosEmb(nn.Module):
     """Transformer sinusoidal position embedding of the timestep (Vaswani et al. 2017),
     written as in Ho et al.'s get_timestep_embedding: [sin(t * f_i), cos(t * f_i)]."""
@@ -308,14 +320,7 @@ class UNet(nn.Module):
         labels (B,) are class indices, `null_label` meaning "no class"; None means
         unconditional (the null label for every example of a conditional model).
         """
-        emb = self.time_embed(t)
-        if self.num_classes is None:
-            if labels is not None:
-                raise ValueError("labels were given to an unconditional model (num_classes=None)")
-        else:
-            if labels is None:
-                labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            emb = emb + self.label_embed(labels)
+        emb = add_label_embedding(self, self.time_embed(t), labels)
 
         h = self.conv_in(x)
         hs = [h]
@@ -378,14 +383,7 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """Predict the noise in x (B, dim) at integer timesteps t (B,); labels as for UNet.forward."""
-        emb = self.time_embed(t)
-        if self.num_classes is None:
-            if labels is not None:
-                raise ValueError("labels were given to an unconditional model (num_classes=None)")
-        else:
-            if labels is None:
-                labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
-            emb = emb + self.label_embed(labels)
+        emb = add_label_embedding(self, self.time_embed(t), labels)
         h = self.input(x)
         for block in self.blocks:
             h = block(h, emb)
