@@ -1,32 +1,24 @@
-"""Checkpoints: the one writer and the one reader of the tool's files, the model description, resume."""
+"""Checkpoints: the one writer and the one reader of the tool's files, the model description, the objects of a training
+checkpoint (CheckpointIO), the checkpoint a resumed run starts from, one process per run folder."""
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
-import math
 import os
 import pickle
-import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from ddpm_config import RunConfig, UsageError, current_settings, first_line, fixed_settings
 from ddpm_data import DataSplits
 from ddpm_diffusion import Diffusion
 from ddpm_model import network_from_config
 from ddpm_outputs import TEMPORARY_SUFFIX, atomic_write
-from ddpm_runtime import Runtime, seed_everything, unwrap
-
-if TYPE_CHECKING:
-    from ddpm_train import TrainingRun
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -159,16 +151,6 @@ class ModelDescription:
         return self.data["channels"], self.data["image_size"], self.data["image_size"]
 
     @property
-    def points(self) -> bool:
-        """A model of 2D points (ddpm_data.POINT_DATASETS): its data has no image size."""
-        return self.data["image_size"] is None
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of an image model, (D,) of a point model."""
-        return (self.data["channels"],) if self.points else self.image_shape
-
-    @property
     def class_names(self) -> list[str]:
         return self.data["class_names"]
 
@@ -213,80 +195,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", use_
         model.compile()
     diffusion = Diffusion(**description.diffusion).to(device)
     return LoadedModel(model, diffusion, description, checkpoint, Path(path), use_ema)
-
-
-def rng_state() -> dict:
-    """Every random state a step draws from, as tensors and plain values (loadable with weights_only)."""
-    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def empty_history() -> dict:
-    """The loss history: one entry per epoch (`epochs` counts from 0; a last epoch cut short by --max_steps has its
-    entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
-    subsets (`eval_examples`); `full` lists the losses on the whole splits, at the end and at --eval_every."""
-    return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
-
-
-@dataclass
-class TrainState:
-    """Where a run is, in plain values, so that it can be saved and restored exactly."""
-
-    step: int = 0
-    epoch: int = 0  # epochs completed
-    epoch_position: int = 0  # examples of the current epoch already used
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    nonfinite_skipped: int = 0
-    best_val_loss: float = math.inf
-    history: dict = field(default_factory=empty_history)
-    progression: list = field(default_factory=list)  # (label, uint8 images) rows of the progression image
-
-
-def restored_state(checkpoint: Optional[dict]) -> TrainState:
-    """The checkpoint's TrainState (a fresh one without a checkpoint). What the saved run wrote only because it ended
-    there (the entry of an epoch it cut short, its losses on the full splits) is dropped: the resumed run writes it
-    again when it gets there, so a resumed history equals a straight run's."""
-    if checkpoint is None:
-        return TrainState()
-    state = TrainState(**copy.deepcopy(checkpoint["train_state"]))  # the checkpoint dict stays as it was read
-    history = empty_history() | state.history
-    for key in ("eval_examples",):  # what a checkpoint of an earlier version did not record per entry
-        history[key] = history[key] or [None] * len(history["epochs"])
-    if state.epoch_position > 0 and history["steps"] and history["steps"][-1] == state.step:
-        for key, values in history.items():
-            if key != "full":
-                values.pop()
-    history["full"] = [entry for entry in history["full"] if not (entry["step"] == state.step and entry["at"] == "end")]
-    state.history = history
-    return state
-
-
-def gather_rng_states(runtime: Runtime) -> Optional[list[dict]]:
-    """Every rank's random states (each rank draws its own noise and timesteps), so that a run resumed
-    with as many processes continues every rank's stream exactly; None for a single process."""
-    if runtime.world_size == 1:
-        return None
-    states = [None] * runtime.world_size
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def restore_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 LOCK_NAME = ".lock"
@@ -358,59 +266,21 @@ def prune_snapshots(run_dir: Path, keep: int) -> None:
         weights_path(old).unlink(missing_ok=True)
 
 
-def restore_run(run: TrainingRun, checkpoint: dict) -> None:
-    """Load weights, EMA, optimizer, LR schedule, grad scaler and random states from a checkpoint. The
-    learning rate may change on resume (--lr); the random streams continue when the number of processes is
-    the one that saved, and start afresh per rank otherwise."""
-    run.model.load_state_dict(checkpoint["model"])
-    if run.ema is not None and checkpoint["ema"] is not None:
-        run.ema.module.load_state_dict(checkpoint["ema"])
-        run.ema.num_updates.fill_(checkpoint["ema_num_updates"])
-    if run.phema is not None and checkpoint.get("phema") is not None:
-        run.phema.load_state_dict(checkpoint["phema"])
-    elif run.phema is not None:  # its profiles would start here, not at step 0: a post-hoc EMA only of runs that tracked it
-        run.phema = None
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    run.scaler.load_state_dict(checkpoint["scaler"])
-    lr = run.config.train.lr
-    for group in run.optimizer.param_groups:
-        group["initial_lr"] = lr
-    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
-    runtime = run.runtime
-    saved_world_size = checkpoint.get("runtime", {}).get("world_size", checkpoint["config"].get("world_size", 1))
-    if runtime.world_size == saved_world_size:
-        restore_rng_state(checkpoint["rng"] if runtime.world_size == 1 else checkpoint["rng_per_rank"][runtime.rank])
-    else:
-        seed_everything((run.config.train.seed + runtime.rank + 7_919 * run.state.step) % 2**32)
+class CheckpointIO:
+    """The objects a training checkpoint holds, by name (the example is EDM2's CheckpointIO): their state dicts go into
+    one file, with the model's description and whatever plain values the caller adds, and come back out of it. It
+    knows the objects, not the loop: what to restore, and what a resumed run does differently, is the loop's."""
 
+    def __init__(self, **objects: Any):
+        self.objects = objects  # name -> an object with state_dict() and load_state_dict(), or None (saved as None)
 
-def checkpoint_state(run: TrainingRun) -> dict:
-    """Everything a resumed run needs, with the model's description (ddpm_checkpoint.ModelDescription)."""
-    model = unwrap(run.model)
-    return {
-        **ModelDescription.of_run(model, run.config, run.data).to_dict(),
-        "model": model.state_dict(),
-        "ema": run.ema.module.state_dict() if run.ema is not None else None,
-        "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0,
-        "phema": run.phema.state_dict() if run.phema is not None else None,
-        "optimizer": run.optimizer.state_dict(),
-        "lr_scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "train_state": asdict(run.state),
-        "config": run.config.to_dict(),
-        "runtime": {"world_size": run.runtime.world_size},
-        "rng": rng_state(),
-    }
+    def save(self, path: Path, description: ModelDescription, values: dict) -> None:
+        """`path` (save_checkpoint) with every object's state dict, the description and `values`."""
+        states = {name: None if item is None else item.state_dict() for name, item in self.objects.items()}
+        save_checkpoint(description.to_dict() | states | values, path)
 
-
-def save_run_checkpoint(run: TrainingRun, path: Path) -> None:
-    """Every rank calls this (the random states are gathered), after the step counters were read into the state; rank 0 writes the checkpoint and, next to it, the
-    sampling weights alone (the EMA, or the raw weights without one) as safetensors (weights_path)."""
-    rng_per_rank = gather_rng_states(run.runtime)
-    if run.runtime.is_main:
-        save_checkpoint(checkpoint_state(run) | {"rng_per_rank": rng_per_rank}, path)
-        model = run.ema.module if run.ema is not None else unwrap(run.model)
-        description = ModelDescription.of_run(unwrap(run.model), run.config, run.data).to_dict() | {
-            "train_state": {"step": run.state.step}, "weights": "ema" if run.ema is not None else "raw"}
-        save_weights(model.state_dict(), description, weights_path(path))
+    def load(self, checkpoint: dict) -> None:
+        """Load every object whose state the checkpoint holds (an object it has no state for is left as it is)."""
+        for name, item in self.objects.items():
+            if item is not None and checkpoint.get(name) is not None:
+                item.load_state_dict(checkpoint[name])

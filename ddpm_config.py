@@ -96,7 +96,7 @@ class SamplingConfig:
     sampler: str = "ddpm"
     steps: Optional[int] = None  # network evaluations; None: all T for ddpm, 50 otherwise
     eta: float = 0.0  # DDIM's noise
-    guidance_scale: Optional[float] = None  # None: derived from the kind of samples (derived)
+    guidance_scale: Optional[float] = None  # None: the kind of samples' (ddpm_kinds.SampleKind.sampling_settings)
     guidance_rescale: float = 0.0
     guidance_interval: Optional[tuple[float, float]] = None
     variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
@@ -111,13 +111,6 @@ class SamplingConfig:
             if flags.get("steps") is None:
                 flags["steps"] = min(TRAINING_GRID_STEPS, timesteps)
         return cls(**flags)
-
-    def derived(self, points: bool) -> SamplingConfig:
-        """The settings with the guidance scale of the samples' kind where none was given: GUIDANCE_SCALE for images,
-        POINT_GUIDANCE_SCALE for 2D points."""
-        if self.guidance_scale is not None:
-            return self
-        return replace(self, guidance_scale=POINT_GUIDANCE_SCALE if points else GUIDANCE_SCALE)
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""

@@ -66,13 +66,9 @@ class DataSplits:
         return len(self.class_names)
 
     @property
-    def points(self) -> bool:
-        return self.image_size is None
-
-    @property
     def sample_shape(self) -> tuple[int, ...]:
         """(C, H, W) of an image, (D,) of a point."""
-        return (self.channels,) if self.points else (self.channels, self.image_size, self.image_size)
+        return tuple(self.train.images.shape[1:])
 
 
 def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None = None, hflip: bool | None = None,

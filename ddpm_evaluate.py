@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,12 +31,14 @@ from ddpm_metrics import (
     reference_statistics,
     require_torch_fidelity,
 )
-from ddpm_points import evaluate_points
 from ddpm_outputs import save_image_grid, save_json, save_labelled_rows, save_pngs, save_sample_arrays
 from ddpm_runtime import Runtime, unwrap
 from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate_from, load_guide, sampling_record
 
-GRID_IMAGES = 64
+if TYPE_CHECKING:
+    from ddpm_kinds import SampleKind
+
+EVALUATION_GRID_IMAGES = 64  # images in an evaluation's grid.png
 SWEEP_GRID_COLUMNS = 8
 EVAL_CHUNK = 250  # evaluation noise is seeded per chunk of this many examples, whatever the batch size
 
@@ -46,7 +48,7 @@ def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_di
     `pngs`, every image as samples/NNNNN.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_sample_arrays(images.numpy(), None if labels is None else labels.long().numpy(), out_dir / "samples.npz")
-    save_image_grid(images[:GRID_IMAGES].permute(0, 3, 1, 2).float() / 127.5 - 1, out_dir / "grid.png")
+    save_image_grid(images[:EVALUATION_GRID_IMAGES].permute(0, 3, 1, 2).float() / 127.5 - 1, out_dir / "grid.png")
     if pngs:
         save_pngs(images.numpy(), out_dir / "samples")
 
@@ -59,20 +61,21 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime
         "dataset": loaded.description.data["dataset"], "image_size": loaded.description.data["image_size"],
         "num_samples": num_samples, "seed": seed,
         **sampling_record(settings, runtime, guided=loaded.description.conditional or settings.guide_model is not None,
-                           diffusion=loaded.diffusion, resolve_steps=True),
+                           diffusion=loaded.diffusion),
         "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
         "reference_statistics": str(reference.path), "reference_images": reference.num_images,
     }
 
 
-def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int, batch_size: int,
-                         extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
-                         out_dir: Path, save_pngs: bool = False, guide: Optional[LoadedModel] = None) -> Optional[tuple[dict, torch.Tensor]]:
+def evaluate_one_setting(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: int,
+                         seed: int, batch_size: int, extractor_name: str, extractor: Optional[FeatureExtractor],
+                         reference: Optional[ReferenceStatistics], out_dir: Path, save_pngs: bool = False,
+                         guide: Optional[LoadedModel] = None) -> Optional[tuple[dict, torch.Tensor]]:
     """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure and write samples.npz,
     grid.png and evaluation.json to out_dir and return (results, images); None on the other ranks."""
     labels = every_class_in_turn(loaded.description.num_classes, num_samples)
     started = time.perf_counter()
-    images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, guide=guide)
+    images = generate_from(loaded, kind, num_samples, labels, settings, seed, batch_size, runtime, guide=guide)
     seconds = time.perf_counter() - started
     if not runtime.is_main:
         return None
@@ -87,22 +90,28 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime:
     return results, images
 
 
-def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
-                   features: str, data_dir: str, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
-                   compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False) -> None:
-    """--evaluate: FID (and IS, KID, precision/recall, class consistency) of `num_samples` samples, at
-    settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
-    statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes. A 2D model
-    is measured by the sliced Wasserstein distance instead (ddpm_points.evaluate_points)."""
-    loaded = load_model(model_path, str(runtime.device), use_ema, compile)
-    settings = settings.derived(loaded.description.points)
+def run_evaluation(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *,
+                   guidance_sweep: Optional[list[float]], num_samples: int, seed: int, batch_size: int, save_dir: Path,
+                   use_ema: bool = True, compile: bool = False, **measure) -> None:
+    """--evaluate: the samples of `loaded` at settings.guidance_scale, or at each scale of `guidance_sweep`, measured
+    as the kind measures them (ddpm_kinds: images by FID and its companions, `evaluate_images`; points by the sliced
+    Wasserstein distance). Under torchrun every rank samples its share; rank 0 alone measures and writes."""
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
     if guidance_sweep and not loaded.description.conditional and guide is None:
         raise UsageError(f"--guidance_sweep needs a class-conditional model or a --guide_model, but {loaded.path} is unconditional")
-    if loaded.description.points:
-        return evaluate_points(loaded, settings, runtime, scales=guidance_sweep or [settings.guidance_scale], sweep=bool(guidance_sweep),
-                               num_samples=num_samples, seed=seed, batch_size=batch_size, save_dir=save_dir, guide=guide)
+    kind.evaluate(loaded, settings, runtime, scales=guidance_sweep or [settings.guidance_scale], sweep=bool(guidance_sweep),
+                  labels=every_class_in_turn(loaded.description.num_classes, num_samples), guide=guide, num_samples=num_samples,
+                  seed=seed, batch_size=batch_size, save_dir=save_dir, **measure)
+
+
+def evaluate_images(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, scales: list[float],
+                    sweep: bool, labels: Optional[torch.Tensor], guide: Optional[LoadedModel], num_samples: int, seed: int,
+                    batch_size: int, save_dir: Path, features: str, data_dir: str, fid_ref: Optional[Path] = None,
+                    save_pngs: bool = False) -> None:
+    """FID (and IS, KID, precision/recall, class consistency) of `num_samples` images at each scale, against the
+    training set's features or the statistics in `fid_ref`; a guidance sweep (`sweep`) writes a folder per scale and
+    the sweep's table and pictures."""
     require_torch_fidelity()
     data = loaded.description.data
     extractor, reference = None, None
@@ -111,18 +120,19 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime,
         if fid_ref is not None:
             reference = load_reference_file(fid_ref, extractor, loaded.description.image_shape, str(runtime.device))
         else:
-            reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(runtime.device))
-    sweep = []
-    for scale in guidance_sweep or [settings.guidance_scale]:
-        out_dir = save_dir / f"scale_{scale:g}" if guidance_sweep else save_dir
-        outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples, seed=seed,
-                                       batch_size=batch_size, extractor_name=features, extractor=extractor, reference=reference,
-                                       out_dir=out_dir, save_pngs=save_pngs, guide=guide)
+            reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size,
+                                             str(runtime.device))
+    outcomes = []
+    for scale in scales:
+        out_dir = save_dir / f"scale_{scale:g}" if sweep else save_dir
+        outcome = evaluate_one_setting(loaded, kind, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples,
+                                       seed=seed, batch_size=batch_size, extractor_name=features, extractor=extractor,
+                                       reference=reference, out_dir=out_dir, save_pngs=save_pngs, guide=guide)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
-            sweep.append(outcome)
-    if guidance_sweep and runtime.is_main:
-        save_guidance_sweep(sweep, data["class_names"] if loaded.description.conditional else [], save_dir)
+            outcomes.append(outcome)
+    if sweep and runtime.is_main:
+        save_guidance_sweep(outcomes, data["class_names"] if loaded.description.conditional else [], save_dir)
 
 
 def summary_line(results: dict, json_path: Path) -> str:
@@ -189,19 +199,17 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int,
-                              batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False) -> None:
+def run_checkpoint_comparison(paths: list[str], kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: int,
+                              seed: int, batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
     loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
-    if loaded[0].description.points:
-        raise UsageError("--compare_checkpoints draws rows of images; a 2D run's scatter progression is progression_<run_name>.png")
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
     check_sampling_steps(settings.steps, loaded[0])
     labels = every_class_in_turn(loaded[0].description.num_classes, num_samples)
-    rows = [(f"step {item.step}", generate_from(item, num_samples, labels, settings, seed, batch_size, runtime, desc=f"step {item.step}"))
-            for item in loaded]
+    rows = [(f"step {item.step}", generate_from(item, kind, num_samples, labels, settings, seed, batch_size, runtime,
+                                                 desc=f"step {item.step}")) for item in loaded]
     if not runtime.is_main:
         return
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_config import SamplingConfig, UsageError
-from ddpm_model import count_parameters
+from ddpm_config import RunConfig, SamplingConfig, UsageError
+from ddpm_model import MLP_PRESET
+from ddpm_optim import EMA
 from ddpm_outputs import append_jsonl, save_json, save_loss_plot
-from ddpm_runtime import unwrap
 
 if TYPE_CHECKING:
-    from ddpm_train import TrainingRun
+    from ddpm_kinds import SampleKind
 
 
 class StepCounters:
@@ -108,50 +108,60 @@ def save_history(history: dict, save_dir: Path, run_name: str) -> None:
     save_loss_plot(history, Path(save_dir) / f"loss_curve_{run_name}.png", run_name)
 
 
-def guidance_text(sampling: SamplingConfig, points: bool) -> str:
-    """The grids' guidance scale, and whether it was derived."""
-    if sampling.guidance_scale is not None:
-        return f", guidance {sampling.guidance_scale:g}"
-    return f", guidance {sampling.derived(points).guidance_scale:g} (derived for {'2D points' if points else 'images'}; --guidance_scale)"
-
-
-def print_run_summary(run: TrainingRun, resume_path: Optional[Path]) -> None:
-    """The start-up lines: the model, the data, and every setting the run derived rather than was given."""
-    if not run.runtime.is_main:
-        return
-    data, config, train, sampling = run.data, run.config, run.config.train, run.config.sampling
-    mlp = f", width {config.model.mlp_width}, depth {config.model.mlp_depth}" if data.points else ""
-    shape = (f"2D points of {config.data.dataset} (generated from the seed; {data.num_classes} classes: {', '.join(data.class_names)})"
-             if data.points else f"images of {data.channels}x{data.image_size}x{data.image_size}")
-    print(f"model: {count_parameters(unwrap(run.model)) / 1e6:.2f}M parameters ({config.model.preset} preset{mlp}"
-          f"{', conditional on ' + str(data.num_classes) + ' classes' if config.model.conditional else ''}); "
-          f"data: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test {shape}; "
-          f"{run.steps_per_epoch} steps per epoch, {run.total_steps} in all")
+def print_run_summary(config: RunConfig, sampling: SamplingConfig, kind: SampleKind, *, parameters: int, num_classes: int, split_sizes: tuple[int, int, int],
+                      steps_per_epoch: int, total_steps: int, warmup_steps: int, ema: Optional[EMA],
+                      phema: Optional[tuple[tuple[float, ...], int]], hflip: bool, eval_examples: int, sample_count: int) -> None:
+    """The start-up lines: the model, the data, and every setting the run derived rather than was given (`config` holds
+    what was given, None where derived; `sampling` the settings in force; `phema`: the tracked sigma_rels and the
+    steps between snapshots)."""
+    model, train, diffusion = config.model, config.train, config.diffusion
+    mlp = f", width {model.mlp_width}, depth {model.mlp_depth}" if model.preset == MLP_PRESET else ""
+    classes = f", conditional on {num_classes} classes" if model.conditional else ""
+    print(f"model: {parameters / 1e6:.2f}M parameters ({model.preset} preset{mlp}{classes}); data: {split_sizes[0]} train / "
+          f"{split_sizes[1]} val / {split_sizes[2]} test {kind.describe()}; {steps_per_epoch} steps per epoch, {total_steps} in all")
     warmup = "derived from the run" if train.warmup_steps is None else "--warmup_steps"
-    ema = ("none" if run.ema is None else f"decay {run.ema.decay} with TensorFlow's warm-up (--ema_decay)" if run.ema.halflife_ratio is None
-           else f"half-life {run.ema.halflife_ratio:.0%} of the steps so far, at most decay {run.ema.decay}'s (derived; --ema_decay fixes one)")
-    drawn = (f"{run.grid_count} {'points' if data.points else 'images'} by {sampling.sampler} "
-             f"{sampling.resolved_steps(config.diffusion.timesteps)} steps{guidance_text(sampling, data.points) if config.model.conditional else ''}")
+    ema_text = ("none" if ema is None else f"decay {ema.decay} with TensorFlow's warm-up (--ema_decay)" if ema.halflife_ratio is None
+                else f"half-life {ema.halflife_ratio:.0%} of the steps so far, at most decay {ema.decay}'s (derived; --ema_decay fixes one)")
+    guidance = ""
+    if model.conditional:
+        derived = f" (derived for {kind.noun}; --guidance_scale)" if config.sampling.guidance_scale is None else ""
+        guidance = f", guidance {sampling.guidance_scale:g}{derived}"
+    drawn = f"{sample_count} {kind.noun} by {sampling.sampler} {sampling.steps} steps{guidance}"
     pictures = f"every {train.sample_every} epochs and at the end" if train.sample_every else "none (--sample_every 0)"
-    grids = (f"sliced Wasserstein distance every epoch, scatter plots {pictures}: {drawn}" if data.points
-             else f"grids {pictures}: {drawn}" if train.sample_every else f"grids: {pictures}")
     full = f"every {train.eval_every} epochs and at the end" if train.eval_every else "at the end (--eval_every for more)"
-    phema = (f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in run.phema.sigma_rels)} tracked, snapshots every {run.phema_every} steps "
-             f"({'derived' if train.phema_every is None else '--phema_every'}; --posthoc_ema after training); " if run.phema is not None else "")
-    print(f"warm-up: {run.warmup_steps} steps ({warmup}); EMA: {ema}; {phema}random flips: {'on' if data.train.hflip else 'off'} "
-          f"(--hflip / --no_hflip); losses: {config.diffusion.prediction_type} prediction"
-          f"{f', min-SNR-{config.diffusion.snr_gamma:g} weighting' if config.diffusion.snr_gamma else ''}; validation and test loss "
-          f"every epoch on {run.eval_examples} fixed examples of each split (derived), on the whole splits {full}; {grids}")
-    if resume_path is not None:
-        print(f"resuming {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
+    phema_text = ""
+    if phema is not None:
+        source = "derived" if train.phema_every is None else "--phema_every"
+        phema_text = (f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in phema[0])} tracked, snapshots every {phema[1]} steps "
+                      f"({source}; --posthoc_ema after training); ")
+    print(f"warm-up: {warmup_steps} steps ({warmup}); EMA: {ema_text}; {phema_text}random flips: {'on' if hflip else 'off'} "
+          f"(--hflip / --no_hflip); losses: {diffusion.prediction_type} prediction"
+          f"{f', min-SNR-{diffusion.snr_gamma:g} weighting' if diffusion.snr_gamma else ''}; validation and test loss "
+          f"every epoch on {eval_examples} fixed examples of each split (derived), on the whole splits {full}; "
+          f"{kind.pictures_text(pictures, drawn, bool(train.sample_every))}")
 
 
-def log_step(run: TrainingRun, bar: tqdm, loss: torch.Tensor, grad_norm: torch.Tensor, skip: torch.Tensor, images_per_s: float) -> None:
+def log_step(log: RunLog, bar: tqdm, *, step: int, epoch: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor,
+             skip: torch.Tensor, images_per_s: float, device: torch.device, nonfinite_skipped: int) -> None:
     """Progress-bar figures and one metrics line, every --log_interval steps (the only per-step host syncs)."""
-    lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
-    run.log.write({
-        "kind": "step", "step": run.state.step, "epoch": run.state.epoch + 1, "train_loss": loss.item(), "lr": lr,
+    log.write({
+        "kind": "step", "step": step, "epoch": epoch, "train_loss": loss.item(), "lr": lr,
         "grad_norm": None if skip.item() else grad_norm.item(), "images_per_s": images_per_s,
-        "peak_memory_mb": peak_memory_mb(run.runtime.device), "nonfinite_skipped": run.state.nonfinite_skipped,
+        "peak_memory_mb": peak_memory_mb(device), "nonfinite_skipped": nonfinite_skipped,
     })
+
+
+def report_epoch(log: RunLog, entry: dict, full: Optional[dict], figures_text: str, history: dict, save_dir: Path, run_name: str, *,
+                 seconds_total: float, seconds_in_steps: float, device: torch.device) -> None:
+    """An epoch's history entry (ddpm_train), on rank 0: the epoch line, the loss history and its plot, a metrics line."""
+    epoch, step = entry["epochs"], entry["steps"]
+    whole = f" | whole splits: val {full['val_loss']:.5f}, test {full['test_loss']:.5f}" if full is not None else ""
+    print(f"epoch {epoch + 1} | step {step} | train {entry['train_loss']:.5f} | val {entry['val_loss']:.5f} | "
+          f"test {entry['test_loss']:.5f}{whole}{figures_text} | {seconds_total - seconds_in_steps:.0f} of {seconds_total:.0f} s "
+          f"outside optimizer steps")
+    save_history(history, save_dir, run_name)
+    figures = {key: value for key, value in entry.items() if key not in ("epochs", "steps", "eval_examples")}
+    log.write({"kind": "epoch", "step": step, "epoch": epoch, **figures, **({"full": full} if full is not None else {}),
+               "peak_memory_mb": peak_memory_mb(device), "seconds_in_steps": round(seconds_in_steps, 3),
+               "seconds_outside_steps": round(seconds_total - seconds_in_steps, 3)})

@@ -37,15 +37,16 @@ from ddpm_config import (
 from ddpm_data import DATASETS, load_datasets
 from ddpm_diffusers import export_diffusers, import_diffusers
 from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES
-from ddpm_evaluate import run_checkpoint_comparison, run_evaluation
+from ddpm_evaluate import run_evaluation
 from ddpm_metrics import FEATURE_EXTRACTORS
 from ddpm_model import MLP_PRESET, PRESETS, network_from_config
 from ddpm_phema import write_posthoc_ema
-from ddpm_points import POINT_SAMPLES, run_point_inference
+from ddpm_kinds import kind_of_model
+from ddpm_points import POINT_SAMPLES
 from ddpm_runtime import enable_tf32, setup_runtime
 from ddpm_samplers import SAMPLERS, VARIANCES
 from ddpm_sampling import run_inference
-from ddpm_sweep import best_preset, parse_samplers, run_sweep
+from ddpm_sweep import best_preset, parse_samplers
 
 # Under torchrun the other ranks wait in a collective while rank 0 alone computes FID statistics
 # (the training set's, once, then each sample set's): far longer than a sampling step.
@@ -402,35 +403,38 @@ def checkpoint_path(args: argparse.Namespace) -> Path:
 
 
 def run_sampling(args: argparse.Namespace) -> None:
-    """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's."""
+    """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's: the model's kind of
+    samples (ddpm_kinds) resolves the sampling defaults once, then draws and writes or measures."""
     runtime = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
-    model_path = checkpoint_path(args)
+    model_path, settings = checkpoint_path(args), sampling_config(args)
     common = dict(seed=args.seed, batch_size=args.batch_size, save_dir=Path(args.save_dir), use_ema=not args.no_ema, compile=args.compile)
     try:
         if args.compare_checkpoints:
-            run_checkpoint_comparison(args.compare_checkpoints, sampling_config(args).derived(points=False), runtime, num_samples=args.num_samples or INFERENCE_SAMPLES,
-                                      **common)
-        elif args.evaluate and args.sweep:
-            settings = sampling_config(args).derived(points=False)
-            run_sweep(model_path, settings, runtime, sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
-                      scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [settings.guidance_scale],
-                      samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None, num_samples=args.fid_num_samples,
-                      features=args.fid_features, data_dir=args.data_dir, **common)
+            first = load_model(args.compare_checkpoints[0])
+            kind = kind_of_model(first.description)
+            kind.compare(args.compare_checkpoints, kind.sampling_settings(settings, first.diffusion.num_timesteps), runtime,
+                         num_samples=args.num_samples or kind.inference_count, **common)
+            return
+        if args.sampling_preset == "best":
+            preset = best_preset(model_path)
+            model_path = Path(preset["weights"])
+            settings = replace(settings, sampler=preset["sampler"], steps=preset["steps"], guidance_scale=preset["guidance_scale"],
+                               guide_model=preset["guide_model"])
+        loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
+        kind = kind_of_model(loaded.description)
+        settings = kind.sampling_settings(settings, loaded.diffusion.num_timesteps)
+        if args.evaluate and args.sweep:
+            kind.sweep(model_path, settings, runtime, sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
+                       scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [settings.guidance_scale],
+                       samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None, num_samples=args.fid_num_samples,
+                       features=args.fid_features, data_dir=args.data_dir, **common)
         elif args.evaluate:
-            run_evaluation(model_path, sampling_config(args), runtime, num_samples=args.fid_num_samples, features=args.fid_features,
-                           guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None,
-                           data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
+            run_evaluation(loaded, kind, settings, runtime, num_samples=args.fid_num_samples, features=args.fid_features,
+                           guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None, data_dir=args.data_dir,
+                           fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
         else:
-            settings = sampling_config(args)
-            if args.sampling_preset == "best":
-                preset = best_preset(model_path)
-                model_path = Path(preset["weights"])
-                settings = replace(settings, sampler=preset["sampler"], steps=preset["steps"], guidance_scale=preset["guidance_scale"],
-                                   guide_model=preset["guide_model"])
-            loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
-            inference = run_point_inference if loaded.description.points else run_inference
-            inference(loaded, settings.derived(loaded.description.points), runtime, num_samples=args.num_samples, sample_classes=args.sample_classes,
-                      require_conditional=args.conditional, **common)
+            run_inference(loaded, kind, settings, runtime, num_samples=args.num_samples, sample_classes=args.sample_classes,
+                          require_conditional=args.conditional, **common)
     finally:
         if runtime.world_size > 1:
             dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""2D toy runs: the distance of samples to the true distribution, the pictures, and what training, --inference and
---evaluate do for a model of points (ddpm_data.POINT_DATASETS, ddpm_model.MLPDenoiser) instead of images.
+"""2D toy runs: the distance of samples to the true distribution and the pictures of points (ddpm_data.POINT_DATASETS,
+ddpm_model.MLPDenoiser); what training, --inference and --evaluate do with them is ddpm_kinds.PointKind.
 
     python ddpm_main.py --dataset moons --model_size mlp --conditional --max_steps 800 --batch_size 512 --lr 3e-3 --save_model --run_name moons
     python ddpm_main.py --inference --model_path models/moons/ckpt.pt --sampler dpm++2m --sampling_steps 20
@@ -10,23 +10,15 @@ two fresh sets of that size is its floor, what a perfect model would score (`dis
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ddpm_checkpoint import LoadedModel
-from ddpm_config import SamplingConfig
 from ddpm_data import POINT_CLASS_NAMES, make_points
 from ddpm_diffusion import Diffusion
-from ddpm_outputs import atomic_write, save_json
-from ddpm_runtime import Runtime
-from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate, generate_from, inference_labels, load_guide, sampling_record
-
-if TYPE_CHECKING:
-    from ddpm_train import TrainingRun
+from ddpm_outputs import atomic_write
 
 POINT_SAMPLES = 1000  # samples of a 2D run's training scatter and distance, and of --inference without --num_samples
 PROJECTIONS, PROJECTION_SEED = 256, 0  # the fixed random directions of the sliced Wasserstein distance
@@ -146,99 +138,3 @@ def save_point_arrays(points: torch.Tensor, labels: Optional[torch.Tensor], path
     """points.npz: `points` float32 (N, 2), `labels` int64 (-1: unconditional)."""
     label_array = np.full(len(points), -1, dtype=np.int64) if labels is None else labels.long().numpy()
     atomic_write(path, lambda f: np.savez(f, points=points.numpy(), labels=label_array))
-
-
-# Training, --inference and --evaluate of a 2D model
-
-
-def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The run's grid samples (run.grid_count of them, every class in turn), drawn as --inference would draw them."""
-    model = run.eval_model()
-    was_training = model.training
-    model.eval()
-    labels = every_class_in_turn(run.data.num_classes if run.config.model.conditional else None, run.grid_count)
-    samples = generate(model, run.diffusion, run.data.sample_shape, run.grid_count, labels, run.config.sampling, run.config.train.seed,
-                       run.config.train.batch_size, run.runtime, desc="samples")
-    model.train(was_training)
-    return samples, labels
-
-
-def epoch_distance(run: TrainingRun) -> dict:
-    """The distance report of a 2D run's samples, for its loss history and metrics log (every epoch)."""
-    samples, labels = training_samples(run)
-    return distance_report(samples, labels, run.config.data.dataset)
-
-
-def record_points(run: TrainingRun) -> None:
-    """A 2D run's sample grid: its samples over the data (samples_<run>_epochNNNN.png), the scatter progression (a
-    panel per grid, progression_<run>.png) and, at the first grid, the forward process (forward_process_<run>.png)."""
-    samples, labels = training_samples(run)
-    if not run.runtime.is_main:
-        return
-    save_dir, name, state, dataset = Path(run.config.train.save_dir), run.config.train.run_name, run.state, run.config.data.dataset
-    if not state.progression:
-        save_forward_process(run.diffusion, dataset, save_dir / f"forward_process_{name}.png")
-    title = f"epoch {state.epoch + 1}, step {state.step}"
-    state.progression.append((title, samples))
-    save_panels([(title, samples, labels)], save_dir / f"samples_{name}_epoch{state.epoch + 1:04d}.png", dataset=dataset)
-    save_panels([(text, points, labels) for text, points in state.progression], save_dir / f"progression_{name}.png", dataset=dataset)
-
-
-def run_point_inference(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: Optional[int],
-                        sample_classes: Optional[str], require_conditional: bool, seed: int, batch_size: int, save_dir: Path,
-                        use_ema: bool = True, compile: bool = False) -> None:
-    """--inference of a 2D model: samples.png (the samples over the data, coloured by class), points.npz,
-    reverse_process.png (the first batch at a few steps of the sampler), forward_process.png, samples.json, and the
-    distance to the data."""
-    count = num_samples or POINT_SAMPLES
-    labels = inference_labels(loaded, sample_classes, require_conditional, count)
-    check_sampling_steps(settings.steps, loaded)
-    guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
-    trajectory: list[torch.Tensor] = []
-    points = generate_from(loaded, count, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide, trajectory=trajectory)
-    if not runtime.is_main:
-        return
-    dataset = loaded.description.data["dataset"]
-    report = distance_report(points, labels, dataset)
-    save_panels([(f"{count} samples, {settings.sampler}, w = {settings.guidance_scale:g}", points, labels)], save_dir / "samples.png",
-                dataset=dataset, columns=1)
-    save_point_arrays(points, labels, save_dir / "points.npz")
-    save_reverse_process(trajectory, labels, settings.sampler, dataset, save_dir / "reverse_process.png")
-    save_forward_process(loaded.diffusion, dataset, save_dir / "forward_process.png")
-    save_json({"model_path": str(loaded.path), "num_samples": count, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-               **sampling_record(settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion),
-               **report}, save_dir / "samples.json")
-    print(distance_line(report, count))
-    print(f"wrote {save_dir / 'samples.png'}, {save_dir / 'reverse_process.png'}, {save_dir / 'forward_process.png'} and "
-          f"{count} points in {save_dir / 'points.npz'}")
-
-
-def evaluate_points(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, scales: list[float], sweep: bool,
-                    num_samples: int, seed: int, batch_size: int, save_dir: Path, guide: Optional[LoadedModel] = None) -> None:
-    """--evaluate of a 2D model: the sliced Wasserstein distance (instead of FID, which needs images) at each scale, with
-    evaluation.json, points.npz and samples.png per scale; for a sweep also guidance_sweep.json and guidance_sweep.png
-    (a scatter panel per scale)."""
-    labels = every_class_in_turn(loaded.description.num_classes, num_samples)
-    dataset = loaded.description.data["dataset"]
-    panels, rows = [], []
-    for scale in scales:
-        scaled = replace(settings, guidance_scale=scale)
-        points = generate_from(loaded, num_samples, labels, scaled, seed, batch_size, runtime, guide=guide)
-        if not runtime.is_main:
-            continue
-        report = distance_report(points, labels, dataset)
-        out_dir = save_dir / f"scale_{scale:g}" if sweep else save_dir
-        guided = loaded.description.conditional or guide is not None
-        save_json({"checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw", "dataset": dataset,
-                   "num_samples": num_samples, "seed": seed, **sampling_record(scaled, runtime, guided, loaded.diffusion, resolve_steps=True),
-                   **report}, out_dir / "evaluation.json")
-        save_point_arrays(points, labels, out_dir / "points.npz")
-        title = f"w = {scale:g}: SW {report['sliced_wasserstein']:.3f} (floor {report['sliced_wasserstein_floor']:.3f})"
-        save_panels([(title, points, labels)], out_dir / "samples.png", dataset=dataset, columns=1)
-        print(f"w = {scale:g}: {distance_line(report, num_samples)}; wrote {out_dir / 'evaluation.json'}")
-        panels.append((title, points, labels))
-        rows.append({"guidance_scale": scale, "num_samples": num_samples, **report})
-    if sweep and runtime.is_main:
-        save_json(rows, save_dir / "guidance_sweep.json")
-        save_panels(panels, save_dir / "guidance_sweep.png", dataset=dataset, columns=len(panels))
-        print(f"wrote {save_dir / 'guidance_sweep.json'} and {save_dir / 'guidance_sweep.png'}")

@@ -163,3 +163,36 @@ class StopRequest:
         self.flags = torch.tensor([float(asked)])
         self.pending = dist.all_reduce(self.flags, group=self.runtime.control_group, async_op=True)
         return agreed
+
+
+def rng_state() -> dict:
+    """Every random state a step draws from, as tensors and plain values (loadable with weights_only)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """The random states of `rng_state`, back in place."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(runtime: Runtime) -> Optional[list[dict]]:
+    """Every rank's random states (each rank draws its own noise and timesteps), on every rank; None for one process."""
+    if runtime.world_size == 1:
+        return None
+    states = [None] * runtime.world_size
+    dist.all_gather_object(states, rng_state())
+    return states

@@ -10,17 +10,19 @@ seed gives the same images whatever the number of processes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import LoadedModel, load_model
-from ddpm_config import INFERENCE_SAMPLES, SamplingConfig, UsageError
+from ddpm_config import SamplingConfig, UsageError
 from ddpm_diffusion import Diffusion
-from ddpm_outputs import save_image_grid, save_json, save_samples, to_uint8
 from ddpm_runtime import Runtime, autocast_dtype, gather_rows, shard
+
+if TYPE_CHECKING:
+    from ddpm_kinds import SampleKind
 
 NOISE_SEED_STRIDE = 1_000_003  # batch b of a run with seed s draws its noise from seed s + b * this
 
@@ -48,57 +50,53 @@ def every_class_in_turn(num_classes: Optional[int], count: int) -> Optional[torc
     return None if num_classes is None else torch.arange(count) % num_classes
 
 
-def generate(model: nn.Module, diffusion: Diffusion, sample_shape: tuple[int, ...], count: int, labels: Optional[torch.Tensor],
+def generate(model: nn.Module, diffusion: Diffusion, kind: SampleKind, count: int, labels: Optional[torch.Tensor],
              settings: SamplingConfig, seed: int, batch_size: int, runtime: Runtime, desc: str = "generating",
              guide: Optional[nn.Module] = None, trajectory: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-    """`count` samples of `model` as uint8 images (N, H, W, C) for a `sample_shape` (C, H, W), or as float32 points
-    (N, D) unclipped for a `sample_shape` (D,), on every rank, in batches of `batch_size`.
+    """`count` samples of `model` as the `kind` saves them (ddpm_kinds: uint8 images (N, H, W, C), or float32 points
+    (N, D) unclipped), on every rank, in batches of `batch_size`, with `settings` resolved (a number for every
+    setting, SampleKind.sampling_settings).
 
     Batch b draws all its noise from its own generator, seeded with seed + b * NOISE_SEED_STRIDE, so the
     images depend on the seed and the batch size only: one process or many (torchrun, each rank sampling
     a contiguous share of the batches, gathered in order) give the same images, and the first batch is
     what `Diffusion.sample` gives with a generator seeded with `seed`. The model's train/eval mode is kept.
     With `guide` (a network of the same data and diffusion, see `load_guide`), autoguidance instead of
-    classifier-free guidance, at --guidance_scale (derived from the kind of samples where it is None,
-    SamplingConfig.derived). `trajectory` receives the reverse process of the first batch
-    (Diffusion.sample's), on the rank that draws it.
+    classifier-free guidance. `trajectory` receives the reverse process of the first batch (Diffusion.sample's),
+    on the rank that draws it.
     """
-    points = len(sample_shape) == 1
-    settings = settings.derived(points)
     amp_dtype = autocast_dtype(settings.amp, runtime.device)
     network = model if amp_dtype is None else AutocastNetwork(model, amp_dtype)
     if guide is not None and amp_dtype is not None:
         guide = AutocastNetwork(guide, amp_dtype)
     starts = range(0, count, batch_size)
     sizes = {index: min(batch_size, count - starts[index]) for index in shard(len(starts), runtime)}
-    samples = []
+    samples = [kind.to_saved(torch.zeros((0, *kind.sample_shape)))]
     desc = desc if runtime.world_size == 1 else f"{desc} (rank 0's share of {runtime.world_size})"
     with tqdm(total=sum(sizes.values()), desc=desc, unit="img", disable=not runtime.is_main, leave=False) as bar:
         for index, size in sizes.items():
             begin = starts[index]
             drawn = diffusion.sample(
-                network, (size, *sample_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
+                network, (size, *kind.sample_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
                 guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
                 steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
                 device=runtime.device, progress=runtime.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide, clip_denoised=not points,
-                trajectory=trajectory if index == 0 else None)
-            samples.append(drawn.float().cpu() if points else to_uint8(drawn))
+                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide,
+                clip_denoised=kind.clip_denoised, trajectory=trajectory if index == 0 else None)
+            samples.append(kind.to_saved(drawn))
             bar.update(size)
-    empty = torch.zeros((0, *sample_shape)) if points else torch.zeros((0, *sample_shape[1:], sample_shape[0]), dtype=torch.uint8)
-    local = torch.cat(samples) if samples else empty
-    return gather_rows(local, runtime)
+    return gather_rows(torch.cat(samples), runtime)
 
 
-def generate_from(loaded: LoadedModel, count: int, labels: Optional[torch.Tensor], settings: SamplingConfig, seed: int,
-                  batch_size: int, runtime: Runtime, desc: str = "generating", guide: Optional[LoadedModel] = None,
+def generate_from(loaded: LoadedModel, kind: SampleKind, count: int, labels: Optional[torch.Tensor], settings: SamplingConfig,
+                  seed: int, batch_size: int, runtime: Runtime, desc: str = "generating", guide: Optional[LoadedModel] = None,
                   trajectory: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     """`generate` for a loaded checkpoint (and, for autoguidance, a loaded guide)."""
-    return generate(loaded.model, loaded.diffusion, loaded.description.sample_shape, count, labels, settings, seed, batch_size, runtime,
-                    desc, guide=None if guide is None else guide.model, trajectory=trajectory)
+    return generate(loaded.model, loaded.diffusion, kind, count, labels, settings, seed, batch_size, runtime, desc,
+                    guide=None if guide is None else guide.model, trajectory=trajectory)
 
 
-GUIDE_MUST_MATCH = {"image size and channels": lambda d: d.sample_shape, "classes": lambda d: (d.conditional, d.class_names),
+GUIDE_MUST_MATCH = {"image size and channels": lambda d: (d.data["image_size"], d.data["channels"]), "classes": lambda d: (d.conditional, d.class_names),
                     "diffusion": lambda d: {key: d.diffusion.get(key) for key in ("timesteps", "schedule", "prediction_type")}}
 
 
@@ -145,41 +143,26 @@ def inference_labels(loaded: LoadedModel, sample_classes: Optional[str], require
     return torch.tensor(parse_sample_classes(text, loaded.description.class_names, num_samples))
 
 
-def run_inference(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: Optional[int], sample_classes: Optional[str],
-                  require_conditional: bool, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
-                  compile: bool = False) -> None:
-    """--inference of an image model (load_model's, everything about it coming from its checkpoint): write grid.png,
-    one PNG per sample, samples.npz and samples.json to `save_dir`. Under torchrun every rank samples its share of
-    the batches and rank 0 writes them all. (A 2D model's: ddpm_points.run_point_inference.)"""
-    model_path, num_samples = loaded.path, num_samples or INFERENCE_SAMPLES
-    labels = inference_labels(loaded, sample_classes, require_conditional, num_samples)
+def run_inference(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: Optional[int],
+                  sample_classes: Optional[str], require_conditional: bool, seed: int, batch_size: int, save_dir: Path,
+                  use_ema: bool = True, compile: bool = False) -> None:
+    """--inference (everything about the model coming from its checkpoint): the labels, the guide, then the kind
+    draws and writes (ddpm_kinds: grid.png and PNGs of images; samples.png and points.npz of points). Under torchrun
+    every rank samples its share of the batches and rank 0 writes them all."""
+    count = num_samples or kind.inference_count
+    labels = inference_labels(loaded, sample_classes, require_conditional, count)
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
-    channels, size, _ = loaded.description.image_shape
-    if runtime.is_main:
-        guidance = f", autoguidance {settings.guidance_scale} by {settings.guide_model}" if guide is not None else \
-            f", guidance {settings.guidance_scale}" if labels is not None else ""
-        print(f"sampling {num_samples} images of {channels}x{size}x{size} from {model_path} "
-              f"({'EMA' if loaded.use_ema else 'raw'} weights, {settings.sampler}{guidance}"
-              f"{f', {runtime.world_size} processes' if runtime.world_size > 1 else ''})")
-    pixels = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide)
-    if not runtime.is_main:
-        return
-    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
-    save_image_grid(images, save_dir / "grid.png")
-    save_samples(images, labels, save_dir)
-    save_json({"model_path": str(model_path), "num_samples": num_samples, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-               **sampling_record(settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion),
-               "classes": None if labels is None else [loaded.description.class_names[i] for i in labels.tolist()]}, save_dir / "samples.json")
-    print(f"wrote {save_dir / 'grid.png'}, {num_samples} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
+    kind.inference(loaded, settings, runtime, count=count, labels=labels, guide=guide, seed=seed, batch_size=batch_size,
+                   save_dir=save_dir)
 
 
-def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, diffusion: Diffusion, resolve_steps: bool = False) -> dict:
+def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, diffusion: Diffusion) -> dict:
     """The sampling settings as a results file records them (guidance only where it acted, the variance
-    where the ancestral sampler ran); with `resolve_steps`, the number of sampling steps resolved to what ran."""
+    where the ancestral sampler ran)."""
     return {
         "sampler": settings.sampler,
-        "sampling_steps": settings.resolved_steps(diffusion.num_timesteps) if resolve_steps else settings.steps,
+        "sampling_steps": settings.steps,
         "variance": (settings.variance or diffusion.variance) if settings.sampler == "ddpm" else None,
         "eta": settings.eta,
         "network_autocast": str(autocast_dtype(settings.amp, runtime.device) or "float32"),

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from tqdm.auto import tqdm
 
@@ -28,6 +28,9 @@ from ddpm_outputs import atomic_write, save_json
 from ddpm_phema import write_posthoc_ema
 from ddpm_runtime import Runtime
 from ddpm_sampling import check_sampling_steps, load_guide
+
+if TYPE_CHECKING:
+    from ddpm_kinds import SampleKind
 
 BEST_FILE = "sampling_best.json"
 
@@ -80,14 +83,12 @@ def cells_of(emas: list[str], guidance: list[str], scales: list[float], samplers
             for ema in emas for kind in guidance for scale in (scales if kind != "none" else [1.0]) for sampler, steps in samplers]
 
 
-def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, sweep_ema: Optional[list[float]], scales: list[float],
+def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, sweep_ema: Optional[list[float]], scales: list[float],
               samplers: Optional[list[tuple[str, int]]], num_samples: int, features: str, data_dir: str, seed: int, batch_size: int,
               save_dir: Path, use_ema: bool = True, compile: bool = False) -> Optional[dict]:
     """--evaluate --sweep: evaluate every cell not yet on disk, rank them, write the table, the picture and the best
     setting; return the best cell's record (rank 0; None elsewhere)."""
     main = load_model(model_path, "cpu")
-    if main.description.points:
-        raise UsageError("--sweep ranks by FID or KID, which need images; measure a 2D model with --evaluate --guidance_sweep")
     require_torch_fidelity()
     weights = {"ema": Path(model_path)}
     if sweep_ema:
@@ -108,7 +109,7 @@ def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, s
         data = main.description.data
         reference = reference_statistics(data["dataset"], data_dir, data["image_size"], extractor_name, extractor, batch_size,
                                          str(runtime.device))
-    samplers = samplers or [(settings.sampler, settings.resolved_steps(main.diffusion.num_timesteps))]
+    samplers = samplers or [(settings.sampler, settings.steps)]
     cells = cells_of(list(weights), guidance, scales, samplers)
     rows, networks, guides = [], {}, {}  # each network (and its guide) loaded once, at its first unfinished cell
     for cell in tqdm(cells, desc="sweep", unit="cell", disable=not runtime.is_main):
@@ -117,7 +118,7 @@ def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, s
             if cell.ema not in networks:
                 networks[cell.ema] = load_model(weights[cell.ema], str(runtime.device), use_ema, compile)
                 guides[cell.ema] = load_guide(settings.guide_model, networks[cell.ema], runtime.device, use_ema, compile)
-            record = evaluate_cell(cell, networks[cell.ema], guides[cell.ema], settings, runtime, num_samples=num_samples, seed=seed,
+            record = evaluate_cell(cell, networks[cell.ema], guides[cell.ema], kind, settings, runtime, num_samples=num_samples, seed=seed,
                                    batch_size=batch_size, extractor_name=extractor_name, extractor=extractor, reference=reference,
                                    save_dir=save_dir, metric=metric)
         rows.append(record)
@@ -150,14 +151,15 @@ def cell_record(cell: Cell, save_dir: Path, metric: str) -> Optional[dict]:
             "sampling_seconds": results["sampling_seconds"]}
 
 
-def evaluate_cell(cell: Cell, loaded: LoadedModel, guide: Optional[LoadedModel], settings: SamplingConfig, runtime: Runtime, *,
+def evaluate_cell(cell: Cell, loaded: LoadedModel, guide: Optional[LoadedModel], kind: SampleKind, settings: SamplingConfig,
+                  runtime: Runtime, *,
                   save_dir: Path, metric: str, **evaluation) -> Optional[dict]:
     """Sample and measure one cell (all ranks sample; rank 0 measures and writes its evaluation.json); `guide` guides
     the autoguidance cells."""
     cell_settings = replace(settings, sampler=cell.sampler, steps=cell.steps, guidance_scale=cell.scale,
                             guide_model=settings.guide_model if cell.guidance == "auto" else None)
     check_sampling_steps(cell.steps, loaded)
-    evaluate_one_setting(loaded, cell_settings, runtime, out_dir=save_dir / "cells" / cell.name,
+    evaluate_one_setting(loaded, kind, cell_settings, runtime, out_dir=save_dir / "cells" / cell.name,
                          guide=guide if cell.guidance == "auto" else None, **evaluation)
     return cell_record(cell, save_dir, metric) if runtime.is_main else None
 

@@ -1,20 +1,23 @@
 """The training loop, top to bottom: build a run, restore it, step through epochs, evaluate, save, finish.
 
     train(config, data, runtime, resume) -> build_run -> restore_run -> run_epoch (train_step per optimizer step)
-    -> end_epoch (losses, grids, checkpoints) -> finish_training
+    -> end_epoch (losses, samples, pictures, checkpoints) -> finish_training
 
-The pieces it uses each have their own module: the optimizers, LR schedule and EMA (ddpm_optim), the data order
-(ddpm_data), checkpoints and resume (ddpm_checkpoint), the metrics log (ddpm_logging), the sampling path of the
-grids (ddpm_sampling), processes and signals (ddpm_runtime). Everything a run needs to continue bit-identically
-(weights, EMA, optimizer, LR schedule, grad scaler, position in the data order, loss history, random states) goes
-into its checkpoint (ddpm_checkpoint.checkpoint_state).
+The loop owns its state (TrainState, TrainingRun: nothing outside this module reads them) and passes plain values to
+the modules below it: the optimizers, LR schedule and EMA (ddpm_optim), the data order (ddpm_data), the files of a
+checkpoint (ddpm_checkpoint.CheckpointIO), the metrics log and the start-up lines (ddpm_logging), the sampling path
+(ddpm_sampling) and what differs between images and points (ddpm_kinds), processes and signals (ddpm_runtime).
+Everything a run needs to continue bit-identically (weights, EMA, optimizer, LR schedule, grad scaler, position in
+the data order, loss history, random states) goes into its checkpoint (`save_run_checkpoint`); what a resumed run
+does differently is decided here (`restored_state`, `restore_run`).
 """
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,41 +27,94 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ddpm_checkpoint import (
-    TrainState,
+    CheckpointIO,
+    ModelDescription,
     copy_checkpoint,
     prune_snapshots,
     remove_stale_temporaries,
-    restore_run,
-    restored_state,
-    save_run_checkpoint,
+    save_weights,
+    weights_path,
 )
-from ddpm_config import RunConfig, UsageError
+from ddpm_config import RunConfig, SamplingConfig, UsageError
 from ddpm_data import DataSplits, epoch_batches, load_batch
 from ddpm_diffusion import Diffusion, drop_labels
 from ddpm_evaluate import evaluation_loss
-from ddpm_logging import RunLog, StepCounters, log_step, peak_memory_mb, print_run_summary, save_history
-from ddpm_model import network_from_config
+from ddpm_kinds import SampleKind, kind_of_data
+from ddpm_logging import RunLog, StepCounters, log_step, print_run_summary, report_epoch
+from ddpm_model import count_parameters, network_from_config
 from ddpm_optim import EMA, apply_update, build_ema, build_lr_scheduler, build_optimizer, derived_warmup
 from ddpm_phema import PowerFunctionEMA, save_snapshot, snapshot_folder, snapshot_interval
-from ddpm_points import POINT_SAMPLES, distance_text, epoch_distance, record_points
-from ddpm_outputs import save_image_grid, save_labelled_rows
-from ddpm_runtime import Runtime, StopRequest, autocast_dtype, check_replicas_identical, maybe_no_sync, seed_everything, unwrap
+from ddpm_runtime import (
+    Runtime,
+    StopRequest,
+    autocast_dtype,
+    check_replicas_identical,
+    gather_rng_states,
+    maybe_no_sync,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
+    unwrap,
+)
 from ddpm_sampling import every_class_in_turn, generate
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}  # fixed across runs, so loss curves compare
 EVAL_BUDGET = 0.05  # the per-epoch validation and test losses take at most this share of an epoch's training time
 MIN_EVAL_EXAMPLES = 32  # ... but are never taken on fewer examples per split than this (or the whole split)
 MAX_NONFINITE_STEPS = 20  # this many non-finite losses in a row stop the run
-GRID_IMAGES = 16  # images per sample grid of an unconditional model (two per class for a conditional one)
-PROGRESSION_COLUMNS = 8  # samples per row of the progression image
+
+
+def empty_history() -> dict:
+    """The loss history: one entry per epoch (`epochs` counts from 0; a last epoch cut short by --max_steps has its
+    entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
+    subsets (`eval_examples`), and the kind's figures (ddpm_kinds); `full` lists the losses on the whole splits, at the
+    end and at --eval_every."""
+    return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
+
+
+@dataclass
+class TrainState:
+    """Where a run is, in plain values, so that it can be saved and restored exactly."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    epoch_position: int = 0  # examples of the current epoch already used
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    nonfinite_skipped: int = 0
+    best_val_loss: float = math.inf
+    history: dict = field(default_factory=empty_history)
+    progression: list = field(default_factory=list)  # (label, samples) rows of the progression picture
+
+
+def restored_state(checkpoint: Optional[dict]) -> TrainState:
+    """The checkpoint's TrainState (a fresh one without a checkpoint). What the saved run wrote only because it ended
+    there (the entry of an epoch it cut short, its losses on the full splits) is dropped: the resumed run writes it
+    again when it gets there, so a resumed history equals a straight run's."""
+    if checkpoint is None:
+        return TrainState()
+    state = TrainState(**copy.deepcopy(checkpoint["train_state"]))  # the checkpoint dict stays as it was read
+    history = empty_history() | state.history
+    for key in ("eval_examples",):  # what a checkpoint of an earlier version did not record per entry
+        history[key] = history[key] or [None] * len(history["epochs"])
+    if state.epoch_position > 0 and history["steps"] and history["steps"][-1] == state.step:
+        for key, values in history.items():
+            if key != "full":
+                values.pop()
+    history["full"] = [entry for entry in history["full"] if not (entry["step"] == state.step and entry["at"] == "end")]
+    state.history = history
+    return state
 
 
 @dataclass
 class TrainingRun:
     """What a run is made of: built by build_run, loaded by restore_run, advanced by the phases of train."""
 
-    config: RunConfig
+    config: RunConfig  # as asked: None where a setting is derived (the start-up lines say which)
     data: DataSplits
+    kind: SampleKind  # images or points (ddpm_kinds)
+    sampling: SamplingConfig  # the training samples' settings, every default resolved
+    description: ModelDescription  # of the network, as its checkpoints describe it
     runtime: Runtime
     model: torch.nn.Module  # the UNet or the MLP; wrapped in DistributedDataParallel under torchrun, compiled in place with --compile
     diffusion: Diffusion
@@ -77,7 +133,7 @@ class TrainingRun:
     total_steps: int  # --max_steps, or what --epochs leaves from where the run is
     warmup_steps: int  # --warmup_steps, or derived from total_steps
     eval_examples: int  # per split, of the per-epoch validation and test losses (evaluation_subset_size)
-    grid_count: int  # images per sample grid: --num_samples, or 16, or two per class; points: POINT_SAMPLES
+    sample_count: int  # samples of the training pictures (and of the points' figure): --num_samples or the kind's
     train_images: torch.Tensor  # on the GPU where the runtime keeps data on the device
     train_labels: torch.Tensor
     started: float = field(default_factory=time.perf_counter)  # this process's start, for the time split
@@ -96,17 +152,22 @@ class TrainingRun:
         return self.steps_per_epoch * self.examples_per_step
 
     def eval_model(self) -> torch.nn.Module:
-        """The weights that validation, test and the sample grids use: the EMA unless --no_ema (or no EMA)."""
+        """The weights that validation, test and the training samples use: the EMA unless --no_ema (or no EMA)."""
         if self.ema is not None and self.config.train.use_ema:
             return self.ema.module
         return unwrap(self.model)
+
+    def checkpoint_io(self) -> CheckpointIO:
+        """The objects of the run's checkpoints, by the names the checkpoint files give them."""
+        return CheckpointIO(model=unwrap(self.model), ema=None if self.ema is None else self.ema.module, phema=self.phema,
+                            optimizer=self.optimizer, lr_scheduler=self.scheduler, scaler=self.scaler)
 
 
 def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optional[tuple[Path, dict]] = None) -> Optional[Path]:
     """Train as `config` says, from scratch or from `resume` (see ddpm_checkpoint.load_resume_checkpoint); return the
     path of the last checkpoint (None without --save_model)."""
     resume_path, checkpoint = resume if resume is not None else (None, None)
-    run = build_run(config, data, runtime, restored_state(checkpoint))
+    run = build_run(config, data, kind_of_data(config.data.dataset, data), runtime, restored_state(checkpoint))
     if checkpoint is not None:
         restore_run(run, checkpoint)
     if runtime.is_main:
@@ -115,7 +176,8 @@ def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optiona
         run.model = DistributedDataParallel(run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
     if config.train.compile:  # in place, so state_dict keys stay the plain model's; after DDP, so graphs overlap its all-reduce
         run.model.compile()
-    print_run_summary(run, resume_path)
+    if runtime.is_main:
+        announce(run, resume_path)
     run.model.train()
     with StopRequest(runtime) as stop:
         while run.state.step < run.total_steps:
@@ -124,13 +186,13 @@ def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optiona
     return finish_training(run)
 
 
-def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: TrainState) -> TrainingRun:
+def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Runtime, state: TrainState) -> TrainingRun:
     """The model, EMA, optimizer, LR schedule and the run's counters, for a run that is at `state`."""
     train = config.train
     examples_per_step = train.batch_size * runtime.world_size * train.grad_accum
     steps_per_epoch = len(data.train) // examples_per_step
     if steps_per_epoch == 0:
-        raise UsageError(f"the training set has {len(data.train)} images, fewer than one optimizer step needs "
+        raise UsageError(f"the training set has {len(data.train)} {kind.noun}, fewer than one optimizer step needs "
                          f"(--batch_size {train.batch_size} x --grad_accum {train.grad_accum} x {runtime.world_size} processes)")
     total_steps = train.max_steps or state.step + steps_to_go(train.epochs, state, steps_per_epoch, examples_per_step)
     warmup_steps = train.warmup_steps if train.warmup_steps is not None else derived_warmup(total_steps)
@@ -145,7 +207,8 @@ def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: Trai
     on_device = runtime.data_on_device
     phema_every = (snapshot_interval(total_steps) if train.phema_every is None else train.phema_every) if train.save_model else 0
     return TrainingRun(
-        config=config, data=data, runtime=runtime, model=model,
+        config=config, data=data, kind=kind, sampling=kind.sampling_settings(config.sampling, config.diffusion.timesteps),
+        description=ModelDescription.of_run(model, config, data), runtime=runtime, model=model,
         diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule, prediction_type=config.diffusion.prediction_type,
                             snr_gamma=config.diffusion.snr_gamma, variance=config.diffusion.variance).to(runtime.device),
         optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, warmup_steps, total_steps, train.lr_schedule),
@@ -155,10 +218,59 @@ def build_run(config: RunConfig, data: DataSplits, runtime: Runtime, state: Trai
         log=RunLog(Path(train.save_dir), train.run_name, train.logger, enabled=runtime.is_main),
         steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
         eval_examples=evaluation_subset_size(steps_per_epoch * examples_per_step),
-        grid_count=train.num_samples or (POINT_SAMPLES if data.points else 2 * data.num_classes if config.model.conditional else GRID_IMAGES),
+        sample_count=kind.training_count(train.num_samples, num_classes),
         train_images=data.train.images.to(runtime.device) if on_device else data.train.images,
         train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels,
     )
+
+
+def restore_run(run: TrainingRun, checkpoint: dict) -> None:
+    """Weights, EMA, optimizer, LR schedule, grad scaler and random states from a checkpoint, and what a resumed run
+    decides: a post-hoc EMA only where the saved run tracked one from step 0; the learning rate of this command (--lr);
+    the random streams continued when the number of processes is the one that saved, started afresh per rank otherwise."""
+    if run.phema is not None and checkpoint.get("phema") is None:
+        run.phema = None
+    run.checkpoint_io().load(checkpoint)
+    if run.ema is not None and checkpoint["ema"] is not None:
+        run.ema.num_updates.fill_(checkpoint["ema_num_updates"])
+    lr = run.config.train.lr
+    for group in run.optimizer.param_groups:
+        group["initial_lr"] = lr
+    run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
+    runtime = run.runtime
+    saved_world_size = checkpoint.get("runtime", {}).get("world_size", checkpoint["config"].get("world_size", 1))
+    if runtime.world_size == saved_world_size:
+        restore_rng_state(checkpoint["rng"] if runtime.world_size == 1 else checkpoint["rng_per_rank"][runtime.rank])
+    else:
+        seed_everything((run.config.train.seed + runtime.rank + 7_919 * run.state.step) % 2**32)
+
+
+def save_run_checkpoint(run: TrainingRun, path: Path) -> None:
+    """Every rank calls this (the random states are gathered), after the step counters were read into the state; rank 0
+    writes the checkpoint and, next to it, the sampling weights alone (the EMA, or the raw weights without one) as
+    safetensors (ddpm_checkpoint.weights_path)."""
+    rng_per_rank = gather_rng_states(run.runtime)
+    if not run.runtime.is_main:
+        return
+    run.checkpoint_io().save(path, run.description, {
+        "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0, "train_state": asdict(run.state),
+        "config": run.config.to_dict(), "runtime": {"world_size": run.runtime.world_size}, "rng": rng_state(),
+        "rng_per_rank": rng_per_rank})
+    sampling_model = run.ema.module if run.ema is not None else unwrap(run.model)
+    save_weights(sampling_model.state_dict(), run.description.to_dict() | {
+        "train_state": {"step": run.state.step}, "weights": "ema" if run.ema is not None else "raw"}, weights_path(path))
+
+
+def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
+    """The start-up lines (ddpm_logging.print_run_summary), and where a resumed run continues."""
+    data = run.data
+    print_run_summary(run.config, run.sampling, run.kind, parameters=count_parameters(unwrap(run.model)), num_classes=data.num_classes,
+                      split_sizes=(len(data.train), len(data.val), len(data.test)), steps_per_epoch=run.steps_per_epoch,
+                      total_steps=run.total_steps, warmup_steps=run.warmup_steps, ema=run.ema,
+                      phema=None if run.phema is None else (run.phema.sigma_rels, run.phema_every), hflip=data.train.hflip,
+                      eval_examples=run.eval_examples, sample_count=run.sample_count)
+    if resume_path is not None:
+        print(f"resuming {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
 
 
 def steps_to_go(epochs: int, state: TrainState, steps_per_epoch: int, examples_per_step: int) -> int:
@@ -210,7 +322,9 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
         bar.update(1)
         if state.step % train.log_interval == 0:
             read_counters(run)
-            log_step(run, bar, loss, grad_norm, skip, window_steps * run.examples_per_step / (time.perf_counter() - window_start))
+            log_step(run.log, bar, step=state.step, epoch=state.epoch + 1, loss=loss, lr=run.scheduler.get_last_lr()[0],
+                     grad_norm=grad_norm, skip=skip, images_per_s=window_steps * run.examples_per_step / (time.perf_counter() - window_start),
+                     device=runtime.device, nonfinite_skipped=state.nonfinite_skipped)
             window_start, window_steps = time.perf_counter(), 0
         if run.phema is not None and state.step % run.phema_every == 0 and runtime.is_main:
             save_start = time.perf_counter()
@@ -276,65 +390,56 @@ def read_counters(run: TrainingRun) -> None:
 
 
 def end_epoch(run: TrainingRun) -> None:
-    """After the step loop: the history entry with the epoch's losses (`record_losses`), every --sample_every epochs
-    and at the end a sample grid (`record_grid`); then, with --save_model, ckpt.pt, best.pt (lowest validation loss)
-    and every --save_every epochs a kept snapshot."""
-    train, state = run.config.train, run.state
+    """After the step loop: the training samples where the kind takes a figure of them every epoch (points) or a picture
+    is due (every --sample_every epochs and at the end), drawn once; the history entry with the epoch's losses and
+    those figures; the pictures; then, with --save_model, ckpt.pt, best.pt (lowest validation loss) and every
+    --save_every epochs a kept snapshot."""
+    train, state, kind = run.config.train, run.state, run.kind
     epoch_done = run.epoch_examples - state.epoch_position < run.examples_per_step
     final = state.step >= run.total_steps
     if not (epoch_done or final):  # stopped inside an epoch to save (--save_every_steps needs no entry)
         return
     full_at = "end" if final else "every" if train.eval_every and (state.epoch + 1) % train.eval_every == 0 else None
-    is_best = record_losses(run, epoch_done, full_at)
-    if train.sample_every > 0 and (final or (state.epoch + 1) % train.sample_every == 0):
-        (record_points if run.data.points else record_grid)(run)
+    picture = train.sample_every > 0 and (final or (state.epoch + 1) % train.sample_every == 0)
+    samples, labels = training_samples(run) if picture or kind.figures_every_epoch else (None, None)
+    entry, full = epoch_losses(run, epoch_done, full_at)
+    entry |= kind.epoch_figures(samples, labels) if samples is not None else {}
+    for key, value in entry.items():
+        state.history.setdefault(key, []).append(value)
+    if full is not None:
+        state.history["full"].append(full)
+    is_best = entry["val_loss"] < state.best_val_loss  # never for NaN: no validation split (--val_fraction 0)
+    if is_best:  # recorded before the checkpoint is written, so that a resumed run compares against the true best
+        state.best_val_loss = entry["val_loss"]
+    if run.runtime.is_main:
+        total = time.perf_counter() - run.started
+        report_epoch(run.log, entry, full, kind.epoch_text(entry), state.history, Path(train.save_dir), train.run_name,
+                     seconds_total=total, seconds_in_steps=run.seconds_in_steps, device=run.runtime.device)
+    if picture and run.runtime.is_main:
+        kind.save_training_pictures(samples, labels, state.progression, title=f"epoch {state.epoch + 1}, step {state.step}",
+                                    epoch=state.epoch + 1, step=state.step, save_dir=Path(train.save_dir), run_name=train.run_name,
+                                    diffusion=run.diffusion, log=run.log)
     if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
         state.epoch += 1
         state.epoch_position = 0
-    if not train.save_model:
-        return
-    save_run_checkpoint(run, run.last_path)
-    if run.runtime.is_main and is_best:
-        copy_checkpoint(run.last_path, run.run_dir / "best.pt")
-    if run.runtime.is_main and epoch_done and state.epoch % train.save_every == 0:
-        copy_checkpoint(run.last_path, run.run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
-        prune_snapshots(run.run_dir, train.keep_checkpoints)
+    if train.save_model:
+        save_epoch_checkpoints(run, is_best, epoch_done)
 
 
-def record_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) -> bool:
-    """The history entry of this epoch: the mean training loss since its start, the validation and test losses on the
-    fixed subsets and, where `full_at` says so ("end" or "every"), on the whole splits; written with the loss plot and a
-    metrics line. Returns whether the validation loss is the best so far (recorded before the checkpoint is written,
-    so that a resumed run compares against the true best)."""
-    config, state, runtime = run.config, run.state, run.runtime
+def epoch_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) -> tuple[dict, Optional[dict]]:
+    """This epoch's history entry: the mean training loss since its start, the validation and test losses on the fixed
+    subsets; and, where `full_at` says so ("end" or "every"), the record of the losses on the whole splits (else None)."""
+    state = run.state
     subset = {split: split_loss(run, split, run.eval_examples) for split in ("val", "test")}
     train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else math.nan
     if epoch_done:  # a last partial epoch's entry is replaced on resume, so its steps count again then
         state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-    lr = run.scheduler.get_last_lr()[0]
-    entry = {"epochs": state.epoch, "steps": state.step, "train_loss": train_loss, "val_loss": subset["val"], "test_loss": subset["test"],
-             "lr": lr, "eval_examples": run.eval_examples} | (epoch_distance(run) if run.data.points else {})
-    for key, value in entry.items():
-        state.history.setdefault(key, []).append(value)
-    if full_at is not None:
-        full = {split: split_loss(run, split, None) for split in ("val", "test")}
-        state.history["full"].append({"epoch": state.epoch, "step": state.step, "at": full_at, "val_loss": full["val"], "test_loss": full["test"]})
-    is_best = subset["val"] < state.best_val_loss  # never for NaN: no validation split (--val_fraction 0)
-    if is_best:
-        state.best_val_loss = subset["val"]
-    if not runtime.is_main:
-        return is_best
-    total = time.perf_counter() - run.started
-    whole = f" | whole splits: val {full['val']:.5f}, test {full['test']:.5f}" if full_at is not None else ""
-    print(f"epoch {state.epoch + 1} | step {state.step} | train {train_loss:.5f} | val {subset['val']:.5f} | test {subset['test']:.5f}"
-          f"{whole}{distance_text(entry)} | {total - run.seconds_in_steps:.0f} of {total:.0f} s outside optimizer steps")
-    save_history(state.history, Path(config.train.save_dir), config.train.run_name)
-    run.log.write({"kind": "epoch", "step": state.step, "epoch": state.epoch, "train_loss": train_loss, "val_loss": subset["val"],
-                   "test_loss": subset["test"], **({"full": state.history["full"][-1]} if full_at else {}), "lr": lr,
-                   **{key: value for key, value in entry.items() if key.startswith("sliced_wasserstein")},
-                   "peak_memory_mb": peak_memory_mb(runtime.device), "seconds_in_steps": round(run.seconds_in_steps, 3),
-                   "seconds_outside_steps": round(total - run.seconds_in_steps, 3)})
-    return is_best
+    entry = {"epochs": state.epoch, "steps": state.step, "train_loss": train_loss, "val_loss": subset["val"],
+             "test_loss": subset["test"], "lr": run.scheduler.get_last_lr()[0], "eval_examples": run.eval_examples}
+    if full_at is None:
+        return entry, None
+    full = {split: split_loss(run, split, None) for split in ("val", "test")}
+    return entry, {"epoch": state.epoch, "step": state.step, "at": full_at, "val_loss": full["val"], "test_loss": full["test"]}
 
 
 def split_loss(run: TrainingRun, split: str, count: Optional[int]) -> float:
@@ -344,24 +449,28 @@ def split_loss(run: TrainingRun, split: str, count: Optional[int]) -> float:
                            batch_size=run.config.train.batch_size, loss_type=run.config.diffusion.loss_type, count=count)
 
 
-def record_grid(run: TrainingRun) -> None:
-    """A sample grid from the fixed noise, through the sampling path of --inference with its flags and the run's seed
-    (any number of processes gives the same images), and the progression image with its row."""
-    config, data = run.config, run.data
+def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The run's training samples (run.sample_count, every class in turn) from the fixed noise, through the sampling path
+    of --inference with the run's seed (any number of processes gives the same samples)."""
     model = run.eval_model()
     was_training = model.training
     model.eval()
-    labels = every_class_in_turn(data.num_classes if config.model.conditional else None, run.grid_count)
-    pixels = generate(model, run.diffusion, data.sample_shape, run.grid_count, labels,
-                      config.sampling, config.train.seed, config.train.batch_size, run.runtime, desc="sample grid")
+    labels = every_class_in_turn(run.data.num_classes if run.config.model.conditional else None, run.sample_count)
+    samples = generate(model, run.diffusion, run.kind, run.sample_count, labels, run.sampling, run.config.train.seed,
+                       run.config.train.batch_size, run.runtime, desc="samples")
     model.train(was_training)
-    if not run.runtime.is_main:
-        return
-    run.log.images(pixels, run.state.step)
-    save_image_grid(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1,
-                    Path(config.train.save_dir) / f"samples_{config.train.run_name}_epoch{run.state.epoch + 1:04d}.png")
-    run.state.progression.append((f"epoch {run.state.epoch + 1}, step {run.state.step}", pixels[:PROGRESSION_COLUMNS]))
-    save_labelled_rows(run.state.progression, Path(config.train.save_dir) / f"progression_{config.train.run_name}.png")
+    return samples, labels
+
+
+def save_epoch_checkpoints(run: TrainingRun, is_best: bool, epoch_done: bool) -> None:
+    """ckpt.pt; on rank 0 its copies best.pt (lowest validation loss) and, every --save_every epochs, ckpt_epochNNNN.pt."""
+    train, state = run.config.train, run.state
+    save_run_checkpoint(run, run.last_path)
+    if run.runtime.is_main and is_best:
+        copy_checkpoint(run.last_path, run.run_dir / "best.pt")
+    if run.runtime.is_main and epoch_done and state.epoch % train.save_every == 0:
+        copy_checkpoint(run.last_path, run.run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
+        prune_snapshots(run.run_dir, train.keep_checkpoints)
 
 
 def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:

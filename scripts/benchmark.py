@@ -42,6 +42,7 @@ from ddpm_optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from ddpm_runtime import Runtime, autocast_dtype, enable_tf32  # noqa: E402
 from ddpm_samplers import SAMPLERS  # noqa: E402
 from ddpm_sampling import generate  # noqa: E402
+from ddpm_kinds import ImageKind  # noqa: E402
 from ddpm_train import EpochData, TrainState, build_run, train_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
@@ -161,7 +162,7 @@ def train_step_fn(model: nn.Module, args: argparse.Namespace, device: torch.devi
     images = torch.randint(0, 256, (args.batch_size * 4, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
     labels = torch.zeros(len(images), dtype=torch.int64, device=device)
     data = DataSplits(Split(images, labels), Split(images[:1], labels[:1]), Split(images[:1], labels[:1]), ["image"], 3, args.image_size)
-    run = build_run(config, data, runtime, TrainState())
+    run = build_run(config, data, ImageKind(3, args.image_size), runtime, TrainState())
     run.model, run.optimizer = model, build_optimizer(config.train, model)
     run.scheduler = build_lr_scheduler(run.optimizer, run.warmup_steps, run.total_steps, config.train.lr_schedule)
     order = torch.arange(args.batch_size, device=device)
@@ -190,11 +191,12 @@ def sampler_fn(model: nn.Module, args: argparse.Namespace, device: torch.device)
     """A whole sampler run of --sampling_steps evaluations for a batch, through the one sampling path of --inference
     (ddpm_sampling.generate, with --amp as the network's autocast)."""
     diffusion = Diffusion(args.timesteps).to(device)
-    settings = SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, amp=args.amp)
+    kind = ImageKind(3, args.image_size)
+    settings = kind.sampling_settings(SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, amp=args.amp), args.timesteps)
     runtime = Runtime(device)
 
     def sample() -> None:
-        generate(model, diffusion, (3, args.image_size, args.image_size), args.batch_size, None, settings, seed=0,
+        generate(model, diffusion, kind, args.batch_size, None, settings, seed=0,
                  batch_size=args.batch_size, runtime=runtime, desc="benchmark")
 
     return sample

@@ -66,6 +66,7 @@ from ddpm_checkpoint import LoadedModel, load_checkpoint, load_model, save_check
 from ddpm_config import DiffusionConfig, SamplingConfig, TrainConfig  # noqa: E402
 from ddpm_data import load_datasets  # noqa: E402
 from ddpm_diffusion import Diffusion  # noqa: E402
+from ddpm_kinds import kind_of_model  # noqa: E402
 from ddpm_model import UNet, preset_config  # noqa: E402
 from ddpm_optim import EMA, EMA_HALFLIFE_RATIO, EMA_MAX_DECAY, apply_update, build_optimizer  # noqa: E402
 from ddpm_runtime import Runtime, autocast_dtype, enable_tf32  # noqa: E402
@@ -474,7 +475,7 @@ def sample(loaded: LoadedModel, count: int, sampler: str, steps: int, amp: str, 
     labels = every_class_in_turn(loaded.description.num_classes, count)
     benchmark.synchronize(device)
     start = time.perf_counter()
-    pixels = generate(loaded.model, loaded.diffusion, loaded.description.image_shape, count, labels, settings, 0, plan.sample_batch,
+    pixels = generate(loaded.model, loaded.diffusion, kind_of_model(loaded.description), count, labels, settings, 0, plan.sample_batch,
                       Runtime(device), desc=f"{sampler} {amp}")
     return pixels, time.perf_counter() - start
 

@@ -174,11 +174,14 @@ def draw(network: nn.Module, diffusion, channels: int, args: argparse.Namespace)
     from the same seed, with the network's own prediction type. A model that turned the grey digits into RGB (the
     tool before 1-channel folders) is judged on the mean of its channels."""
     from ddpm_config import SamplingConfig
+    from ddpm_kinds import ImageKind
     from ddpm_runtime import Runtime
     from ddpm_sampling import generate
 
-    settings = SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, guidance_scale=args.guidance_scale)
-    pixels = generate(network, diffusion, (channels, args.image_size, args.image_size), args.num_samples, sample_labels(args.num_samples),
+    kind = ImageKind(channels, args.image_size)
+    settings = kind.sampling_settings(SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, guidance_scale=args.guidance_scale),
+                                      diffusion.num_timesteps)
+    pixels = generate(network, diffusion, kind, args.num_samples, sample_labels(args.num_samples),
                       settings, args.seed, args.num_samples, Runtime(torch.device("cpu")), desc="benchmark samples")
     return pixels.float().mean(dim=-1, keepdim=True).round().to(torch.uint8).permute(0, 3, 1, 2).numpy()
 
@@ -320,12 +323,14 @@ def study_draw(model: nn.Module, diffusion, channels: int, args: argparse.Namesp
                guide: Optional[nn.Module] = None) -> tuple[np.ndarray, float]:
     """Guided samples of one setting through the tool's sampling path, and the seconds they took."""
     from ddpm_config import SamplingConfig
+    from ddpm_kinds import ImageKind
     from ddpm_runtime import Runtime
     from ddpm_sampling import generate
 
-    settings = SamplingConfig(sampler=sampler, steps=steps, guidance_scale=scale)
+    kind = ImageKind(channels, args.image_size)
+    settings = kind.sampling_settings(SamplingConfig(sampler=sampler, steps=steps, guidance_scale=scale), diffusion.num_timesteps)
     started = time.perf_counter()
-    pixels = generate(model, diffusion, (channels, args.image_size, args.image_size), args.num_samples, sample_labels(args.num_samples),
+    pixels = generate(model, diffusion, kind, args.num_samples, sample_labels(args.num_samples),
                       settings, args.seed, args.num_samples, Runtime(torch.device("cpu")), desc="study", guide=guide)
     return pixels.permute(0, 3, 1, 2).numpy(), time.perf_counter() - started
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, usage_error
-from ddpm_checkpoint import ModelDescription, RunLock, load_checkpoint, load_model, restored_state, save_checkpoint
+from ddpm_checkpoint import ModelDescription, RunLock, load_checkpoint, load_model, save_checkpoint
+from ddpm_train import restored_state
 
 
 class NotATensor:

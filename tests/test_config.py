@@ -8,7 +8,7 @@ import torch
 
 import ddpm_main
 from conftest import REPO
-from ddpm_config import (CONFIG_VERSION, FIRST_DEFAULTS, FIXED_ON_RESUME, GUIDANCE_SCALE, POINT_GUIDANCE_SCALE, TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS, DataConfig,
+from ddpm_config import (CONFIG_VERSION, FIRST_DEFAULTS, FIXED_ON_RESUME, TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS, DataConfig,
                          DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, current_settings, fixed_settings,
                          with_objective)
 from ddpm_model import preset_config
@@ -148,15 +148,6 @@ def test_training_grids_sample_fast_unless_told_otherwise():
     assert (chosen.sampler, chosen.steps, chosen.guidance_scale) == ("ddpm", None, 2.0), "a chosen sampler keeps its own default steps"
     assert chosen.resolved_steps(1000) == 1000 and SamplingConfig(sampler="ddim").resolved_steps(1000) == 50
     assert grids.resolved_steps(1000) == 20
-
-
-def test_the_guidance_scale_is_derived_from_the_kind_of_samples_unless_given():
-    derived = SamplingConfig()
-    assert derived.guidance_scale is None
-    assert derived.derived(points=False).guidance_scale == GUIDANCE_SCALE == 1.5
-    assert derived.derived(points=True).guidance_scale == POINT_GUIDANCE_SCALE == 1.0
-    given = SamplingConfig(guidance_scale=2.5)
-    assert given.derived(points=True) is given and given.derived(points=False).guidance_scale == 2.5
 
 
 # The stored form and the model's keyword arguments

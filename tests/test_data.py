@@ -259,7 +259,7 @@ def test_a_point_data_set_is_float_points_split_like_every_other():
     assert (len(data.train), len(data.val), len(data.test)) == (32_400, 3_600, 4_000)
     assert sum((len(data.train), len(data.val), len(data.test))) == POINTS_PER_DATASET
     assert data.train.images.dtype == torch.float32 and data.train.images.shape == (32_400, 2)
-    assert data.points and data.sample_shape == (2,) and data.class_names == ["upper", "lower"] and not data.train.hflip
+    assert data.image_size is None and data.sample_shape == (2,) and data.class_names == ["upper", "lower"] and not data.train.hflip
     assert data.train.images.var(0).mean().item() == pytest.approx(1.0, abs=0.05)
     assert torch.equal(load_datasets("moons", "unused", seed=0).train.images, data.train.images)
     x, labels = load_batch(data.train.images, data.train.labels, torch.arange(4), False, torch.device("cpu"))

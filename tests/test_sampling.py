@@ -10,6 +10,8 @@ import ddpm_sampling
 from conftest import REPO, run_cli as run
 from ddpm_checkpoint import load_checkpoint, load_model
 from ddpm_config import SamplingConfig, UsageError
+from ddpm_kinds import kind_of_model
+from ddpm_outputs import to_uint8
 from ddpm_runtime import Runtime
 from ddpm_sampling import NOISE_SEED_STRIDE, every_class_in_turn, parse_sample_classes
 
@@ -44,13 +46,13 @@ def test_generate_gives_the_same_images_for_any_share_of_the_batches(trained_run
     settings = SamplingConfig(sampler="ddim", steps=3, guidance_scale=2.0)
     labels = ddpm_sampling.every_class_in_turn(len(loaded.description.class_names), 5)
     generate = lambda rank, world_size: ddpm_sampling.generate_from(  # noqa: E731
-        loaded, 5, labels, settings, seed=5, batch_size=batch_size, runtime=Runtime(torch.device("cpu"), rank, world_size))
+        loaded, kind_of_model(loaded.description), 5, labels, settings, seed=5, batch_size=batch_size, runtime=Runtime(torch.device("cpu"), rank, world_size))
     everything = generate(0, 1)
     assert everything.shape == (5, 16, 16, 3) and everything.dtype == torch.uint8
     first = loaded.diffusion.sample(loaded.model, (min(batch_size, 5), 3, 16, 16), labels=labels[:batch_size], guidance_scale=2.0,
                                     null_label=loaded.model.null_label, sampler="ddim", steps=3, generator=torch.Generator().manual_seed(5),
                                     progress=False)
-    assert torch.equal(everything[:batch_size], ddpm_sampling.to_uint8(first))
+    assert torch.equal(everything[:batch_size], to_uint8(first))
     monkeypatch.setattr(ddpm_sampling, "gather_rows", lambda rows, runtime: rows)  # each rank's own share, not gathered
     if batch_size == 2:  # 3 batches of 2, 2, 1 on 2 ranks: rank 0 samples batch 0, rank 1 batches 1 and 2 (samples 2-4)
         assert torch.equal(generate(0, 2), everything[:2])

@@ -12,6 +12,7 @@ from ddpm_checkpoint import load_checkpoint, load_model
 from ddpm_config import DataConfig, ModelConfig, RunConfig, check_model_fits_data
 from ddpm_data import make_points, point_standardisation
 from ddpm_diffusion import Diffusion
+from ddpm_kinds import PointKind, kind_of_model
 from ddpm_points import distance_report, sliced_wasserstein
 
 
@@ -95,7 +96,7 @@ def test_an_untrained_mlp_is_far_from_the_moons(tmp_path):
 
 def test_a_moons_checkpoint_describes_the_mlp_and_samples_the_training_points(trained_moons):
     loaded = load_model(trained_moons / "models/moons/ckpt.pt")
-    assert loaded.description.points and loaded.description.sample_shape == (2,)
+    assert isinstance(kind_of_model(loaded.description), PointKind) and kind_of_model(loaded.description).sample_shape == (2,)
     assert loaded.description.model_config == {"architecture": "mlp", "dim": 2, "width": 64, "depth": 3, "num_classes": 2}
     assert type(loaded.model).__name__ == "MLPDenoiser"
     assert load_model(trained_moons / "models/moons/ckpt.safetensors").description == loaded.description
