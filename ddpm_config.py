@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from ddpm_model import MLP_PRESET, preset_config
-from ddpm_samplers import default_steps
+from ddpm_samplers import sampler_class
 
 
 class UsageError(Exception):
@@ -121,7 +121,7 @@ class SamplingConfig:
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
-        return default_steps(self.sampler, num_timesteps) if self.steps is None else self.steps
+        return sampler_class(self.sampler).default_steps(num_timesteps) if self.steps is None else self.steps
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ddpm_model import MLP_PRESET, PRESETS, network_from_config
 from ddpm_phema import write_posthoc_ema
 from ddpm_points import POINT_SAMPLES, run_point_inference
 from ddpm_runtime import enable_tf32, setup_runtime
-from ddpm_samplers import SAMPLERS, VARIANCES
+from ddpm_samplers import SAMPLERS, VARIANCES, sampler_class
 from ddpm_sampling import run_inference
 from ddpm_sweep import best_preset, parse_samplers, run_sweep
 
@@ -277,7 +277,7 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
             raise UsageError("--guidance_sweep works with --evaluate")
     if (args.evaluate or args.compare_checkpoints) and args.sample_classes:
         raise UsageError("--sample_classes is for --inference; --evaluate and --compare_checkpoints sample every class in turn")
-    if args.variance and sampling_mode(args) and (args.sampler or SamplingConfig.sampler) != "ddpm":
+    if args.variance and sampling_mode(args) and not sampler_class(args.sampler or SamplingConfig.sampler).takes_variance:
         raise UsageError(f"--variance is the ddpm (ancestral) sampler's; --sampler {args.sampler} has its own")
     if (args.sweep or args.sweep_ema or args.sweep_samplers) and not (args.evaluate and args.sweep):
         raise UsageError("--sweep, --sweep_ema and --sweep_samplers work together with --evaluate")

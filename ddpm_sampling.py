@@ -21,6 +21,7 @@ from ddpm_config import INFERENCE_SAMPLES, SamplingConfig, UsageError
 from ddpm_diffusion import Diffusion
 from ddpm_outputs import save_image_grid, save_json, save_samples, to_uint8
 from ddpm_runtime import Runtime, autocast_dtype, gather_rows, shard
+from ddpm_samplers import sampler_class
 
 NOISE_SEED_STRIDE = 1_000_003  # batch b of a run with seed s draws its noise from seed s + b * this
 
@@ -77,12 +78,10 @@ def generate(model: nn.Module, diffusion: Diffusion, sample_shape: tuple[int, ..
         for index, size in sizes.items():
             begin = starts[index]
             drawn = diffusion.sample(
-                network, (size, *sample_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
-                guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
-                steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
-                device=runtime.device, progress=runtime.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide, clip_denoised=not points,
-                trajectory=trajectory if index == 0 else None)
+                network, (size, *sample_shape), settings, labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
+                null_label=model.null_label, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
+                device=runtime.device, guide=guide, clip_denoised=not points, trajectory=trajectory if index == 0 else None,
+                progress=runtime.is_main)
             samples.append(drawn.float().cpu() if points else to_uint8(drawn))
             bar.update(size)
     empty = torch.zeros((0, *sample_shape)) if points else torch.zeros((0, *sample_shape[1:], sample_shape[0]), dtype=torch.uint8)
@@ -180,7 +179,7 @@ def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, di
     return {
         "sampler": settings.sampler,
         "sampling_steps": settings.resolved_steps(diffusion.num_timesteps) if resolve_steps else settings.steps,
-        "variance": (settings.variance or diffusion.variance) if settings.sampler == "ddpm" else None,
+        "variance": (settings.variance or diffusion.variance) if sampler_class(settings.sampler).takes_variance else None,
         "eta": settings.eta,
         "network_autocast": str(autocast_dtype(settings.amp, runtime.device) or "float32"),
         "guidance_scale": settings.guidance_scale if guided else None,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import GaussianMixtureNoise, sample_1d, two_branch_model
+from conftest import GaussianMixtureNoise, sample_1d, sampling, two_branch_model
 from ddpm_diffusion import Diffusion
 from ddpm_samplers import SAMPLERS, evenly_spaced_timesteps
 
@@ -83,8 +83,8 @@ def test_ddim_with_eta_zero_is_deterministic_given_the_start_noise():
 def test_sampler_output_is_in_range_and_reproducible_from_a_seed():
     diffusion = Diffusion(50, "sigmoid")
     model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731  (a bad predictor: x_0 estimates fall outside [-1, 1])
-    first = diffusion.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), progress=False)
-    second = diffusion.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), progress=False)
+    first = diffusion.sample(model, (4, 3, 8, 8), sampling(), generator=torch.Generator().manual_seed(1))
+    second = diffusion.sample(model, (4, 3, 8, 8), sampling(), generator=torch.Generator().manual_seed(1))
     assert first.min() >= -1 and first.max() <= 1
     assert torch.equal(first, second)
 
@@ -96,8 +96,8 @@ def test_sampling_steps_never_wait_for_the_device(tensor_reads, sampler):
     counts = {}
     for steps in (4, 40):
         tensor_reads["count"] = 0
-        diffusion.sample(two_branch_model, (3, 1, 2, 2), labels=torch.tensor([0, 1, 2]), guidance_scale=4.0, null_label=10,
-                         sampler=sampler, steps=steps, progress=False, guidance_interval=(0.5, 50.0), eta=1.0,
+        settings = sampling(guidance_scale=4.0, sampler=sampler, steps=steps, guidance_interval=(0.5, 50.0), eta=1.0)
+        diffusion.sample(two_branch_model, (3, 1, 2, 2), settings, labels=torch.tensor([0, 1, 2]), null_label=10,
                          generator=torch.Generator().manual_seed(0))
         counts[steps] = tensor_reads["count"]
     assert counts[40] == counts[4], f"{(counts[40] - counts[4]) / 36:.1f} tensor reads per sampling step"
