@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ddpm_checkpoint import LoadedModel
-from ddpm_config import SamplingConfig
+from ddpm_config import POINT_SAMPLES, SamplingConfig
 from ddpm_data import POINT_CLASS_NAMES, make_points
 from ddpm_diffusion import Diffusion
 from ddpm_outputs import atomic_write, save_json
@@ -28,7 +28,6 @@ from ddpm_sampling import check_sampling_steps, every_class_in_turn, generate, g
 if TYPE_CHECKING:
     from ddpm_train import TrainingRun
 
-POINT_SAMPLES = 1000  # samples of a 2D run's training scatter and distance, and of --inference without --num_samples
 PROJECTIONS, PROJECTION_SEED = 256, 0  # the fixed random directions of the sliced Wasserstein distance
 REFERENCE_SEED, FLOOR_SEED = 1_000_001, 2_000_001  # the fresh data the samples are measured against, and a second set for the floor
 BACKGROUND_POINTS = 2000  # fresh data drawn in grey behind samples

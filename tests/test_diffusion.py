@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import GaussianMixtureNoise, sample_1d, sampling, two_branch_model
+from ddpm_config import SamplingConfig
 from ddpm_diffusion import SCHEDULES, Diffusion, drop_labels, make_beta_schedule
 from ddpm_samplers import evenly_spaced_timesteps
 
@@ -413,3 +414,10 @@ def test_min_snr_weighting_is_one_loss_in_x0_space_for_all_three_parametrisation
 def test_an_unknown_prediction_type_is_refused():
     with pytest.raises(ValueError, match="prediction type"):
         Diffusion(100, "linear", prediction_type="score")
+
+
+def test_sample_wants_a_guidance_scale_resolved_by_the_caller():
+    """SamplingConfig's guidance scale None means "derived from the kind of samples" (SamplingConfig.derived), which
+    Diffusion.sample cannot know: refused, not guessed."""
+    with pytest.raises(ValueError, match="guidance_scale is None"):
+        Diffusion(10, "linear").sample(lambda x, t, labels: torch.zeros_like(x), (2, 1), SamplingConfig(sampler="ddim", steps=2))
