@@ -7,11 +7,12 @@ at run time (the device, the number of processes: those live in `ddpm_runtime.Ru
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
-from ddpm_model import MLP_PRESET, preset_config
-from ddpm_samplers import default_steps
+from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES
+from ddpm_model import MLP_PRESET, PRESETS, preset_config
+from ddpm_samplers import FEW_STEPS, SAMPLERS, VARIANCES, sampler_class
 
 
 class UsageError(Exception):
@@ -32,16 +33,35 @@ CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-tim
 GUIDANCE_SCALE = 1.5
 POINT_GUIDANCE_SCALE = 1.0  # of 2D points: plain conditional sampling measured closest to the data, w > 1 empties the moons' tips (docs/toy.md)
 POINT_DATASETS = ("moons", "circles", "gaussians", "swissroll")  # 2D toy data, drawn from the seed (ddpm_data.make_points)
+DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "synthetic", *POINT_DATASETS)
+TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS = "dpm++2m", 20  # see the README's sampler table
+INFERENCE_SAMPLES = 64  # --num_samples of --inference and --compare_checkpoints
+POINT_SAMPLES = 1000  # samples of a 2D run's training scatter and distance, and of --inference without --num_samples
+
+
+def option(default: Any, help: str = "", *, flag: Optional[str] = None, choices: Optional[Sequence] = None,
+           optional: bool = False, group: Optional[str] = None, const: Any = None, metavar: Optional[str] = None) -> Any:
+    """A configuration field declared together with its command-line flag (`config_flags` reads them back, and
+    ddpm_main builds the parser and the configuration from them). `flag`: its name where it is not --<field name>;
+    `help` and `choices` as argparse's, `help` empty for a field that shares the flag of an earlier one (--amp,
+    --variance); `optional`: the flag defaults to None, "not given", and the field then keeps its own default (the
+    OBJECTIVE's fields stay None for `with_objective`), a help that names that default writes %(config_default)s;
+    `group`: the --help section where it is not the field's configuration's; `const`: the value of the flag given
+    without one (--resume); `metavar` as argparse's. A bool field is a switch away from its default (--no_ema for
+    use_ema = True); an Optional[bool] a pair --X / --no_X, None when neither is given."""
+    metadata = dict(flag=flag, help=help, choices=choices, optional=optional, group=group, const=const, metavar=metavar)
+    return field(default=default, metadata={"option": metadata})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"
-    data_dir: str = "./data"
-    image_size: Optional[int] = None  # None: the data set's own size
-    hflip: Optional[bool] = None  # random left-right flips in training; None: the data set's default
-    channels: Optional[int] = None  # 1 or 3; None: the data set's own
-    val_fraction: float = 0.1  # of the training images, held out for the validation loss
+    dataset: str = option("cifar10", "the data set", choices=DATASETS)
+    data_dir: str = option("./data", "dataset location (downloads go here); for 'folder', the image folder")
+    image_size: Optional[int] = option(None, "resize images to this size (derived: the dataset's own)")
+    hflip: Optional[bool] = option(None, "random horizontal flips in training (derived: on for cifar10 and synthetic only)")
+    channels: Optional[int] = option(None, "train on grey (1) or RGB (3) images (derived: the data set's own; a folder of grey images "
+                                     "is grey)", choices=(1, 3))
+    val_fraction: float = option(0.1, "share of the training images held out for the validation loss (0: none)")
 
 
 @dataclass(frozen=True)
@@ -49,15 +69,16 @@ class ModelConfig:
     """A preset of ddpm_model.PRESETS with explicit overrides laid over it (None: the preset's value), or the MLP of
     2D points (preset "mlp", ddpm_model.MLPDenoiser) with its width and depth."""
 
-    preset: str = "ddpm"
-    base_dim: Optional[int] = None
-    dim_mults: Optional[tuple[int, ...]] = None
-    num_res_blocks: Optional[int] = None
-    attn_resolutions: Optional[tuple[int, ...]] = None
-    dropout: Optional[float] = None
-    conditional: bool = False
-    mlp_width: int = 128
-    mlp_depth: int = 3
+    preset: str = option("ddpm", f"architecture preset: a U-Net, or {MLP_PRESET} (an MLP, for the 2D data sets "
+                         f"{', '.join(POINT_DATASETS)})", flag="--model_size", choices=sorted(PRESETS) + [MLP_PRESET])
+    base_dim: Optional[int] = option(None, "channels of the first level (default: the preset's)")
+    dim_mults: Optional[tuple[int, ...]] = option(None, "channel multiplier per level, e.g. 1,2,2,2 (default: the preset's)")
+    num_res_blocks: Optional[int] = option(None, "residual blocks per level (default: the preset's)")
+    attn_resolutions: Optional[tuple[int, ...]] = option(None, "feature-map sizes with self-attention, e.g. 16 (default: the preset's)")
+    dropout: Optional[float] = option(None, "(default: the preset's)")
+    conditional: bool = option(False, "class-conditional model, trained for classifier-free guidance")
+    mlp_width: int = option(128, f"--model_size {MLP_PRESET}: hidden units per layer")
+    mlp_depth: int = option(3, f"--model_size {MLP_PRESET}: residual blocks")
 
     def network_config(self, sample_shape: tuple[int, ...], num_classes: Optional[int]) -> dict:
         """The network's keyword arguments (ddpm_model.network_from_config) for samples of `sample_shape`: (C, H, W)
@@ -77,31 +98,46 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    timesteps: int = 1000
-    schedule: str = "linear"
-    loss_type: str = "l2"
-    prediction_type: Optional[str] = "v"  # what the network outputs: eps, v or x0 (ddpm_diffusion.Diffusion); None: with_objective
-    snr_gamma: Optional[float] = 5.0  # min-SNR-gamma loss weighting (Hang et al. 2023); 0: none (L_simple); None: with_objective
-    variance: str = "fixed_small"  # the ancestral sampler's default, recorded in the checkpoint
-
-
-TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS = "dpm++2m", 20  # see the README's sampler table
-INFERENCE_SAMPLES = 64  # --num_samples of --inference and --compare_checkpoints
+    timesteps: int = option(1000, "diffusion steps T")
+    schedule: str = option("linear", "noise schedule of the betas", choices=SCHEDULES)
+    loss_type: str = option("l2", "distance of the training loss", choices=LOSS_TYPES)
+    # what the network outputs (ddpm_diffusion.Diffusion); None: with_objective
+    prediction_type: Optional[str] = option(
+        "v", "what the network predicts: v (Salimans & Ho 2022), eps (Ho et al.) or x0 (new runs: %(config_default)s, chosen by "
+        "scripts/quality_benchmark.py; --resume keeps the run's)", choices=PREDICTION_TYPES, optional=True)
+    # min-SNR-gamma loss weighting (Hang et al. 2023); 0: none (L_simple); None: with_objective
+    snr_gamma: Optional[float] = option(
+        5.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0: none, Ho et al.'s L_simple (new runs: %(config_default)g; "
+        "--resume keeps the run's)", optional=True)
+    variance: str = option(  # the ancestral sampler's default, recorded in the checkpoint
+        "fixed_small", "the ddpm sampler's sigma_t^2: fixed_small (posterior) or fixed_large (beta_t, Ho et al.'s CIFAR-10 "
+        "numbers); training records it in the checkpoint (default: %(config_default)s), sampling overrides the checkpoint's",
+        choices=VARIANCES, optional=True)
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How images are drawn from a network: the sampler and classifier-free guidance."""
 
-    sampler: str = "ddpm"
-    steps: Optional[int] = None  # network evaluations; None: all T for ddpm, 50 otherwise
-    eta: float = 0.0  # DDIM's noise
-    guidance_scale: Optional[float] = None  # None: the kind of samples' (ddpm_kinds.SampleKind.sampling_settings)
-    guidance_rescale: float = 0.0
-    guidance_interval: Optional[tuple[float, float]] = None
-    variance: Optional[str] = None  # the ancestral sampler's sigma_t^2; None: the checkpoint's
-    guide_model: Optional[str] = None  # autoguidance's weaker network (ddpm_sampling.load_guide); None: classifier-free guidance
-    amp: str = "auto"  # the network's autocast (as --amp: bf16 on GPUs that support it); the sampler's own arithmetic stays in float32
+    sampler: str = option("ddpm", f"(default: %(config_default)s; training grids: {TRAINING_GRID_SAMPLER})", choices=SAMPLERS,
+                          optional=True)
+    steps: Optional[int] = option(  # network evaluations; None: the sampler's default (ddpm_samplers.Sampler.default_steps)
+        None, f"network evaluations (default: all timesteps for ddpm, {FEW_STEPS} otherwise; training grids: {TRAINING_GRID_STEPS})",
+        flag="--sampling_steps")
+    eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 ancestral; only for the samplers that take it "
+                        "(default: %(config_default)s)", optional=True)
+    guidance_scale: Optional[float] = option(  # None: the kind of samples' (ddpm_kinds.SampleKind.sampling_settings)
+        None, f"classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default: {GUIDANCE_SCALE:g}; 2D points: "
+        f"{POINT_GUIDANCE_SCALE:g})")
+    guidance_rescale: float = option(0.0, "rescale guided predictions to the conditional one's std, 0 (off) to 1 (Lin et al. 2023)")
+    guidance_interval: Optional[tuple[float, float]] = option(
+        None, "guide only at noise levels LO < sigma_t <= HI, plain conditional elsewhere (Kynkaanniemi et al. 2024)", metavar="LO,HI")
+    variance: Optional[str] = option(None, flag="--variance")  # the ancestral sampler's sigma_t^2; None: the checkpoint's
+    guide_model: Optional[str] = option(  # autoguidance's weaker network (ddpm_sampling.load_guide); None: classifier-free guidance
+        None, "autoguidance (Karras et al. 2024): guide with this weaker model of the same data and diffusion (an earlier snapshot, a "
+        "shorter post-hoc EMA, a smaller model) instead of the unconditional branch; also for unconditional models", metavar="CKPT")
+    # the network's autocast (as --amp: bf16 on GPUs that support it); the sampler's own arithmetic stays in float32
+    amp: str = option("auto", flag="--amp")
 
     @classmethod
     def for_training_grids(cls, timesteps: int, **flags) -> SamplingConfig:
@@ -114,46 +150,61 @@ class SamplingConfig:
 
     def resolved_steps(self, num_timesteps: int) -> int:
         """Network evaluations per image (twice that many batch rows when guidance mixes two branches)."""
-        return default_steps(self.sampler, num_timesteps) if self.steps is None else self.steps
+        return sampler_class(self.sampler).default_steps(num_timesteps) if self.steps is None else self.steps
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop's settings; each is documented where ddpm_train uses it."""
 
-    run_name: str = "DDPM"
-    save_dir: str = "outputs"
-    models_dir: str = "models"
-    seed: int = 0
-    epochs: int = 100
-    max_steps: Optional[int] = None
-    batch_size: int = 128
-    lr: float = 2e-4
-    p_uncond: float = 0.1
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: Optional[int] = None  # None: derived from the planned steps (ddpm_train.derived_warmup)
-    lr_schedule: str = "constant"
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: Optional[float] = None  # None: a half-life growing with the run (ddpm_train.EMA); 0: no EMA
-    phema_every: Optional[int] = None  # steps between post-hoc EMA snapshots (ddpm_phema); None: snapshot_interval; 0: none
-    use_ema: bool = True  # evaluate, sample grids and (sampling) draw with the EMA weights; --no_ema: the raw ones
-    amp: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    log_interval: int = 100
-    eval_every: Optional[int] = None  # epochs between losses on the whole val/test splits; None: at the end only
-    sample_every: int = 10
-    num_samples: Optional[int] = None  # of a training grid; None: 16, or two per class
-    save_model: bool = False
-    save_every: int = 10
-    save_every_steps: int = 0
-    keep_checkpoints: int = 3
-    resume: Optional[str] = None  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
-    logger: str = "jsonl"  # "tensorboard": also TensorBoard events (ddpm_train.TensorBoardLog)
+    run_name: str = option("DDPM", "name of the run: models/<run_name>/, file names in --save_dir", group="run")
+    save_dir: str = option("outputs", "where images, loss history and metrics go", group="run")
+    models_dir: str = option("models", "checkpoints go to <models_dir>/<run_name>/", group="run")
+    seed: int = option(0, "seeds the run and its samples", group="run")
+    epochs: int = option(100, "epochs to train")
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (overrides --epochs)")
+    batch_size: int = option(128, "per process and micro-batch")
+    lr: float = option(2e-4, "learning rate")
+    p_uncond: float = option(0.1, "probability of training on the null label (--conditional)")
+    optimizer: str = option("adamw", "the optimizer", choices=("adamw", "adam", "lion"))
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    beta1: float = option(0.9, "the optimizer's first beta")
+    beta2: float = option(0.999, "the optimizer's second beta")
+    warmup_steps: Optional[int] = option(  # None: derived from the planned steps (ddpm_train.derived_warmup)
+        None, "linear learning-rate warm-up (derived: 5%% of the planned steps, at most Ho et al.'s 5000)")
+    lr_schedule: str = option("constant", "after the warm-up", choices=("constant", "cosine", "step"))
+    grad_clip: float = option(1.0, "clip the gradient norm (0: off)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    ema_decay: Optional[float] = option(  # None: a half-life growing with the run (ddpm_train.EMA); 0: no EMA
+        None, "fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; derived: an EMA whose half-life is 5%% of "
+        "the steps so far, at most 0.9999's, as EDM's ramp-up)")
+    phema_every: Optional[int] = option(  # steps between post-hoc EMA snapshots (ddpm_phema); None: snapshot_interval; 0: none
+        None, "steps between post-hoc EMA snapshots (EDM2's sigma_rel 0.05 and 0.10 profiles, float16) in <run folder>/phema/, with "
+        "--save_model (0: none; derived: 20 to 40 per run)")
+    # evaluate, sample grids and (sampling) draw with the EMA weights; --no_ema: the raw ones
+    use_ema: bool = option(True, "evaluate and sample with the raw weights instead of the EMA", flag="--no_ema")
+    amp: str = option("auto", "mixed precision of the network, in training and sampling (auto: bf16 on GPUs that support it, else none)",
+                      choices=("auto", "bf16", "fp16", "none"))
+    channels_last: bool = option(False, "channels-last memory format (faster on recent GPUs)")
+    compile: bool = option(False, "torch.compile the network, for training or sampling (faster after a one-off compilation of a minute "
+                           "or more)")
+    log_interval: int = option(100, "steps between logged losses")
+    eval_every: Optional[int] = option(  # epochs between losses on the whole val/test splits; None: at the end only
+        None, "epochs between losses on the whole validation and test splits (they are taken every epoch on fixed subsets that cost "
+        "under 5%% of the time, and on the whole splits at the end)")
+    sample_every: int = option(10, "epochs between sample grids (0: never)")
+    num_samples: Optional[int] = option(  # of a training grid; None: 16, or two per class
+        None, f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class; 2D models: {POINT_SAMPLES})",
+        group="sampling")
+    save_model: bool = option(False, "write checkpoints to <models_dir>/<run_name>/")
+    save_every: int = option(10, "epochs between kept snapshots ckpt_epochNNNN.pt")
+    save_every_steps: int = option(0, "also refresh ckpt.pt every N steps (0: at epoch ends only)")
+    keep_checkpoints: int = option(3, "how many ckpt_epochNNNN.pt snapshots to keep")
+    resume: Optional[str] = option(  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
+        None, "continue a run from <models_dir>/<run_name>/ckpt.pt, or from the given checkpoint", const="auto")
+    logger: str = option(  # "tensorboard": also TensorBoard events (ddpm_train.TensorBoardLog)
+        "jsonl", "jsonl: the metrics JSON lines only; tensorboard: also TensorBoard events in <save_dir>/tensorboard/<run_name>",
+        choices=("jsonl", "tensorboard"))
 
 
 @dataclass(frozen=True)
@@ -169,6 +220,51 @@ class RunConfig:
     def to_dict(self) -> dict:
         """A plain, versioned dict (tuples become lists), as checkpoints store it."""
         return {"version": CONFIG_VERSION, **asdict(self)}
+
+
+CONFIG_SECTIONS = {section.name: section.default_factory for section in fields(RunConfig)}  # "data": DataConfig, ...
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """The command-line flag of one configuration field, as `option` declared it."""
+
+    flag: str  # "--model_size"
+    section: str  # the RunConfig field: "model"
+    name: str  # the configuration field: "preset"
+    kind: Any  # the field's type without Optional: int, float, str, bool, tuple[int, ...], tuple[float, float]
+    nullable: bool  # the field's type admits None
+    default: Any  # the field's default
+    help: str
+    choices: Optional[Sequence]
+    optional: bool
+    group: str  # the --help section: `option`'s group, else the section
+    const: Any
+    metavar: Optional[str]
+
+    @property
+    def dest(self) -> str:
+        """The flag's attribute in argparse's Namespace."""
+        return self.flag[2:]
+
+
+def config_flags(section: Optional[str] = None) -> list[ConfigFlag]:
+    """The flags of every configuration field (of one `section` of RunConfig, where given), in the order of the fields."""
+    flags = []
+    for name, config_class in CONFIG_SECTIONS.items():
+        if section not in (None, name):
+            continue
+        hints = get_type_hints(config_class)
+        for each in fields(config_class):
+            declared = each.metadata["option"]
+            kind, nullable = hints[each.name], False
+            if get_origin(kind) is Union:
+                kind, nullable = next(arg for arg in get_args(kind) if arg is not type(None)), True
+            flags.append(ConfigFlag(
+                flag=declared["flag"] or f"--{each.name}", section=name, name=each.name, kind=kind, nullable=nullable,
+                default=each.default, help=declared["help"], choices=declared["choices"], optional=declared["optional"],
+                group=declared["group"] or name, const=declared["const"], metavar=declared["metavar"]))
+    return flags
 
 
 # Settings that define the model, the data or the diffusion: a resumed run must keep them. Named by their flag.

@@ -25,10 +25,9 @@ import torchvision
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from ddpm_config import POINT_DATASETS, UsageError, first_line
+from ddpm_config import DATASETS, POINT_DATASETS, UsageError, first_line
 from ddpm_runtime import Runtime
 
-DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "synthetic", *POINT_DATASETS)
 # Random left-right flips by default: CIFAR-10's objects are mirror-symmetric as a class; a folder's content may
 # not be (digits, text, faces with a known side), so there they are asked for with --hflip.
 DEFAULT_HFLIP = {"cifar10": True, "mnist": False, "fashion_mnist": False, "folder": False, "synthetic": True} | dict.fromkeys(POINT_DATASETS, False)

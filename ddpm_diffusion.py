@@ -16,13 +16,16 @@ Reading order: `Diffusion.q_sample` (eq. 4) -> `Diffusion.p_losses` (the trainin
 -> a sampler's `step` in ddpm_samplers.
 """
 import math
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm_samplers import VARIANCES, eps_from_x0, make_sampler, posterior, randn, x0_from_eps
+
+if TYPE_CHECKING:
+    from ddpm_config import SamplingConfig
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
 LOSS_TYPES = ("l2", "l1", "huber")
@@ -259,44 +262,43 @@ class Diffusion:
         self,
         model: NoisePredictor,
         shape: Sequence[int],
+        settings: "SamplingConfig",
         labels: Optional[torch.Tensor] = None,
-        guidance_scale: float = 1.0,
+        *,
         null_label: Optional[int] = None,
-        sampler: str = "ddpm",
-        steps: Optional[int] = None,
-        eta: float = 0.0,
         generator: Optional[torch.Generator] = None,
         device: torch.device | str | None = None,
-        clip_denoised: bool = True,
-        progress: bool = True,
-        guidance_rescale: float = 0.0,
-        guidance_interval: Optional[tuple[float, float]] = None,
-        variance: Optional[str] = None,
         guide: Optional[NoisePredictor] = None,
+        clip_denoised: bool = True,
         trajectory: Optional[list[torch.Tensor]] = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Generate a batch of images in [-1, 1] of the full batch `shape` (N, C, H, W), or of samples of any shape
         (N, ...); `clip_denoised` False leaves the predicted x_0 and the result unclipped (points are not in [-1, 1]).
 
         `model(x, t, labels)` is any network that predicts `prediction_type` (eps unless told otherwise); its
-        train/eval mode is left as it is.
-        `steps` network evaluations (default: all T for ddpm, 50 for the others), at
-        evenly spaced timesteps (log-SNR spaced for dpm++2m and dpm++3m). Noise is drawn from `generator` (on its own device) so a
-        seed gives the same images on any device. `variance` overrides the ancestral sampler's (see VARIANCES); `guide`: autoguidance
-        with that network instead of classifier-free guidance (`predict_noise`). `trajectory`: a list that receives x_T
-        and x after every step (the reverse process, for pictures).
+        train/eval mode is left as it is. `settings` (ddpm_config.SamplingConfig) chooses the sampler, its steps
+        (None: the sampler's default, ddpm_samplers.Sampler.default_steps), eta, variance (None: the diffusion's) and
+        the guidance: its scale (a number; SamplingConfig.derived gives the default), rescale and interval.
+        Timesteps are evenly spaced (log-SNR spaced for dpm++2m and dpm++3m). Noise is drawn from `generator` (on its
+        own device) so a seed gives the same images on any device. `guide`: autoguidance with that network instead of
+        classifier-free guidance (`predict_noise`). `trajectory`: a list that receives x_T and x after every step
+        (the reverse process, for pictures).
         """
-        solver = make_sampler(sampler, self, eta=eta, clip_denoised=clip_denoised, variance=variance)
-        timesteps = solver.timesteps(steps)
+        if settings.guidance_scale is None:
+            raise ValueError("settings.guidance_scale is None: give a number (SamplingConfig.derived)")
+        solver = make_sampler(settings.sampler, self, eta=settings.eta, clip_denoised=clip_denoised, variance=settings.variance)
+        timesteps = solver.timesteps(settings.steps)
         if device is None:
             device = labels.device if labels is not None else self.alphas_cumprod.device
-        guided = self.guided_steps(timesteps, guidance_interval)
+        guided = self.guided_steps(timesteps, settings.guidance_interval)
         x = randn(shape, generator, device)
         if trajectory is not None:
             trajectory.append(x)
-        for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({sampler})", disable=not progress, leave=False)):
+        for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({settings.sampler})", disable=not progress, leave=False)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            eps = self.predict_noise(model, x, t, labels, guidance_scale if guided[i] else 1.0, null_label, guidance_rescale, guide)
+            scale = settings.guidance_scale if guided[i] else 1.0
+            eps = self.predict_noise(model, x, t, labels, scale, null_label, settings.guidance_rescale, guide)
             x = solver.step(x, step, timesteps[i + 1] if i + 1 < len(timesteps) else -1, eps, generator)
             if trajectory is not None:
                 trajectory.append(x)

@@ -23,13 +23,12 @@ from typing import Optional
 import torch
 
 from ddpm_checkpoint import LoadedModel, ModelDescription
-from ddpm_config import GUIDANCE_SCALE, INFERENCE_SAMPLES, POINT_GUIDANCE_SCALE, SamplingConfig, UsageError
+from ddpm_config import GUIDANCE_SCALE, INFERENCE_SAMPLES, POINT_GUIDANCE_SCALE, POINT_SAMPLES, SamplingConfig, UsageError
 from ddpm_data import DataSplits
 from ddpm_diffusion import Diffusion
 from ddpm_evaluate import evaluate_images, run_checkpoint_comparison
 from ddpm_outputs import save_image_grid, save_json, save_labelled_rows, save_samples, to_uint8
 from ddpm_points import (
-    POINT_SAMPLES,
     distance_line,
     distance_report,
     distance_text,

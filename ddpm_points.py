@@ -16,11 +16,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ddpm_config import POINT_SAMPLES
 from ddpm_data import POINT_CLASS_NAMES, make_points
 from ddpm_diffusion import Diffusion
 from ddpm_outputs import atomic_write
 
-POINT_SAMPLES = 1000  # samples of a 2D run's training scatter and distance, and of --inference without --num_samples
 PROJECTIONS, PROJECTION_SEED = 256, 0  # the fixed random directions of the sliced Wasserstein distance
 REFERENCE_SEED, FLOOR_SEED = 1_000_001, 2_000_001  # the fresh data the samples are measured against, and a second set for the floor
 BACKGROUND_POINTS = 2000  # fresh data drawn in grey behind samples

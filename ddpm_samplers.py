@@ -13,7 +13,7 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++3m")
+FEW_STEPS = 50  # network evaluations of the fast samplers when none are asked for (at most T)
 # The ancestral sampler's sigma_t^2 (Ho et al., section 3.2): the posterior variance beta_tilde_t, optimal for x_0 at a
 # point, or beta_t, optimal for x_0 ~ N(0, I). Ho et al. report their CIFAR-10 numbers with fixed_large.
 VARIANCES = ("fixed_small", "fixed_large")
@@ -51,12 +51,6 @@ def eps_from_x0(x: torch.Tensor, alpha_bar: torch.Tensor, x0: torch.Tensor) -> t
 def half_log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     """lambda = log(alpha / sigma) = (log alpha_bar - log(1 - alpha_bar)) / 2, DPM-Solver's time variable."""
     return 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
-
-
-def default_steps(sampler: str, num_timesteps: int) -> int:
-    """Network evaluations per image when none are asked for: the whole chain for the ancestral sampler, 50 (at
-    most T) for the others (ddim, dpm++2m, dpm++3m)."""
-    return num_timesteps if sampler == "ddpm" else min(50, num_timesteps)
 
 
 def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[int]:
@@ -100,15 +94,27 @@ class ScheduleView(Protocol):
     def alpha_bar(self, t: int) -> torch.Tensor: ...
 
 
-class Sampler(Protocol):
-    """The interface of every sampler; `make_sampler` builds one by its --sampler name (a fresh one per run: the
-    multistep solvers remember earlier steps)."""
+class Sampler:
+    """The interface of every sampler, and what the command line asks of one by its --sampler name (`name`,
+    `sampler_class`): its default number of steps and which of --eta and --variance it takes. `make_sampler` builds a
+    fresh one per run (the multistep solvers remember earlier steps)."""
+
+    name: str  # the --sampler name
+    takes_eta = False  # --eta, DDIM's noise
+    takes_variance = False  # --variance, the ancestral sampler's sigma_t^2 (VARIANCES)
+
+    @classmethod
+    def default_steps(cls, num_timesteps: int) -> int:
+        """Network evaluations per image when none are asked for: FEW_STEPS, at most T."""
+        return min(FEW_STEPS, num_timesteps)
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
         """The timesteps of a run with `steps` network evaluations (None: the sampler's default), from high to low."""
+        raise NotImplementedError
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         """x_{t_prev} from x_t and the noise estimate at t; t_prev = -1 is the clean image."""
+        raise NotImplementedError
 
 
 def predicted_x0(x: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor, clip: bool) -> torch.Tensor:
@@ -117,11 +123,18 @@ def predicted_x0(x: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor, 
     return x0.clamp(-1, 1) if clip else x0
 
 
-class AncestralSampler:
+class AncestralSampler(Sampler):
     """Ho et al. Algorithm 2: x_{t_prev} ~ N(mean of q(x_{t_prev} | x_t, x_0 = predicted x_0), sigma_t^2), with
     sigma_t^2 = beta_tilde_t (fixed_small, the posterior variance) or beta_t (fixed_large); no noise is added on
     the last step. On a respaced chain t_prev is the next kept step and beta_t = 1 - alpha_bar_t / alpha_bar_{t_prev}
-    (Improved DDPM, section 4). `variance` None: the diffusion's."""
+    (Improved DDPM, section 4). `variance` None: the diffusion's. By default the whole chain of T steps."""
+
+    name = "ddpm"
+    takes_variance = True
+
+    @classmethod
+    def default_steps(cls, num_timesteps: int) -> int:
+        return num_timesteps
 
     def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True, variance: Optional[str] = None):
         variance = variance or diffusion.variance
@@ -131,7 +144,7 @@ class AncestralSampler:
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
         num_timesteps = self.diffusion.num_timesteps
-        return evenly_spaced_timesteps(num_timesteps, default_steps("ddpm", num_timesteps) if steps is None else steps)
+        return evenly_spaced_timesteps(num_timesteps, self.default_steps(num_timesteps) if steps is None else steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
@@ -142,16 +155,19 @@ class AncestralSampler:
         return mean + variance.sqrt() * randn_like(x, generator)
 
 
-class DDIMSampler:
+class DDIMSampler(Sampler):
     """One DDIM step (Song et al. 2021, eq. 12) with sigma = eta * sqrt(posterior variance) (eq. 16):
     eta = 0 is deterministic; eta = 1 has the ancestral step's variance."""
+
+    name = "ddim"
+    takes_eta = True
 
     def __init__(self, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True):
         self.diffusion, self.eta, self.clip_denoised = diffusion, eta, clip_denoised
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
         num_timesteps = self.diffusion.num_timesteps
-        return evenly_spaced_timesteps(num_timesteps, default_steps("ddim", num_timesteps) if steps is None else steps)
+        return evenly_spaced_timesteps(num_timesteps, self.default_steps(num_timesteps) if steps is None else steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
@@ -163,7 +179,7 @@ class DDIMSampler:
         return alpha_bar_s.sqrt() * x0 + direction * eps + sigma * randn_like(x, generator)
 
 
-class MultistepDPMSolverPlusPlus:
+class MultistepDPMSolverPlusPlus(Sampler):
     """Multistep DPM-Solver++ in data-prediction form (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
     of Diffusion Probabilistic Models"), of order 2 (DPMSolverPlusPlus2M) or 3 (DPMSolverPlusPlus3M), on log-SNR-spaced
     steps (`log_snr_spaced_timesteps`).
@@ -200,8 +216,6 @@ class MultistepDPMSolverPlusPlus:
     `make_sampler` makes a fresh one. All of it stays on the device: a step reads nothing back.
     """
 
-    name = "dpm++"  # the --sampler name, for default_steps
-
     def __init__(self, diffusion: ScheduleView, order: int, clip_denoised: bool = True):
         if order not in (2, 3):
             raise ValueError(f"multistep DPM-Solver++ has order 2 or 3, got {order}")
@@ -210,7 +224,7 @@ class MultistepDPMSolverPlusPlus:
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def timesteps(self, steps: Optional[int]) -> list[int]:
-        steps = default_steps(self.name, self.diffusion.num_timesteps) if steps is None else steps
+        steps = self.default_steps(self.diffusion.num_timesteps) if steps is None else steps
         return log_snr_spaced_timesteps(self.diffusion.alphas_cumprod, steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -261,19 +275,23 @@ class DPMSolverPlusPlus3M(MultistepDPMSolverPlusPlus):
         super().__init__(diffusion, 3, clip_denoised)
 
 
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, DDIMSampler, DPMSolverPlusPlus2M, DPMSolverPlusPlus3M)}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    """The sampler of a --sampler name, whose class attributes say what it takes (`Sampler`)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
 def make_sampler(name: str, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True,
                  variance: Optional[str] = None) -> Sampler:
     """A fresh sampler (DPM-Solver++ keeps the previous steps' predictions, so one per run) by its --sampler name;
-    `variance` is the ancestral sampler's (the others have their own)."""
-    if name == "ddpm":
-        return AncestralSampler(diffusion, clip_denoised, variance)
-    if name == "ddim":
-        return DDIMSampler(diffusion, eta, clip_denoised)
-    if name == "dpm++2m":
-        return DPMSolverPlusPlus2M(diffusion, clip_denoised)
-    if name == "dpm++3m":
-        return DPMSolverPlusPlus3M(diffusion, clip_denoised)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    `eta` goes to the sampler that takes it (DDIM), `variance` to the one that takes it (the ancestral sampler)."""
+    cls = sampler_class(name)
+    return cls(diffusion, clip_denoised=clip_denoised, **({"eta": eta} if cls.takes_eta else {}),
+               **({"variance": variance} if cls.takes_variance else {}))
 
 
 def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:

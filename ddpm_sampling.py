@@ -20,6 +20,7 @@ from ddpm_checkpoint import LoadedModel, load_model
 from ddpm_config import SamplingConfig, UsageError
 from ddpm_diffusion import Diffusion
 from ddpm_runtime import Runtime, autocast_dtype, gather_rows, shard
+from ddpm_samplers import sampler_class
 
 if TYPE_CHECKING:
     from ddpm_kinds import SampleKind
@@ -77,12 +78,11 @@ def generate(model: nn.Module, diffusion: Diffusion, kind: SampleKind, count: in
         for index, size in sizes.items():
             begin = starts[index]
             drawn = diffusion.sample(
-                network, (size, *kind.sample_shape), labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
-                guidance_scale=settings.guidance_scale, null_label=model.null_label, sampler=settings.sampler,
-                steps=settings.steps, eta=settings.eta, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
-                device=runtime.device, progress=runtime.is_main, guidance_rescale=settings.guidance_rescale,
-                guidance_interval=settings.guidance_interval, variance=settings.variance, guide=guide,
-                clip_denoised=kind.clip_denoised, trajectory=trajectory if index == 0 else None)
+                network, (size, *kind.sample_shape), settings,
+                labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
+                null_label=model.null_label, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
+                device=runtime.device, guide=guide, clip_denoised=kind.clip_denoised, trajectory=trajectory if index == 0 else None,
+                progress=runtime.is_main)
             samples.append(kind.to_saved(drawn))
             bar.update(size)
     return gather_rows(torch.cat(samples), runtime)
@@ -163,7 +163,7 @@ def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, di
     return {
         "sampler": settings.sampler,
         "sampling_steps": settings.steps,
-        "variance": (settings.variance or diffusion.variance) if settings.sampler == "ddpm" else None,
+        "variance": (settings.variance or diffusion.variance) if sampler_class(settings.sampler).takes_variance else None,
         "eta": settings.eta,
         "network_autocast": str(autocast_dtype(settings.amp, runtime.device) or "float32"),
         "guidance_scale": settings.guidance_scale if guided else None,

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import ddpm_main
-from ddpm_config import UsageError
+from ddpm_config import SamplingConfig, UsageError
 from ddpm_diffusion import Diffusion
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else 1)
@@ -199,10 +199,15 @@ class GaussianMixture2DNoise:
         return (self.means[labels] + self.std * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)).float()
 
 
-def sample_1d(diffusion: Diffusion, model, n: int, seed: int = 0, **kwargs) -> torch.Tensor:
-    """n one-pixel samples of Diffusion.sample, flattened."""
+def sampling(**fields) -> SamplingConfig:
+    """The settings of Diffusion.sample: SamplingConfig's `fields`, unguided (guidance scale 1) unless told."""
+    return SamplingConfig(**{"guidance_scale": 1.0} | fields)
+
+
+def sample_1d(diffusion: Diffusion, model, n: int, seed: int = 0, labels=None, null_label=None, **fields) -> torch.Tensor:
+    """n one-pixel samples of Diffusion.sample with the settings `sampling(**fields)`, flattened."""
     generator = torch.Generator().manual_seed(seed)
-    return diffusion.sample(model, (n, 1, 1, 1), generator=generator, progress=False, **kwargs).flatten()
+    return diffusion.sample(model, (n, 1, 1, 1), sampling(**fields), labels, null_label=null_label, generator=generator).flatten()
 
 
 def two_branch_model(x, t, labels):

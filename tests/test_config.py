@@ -8,65 +8,97 @@ import torch
 
 import ddpm_main
 from conftest import REPO
-from ddpm_config import (CONFIG_VERSION, FIRST_DEFAULTS, FIXED_ON_RESUME, TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS, DataConfig,
-                         DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, current_settings, fixed_settings,
-                         with_objective)
+from ddpm_config import (CONFIG_SECTIONS, CONFIG_VERSION, FIRST_DEFAULTS, FIXED_ON_RESUME, TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS, DataConfig,
+                         ConfigFlag, DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig, config_flags, current_settings,
+                         fixed_settings, with_objective)
 from ddpm_model import preset_config
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "sampling": SamplingConfig}
-FLAG_OF = {("model", "preset"): "model_size", ("sampling", "steps"): "sampling_steps", ("train", "use_ema"): "no_ema"}  # else the same name
+SHARED_FLAGS = {"--amp": [("train", "amp"), ("sampling", "amp")], "--variance": [("diffusion", "variance"), ("sampling", "variance")]}
+
+
+def test_every_field_has_its_flag_and_every_config_flag_its_field():
+    """config_flags reads the flag of every field of every section back from its declaration (ddpm_config.option), and
+    build_parser adds each one; only --amp and --variance serve two fields, declared (with help) by the first."""
+    assert CONFIG_SECTIONS == SECTIONS
+    declared = [(flag.section, flag.name) for flag in config_flags()]
+    assert declared == [(section, field.name) for section, config_class in SECTIONS.items() for field in fields(config_class)]
+    parser = ddpm_main.build_parser()
+    known = {option for action in parser._actions for option in action.option_strings}
+    by_flag = {}
+    for flag in config_flags():
+        assert flag.flag in known, f"{flag.section}.{flag.name}: {flag.flag} is not a flag of the parser"
+        by_flag.setdefault(flag.flag, []).append(flag)
+    assert {name: [(f.section, f.name) for f in each] for name, each in by_flag.items() if len(each) > 1} == SHARED_FLAGS
+    for flag, (first, *others) in ((name, by_flag[name]) for name in SHARED_FLAGS):
+        assert first.help and not any(other.help for other in others), f"{flag}: its help is declared once"
+    assert all(each[0].help for each in by_flag.values()), "every flag has its help"
+    assert "--no_hflip" in known and "--no_ema" in known and "--model_size" in known and "--sampling_steps" in known
 
 
 def test_the_parsers_defaults_are_the_dataclasses_defaults():
-    """Every field has a flag, and the flag's default is the field's: directly, or (a flag whose default is None,
-    "derived") through what ddpm_main makes of it: run_config + with_objective for a new training run,
-    sampling_config for --inference."""
+    """No flag given: a new training run gets every dataclass's defaults (the training grids their fast sampler), and
+    --inference SamplingConfig's."""
     args = ddpm_main.build_parser().parse_args([])
     new_run = with_objective(ddpm_main.run_config(args), None)
-    inference = ddpm_main.sampling_config(args)
-    resolved_by = {  # where the flag says "derived", what the run is given
-        ("data", "hflip"): new_run.data.hflip,  # --hflip / --no_hflip both off: the data set's default
-        ("diffusion", "prediction_type"): new_run.diffusion.prediction_type,
-        ("diffusion", "snr_gamma"): new_run.diffusion.snr_gamma,
-        ("diffusion", "variance"): new_run.diffusion.variance,
-        ("sampling", "sampler"): inference.sampler,
-    }
-    checked = 0
-    for section, config_class in SECTIONS.items():
-        defaults = config_class()
-        for field in fields(config_class):
-            if (section, field.name) == ("sampling", "amp"):
-                continue  # one --amp for training and sampling: test_inference_gets_the_sampling_dataclass_amp
-            flag = FLAG_OF.get((section, field.name), field.name)
-            assert hasattr(args, flag), f"{section}.{field.name} has no flag --{flag}"
-            value = getattr(args, flag)
-            if (section, field.name) == ("train", "use_ema"):
-                value = not value
-            if (section, field.name) in resolved_by:
-                assert value in (None, False), f"--{flag} is derived, so its default is None"
-                value = resolved_by[(section, field.name)]
-            assert value == getattr(defaults, field.name), f"--{flag} defaults to {value!r}, {section}.{field.name} to {getattr(defaults, field.name)!r}"
-            checked += 1
-    assert checked == sum(len(fields(config_class)) for config_class in SECTIONS.values()) - 1, "every field but sampling.amp"
-    assert args.hflip is False and args.no_hflip is False
+    assert new_run == RunConfig(sampling=SamplingConfig.for_training_grids(DiffusionConfig.timesteps))
+    assert ddpm_main.sampling_config(args) == SamplingConfig()
+    assert ddpm_main.run_config(args).diffusion.prediction_type is None, "not given: left to with_objective (a resumed run's)"
+    assert args.hflip is None and args.eta is None and args.sampler is None, "None: not given"
 
 
-def test_inference_gets_the_sampling_dataclass_amp():
-    """The Python example of docs/python.md (SamplingConfig()) samples as --inference does: the same autocast."""
-    args = ddpm_main.build_parser().parse_args(["--inference"])
-    assert ddpm_main.sampling_config(args).amp == SamplingConfig().amp
+def given_value(flag: ConfigFlag) -> tuple[list[str], object]:
+    """Command-line words that give `flag` a value other than its field's default, and the value the field gets."""
+    if flag.kind is bool and not flag.nullable:
+        return [flag.flag], not flag.default
+    if flag.kind is bool:
+        return [flag.flag], True
+    if flag.choices is not None:
+        choice = next(choice for choice in flag.choices if choice != flag.default)
+        return [flag.flag, str(choice)], choice
+    if flag.kind is int:
+        return [flag.flag, str((flag.default or 0) + 7)], (flag.default or 0) + 7
+    if flag.kind is float:
+        return [flag.flag, str((flag.default or 0) + 0.25)], (flag.default or 0) + 0.25
+    if flag.kind == tuple[int, ...]:
+        return [flag.flag, "1,2"], (1, 2)
+    if flag.kind == tuple[float, float]:
+        return [flag.flag, "0.5,2"], (0.5, 2.0)
+    return [flag.flag, "given"], "given"
 
 
-def test_run_config_puts_each_flag_into_its_field():
-    args = ddpm_main.build_parser().parse_args(
-        "--dataset mnist --image_size 28 --no_hflip --model_size small --dim_mults 1,2 --conditional --timesteps 50 --prediction_type x0 "
-        "--snr_gamma 0 --lr 1e-3 --no_ema --max_steps 7 --sampler ddim --sampling_steps 9 --guidance_interval 0.5,2".split())
-    config = ddpm_main.run_config(args)
-    assert (config.data.dataset, config.data.image_size, config.data.hflip) == ("mnist", 28, False)
-    assert (config.model.preset, config.model.dim_mults, config.model.conditional) == ("small", (1, 2), True)
-    assert (config.diffusion.timesteps, config.diffusion.prediction_type, config.diffusion.snr_gamma) == (50, "x0", 0.0)
-    assert (config.train.lr, config.train.use_ema, config.train.max_steps) == (1e-3, False, 7)
-    assert (config.sampling.sampler, config.sampling.steps, config.sampling.guidance_interval) == ("ddim", 9, (0.5, 2.0))
+def configs(words: list[str]) -> dict[str, object]:
+    """Each section as the flags `words` make it: the training run's, and the sampling of --inference."""
+    args = ddpm_main.build_parser().parse_args(words)
+    return {**vars(ddpm_main.run_config(args)), "sampling": ddpm_main.sampling_config(args)}
+
+
+def changed_fields(words: list[str]) -> dict[tuple[str, str], object]:
+    before, after = configs([]), configs(words)
+    return {(section, field.name): getattr(after[section], field.name) for section, config_class in SECTIONS.items()
+            for field in fields(config_class) if getattr(after[section], field.name) != getattr(before[section], field.name)}
+
+
+def test_run_config_sets_each_field_from_its_flag_and_nothing_else():
+    """Each flag, given a value other than the default, changes exactly its field (both fields of --amp and --variance)
+    to that value; --no_hflip, --no_ema and a --resume without a value included."""
+    first_declared = {}
+    for each in config_flags():
+        first_declared.setdefault(each.flag, each)
+    for flag in first_declared.values():
+        words, value = given_value(flag)
+        targets = SHARED_FLAGS.get(flag.flag, [(flag.section, flag.name)])
+        assert changed_fields(words) == dict.fromkeys(targets, value), words
+    assert changed_fields(["--no_hflip"]) == {("data", "hflip"): False}
+    assert changed_fields(["--resume"]) == {("train", "resume"): "auto"}
+
+
+def test_the_training_grids_take_the_sampling_flags():
+    config = ddpm_main.run_config(ddpm_main.build_parser().parse_args("--sampler ddim --eta 0.5 --guidance_interval 0.5,80".split()))
+    assert (config.sampling.sampler, config.sampling.steps, config.sampling.eta, config.sampling.guidance_interval) == \
+        ("ddim", None, 0.5, (0.5, 80.0)), "a chosen sampler keeps its own default steps"
+    grids = ddpm_main.run_config(ddpm_main.build_parser().parse_args(["--sampling_steps", "9"])).sampling
+    assert (grids.sampler, grids.steps) == (TRAINING_GRID_SAMPLER, 9)
 
 
 # The training objective: new runs get DiffusionConfig's, resumed runs keep their own

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GaussianMixtureNoise, run_cli as run, write_cifar10
+from conftest import GaussianMixtureNoise, run_cli as run, sampling, write_cifar10
 from ddpm_diffusers import unet2d_config
 from ddpm_checkpoint import load_checkpoint, load_model, save_checkpoint
 from ddpm_diffusion import Diffusion
@@ -271,7 +271,7 @@ def test_ddim_pipeline_samples_the_tools_ddim_images(exported_ddpm_shaped):
                       use_clipped_model_output=True, output_type="np").images
     diffusion = Diffusion(21, "linear", variance="fixed_large")
     with torch.no_grad():
-        images = diffusion.sample(ours, (2, 3, 16, 16), sampler="ddim", steps=21, generator=torch.Generator().manual_seed(5), progress=False)
+        images = diffusion.sample(ours, (2, 3, 16, 16), sampling(sampler="ddim", steps=21), generator=torch.Generator().manual_seed(5))
     error = np.abs((images.permute(0, 2, 3, 1).numpy() + 1) / 2 - theirs).max()
     assert error < 1e-4, error
 
@@ -284,8 +284,8 @@ def test_ddpm_pipeline_samples_the_tools_ancestral_images(exported_ddpm_shaped):
     pipeline.set_progress_bar_config(disable=True)
     theirs = pipeline(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=7, output_type="np").images
     with torch.no_grad():
-        images = Diffusion(21, "linear", variance="fixed_large").sample(ours, (2, 3, 16, 16), sampler="ddpm", steps=7,
-                                                                       generator=torch.Generator().manual_seed(3), progress=False)
+        images = Diffusion(21, "linear", variance="fixed_large").sample(ours, (2, 3, 16, 16), sampling(sampler="ddpm", steps=7),
+                                                                       generator=torch.Generator().manual_seed(3))
     error = np.abs((images.permute(0, 2, 3, 1).numpy() + 1) / 2 - theirs).max()
     assert error < 1e-4, error
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GaussianMixtureNoise, sample_1d, two_branch_model
+from conftest import GaussianMixtureNoise, sample_1d, sampling, two_branch_model
+from ddpm_config import SamplingConfig
 from ddpm_diffusion import SCHEDULES, Diffusion, drop_labels, make_beta_schedule
 from ddpm_samplers import evenly_spaced_timesteps
 
@@ -199,7 +200,7 @@ def test_unconditional_sampling_passes_no_labels_and_leaves_model_mode_alone():
             return torch.zeros_like(x)
 
     model = Recorder().train()
-    diffusion.sample(model, (2, 1, 2, 2), sampler="ddim", steps=5, progress=False)
+    diffusion.sample(model, (2, 1, 2, 2), sampling(sampler="ddim", steps=5))
     assert seen == [None] * 5
     assert model.training
 
@@ -259,8 +260,8 @@ def test_sample_guides_exactly_the_steps_whose_sigma_is_in_the_interval():
         batch_sizes.append(x.shape[0])
         return two_branch_model(x, t, labels)
 
-    diffusion.sample(model, (3, 1, 2, 2), labels=torch.tensor([0, 1, 2]), guidance_scale=4.0, null_label=10,
-                     sampler="ddim", steps=10, progress=False, guidance_interval=interval)
+    diffusion.sample(model, (3, 1, 2, 2), sampling(guidance_scale=4.0, sampler="ddim", steps=10, guidance_interval=interval),
+                     labels=torch.tensor([0, 1, 2]), null_label=10)
     assert batch_sizes == [3, 3, 6, 6, 6, 6, 3, 3, 3, 3]
 
 
@@ -309,11 +310,11 @@ def guided_ode_moments(diffusion: Diffusion, main: tuple[float, float], guide: t
 def test_autoguidance_at_scale_one_is_the_main_model_alone():
     diffusion = Diffusion(50, "linear")
     main, guide = GaussianEps(diffusion, 0.3, 0.2), GaussianEps(diffusion, 0.0, 0.5)
-    kwargs = dict(sampler="ddim", steps=10, progress=False)
-    alone = diffusion.sample(main, (64, 1), generator=torch.Generator().manual_seed(1), **kwargs)
-    guided = diffusion.sample(main, (64, 1), guide=guide, guidance_scale=1.0, generator=torch.Generator().manual_seed(1), **kwargs)
+    settings = lambda w: sampling(sampler="ddim", steps=10, guidance_scale=w)
+    alone = diffusion.sample(main, (64, 1), settings(1.0), generator=torch.Generator().manual_seed(1))
+    guided = diffusion.sample(main, (64, 1), settings(1.0), guide=guide, generator=torch.Generator().manual_seed(1))
     assert torch.equal(alone, guided)
-    pushed = diffusion.sample(main, (64, 1), guide=guide, guidance_scale=2.0, generator=torch.Generator().manual_seed(1), **kwargs)
+    pushed = diffusion.sample(main, (64, 1), settings(2.0), guide=guide, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(alone, pushed)
 
 
@@ -325,8 +326,8 @@ def test_autoguided_sampler_of_two_gaussian_denoisers_has_the_closed_form_mean_a
     2.4e-4 at w = 1.5); first-order DDIM needs far more steps (500 steps: std 2.5% low)."""
     diffusion = Diffusion(1000, "linear")
     main, guide = (0.2, 0.15), (0.0, 0.3)
-    samples = diffusion.sample(GaussianEps(diffusion, *main), (200_000, 1), guide=GaussianEps(diffusion, *guide), guidance_scale=w,
-                               sampler="dpm++2m", steps=100, clip_denoised=False, progress=False,
+    samples = diffusion.sample(GaussianEps(diffusion, *main), (200_000, 1), sampling(guidance_scale=w, sampler="dpm++2m", steps=100),
+                               guide=GaussianEps(diffusion, *guide), clip_denoised=False,
                                generator=torch.Generator().manual_seed(0)).double()
     mean, std = guided_ode_moments(diffusion, main, guide, w)
     assert std < main[1] and mean > main[0]
@@ -413,3 +414,10 @@ def test_min_snr_weighting_is_one_loss_in_x0_space_for_all_three_parametrisation
 def test_an_unknown_prediction_type_is_refused():
     with pytest.raises(ValueError, match="prediction type"):
         Diffusion(100, "linear", prediction_type="score")
+
+
+def test_sample_wants_a_guidance_scale_resolved_by_the_caller():
+    """SamplingConfig's guidance scale None means "derived from the kind of samples" (SamplingConfig.derived), which
+    Diffusion.sample cannot know: refused, not guessed."""
+    with pytest.raises(ValueError, match="guidance_scale is None"):
+        Diffusion(10, "linear").sample(lambda x, t, labels: torch.zeros_like(x), (2, 1), SamplingConfig(sampler="ddim", steps=2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddpm_main
-from conftest import REPO, TINY, run_cli as run, tree_fingerprint, write_grey_folder
+from conftest import REPO, TINY, run_cli as run, tree_fingerprint, usage_error, write_grey_folder
 from ddpm_checkpoint import load_checkpoint
 from ddpm_config import UsageError
 
@@ -66,6 +66,27 @@ def test_bad_input_gives_one_line_and_touches_nothing(trained_workspace, capsys,
     assert len(err.splitlines()) == 1 and message in err, err
     assert err.startswith("error: ")
     assert tree_fingerprint(trained_workspace) == before
+
+
+@pytest.mark.parametrize(
+    "command,message",
+    [
+        ("--inference --eta 0.5", "--eta works with --sampler ddim; ddpm, the sampler of this run, ignores it"),
+        ("--inference --sampler dpm++3m --eta 0", "--eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it"),
+        ("--eta 0.5", "--eta works with --sampler ddim; dpm++2m, the sampler of this run, ignores it"),
+        ("--inference --sampling_preset best --sampler ddim --guidance_scale 2",
+         "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampler, --guidance_scale"),
+        ("--inference --sampling_preset best --sampling_steps 20 --guide_model g.pt",
+         "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampling_steps, --guide_model"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(command, message):
+    """--eta with a sampler that does not take it (the default ddpm of --inference, the training grids' dpm++2m), and
+    --sampling_preset with the settings it chooses itself: refused in one line, not silently dropped."""
+    args = ddpm_main.build_parser().parse_args(shlex.split(command))
+    assert usage_error(ddpm_main.validate_args, args) == message
+    accepted = ddpm_main.build_parser().parse_args(["--inference", "--sampler", "ddim", "--eta", "0.5"])
+    ddpm_main.validate_args(accepted)
 
 
 def test_a_real_process_reports_bad_input_without_traceback(tmp_path):

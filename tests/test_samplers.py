@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from conftest import GaussianMixtureNoise, sample_1d, two_branch_model
+from conftest import GaussianMixtureNoise, sample_1d, sampling, two_branch_model
 from ddpm_diffusion import Diffusion
-from ddpm_samplers import SAMPLERS, evenly_spaced_timesteps
+from ddpm_samplers import SAMPLERS, AncestralSampler, DDIMSampler, evenly_spaced_timesteps, make_sampler, sampler_class
 
 
 @pytest.mark.parametrize("step,earlier", [(400, 399), (400, 250), (999, 0)])
@@ -83,8 +83,8 @@ def test_ddim_with_eta_zero_is_deterministic_given_the_start_noise():
 def test_sampler_output_is_in_range_and_reproducible_from_a_seed():
     diffusion = Diffusion(50, "sigmoid")
     model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731  (a bad predictor: x_0 estimates fall outside [-1, 1])
-    first = diffusion.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), progress=False)
-    second = diffusion.sample(model, (4, 3, 8, 8), generator=torch.Generator().manual_seed(1), progress=False)
+    first = diffusion.sample(model, (4, 3, 8, 8), sampling(), generator=torch.Generator().manual_seed(1))
+    second = diffusion.sample(model, (4, 3, 8, 8), sampling(), generator=torch.Generator().manual_seed(1))
     assert first.min() >= -1 and first.max() <= 1
     assert torch.equal(first, second)
 
@@ -96,8 +96,8 @@ def test_sampling_steps_never_wait_for_the_device(tensor_reads, sampler):
     counts = {}
     for steps in (4, 40):
         tensor_reads["count"] = 0
-        diffusion.sample(two_branch_model, (3, 1, 2, 2), labels=torch.tensor([0, 1, 2]), guidance_scale=4.0, null_label=10,
-                         sampler=sampler, steps=steps, progress=False, guidance_interval=(0.5, 50.0), eta=1.0,
+        settings = sampling(guidance_scale=4.0, sampler=sampler, steps=steps, guidance_interval=(0.5, 50.0), eta=1.0)
+        diffusion.sample(two_branch_model, (3, 1, 2, 2), settings, labels=torch.tensor([0, 1, 2]), null_label=10,
                          generator=torch.Generator().manual_seed(0))
         counts[steps] = tensor_reads["count"]
     assert counts[40] == counts[4], f"{(counts[40] - counts[4]) / 36:.1f} tensor reads per sampling step"
@@ -248,3 +248,20 @@ def test_dpm_solver_with_guidance_solves_the_guided_ode():
     assert gap(guided("dpm++3m", 20, 3.0), reference) < 0.012  # measured 0.007
     assert gap(guided("dpm++3m", 50, 3.0), reference) < 0.003  # measured 0.001
     assert gap(guided("dpm++2m", 20, 1.0), reference) > 0.05, "guidance must visibly change the distribution for this test to mean anything"
+
+
+def test_each_sampler_says_its_default_steps_and_which_flags_it_takes():
+    """The facts the command line asks of a sampler by its name: all T steps for the ancestral chain, 50 (at most T) for
+    the others; --eta is DDIM's alone, --variance the ancestral sampler's alone; make_sampler hands each only its own."""
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpm++2m", "dpm++3m"]
+    assert {name: (cls.default_steps(1000), cls.default_steps(30)) for name, cls in SAMPLERS.items()} == \
+        {"ddpm": (1000, 30), "ddim": (50, 30), "dpm++2m": (50, 30), "dpm++3m": (50, 30)}
+    assert [name for name, cls in SAMPLERS.items() if cls.takes_eta] == ["ddim"]
+    assert [name for name, cls in SAMPLERS.items() if cls.takes_variance] == ["ddpm"]
+    diffusion = Diffusion(40, "linear")
+    assert len(make_sampler("ddpm", diffusion).timesteps(None)) == 40 and len(make_sampler("dpm++3m", diffusion).timesteps(None)) == 40
+    ddim, ancestral = make_sampler("ddim", diffusion, eta=0.7, variance="fixed_large"), make_sampler("ddpm", diffusion, eta=0.7, variance="fixed_large")
+    assert isinstance(ddim, DDIMSampler) and ddim.eta == 0.7
+    assert isinstance(ancestral, AncestralSampler) and ancestral.variance == "fixed_large"
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        sampler_class("heun")

@@ -39,6 +39,11 @@ def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_b
     record = json.loads((tmp_path / "inf/samples.json").read_text())
     assert (record["sampler"], record["sampling_steps"], record["guidance_scale"]) == (best["sampler"], best["steps"], best["guidance_scale"])
     assert record["model_path"] == best["weights"] and record["guide_model"] == best["guide_model"]
+    capsys.readouterr()
+    assert run_cli("--inference --model_path models/S/ckpt.pt --sampling_preset best --eta 0.5 --save_dir inf_eta --device cpu",
+                   tmp_path) == 2, "the preset's dpm++3m takes no --eta"
+    assert capsys.readouterr().err.strip() == "error: --eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it"
+    assert not (tmp_path / "inf_eta").exists()
 
 
 def test_cells_samplers_and_the_metric():

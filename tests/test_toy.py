@@ -9,7 +9,7 @@ import torch
 from conftest import MOONS, GaussianMixture2DNoise, run_cli, usage_error, weights_equal
 
 from ddpm_checkpoint import load_checkpoint, load_model
-from ddpm_config import DataConfig, ModelConfig, RunConfig, check_model_fits_data
+from ddpm_config import DataConfig, ModelConfig, RunConfig, SamplingConfig, check_model_fits_data
 from ddpm_data import make_points, point_standardisation
 from ddpm_diffusion import Diffusion
 from ddpm_kinds import PointKind, kind_of_model
@@ -57,16 +57,17 @@ def test_the_samplers_recover_a_2d_gaussian_mixture_from_its_exact_noise_predict
     labels = torch.arange(1500) % 3
 
     def distance(predictor, clip, guidance_scale=1.0, given=labels):
-        samples = diffusion.sample(predictor, (1500, 2), labels=given, guidance_scale=guidance_scale, null_label=3, sampler=sampler,
-                                   steps=steps, generator=torch.Generator().manual_seed(0), progress=False, clip_denoised=clip)
+        settings = SamplingConfig(sampler=sampler, steps=steps, guidance_scale=guidance_scale)
+        samples = diffusion.sample(predictor, (1500, 2), settings, labels=given, null_label=3, generator=torch.Generator().manual_seed(0),
+                                   clip_denoised=clip)
         return sliced_wasserstein(samples, model.draw(labels, seed=1))
 
     floor = sliced_wasserstein(model.draw(labels, seed=2), model.draw(labels, seed=1))
     assert distance(model, clip=False) < 2 * floor
     assert distance(model, clip=True) > 5 * floor
     assert distance(GaussianMixture2DNoise(diffusion, MIXTURE, std=0.3), clip=False) > 3 * floor
-    unconditional = diffusion.sample(model, (1500, 2), sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0),
-                                     progress=False, clip_denoised=False)
+    unconditional = diffusion.sample(model, (1500, 2), SamplingConfig(sampler=sampler, steps=steps, guidance_scale=1.0),
+                                     generator=torch.Generator().manual_seed(0), clip_denoised=False)
     nearest = torch.cdist(unconditional.double(), model.means).argmin(1)
     assert torch.bincount(nearest, minlength=3).div(1500).sub(1 / 3).abs().max() < 0.05, "the mixture's weights, 1/3 each"
     assert sliced_wasserstein(unconditional, model.draw(nearest, seed=1)) < 2 * floor

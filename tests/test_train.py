@@ -17,7 +17,7 @@ import torch
 import ddpm_diffusion
 from conftest import REPO, run_cli, weights_equal
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
-from ddpm_config import GUIDANCE_SCALE
+from ddpm_config import GUIDANCE_SCALE, SamplingConfig
 from ddpm_train import MIN_EVAL_EXAMPLES, evaluation_subset_size
 
 # 4,860 synthetic training images at batch 256: 18 steps per epoch.
@@ -280,8 +280,9 @@ def test_ema_differs_from_raw_weights_and_is_what_sampling_and_evaluation_use(tm
     for name in ("ema", "model"):
         model = UNet(**checkpoint["model_config"])
         model.load_state_dict(checkpoint[name])
-        images = diffusion.sample(model.eval(), (3, 3, 8, 8), labels=torch.tensor([0, 1, 2]), guidance_scale=GUIDANCE_SCALE,
-                                  sampler="ddim", steps=4, generator=torch.Generator().manual_seed(7), progress=False)
+        settings = SamplingConfig(sampler="ddim", steps=4, guidance_scale=GUIDANCE_SCALE)
+        images = diffusion.sample(model.eval(), (3, 3, 8, 8), settings, labels=torch.tensor([0, 1, 2]),
+                                  generator=torch.Generator().manual_seed(7))
         samples[name] = ((images + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(np.load(tmp_path / "ema/samples.npz")["images"], samples["ema"])
     assert np.array_equal(np.load(tmp_path / "raw/samples.npz")["images"], samples["model"])
