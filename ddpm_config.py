@@ -170,12 +170,12 @@ class TrainConfig:
     weight_decay: float = option(0.0, "decoupled weight decay")
     beta1: float = option(0.9, "the optimizer's first beta")
     beta2: float = option(0.999, "the optimizer's second beta")
-    warmup_steps: Optional[int] = option(  # None: derived from the planned steps (ddpm_train.derived_warmup)
+    warmup_steps: Optional[int] = option(  # None: derived from the planned steps (ddpm_optim.derived_warmup)
         None, "linear learning-rate warm-up (derived: 5%% of the planned steps, at most Ho et al.'s 5000)")
     lr_schedule: str = option("constant", "after the warm-up", choices=("constant", "cosine", "step"))
     grad_clip: float = option(1.0, "clip the gradient norm (0: off)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    ema_decay: Optional[float] = option(  # None: a half-life growing with the run (ddpm_train.EMA); 0: no EMA
+    ema_decay: Optional[float] = option(  # None: a half-life growing with the run (ddpm_optim.EMA); 0: no EMA
         None, "fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; derived: an EMA whose half-life is 5%% of "
         "the steps so far, at most 0.9999's, as EDM's ramp-up)")
     phema_every: Optional[int] = option(  # steps between post-hoc EMA snapshots (ddpm_phema); None: snapshot_interval; 0: none
@@ -202,7 +202,7 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "how many ckpt_epochNNNN.pt snapshots to keep")
     resume: Optional[str] = option(  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
         None, "continue a run from <models_dir>/<run_name>/ckpt.pt, or from the given checkpoint", const="auto")
-    logger: str = option(  # "tensorboard": also TensorBoard events (ddpm_train.TensorBoardLog)
+    logger: str = option(  # "tensorboard": also TensorBoard events (ddpm_logging.TensorBoardLog)
         "jsonl", "jsonl: the metrics JSON lines only; tensorboard: also TensorBoard events in <save_dir>/tensorboard/<run_name>",
         choices=("jsonl", "tensorboard"))
 

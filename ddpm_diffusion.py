@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ddpm_samplers import VARIANCES, eps_from_x0, make_sampler, posterior, randn, x0_from_eps
+from ddpm_samplers import VARIANCES, eps_from_x0, make_sampler, posterior, randn
 
 if TYPE_CHECKING:
     from ddpm_config import SamplingConfig
@@ -250,11 +250,8 @@ class Diffusion:
         sigmas = self.sigma(torch.tensor(timesteps, device=self.alphas_cumprod.device)).tolist()
         return [interval[0] < sigma <= interval[1] for sigma in sigmas]
 
-    def predict_x0(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_0 from x_t and the noise estimate, per sample step t (Ho et al. eq. 4 inverted)."""
-        return x0_from_eps(x, _broadcast(self.alpha_bar(t), x.ndim).to(x.dtype), eps)
-
     def predict_eps_from_x0(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise that takes x_0 to x_t at step t (Ho et al. eq. 4 solved for eps): the prediction of a perfect model."""
         return eps_from_x0(x, _broadcast(self.alpha_bar(t), x.ndim).to(x.dtype), x0)
 
     @torch.no_grad()
