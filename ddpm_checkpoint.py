@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -213,8 +214,11 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.run_dir / LOCK_NAME, "a+")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.run_dir / LOCK_NAME, "a+")
+        except OSError as error:
+            raise UsageError(f"cannot use the run folder {self.run_dir}: {error.strerror or error}") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -242,21 +246,64 @@ def check_resume_compatible(saved_config: dict, config: RunConfig, path: Path) -
                              f"(flags that define the model, data or diffusion must stay the same)")
 
 
-def load_resume_checkpoint(config: RunConfig) -> Optional[tuple[Path, dict]]:
-    """The checkpoint --resume names (default: the run's ckpt.pt), checked against the configuration; None
-    without --resume. A new run refuses to overwrite an existing run's checkpoint."""
+def load_resume_checkpoint(config: RunConfig, rename_damaged: bool = True) -> Optional[tuple[Path, dict]]:
+    """The checkpoint a training command continues from, checked against the configuration, or None for a new run.
+
+    One command line serves the whole life of a run (as EDM2's and k-diffusion's): with --save_model (or a bare
+    --resume) it continues the run folder's latest state when there is one (`latest_checkpoint`) and starts the run
+    when there is none; a bare --resume insists on continuing, --resume PATH continues that checkpoint."""
     train = config.train
-    last_path = Path(train.models_dir) / train.run_name / "ckpt.pt"
-    if train.resume is None:
-        if last_path.exists() and train.save_model:
-            raise UsageError(f"{last_path} exists: pass --resume to continue that run, or choose another --run_name")
+    run_dir = Path(train.models_dir) / train.run_name
+    if train.resume not in (None, "auto"):
+        path, checkpoint = Path(train.resume), load_checkpoint(train.resume)
+    elif train.save_model or train.resume == "auto":
+        found = latest_checkpoint(run_dir, rename_damaged)
+        if found is None and train.resume == "auto":
+            raise UsageError(f"--resume: no checkpoint in {run_dir}/ to continue (check --run_name and --models_dir; "
+                             f"without --resume the same command starts the run)")
+        if found is None:
+            return None
+        path, checkpoint = found
+    else:
         return None
-    path = last_path if train.resume == "auto" else Path(train.resume)
-    checkpoint = load_checkpoint(path)
     if "train_state" not in checkpoint:
         raise UsageError(f"cannot resume {path}: it holds weights only, not a training state")
     check_resume_compatible(checkpoint["config"], config, path)
     return path, checkpoint
+
+
+def latest_checkpoint(run_dir: Path, rename_damaged: bool = True) -> Optional[tuple[Path, dict]]:
+    """The run folder's ckpt.pt, or where it cannot be read (a full disk, a copy cut short) the newest readable
+    snapshot ckpt_epochNNNN.pt, said in one line with the damaged file renamed to ckpt.pt.damaged (never deleted;
+    `rename_damaged` is false on the ranks that do not hold the run folder); None when the folder has neither.
+    Refused in one line when nothing in it can be read."""
+    last = run_dir / "ckpt.pt"
+    snapshots = sorted(run_dir.glob("ckpt_epoch*.pt"), reverse=True)
+    if not last.exists() and not snapshots:
+        return None
+    damaged = None
+    for path in ([last] if last.exists() else []) + snapshots:
+        try:
+            checkpoint = load_checkpoint(path)
+        except UsageError as error:
+            damaged = damaged or (path, error)
+            continue
+        if damaged is not None and damaged[0] == last and rename_damaged:
+            kept = _free_name(last.with_name(last.name + ".damaged"))
+            last.rename(kept)
+            print(f"{last} cannot be read ({damaged[1]}); continuing from {path}, the newest readable snapshot; the damaged "
+                  f"file is kept as {kept}", file=sys.stderr)
+        return path, checkpoint
+    raise UsageError(f"no readable checkpoint in {run_dir}/: {damaged[1]}")
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or path.1, path.2, ... where it is taken."""
+    candidate, number = path, 0
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def prune_snapshots(run_dir: Path, keep: int) -> None:

@@ -36,6 +36,7 @@ POINT_DATASETS = ("moons", "circles", "gaussians", "swissroll")  # 2D toy data, 
 DATASETS = ("cifar10", "mnist", "fashion_mnist", "folder", "synthetic", *POINT_DATASETS)
 TRAINING_GRID_SAMPLER, TRAINING_GRID_STEPS = "dpm++2m", 20  # see the README's sampler table
 INFERENCE_SAMPLES = 64  # --num_samples of --inference and --compare_checkpoints
+SAVE_EVERY_MINUTES = 30.0  # ckpt.pt is refreshed at least this often, so a preempted multi-day run loses minutes, not hours
 POINT_SAMPLES = 1000  # samples of a 2D run's training scatter and distance, and of --inference without --num_samples
 
 
@@ -199,6 +200,9 @@ class TrainConfig:
     save_model: bool = option(False, "write checkpoints to <models_dir>/<run_name>/")
     save_every: int = option(10, "epochs between kept snapshots ckpt_epochNNNN.pt")
     save_every_steps: int = option(0, "also refresh ckpt.pt every N steps (0: at epoch ends only)")
+    save_every_minutes: Optional[float] = option(  # None: SAVE_EVERY_MINUTES with --save_model
+        None, f"also refresh ckpt.pt after this many minutes of training since the last one, so that a run stopped without "
+        f"warning loses at most that much (0: off; derived: {SAVE_EVERY_MINUTES:g})")
     keep_checkpoints: int = option(3, "how many ckpt_epochNNNN.pt snapshots to keep")
     resume: Optional[str] = option(  # "auto": <models_dir>/<run_name>/ckpt.pt; else a path
         None, "continue a run from <models_dir>/<run_name>/ckpt.pt, or from the given checkpoint", const="auto")

@@ -314,7 +314,7 @@ def run_training(args: argparse.Namespace) -> None:
     device = select_device(args)
     holds_folder = int(os.environ.get("RANK", "0")) == 0 and (config.train.save_model or config.train.resume is not None)
     with RunLock(Path(config.train.models_dir) / config.train.run_name, enabled=holds_folder):
-        resume = load_resume_checkpoint(config)
+        resume = load_resume_checkpoint(config, rename_damaged=holds_folder)
         config = with_objective(config, resume[1]["config"] if resume is not None else None)
         data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
                              channels=config.data.channels, val_fraction=config.data.val_fraction)

@@ -118,12 +118,17 @@ def check_replicas_identical(modules: list[torch.nn.Module], runtime: Runtime) -
         raise RuntimeError(f"rank {runtime.rank}: {differing} parameter tensors differ across the {runtime.world_size} processes after training")
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (a second Ctrl-C kills).
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: stopped by SIGTERM or SIGUSR1 with ckpt.pt written; the same command continues
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # SIGUSR1: SLURM's advance warning (--signal=USR1@120)
 
-    With several processes all ranks must stop after the same step, even when only one got the signal.
-    Their flags are summed by an all-reduce on the CPU (runtime.control_group, gloo) that is started at one step
-    and read at the next: a stop lands one step later, and the check never waits for the GPU.
+
+class StopRequest:
+    """Turns SIGINT, SIGTERM and SIGUSR1 into a request to stop after the current step (a second one kills), and
+    carries rank 0's decision that ckpt.pt is due (its clock, --save_every_minutes) to every rank.
+
+    With several processes all ranks must act after the same step, even when only one got the signal. Their flags
+    are summed by an all-reduce on the CPU (runtime.control_group, gloo) that is started at one step and read at the
+    next: a stop or a save lands one step later, and the check never waits for the GPU.
     """
 
     def __init__(self, runtime: Runtime):
@@ -134,8 +139,10 @@ class StopRequest:
         self.pending = None
 
     def __enter__(self) -> "StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        for name in STOP_SIGNALS:
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self.handle)
         return self
 
     def handle(self, signum, frame) -> None:
@@ -150,17 +157,23 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        """Whether this process (single) or any rank, as of the previous step (distributed), was asked to stop.
-        Every rank calls this once per step."""
+    @property
+    def exit_status(self) -> int:
+        """130 for Ctrl-C; EXIT_PREEMPTED for a scheduler's SIGTERM or SIGUSR1, or a signal to another rank."""
+        return 130 if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
+    def poll(self, save_due: bool = False) -> tuple[bool, bool]:
+        """(stop, save): whether this process or any rank was asked to stop, and whether ckpt.pt is due by rank 0's
+        `save_due`; now for a single process, as of the previous step with several. Every rank calls this once per step."""
         asked = self.signal_name is not None
         if self.runtime.world_size == 1:
-            return asked
-        agreed = False
+            return asked, save_due
+        agreed = (False, False)
         if self.pending is not None:
             self.pending.wait()
-            agreed = self.flags.item() > 0
-        self.flags = torch.tensor([float(asked)])
+            stop, save = self.flags.tolist()
+            agreed = (stop > 0, save > 0)
+        self.flags = torch.tensor([float(asked), float(save_due and self.runtime.is_main)])
         self.pending = dist.all_reduce(self.flags, group=self.runtime.control_group, async_op=True)
         return agreed
 

@@ -3,17 +3,16 @@
     train(config, data, runtime, resume) -> build_run -> restore_run -> run_epoch (train_step per optimizer step)
     -> end_epoch (losses, samples, pictures, checkpoints) -> finish_training
 
-The loop owns its state (TrainState, TrainingRun: nothing outside this module reads them) and passes plain values to
+The loop owns its state (TrainingRun, and its position TrainState of ddpm_runstate: no module below reads them) and passes plain values to
 the modules below it: the optimizers, LR schedule and EMA (ddpm_optim), the data order (ddpm_data), the files of a
 checkpoint (ddpm_checkpoint.CheckpointIO), the metrics log and the start-up lines (ddpm_logging), the sampling path
 (ddpm_sampling) and what differs between images and points (ddpm_kinds), processes and signals (ddpm_runtime).
 Everything a run needs to continue bit-identically (weights, EMA, optimizer, LR schedule, grad scaler, position in
 the data order, loss history, random states) goes into its checkpoint (`save_run_checkpoint`); what a resumed run
-does differently is decided here (`restored_state`, `restore_run`).
+does differently is decided here (`restore_run`, with ddpm_runstate's `restored_state` and `keep_global_batch`).
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -35,7 +34,7 @@ from ddpm_checkpoint import (
     save_weights,
     weights_path,
 )
-from ddpm_config import RunConfig, SamplingConfig, UsageError
+from ddpm_config import SAVE_EVERY_MINUTES, RunConfig, SamplingConfig, UsageError
 from ddpm_data import DataSplits, epoch_batches, load_batch
 from ddpm_diffusion import Diffusion, drop_labels
 from ddpm_evaluate import evaluation_loss
@@ -56,54 +55,11 @@ from ddpm_runtime import (
     seed_everything,
     unwrap,
 )
+from ddpm_runstate import TrainState, evaluation_subset_size, keep_global_batch, plan_steps, restored_state, saved_processes
 from ddpm_sampling import every_class_in_turn, generate
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}  # fixed across runs, so loss curves compare
-EVAL_BUDGET = 0.05  # the per-epoch validation and test losses take at most this share of an epoch's training time
-MIN_EVAL_EXAMPLES = 32  # ... but are never taken on fewer examples per split than this (or the whole split)
 MAX_NONFINITE_STEPS = 20  # this many non-finite losses in a row stop the run
-
-
-def empty_history() -> dict:
-    """The loss history: one entry per epoch (`epochs` counts from 0; a last epoch cut short by --max_steps has its
-    entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
-    subsets (`eval_examples`), and the kind's figures (ddpm_kinds); `full` lists the losses on the whole splits, at the
-    end and at --eval_every."""
-    return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
-
-
-@dataclass
-class TrainState:
-    """Where a run is, in plain values, so that it can be saved and restored exactly."""
-
-    step: int = 0
-    epoch: int = 0  # epochs completed
-    epoch_position: int = 0  # examples of the current epoch already used
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    nonfinite_skipped: int = 0
-    best_val_loss: float = math.inf
-    history: dict = field(default_factory=empty_history)
-    progression: list = field(default_factory=list)  # (label, samples) rows of the progression picture
-
-
-def restored_state(checkpoint: Optional[dict]) -> TrainState:
-    """The checkpoint's TrainState (a fresh one without a checkpoint). What the saved run wrote only because it ended
-    there (the entry of an epoch it cut short, its losses on the full splits) is dropped: the resumed run writes it
-    again when it gets there, so a resumed history equals a straight run's."""
-    if checkpoint is None:
-        return TrainState()
-    state = TrainState(**copy.deepcopy(checkpoint["train_state"]))  # the checkpoint dict stays as it was read
-    history = empty_history() | state.history
-    for key in ("eval_examples",):  # what a checkpoint of an earlier version did not record per entry
-        history[key] = history[key] or [None] * len(history["epochs"])
-    if state.epoch_position > 0 and history["steps"] and history["steps"][-1] == state.step:
-        for key, values in history.items():
-            if key != "full":
-                values.pop()
-    history["full"] = [entry for entry in history["full"] if not (entry["step"] == state.step and entry["at"] == "end")]
-    state.history = history
-    return state
 
 
 @dataclass
@@ -136,6 +92,8 @@ class TrainingRun:
     sample_count: int  # samples of the training pictures (and of the points' figure): --num_samples or the kind's
     train_images: torch.Tensor  # on the GPU where the runtime keeps data on the device
     train_labels: torch.Tensor
+    save_every_seconds: float = 0.0  # --save_every_minutes (0: off)
+    last_saved: float = field(default_factory=time.monotonic)  # when ckpt.pt was last written (or the run started)
     started: float = field(default_factory=time.perf_counter)  # this process's start, for the time split
     seconds_in_steps: float = 0.0  # of that, the time spent in optimizer steps
 
@@ -157,6 +115,10 @@ class TrainingRun:
             return self.ema.module
         return unwrap(self.model)
 
+    def checkpoint_overdue(self) -> bool:
+        """Whether --save_every_minutes have passed since ckpt.pt was last written (rank 0's clock decides)."""
+        return self.save_every_seconds > 0 and time.monotonic() - self.last_saved >= self.save_every_seconds
+
     def checkpoint_io(self) -> CheckpointIO:
         """The objects of the run's checkpoints, by the names the checkpoint files give them."""
         return CheckpointIO(model=unwrap(self.model), ema=None if self.ema is None else self.ema.module, phema=self.phema,
@@ -165,9 +127,17 @@ class TrainingRun:
 
 def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optional[tuple[Path, dict]] = None) -> Optional[Path]:
     """Train as `config` says, from scratch or from `resume` (see ddpm_checkpoint.load_resume_checkpoint); return the
-    path of the last checkpoint (None without --save_model)."""
+    path of the last checkpoint (None without --save_model). A resumed run that already reached its end says so and
+    returns without writing anything."""
     resume_path, checkpoint = resume if resume is not None else (None, None)
-    run = build_run(config, data, kind_of_data(config.data.dataset, data), runtime, restored_state(checkpoint))
+    kind, state = kind_of_data(config.data.dataset, data), restored_state(checkpoint)
+    if checkpoint is not None:
+        config = keep_global_batch(config, checkpoint, runtime, resume_path)
+        if state.step >= plan_steps(config.train, len(data.train), kind, runtime, state)[2]:
+            if runtime.is_main:
+                print(f"{resume_path} is complete at step {state.step} (--max_steps / --epochs): nothing to do")
+            return resume_path
+    run = build_run(config, data, kind, runtime, state)
     if checkpoint is not None:
         restore_run(run, checkpoint)
     if runtime.is_main:
@@ -189,12 +159,7 @@ def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optiona
 def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Runtime, state: TrainState) -> TrainingRun:
     """The model, EMA, optimizer, LR schedule and the run's counters, for a run that is at `state`."""
     train = config.train
-    examples_per_step = train.batch_size * runtime.world_size * train.grad_accum
-    steps_per_epoch = len(data.train) // examples_per_step
-    if steps_per_epoch == 0:
-        raise UsageError(f"the training set has {len(data.train)} {kind.noun}, fewer than one optimizer step needs "
-                         f"(--batch_size {train.batch_size} x --grad_accum {train.grad_accum} x {runtime.world_size} processes)")
-    total_steps = train.max_steps or state.step + steps_to_go(train.epochs, state, steps_per_epoch, examples_per_step)
+    examples_per_step, steps_per_epoch, total_steps = plan_steps(train, len(data.train), kind, runtime, state)
     warmup_steps = train.warmup_steps if train.warmup_steps is not None else derived_warmup(total_steps)
     seed_everything(train.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
     num_classes = data.num_classes if config.model.conditional else None
@@ -221,6 +186,8 @@ def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Ru
         sample_count=kind.training_count(train.num_samples, num_classes),
         train_images=data.train.images.to(runtime.device) if on_device else data.train.images,
         train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels,
+        save_every_seconds=60 * (SAVE_EVERY_MINUTES if train.save_every_minutes is None else train.save_every_minutes)
+        if train.save_model else 0.0,
     )
 
 
@@ -238,8 +205,7 @@ def restore_run(run: TrainingRun, checkpoint: dict) -> None:
         group["initial_lr"] = lr
     run.scheduler.base_lrs = [lr] * len(run.optimizer.param_groups)
     runtime = run.runtime
-    saved_world_size = checkpoint.get("runtime", {}).get("world_size", checkpoint["config"].get("world_size", 1))
-    if runtime.world_size == saved_world_size:
+    if runtime.world_size == saved_processes(checkpoint):
         restore_rng_state(checkpoint["rng"] if runtime.world_size == 1 else checkpoint["rng_per_rank"][runtime.rank])
     else:
         seed_everything((run.config.train.seed + runtime.rank + 7_919 * run.state.step) % 2**32)
@@ -249,12 +215,14 @@ def save_run_checkpoint(run: TrainingRun, path: Path) -> None:
     """Every rank calls this (the random states are gathered), after the step counters were read into the state; rank 0
     writes the checkpoint and, next to it, the sampling weights alone (the EMA, or the raw weights without one) as
     safetensors (ddpm_checkpoint.weights_path)."""
+    run.last_saved = time.monotonic()
     rng_per_rank = gather_rng_states(run.runtime)
     if not run.runtime.is_main:
         return
     run.checkpoint_io().save(path, run.description, {
         "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0, "train_state": asdict(run.state),
-        "config": run.config.to_dict(), "runtime": {"world_size": run.runtime.world_size}, "rng": rng_state(),
+        "config": run.config.to_dict(), "runtime": {"world_size": run.runtime.world_size, "global_batch": run.examples_per_step},
+        "rng": rng_state(),
         "rng_per_rank": rng_per_rank})
     sampling_model = run.ema.module if run.ema is not None else unwrap(run.model)
     save_weights(sampling_model.state_dict(), run.description.to_dict() | {
@@ -269,24 +237,14 @@ def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
                       total_steps=run.total_steps, warmup_steps=run.warmup_steps, ema=run.ema,
                       phema=None if run.phema is None else (run.phema.sigma_rels, run.phema_every), hflip=data.train.hflip,
                       eval_examples=run.eval_examples, sample_count=run.sample_count)
+    train = run.config.train
+    if run.save_every_seconds:
+        source = "derived" if train.save_every_minutes is None else "--save_every_minutes"
+        print(f"ckpt.pt refreshed at every epoch's end and every {run.save_every_seconds / 60:g} minutes of training ({source})")
     if resume_path is not None:
-        print(f"resuming {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
-
-
-def steps_to_go(epochs: int, state: TrainState, steps_per_epoch: int, examples_per_step: int) -> int:
-    """Optimizer steps left until `epochs` are done, from the position in the data order. Counted afresh
-    because a run resumed with another number of processes takes steps of another size than it saved."""
-    if state.epoch >= epochs:
-        return 0
-    rest_of_epoch = (steps_per_epoch * examples_per_step - state.epoch_position) // examples_per_step
-    return rest_of_epoch + (epochs - state.epoch - 1) * steps_per_epoch
-
-
-def evaluation_subset_size(epoch_examples: int) -> int:
-    """Examples per split of the per-epoch validation and test losses: a forward pass costs about a third of a
-    training step per image, so 2 splits x n examples stay within EVAL_BUDGET of an epoch when n = 1.5 x budget x
-    epoch; at least MIN_EVAL_EXAMPLES (capped at the split's size where it is used)."""
-    return max(MIN_EVAL_EXAMPLES, math.floor(3 * EVAL_BUDGET * epoch_examples / 2))
+        print(f"continuing {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
+    elif train.save_model:
+        print(f"new run: no checkpoint in {run.run_dir}/ yet (the same command continues the run once it has one)")
 
 
 @dataclass
@@ -301,7 +259,8 @@ class EpochData:
 
 def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
     """The step loop, over the rest of the current epoch (or up to the last step): a step, the EMA, the LR
-    schedule, and at intervals the logged figures (--log_interval) and ckpt.pt (--save_every_steps)."""
+    schedule, and at intervals the logged figures (--log_interval) and ckpt.pt (--save_every_steps, and on every rank
+    after the same step once rank 0 finds --save_every_minutes passed); a signal stops it after a step."""
     train, state, runtime = run.config.train, run.state, run.runtime
     epoch = EpochData(epoch_batches(len(run.data.train), train.batch_size, runtime, train.seed, state.epoch, state.epoch_position,
                                     run.train_images.device), run.train_images, run.train_labels, run.data.train.hflip)
@@ -331,12 +290,13 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
             for snapshot in run.phema.snapshot():
                 save_snapshot(snapshot, snapshot_folder(run.run_dir))
             saving += time.perf_counter() - save_start
-        if train.save_model and train.save_every_steps and state.step % train.save_every_steps == 0:
+        stop_now, save_now = stop.poll(save_due=run.checkpoint_overdue())
+        if train.save_model and (save_now or (train.save_every_steps and state.step % train.save_every_steps == 0)):
             save_start = time.perf_counter()
             read_counters(run)
             save_run_checkpoint(run, run.last_path)
             saving += time.perf_counter() - save_start
-        if stop.requested():
+        if stop_now:
             bar.close()
             stop_after_signal(run, stop)
     bar.close()
@@ -474,7 +434,8 @@ def save_epoch_checkpoints(run: TrainingRun, is_best: bool, epoch_done: bool) ->
 
 
 def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:
-    """Ctrl-C or SIGTERM (to any rank): write ckpt.pt and exit with 130 (SIGINT) or 143."""
+    """Ctrl-C, SIGTERM or SIGUSR1 (to any rank): write ckpt.pt and exit with 130 (Ctrl-C) or EXIT_PREEMPTED (75), which a
+    job script can test to requeue the same command (docs/scale.md)."""
     read_counters(run)
     save_run_checkpoint(run, run.last_path)
     if run.runtime.world_size > 1:  # no rank exits (and makes torchrun stop the others) before rank 0 has written
@@ -482,8 +443,8 @@ def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:
     if run.runtime.is_main:
         reason = f"{stop.signal_name} received" if stop.signal_name else "another process was signalled"
         print(f"{reason}: stopped after step {run.state.step}; checkpoint saved to {run.last_path}; "
-              f"resume with the same command plus --resume", file=sys.stderr)
-    raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
+              f"the same command continues the run", file=sys.stderr)
+    raise SystemExit(stop.exit_status)
 
 
 def finish_training(run: TrainingRun) -> Optional[Path]:

@@ -43,7 +43,8 @@ from ddpm_runtime import Runtime, autocast_dtype, enable_tf32  # noqa: E402
 from ddpm_samplers import SAMPLERS  # noqa: E402
 from ddpm_sampling import generate  # noqa: E402
 from ddpm_kinds import ImageKind  # noqa: E402
-from ddpm_train import EpochData, TrainState, build_run, train_step  # noqa: E402
+from ddpm_runstate import TrainState  # noqa: E402
+from ddpm_train import EpochData, build_run, train_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
 # GPU's name; an unknown GPU gets no MFU figure rather than a guessed one.

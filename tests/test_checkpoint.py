@@ -10,7 +10,6 @@ import torch
 
 from conftest import REPO, run_cli, usage_error
 from ddpm_checkpoint import ModelDescription, RunLock, load_checkpoint, load_model, save_checkpoint
-from ddpm_train import restored_state
 
 
 class NotATensor:
@@ -136,27 +135,6 @@ def test_every_writer_describes_the_model_the_same_way_and_load_model_reads_both
     raw = load_model(trained_runs / "models/C/ckpt.pt", use_ema=False)
     assert not raw.use_ema and all(torch.equal(v, full["model"][k]) for k, v in raw.model.state_dict().items())
     assert any(not torch.equal(full["ema"][k], full["model"][k]) for k in full["model"]), "EMA and raw weights differ"
-
-
-def test_restored_state_drops_what_the_saved_run_wrote_only_because_it_ended_there():
-    """A run stopped mid-epoch at step 5 wrote an entry for its partial epoch and the whole-split losses at its end; the
-    resumed run writes both again when it gets there, so they go. The entry of a finished epoch and a whole-split loss
-    taken at --eval_every stay."""
-    def saved(step: int, epoch_position: int, entries: int, full: list[dict]) -> dict:
-        history = {"epochs": [0, 1][:entries], "steps": [3, 5][:entries], "train_loss": [0.5, 0.4][:entries],
-                   "val_loss": [0.6, 0.5][:entries], "test_loss": [0.7, 0.6][:entries], "lr": [1e-3, 1e-3][:entries],
-                   "eval_examples": [32, 32][:entries], "full": full}
-        return {"train_state": {"step": step, "epoch": 1, "epoch_position": epoch_position, "history": history}}
-
-    every, end_3, end_5 = ({"step": step, "at": at, "val_loss": 0.5} for step, at in ((3, "every"), (3, "end"), (5, "end")))
-    state = restored_state(saved(5, 32, 2, [every, end_5]))
-    assert (state.step, state.epoch, state.epoch_position) == (5, 1, 32)
-    assert state.history["epochs"] == [0] and state.history["steps"] == [3] and state.history["val_loss"] == [0.6]
-    assert state.history["full"] == [every]
-    at_epoch_end = restored_state(saved(3, 0, 1, [every, end_3]))
-    assert at_epoch_end.history["epochs"] == [0] and at_epoch_end.history["train_loss"] == [0.5], "a finished epoch's entry stays"
-    assert at_epoch_end.history["full"] == [every]
-    assert restored_state(None).step == 0 and restored_state(None).history["epochs"] == []
 
 
 def test_the_run_lock_lets_one_holder_in_at_a_time(tmp_path):

@@ -45,7 +45,7 @@ class RunsCode:
         (f"{TINY} --epochs -3", "--epochs must be positive"),
         (f"{TINY} --p_uncond 1.5", "--p_uncond must be between 0 and 1"),
         (f"{TINY} --timesteps 5", "at least 10"),
-        (f"{TINY} --run_name U --save_model --save_dir out_U", "exists: pass --resume"),
+        (f"{TINY} --run_name U --save_model --save_dir out_U --model_size small", "cannot resume"),
         ("--dataset folder --data_dir empty_dir --model_size tiny", "empty_dir"),
         ("--dataset synthetic --model_size ddpm --image_size 20", "does not fit"),
         (f"{TINY} --save_model --run_name ../../escaped", "--run_name must be a plain name"),

@@ -51,10 +51,12 @@ def test_autocast_dtype_of_each_amp_setting():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp16", cpu) == torch.float16
 
 
-def test_a_signal_becomes_a_stop_request_and_the_handlers_are_restored():
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+@pytest.mark.parametrize("name, status", [("SIGTERM", 75), ("SIGUSR1", 75), ("SIGINT", 130)])
+def test_a_signal_becomes_a_stop_request_and_the_handlers_are_restored(name, status):
+    """SIGUSR1 (SLURM's advance warning) stops like SIGTERM, with the status a job script requeues on."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with StopRequest(Runtime(torch.device("cpu"))) as stop:
-        assert not stop.requested()
-        signal.raise_signal(signal.SIGTERM)  # handled: the process goes on, and stops after its step
-        assert stop.requested() and stop.signal_name == "SIGTERM"
+        assert stop.poll() == (False, False) and stop.poll(save_due=True) == (False, True)
+        signal.raise_signal(getattr(signal, name))  # handled: the process goes on, and stops after its step
+        assert stop.poll() == (True, False) and stop.signal_name == name and stop.exit_status == status
     assert {sig: signal.getsignal(sig) for sig in before} == before
