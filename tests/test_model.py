@@ -38,7 +38,8 @@ def diffusers_twin(model: UNet) -> nn.Module:
     diffusers = pytest.importorskip("diffusers")
     config = model.config
     widths = [config["base_dim"] * mult for mult in config["dim_mults"]]
-    exportable = config | {"base_dim": config["base_dim"] * 32 // math.gcd(32, config["base_dim"])}  # passes its width check
+    # unet2d_config refuses widths that are not multiples of 32: it is given such widths, then ours replace them
+    exportable = config | {"base_dim": config["base_dim"] * 32 // math.gcd(32, config["base_dim"])}
     groups = math.gcd(32, *widths)
     heads = config["num_heads"]
     theirs = diffusers.UNet2DModel(**unet2d_config(exportable) | {
@@ -51,7 +52,8 @@ def diffusers_twin(model: UNet) -> nn.Module:
     return theirs.eval()
 
 
-def assert_matches_diffusers(model: UNet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+def assert_matches_diffusers(model: UNet, x: torch.Tensor, t: torch.Tensor,
+                             labels: torch.Tensor | None = None) -> torch.Tensor:
     """model(x, t, labels) equals diffusers' output to 1e-5 of its largest value; returns it."""
     with torch.no_grad():
         ours = model(x, t, labels)
@@ -72,7 +74,8 @@ def test_output_is_diffusers_unet2dmodel_with_the_same_weights(preset, channels,
     conditional models, a class and the null label), so a block left out, a skip taken in the wrong order, t or the
     label ignored, or the input passed through all fail. The time embedding's weights are 20x the others (as a trained
     network's), so that t moves the output well above the tolerance."""
-    model = randomize(UNet(in_channels=channels, image_size=size, num_classes=num_classes, **preset_config(preset, size)))
+    config = preset_config(preset, size)
+    model = randomize(UNet(in_channels=channels, image_size=size, num_classes=num_classes, **config))
     with torch.no_grad():
         for layer in (model.time_embed[1], model.time_embed[3]):
             layer.weight.mul_(20)
