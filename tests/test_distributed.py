@@ -19,15 +19,20 @@ from PIL import Image
 
 import ddpm_main
 from ddpm_diffusion import Diffusion
-from ddpm_checkpoint import load_checkpoint
+from ddpm_checkpoint import load_checkpoint, load_model
+from ddpm_config import SamplingConfig
 from ddpm_data import load_datasets
 from ddpm_runtime import Runtime, check_replicas_identical
 from ddpm_model import UNet
 from ddpm_evaluate import evaluation_loss as evaluate
-from ddpm_train import EVAL_SEEDS
+from ddpm_outputs import save_image_grid
+from ddpm_kinds import kind_of_model
+from ddpm_sampling import every_class_in_turn, generate_from
+from ddpm_train import EVAL_SEEDS, PROGRESSION_COLUMNS
 
+GRID_IMAGES = 20  # a sample grid: batches of 16 and 4, one on each of 2 ranks
 TINY = ("--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
-        "--warmup_steps 1 --log_interval 1 --num_samples 6 --sampler ddim --sampling_steps 5 --device cpu")
+        f"--warmup_steps 1 --log_interval 1 --num_samples {GRID_IMAGES} --sampler ddim --sampling_steps 5 --device cpu")
 STEPS = 2  # optimizer steps of the 2-process run, each of 2 x 16 images
 
 
@@ -89,11 +94,26 @@ def test_only_rank_zero_writes_and_writes_once(run_dir):
     assert len(list((run_dir / "out").glob("samples_D_epoch*.png"))) == 1
 
 
-def test_sample_grid_is_gathered_from_both_ranks(run_dir):
-    """Each rank samples half of the grid from its own noise; rank 0 saves all of it."""
-    _, images = load_checkpoint(run_dir / "models/D/ckpt.pt")["train_state"]["progression"][0]
-    assert images.shape[0] == 6, "--num_samples 6: three from each rank"
-    assert not torch.equal(images[:3], images[3:]), "the ranks' slices come from different noise"
+def test_sample_grid_is_gathered_from_both_ranks(run_dir, tmp_path):
+    """The grid's 20 images are drawn in batches of --batch_size 16: rank 0 draws batch 0 (images 0-15), rank 1 batch 1
+    (16-19), and rank 0 saves them all, in order: the grid PNG and the progression's row are, pixel for pixel, what one
+    process draws from the saved EMA weights with the run's seed and batch size (ranks' rows swapped, a rank's share
+    drawn from the wrong seed, or one rank's rows repeated all fail)."""
+    checkpoint = load_checkpoint(run_dir / "models/D/ckpt.pt")
+    _, row = checkpoint["train_state"]["progression"][0]
+    loaded = load_model(run_dir / "models/D/ckpt.pt", "cpu")
+    assert loaded.use_ema
+    train = checkpoint["config"]["train"]
+    assert (train["num_samples"], train["batch_size"]) == (GRID_IMAGES, 16)
+    kind = kind_of_model(loaded.description)
+    settings = kind.sampling_settings(SamplingConfig(sampler="ddim", steps=5), loaded.diffusion.num_timesteps)
+    expected = generate_from(loaded, kind, GRID_IMAGES, every_class_in_turn(2, GRID_IMAGES), settings, train["seed"], 16,
+                             Runtime(torch.device("cpu")))
+    assert not torch.equal(expected[:4], expected[16:]), "the batches come from different noise"
+    assert torch.equal(row, expected[:PROGRESSION_COLUMNS])
+    save_image_grid(expected.permute(0, 3, 1, 2).float() / 127.5 - 1, tmp_path / "expected.png")
+    with Image.open(run_dir / "out/samples_D_epoch0001.png") as saved, Image.open(tmp_path / "expected.png") as one_process:
+        assert np.array_equal(np.asarray(saved), np.asarray(one_process))
 
 
 def test_validation_loss_is_averaged_over_all_ranks(run_dir):

@@ -1,10 +1,12 @@
 import inspect
 import json
+import math
 
 import pytest
 import torch
 from torch import nn
 
+from ddpm_diffusers import to_diffusers_state_dict, unet2d_config
 from ddpm_model import PRESETS, AttentionBlock, MLPDenoiser, UNet, count_parameters, network_from_config, preset_config
 
 
@@ -29,15 +31,57 @@ def inputs(batch: int = 2, channels: int = 3, size: int = 32, seed: int = 1):
     return x, torch.randint(0, 1000, (batch,), generator=gen)
 
 
-@pytest.mark.parametrize(
-    "preset,channels,size",
-    [("tiny", 3, 32), ("tiny", 1, 28), ("tiny", 3, 16), ("tiny", 3, 64), ("small", 3, 32), ("small", 1, 28)],
-)
-def test_output_shape_matches_input(preset, channels, size):
-    model = randomize(UNet(in_channels=channels, image_size=size, **preset_config(preset, size)))
-    x, t = inputs(channels=channels, size=size)
+def diffusers_twin(model: UNet) -> nn.Module:
+    """diffusers' UNet2DModel of `model`'s layout holding its weights (ddpm_diffusers' names): the same network written
+    independently. diffusers normalises every layer in one number of groups, ours in gcd(32, C); each of its GroupNorms
+    is given our count, so that widths below 32 (the tiny preset's 16) compare too."""
+    diffusers = pytest.importorskip("diffusers")
+    config = model.config
+    widths = [config["base_dim"] * mult for mult in config["dim_mults"]]
+    # unet2d_config refuses widths that are not multiples of 32: it is given such widths, then ours replace them
+    exportable = config | {"base_dim": config["base_dim"] * 32 // math.gcd(32, config["base_dim"])}
+    groups = math.gcd(32, *widths)
+    heads = config["num_heads"]
+    theirs = diffusers.UNet2DModel(**unet2d_config(exportable) | {
+        "block_out_channels": widths, "norm_num_groups": groups, "attn_norm_num_groups": groups,
+        "attention_head_dim": None if heads == 1 else widths[-1] // heads})
+    for module in theirs.modules():
+        if isinstance(module, nn.GroupNorm):
+            module.num_groups = math.gcd(32, module.num_channels)
+    theirs.load_state_dict(to_diffusers_state_dict(model.state_dict()), strict=True)
+    return theirs.eval()
+
+
+def assert_matches_diffusers(model: UNet, x: torch.Tensor, t: torch.Tensor,
+                             labels: torch.Tensor | None = None) -> torch.Tensor:
+    """model(x, t, labels) equals diffusers' output to 1e-5 of its largest value; returns it."""
     with torch.no_grad():
-        assert model(x, t).shape == x.shape
+        ours = model(x, t, labels)
+        expected = diffusers_twin(model)(x, t, class_labels=labels).sample
+    assert ours.shape == x.shape
+    error = (ours - expected).abs().max().item()
+    assert error < 1e-5 * expected.abs().max().item(), error
+    return ours
+
+
+@pytest.mark.parametrize(
+    "preset,channels,size,num_classes",
+    [("tiny", 3, 32, None), ("tiny", 1, 28, None), ("tiny", 3, 16, 3), ("tiny", 3, 64, None), ("small", 3, 32, None),
+     ("small", 1, 28, 3)],
+)
+def test_output_is_diffusers_unet2dmodel_with_the_same_weights(preset, channels, size, num_classes):
+    """Every preset at every size gives diffusers' UNet2DModel's output for the same weights, at two timesteps (and, for
+    conditional models, a class and the null label), so a block left out, a skip taken in the wrong order, t or the
+    label ignored, or the input passed through all fail. The time embedding's weights are 20x the others (as a trained
+    network's), so that t moves the output well above the tolerance."""
+    config = preset_config(preset, size)
+    model = randomize(UNet(in_channels=channels, image_size=size, num_classes=num_classes, **config))
+    with torch.no_grad():
+        for layer in (model.time_embed[1], model.time_embed[3]):
+            layer.weight.mul_(20)
+    x, t = inputs(channels=channels, size=size)
+    labels = None if num_classes is None else torch.tensor([0, num_classes])
+    assert_matches_diffusers(model, x, t, labels)
 
 
 def test_ddpm_parameter_count_matches_ho_et_al():
@@ -174,11 +218,23 @@ def test_examples_are_independent_in_a_batch():
                                    atol=1e-5, rtol=0)
 
 
-@torch.no_grad()
-def test_multi_head_attention_works():
+def test_multi_head_attention_is_diffusers_with_the_same_heads():
+    """With 4 heads the whole network gives diffusers' output (its attention_head_dim = width / 4: heads are
+    consecutive channel groups of q, k and v), so a wrong head split or num_heads not reaching every attention layer
+    fails. The q, k, v weights are 30x the others (and proj_out's 3x), so that attention is far from uniform (with
+    small q and k, every head averages the same values and any split gives one output): the same weights with one
+    head then move the output by 1.7% of its largest value (measured)."""
     model = randomize(tiny(num_heads=4))
+    with torch.no_grad():
+        for block in (m for m in model.modules() if isinstance(m, AttentionBlock)):
+            block.qkv.weight.mul_(30)
+            block.proj_out.weight.mul_(3)
     x, t = inputs()
-    assert model(x, t).shape == x.shape
+    four_heads = assert_matches_diffusers(model, x, t)
+    one_head = tiny(num_heads=1).eval()
+    one_head.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (one_head(x, t) - four_heads).abs().max() > 5e-3 * four_heads.abs().max()
 
 
 @pytest.mark.parametrize("num_heads", [1, 4])

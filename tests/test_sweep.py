@@ -53,9 +53,18 @@ def test_cells_samplers_and_the_metric():
     assert sweep_metric("random-conv") == ("fid", "random-conv")
 
 
-@pytest.mark.parametrize("command", ["--evaluate --sweep --sweep_samplers ddim:0", "--evaluate --sweep --sweep_samplers heun:5",
-                                     "--inference --sweep_ema 0.1", "--evaluate --sampling_preset best",
-                                     "--inference --sampling_preset best --model_path models/none/ckpt.pt"])
-def test_bad_sweep_flags_are_one_line(tmp_path, capsys, command):
+@pytest.mark.parametrize("command,fragments", [
+    ("--evaluate --sweep --sweep_samplers ddim:0", ("--sweep_samplers expects SAMPLER:STEPS", "got 'ddim:0'")),
+    ("--evaluate --sweep --sweep_samplers heun:5", ("--sweep_samplers expects SAMPLER:STEPS", "got 'heun:5'")),
+    ("--inference --sweep_ema 0.1", ("--sweep_ema and --sweep_samplers work together with --evaluate",)),
+    ("--evaluate --sampling_preset best", ("--sampling_preset is for --inference",)),
+    ("--inference --sampling_preset best --model_path models/none/ckpt.pt",
+     ("--sampling_preset best needs models/none/sampling_best.json", "run --evaluate --sweep")),
+])
+def test_bad_sweep_flags_are_one_line_naming_the_flag(tmp_path, capsys, command, fragments):
+    """Refused with exit code 2 in one line that names the flag and, for a bad value, the value itself (a refusal
+    for another reason, such as the missing --model_path, would not)."""
     assert run_cli(command, tmp_path) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert all(fragment in err for fragment in fragments), err
