@@ -21,6 +21,7 @@ from ddpm_checkpoint import LoadedModel, load_model
 from ddpm_config import SamplingConfig, UsageError
 from ddpm_data import Split, load_batch
 from ddpm_diffusion import Diffusion
+from ddpm_judge import Judge, describe_figures, judge_of_model_data
 from ddpm_metrics import (
     COMPARABLE_TO_PUBLISHED,
     FEATURE_EXTRACTORS,
@@ -67,9 +68,11 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime
 
 def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int, batch_size: int,
                          extractor_name: str, extractor: Optional[FeatureExtractor], reference: Optional[ReferenceStatistics],
-                         out_dir: Path, save_pngs: bool = False, guide: Optional[LoadedModel] = None) -> Optional[tuple[dict, torch.Tensor]]:
-    """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure and write samples.npz,
-    grid.png and evaluation.json to out_dir and return (results, images); None on the other ranks."""
+                         out_dir: Path, save_pngs: bool = False, guide: Optional[LoadedModel] = None,
+                         judge: Optional[Judge] = None) -> Optional[tuple[dict, torch.Tensor]]:
+    """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure (with `judge` too,
+    where given) and write samples.npz, grid.png and evaluation.json to out_dir and return (results, images); None on
+    the other ranks."""
     labels = every_class_in_turn(loaded.description.num_classes, num_samples)
     started = time.perf_counter()
     images = generate_from(loaded, num_samples, labels, settings, seed, batch_size, runtime, guide=guide)
@@ -79,7 +82,7 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime:
     results = describe_run(loaded, settings, runtime, num_samples, seed, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
     results["processes"] = runtime.world_size
-    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(runtime.device)))
+    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(runtime.device), judge))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
     save_sample_set(images, labels, out_dir, pngs=save_pngs)
@@ -89,8 +92,8 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime:
 
 def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
                    features: str, data_dir: str, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
-                   compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False) -> None:
-    """--evaluate: FID (and IS, KID, precision/recall, class consistency) of `num_samples` samples, at
+                   compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False, judge: bool = True) -> None:
+    """--evaluate: FID (and IS, KID, precision/recall, class consistency, the judge's figures) of `num_samples` samples, at
     settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
     statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes. A 2D model
     is measured by the sliced Wasserstein distance instead (ddpm_points.evaluate_points)."""
@@ -112,12 +115,13 @@ def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime,
             reference = load_reference_file(fid_ref, extractor, loaded.description.image_shape, str(runtime.device))
         else:
             reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(runtime.device))
+    data_judge = judge_of_model_data(data, data_dir, str(runtime.device)) if judge and runtime.is_main else None
     sweep = []
     for scale in guidance_sweep or [settings.guidance_scale]:
         out_dir = save_dir / f"scale_{scale:g}" if guidance_sweep else save_dir
         outcome = evaluate_one_setting(loaded, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples, seed=seed,
                                        batch_size=batch_size, extractor_name=features, extractor=extractor, reference=reference,
-                                       out_dir=out_dir, save_pngs=save_pngs, guide=guide)
+                                       out_dir=out_dir, save_pngs=save_pngs, guide=guide, judge=data_judge)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             sweep.append(outcome)
@@ -140,15 +144,17 @@ def summary_line(results: dict, json_path: Path) -> str:
         text += f", precision {pr['precision']:.3f} recall {pr['recall']:.3f} (k={pr['neighborhood']}, {count} samples)"
     if results["class_consistency"] is not None:
         text += f", class consistency {results['class_consistency']:.3f}"
+    if results.get("judge"):
+        text += f"; {describe_figures(results['judge'])}"
     return f"{text}; wrote {json_path}"
 
 
 def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: list[str], save_dir: Path) -> None:
-    """guidance_sweep.json and .md (FID, IS, class consistency per scale), guidance_sweep.png (FID and IS
-    against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each column)."""
+    """guidance_sweep.json and .md (FID, IS, class consistency, the judge's figures per scale), guidance_sweep.png (FID
+    and IS against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each column)."""
     rows = [{"guidance_scale": results["guidance_scale"], "num_samples": results["num_samples"], "fid": results["fid"],
              "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
-             "class_consistency": results["class_consistency"]} for results, _ in sweep]
+             "class_consistency": results["class_consistency"], **judge_columns(results.get("judge"))} for results, _ in sweep]
     save_json(rows, save_dir / "guidance_sweep.json")
     (save_dir / "guidance_sweep.md").write_text(markdown_table(rows))
     plot_guidance_sweep(rows, save_dir / "guidance_sweep.png")
@@ -159,6 +165,14 @@ def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: lis
         safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name)
         save_labelled_rows(grid, save_dir / f"guidance_class{index}_{safe_name}.png")
     print(markdown_table(rows), end="")
+
+
+def judge_columns(figures: Optional[dict]) -> dict:
+    """The judge's figures as columns of a table (none without a judge)."""
+    if not figures:
+        return {}
+    return {"judge_class_accuracy": figures["class_accuracy"], "judge_distance": figures["distance"], "judge_floor": figures["floor"],
+            "judge_test_accuracy": figures["test_accuracy"]}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -190,9 +204,10 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
 
 
 def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int,
-                              batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False) -> None:
+                              batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False, data_dir: str = "data",
+                              judge: bool = True) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
-    one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
+    one row per checkpoint, labelled by training step, in checkpoint_comparison.png, with the judge's figures of each."""
     loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
     if loaded[0].description.points:
         raise UsageError("--compare_checkpoints draws rows of images; a 2D run's scatter progression is progression_<run_name>.png")
@@ -205,8 +220,12 @@ def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, runtim
     if not runtime.is_main:
         return
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
+    data_judge = judge_of_model_data(loaded[0].description.data, data_dir, str(runtime.device)) if judge else None
+    figures = [data_judge.figures(images, labels) for _, images in rows] if data_judge else None
+    for (name, _), row_figures in zip(rows, figures or []):
+        print(f"{name}: {describe_figures(row_figures)}")
     save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],
-               "seed": seed, "sampling": asdict(settings)}, save_dir / "checkpoint_comparison.json")
+               "seed": seed, "sampling": asdict(settings), "judge": figures}, save_dir / "checkpoint_comparison.json")
     print(f"wrote {save_dir / 'checkpoint_comparison.png'}: {len(rows)} rows of {num_samples} images")
 
 
