@@ -20,7 +20,7 @@ from ddpm_model import UNet
 from ddpm_runtime import Runtime
 from ddpm_train import EVAL_SEEDS
 
-FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2"
+FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2 --no_judge"  # the judge has its own tests
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(workspa
 
 def test_evaluate_draws_the_same_images_as_inference_for_the_same_seed(workspace):
     common = "--model_path models/C/ckpt.pt --sampler ddim --sampling_steps 2 --guidance_scale 2 --seed 4"
-    assert run(f"--evaluate {common} --fid_features random-conv --fid_num_samples 3 --save_dir same_ev", workspace) == 0
+    assert run(f"--evaluate {common} --fid_features random-conv --fid_num_samples 3 --no_judge --save_dir same_ev", workspace) == 0
     assert run(f"--inference {common} --num_samples 3 --save_dir same_inf", workspace) == 0
     evaluated, inferred = (np.load(workspace / name / "samples.npz") for name in ("same_ev", "same_inf"))
     assert np.array_equal(evaluated["images"], inferred["images"])
@@ -120,7 +120,7 @@ def test_compile_flag_compiles_the_sampling_network(workspace, monkeypatch, mode
     compiled = []
     monkeypatch.setattr(UNet, "compile", lambda self, *args, **kwargs: compiled.append(self.training))
     model = "" if mode.startswith("--compare") else "--model_path models/C/ckpt.pt"
-    assert run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --save_dir compiled", workspace) == 0
+    assert run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --no_judge --save_dir compiled", workspace) == 0
     assert compiled and not any(compiled), "compiled once per loaded model, in eval mode"
 
 
@@ -138,7 +138,7 @@ class FeaturesWithLogits(torch.nn.Module):
 
 def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, monkeypatch):
     monkeypatch.setitem(FEATURE_EXTRACTORS, "with-logits", lambda device: FeaturesWithLogits())
-    command = "--evaluate --model_path models/C/ckpt.pt --fid_features with-logits --sampler ddim --sampling_steps 2"
+    command = "--evaluate --model_path models/C/ckpt.pt --fid_features with-logits --sampler ddim --sampling_steps 2 --no_judge"
     assert run(f"{command} --fid_num_samples 10 --guidance_sweep 0,4 --save_dir sweep", workspace) == 0
     rows = read_json(workspace / "sweep/guidance_sweep.json")
     assert [row["guidance_scale"] for row in rows] == [0.0, 4.0]
@@ -214,7 +214,7 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
     checkpoint["train_state"]["step"] = 10
     save_checkpoint({key: value for key, value in checkpoint.items() if key not in ("format", "format_version")},
                     workspace / "models/C/later.pt")
-    command = "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2"
+    command = "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2 --no_judge"
     assert run(f"{command} --save_dir compare", workspace) == 0
     assert read_json(workspace / "compare/checkpoint_comparison.json")["training_steps"] == [3, 10]
     with Image.open(workspace / "compare/checkpoint_comparison.png") as image:

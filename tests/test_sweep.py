@@ -13,7 +13,7 @@ TRAIN = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --
          "--max_steps 40 --sample_every 0 --save_model --run_name S --save_dir out --device cpu")
 SWEEP = ("--evaluate --sweep --model_path models/S/ckpt.pt --fid_features random-conv --fid_num_samples 20 --batch_size 20 --device cpu "
          "--sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 --sweep_samplers dpm++3m:3 "
-         "--save_dir sweep")
+         "--no_judge --save_dir sweep")
 
 
 def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_best(tmp_path, capsys):
