@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm_judge
 import ddpm_metrics
 from conftest import run_cli as run, tree_fingerprint, write_random_checkpoint
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
 from ddpm_data import load_datasets
 from ddpm_diffusion import Diffusion
 from ddpm_evaluate import evaluation_loss
+from ddpm_judge import judge_path
 from ddpm_metrics import FEATURE_EXTRACTORS, RandomConvFeatures
 from ddpm_model import UNet
 from ddpm_runtime import Runtime
@@ -283,3 +285,37 @@ def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
     assert history["val_loss"][0] == pytest.approx(first, rel=1e-6)
     [full] = history["full"]
     assert full["val_loss"] == pytest.approx(evaluate(16, None), rel=1e-6)
+
+
+# The judge (ddpm_judge) in --evaluate --guidance_sweep and --compare_checkpoints, on a tiny run of the real digits
+
+DIGITS_RUN = ("--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
+              "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D")
+
+
+def test_guidance_sweep_and_comparison_report_the_judge_of_each_scale_and_checkpoint(digits_workspace, digits_judge, monkeypatch, capsys):
+    root, judge = digits_workspace.parent, digits_judge[1]
+    assert run(DIGITS_RUN, root) == 0
+    monkeypatch.setattr(ddpm_judge, "train_judge", lambda *args, **kwargs: pytest.fail("the cached judge was trained again"))
+    capsys.readouterr()
+    common = "--data_dir digits --sampler ddim --sampling_steps 2"
+    assert run(f"--evaluate --model_path models/D/ckpt.pt {common} --fid_features random-conv --fid_num_samples 20 --guidance_sweep 1,3 --save_dir sweep", root) == 0
+    printed = capsys.readouterr().out
+    rows = read_json(root / "sweep/guidance_sweep.json")
+    for row in rows:
+        results = read_json(root / f"sweep/scale_{row['guidance_scale']:g}/evaluation.json")
+        with np.load(root / f"sweep/scale_{row['guidance_scale']:g}/samples.npz") as samples:
+            expected = judge.figures(samples["images"], samples["labels"])  # the figures are of these very samples
+        assert results["judge"] == {**expected, "cache": str(judge_path("digits", "folder", 16, 1, 0))}
+        assert (row["judge_class_accuracy"], row["judge_distance"], row["judge_floor"]) == \
+            (expected["class_accuracy"], expected["distance"], expected["floor"])
+        assert row["judge_test_accuracy"] == judge.test_accuracy
+        assert results["class_consistency"] is None and not any("no classifier" in note for note in results["notes"])
+        assert f"judge class accuracy {expected['class_accuracy']:.3f}, distance {expected['distance']:.3f} (floor " \
+               f"{expected['floor']:.3f}) on 20 samples (its test accuracy {judge.test_accuracy:.3f}: the ceiling)" in printed
+    assert rows[0]["judge_distance"] != rows[1]["judge_distance"]
+    assert "| judge_class_accuracy | judge_distance | judge_floor | judge_test_accuracy |" in (root / "sweep/guidance_sweep.md").read_text()
+    assert run(f"--compare_checkpoints models/D/ckpt.pt models/D/ckpt.pt --num_samples 10 {common} --save_dir cmp", root) == 0
+    compared = read_json(root / "cmp/checkpoint_comparison.json")["judge"]
+    assert len(compared) == 2 and compared[0] == compared[1] and compared[0]["num_samples"] == 10
+    assert capsys.readouterr().out.count("step 3: judge class accuracy") == 2
