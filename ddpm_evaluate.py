@@ -82,7 +82,8 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime:
     results = describe_run(loaded, settings, runtime, num_samples, seed, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
     results["processes"] = runtime.world_size
-    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(runtime.device), judge))
+    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size,
+                                       str(runtime.device), judge))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
     save_sample_set(images, labels, out_dir, pngs=save_pngs)
@@ -92,9 +93,10 @@ def evaluate_one_setting(loaded: LoadedModel, settings: SamplingConfig, runtime:
 
 def run_evaluation(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, guidance_sweep: Optional[list[float]], num_samples: int,
                    features: str, data_dir: str, seed: int, batch_size: int, save_dir: Path, use_ema: bool = True,
-                   compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False, judge: bool = True) -> None:
-    """--evaluate: FID (and IS, KID, precision/recall, class consistency, the judge's figures) of `num_samples` samples, at
-    settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
+                   compile: bool = False, fid_ref: Optional[Path] = None, save_pngs: bool = False,
+                   judge: bool = True) -> None:
+    """--evaluate: FID (and IS, KID, precision/recall, class consistency, the judge's figures) of `num_samples`
+    samples, at settings.guidance_scale or at each scale of `guidance_sweep`, against the training set's features or the
     statistics in `fid_ref`. Under torchrun every rank samples its share; rank 0 alone measures and writes. A 2D model
     is measured by the sliced Wasserstein distance instead (ddpm_points.evaluate_points)."""
     loaded = load_model(model_path, str(runtime.device), use_ema, compile)
@@ -150,11 +152,13 @@ def summary_line(results: dict, json_path: Path) -> str:
 
 
 def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: list[str], save_dir: Path) -> None:
-    """guidance_sweep.json and .md (FID, IS, class consistency, the judge's figures per scale), guidance_sweep.png (FID
-    and IS against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each column)."""
+    """guidance_sweep.json and .md (FID, IS, class consistency, the judge's figures per scale), guidance_sweep.png
+    (FID and IS against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each
+    column)."""
     rows = [{"guidance_scale": results["guidance_scale"], "num_samples": results["num_samples"], "fid": results["fid"],
              "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
-             "class_consistency": results["class_consistency"], **judge_columns(results.get("judge"))} for results, _ in sweep]
+             "class_consistency": results["class_consistency"], **judge_columns(results.get("judge"))}
+            for results, _ in sweep]
     save_json(rows, save_dir / "guidance_sweep.json")
     (save_dir / "guidance_sweep.md").write_text(markdown_table(rows))
     plot_guidance_sweep(rows, save_dir / "guidance_sweep.png")
@@ -171,8 +175,8 @@ def judge_columns(figures: Optional[dict]) -> dict:
     """The judge's figures as columns of a table (none without a judge)."""
     if not figures:
         return {}
-    return {"judge_class_accuracy": figures["class_accuracy"], "judge_distance": figures["distance"], "judge_floor": figures["floor"],
-            "judge_test_accuracy": figures["test_accuracy"]}
+    return {"judge_class_accuracy": figures["class_accuracy"], "judge_distance": figures["distance"],
+            "judge_floor": figures["floor"], "judge_test_accuracy": figures["test_accuracy"]}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -204,10 +208,11 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
 
 
 def run_checkpoint_comparison(paths: list[str], settings: SamplingConfig, runtime: Runtime, *, num_samples: int, seed: int,
-                              batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False, data_dir: str = "data",
-                              judge: bool = True) -> None:
+                              batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False,
+                              data_dir: str = "data", judge: bool = True) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
-    one row per checkpoint, labelled by training step, in checkpoint_comparison.png, with the judge's figures of each."""
+    one row per checkpoint, labelled by training step, in checkpoint_comparison.png, with the judge's figures of
+    each."""
     loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
     if loaded[0].description.points:
         raise UsageError("--compare_checkpoints draws rows of images; a 2D run's scatter progression is progression_<run_name>.png")

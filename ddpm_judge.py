@@ -21,18 +21,19 @@ and cached in <data_dir>/judge_<dataset>_<size>px_<channels>ch_seed<seed>.pt wit
 A cache that does not describe the data, or that cannot be read, is retrained (one line says why). A data set
 without classes, or with too few images per class, has no judge (one line says why).
 """
+
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from ddpm_config import UsageError, first_line
@@ -63,7 +64,9 @@ class JudgeNet(nn.Module):
             layers += [nn.Conv2d(width_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
             layers += [nn.MaxPool2d(2)] if stage < pools else []
             width_in = width
-        self.trunk = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width_in, FEATURE_DIM), nn.ReLU())
+        self.trunk = nn.Sequential(
+            *layers, nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width_in, FEATURE_DIM), nn.ReLU()
+        )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,16 +83,25 @@ def training_steps(num_images: int) -> int:
 
 def describe(dataset: str, data: DataSplits, seed: int, steps: int) -> dict:
     """What a cached judge was trained on; a cache is used only for data with this exact description."""
-    return {"dataset": dataset, "image_size": data.image_size, "channels": data.channels, "class_names": list(data.class_names),
-            "train_images": len(data.train), "test_images": len(data.test), "seed": seed, "steps": steps,
-            "hflip": data.train.hflip, "recipe": RECIPE}
+    return {
+        "dataset": dataset,
+        "image_size": data.image_size,
+        "channels": data.channels,
+        "class_names": list(data.class_names),
+        "train_images": len(data.train),
+        "test_images": len(data.test),
+        "seed": seed,
+        "steps": steps,
+        "hflip": data.train.hflip,
+        "recipe": RECIPE,
+    }
 
 
 def judge_path(data_dir: str | Path, dataset: str, image_size: int, channels: int, seed: int) -> Path:
     return Path(data_dir) / f"judge_{dataset}_{image_size}px_{channels}ch_seed{seed}.pt"
 
 
-def why_no_judge(data: DataSplits) -> Optional[str]:
+def why_no_judge(data: DataSplits) -> str | None:
     """Why this data set cannot have a judge, or None."""
     if data.points:
         return "2D points have no judge (it classifies images)"
@@ -99,8 +111,10 @@ def why_no_judge(data: DataSplits) -> Optional[str]:
     test_counts = torch.bincount(data.test.labels, minlength=data.num_classes)
     for name, train_count, test_count in zip(data.class_names, train_counts.tolist(), test_counts.tolist()):
         if train_count < MIN_TRAIN_PER_CLASS or test_count < MIN_TEST_PER_CLASS:
-            return (f"class {name!r} has {train_count} training and {test_count} test images; a judge needs at least "
-                    f"{MIN_TRAIN_PER_CLASS} and {MIN_TEST_PER_CLASS} per class")
+            return (
+                f"class {name!r} has {train_count} training and {test_count} test images; a judge needs at least "
+                f"{MIN_TRAIN_PER_CLASS} and {MIN_TEST_PER_CLASS} per class"
+            )
     return None
 
 
@@ -116,7 +130,7 @@ class Judge:
     test_sigma: np.ndarray
     train_features: np.ndarray  # float32 (training images, FEATURE_DIM)
     device: str
-    path: Optional[Path] = None  # its cache file
+    path: Path | None = None  # its cache file
 
     @property
     def class_names(self) -> list[str]:
@@ -136,7 +150,7 @@ class Judge:
         """Features of uint8 images (N, H, W, C)."""
         return self.features_and_logits(self._as_nchw(images))[0]
 
-    def floor(self, count: int) -> Optional[float]:
+    def floor(self, count: int) -> float | None:
         """The distance from `count` real training images to the test images, the mean over FLOOR_DRAWS fixed random
         choices of them (one distance alone varies by a factor 2 at 200 digits); all of them if there are fewer.
         What samples as good as the data get at that count; None below 2 images."""
@@ -152,30 +166,41 @@ class Judge:
             distances.append(frechet_distance(mu, sigma, self.test_mu, self.test_sigma))
         return float(np.mean(distances))
 
-    def figures(self, images: torch.Tensor | np.ndarray, labels: Optional[torch.Tensor | np.ndarray]) -> dict:
+    def figures(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None) -> dict:
         """The judge's figures of uint8 images (N, H, W, C) drawn for `labels` (None: unconditional samples, no class
         accuracy): class accuracy overall and per class, the distance to the test images and its floor at N."""
         features, logits = self.features_and_logits(self._as_nchw(images))
         count = len(features)
-        figures = {"test_accuracy": self.test_accuracy, "num_samples": count, "class_accuracy": None, "per_class_accuracy": None,
-                   "distance": None, "floor": self.floor(count), "feature_dim": FEATURE_DIM,
-                   "cache": None if self.path is None else str(self.path)}
+        figures = {
+            "test_accuracy": self.test_accuracy,
+            "num_samples": count,
+            "class_accuracy": None,
+            "per_class_accuracy": None,
+            "distance": None,
+            "floor": self.floor(count),
+            "feature_dim": FEATURE_DIM,
+            "cache": None if self.path is None else str(self.path),
+        }
         if count >= 2:
             figures["distance"] = frechet_distance(*feature_statistics(features), self.test_mu, self.test_sigma)
         if labels is not None:
             labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
             correct = (logits.argmax(dim=1) == labels).double()
             figures["class_accuracy"] = correct.mean().item()
-            figures["per_class_accuracy"] = {name: correct[labels == index].mean().item() if (labels == index).any() else None
-                                             for index, name in enumerate(self.class_names)}
+            figures["per_class_accuracy"] = {
+                name: correct[labels == index].mean().item() if (labels == index).any() else None
+                for index, name in enumerate(self.class_names)
+            }
         return figures
 
     def _as_nchw(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         images = torch.as_tensor(np.asarray(images))
         expected = (self.description["image_size"], self.description["image_size"], self.description["channels"])
         if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise UsageError(f"the judge of {self.description['dataset']} takes uint8 images (N, {', '.join(map(str, expected))}), "
-                             f"not {images.dtype} {tuple(images.shape)}")
+            raise UsageError(
+                f"the judge of {self.description['dataset']} takes uint8 images (N, {', '.join(map(str, expected))}), "
+                f"not {images.dtype} {tuple(images.shape)}"
+            )
         return images.permute(0, 3, 1, 2)
 
 
@@ -186,8 +211,10 @@ def describe_figures(figures: dict) -> str:
         parts.append(f"class accuracy {figures['class_accuracy']:.3f}")
     if figures["distance"] is not None:
         parts.append(f"distance {figures['distance']:.3f} (floor {figures['floor']:.3f})")
-    return (f"judge {', '.join(parts) or 'none'} on {figures['num_samples']} samples "
-            f"(its test accuracy {figures['test_accuracy']:.3f}: the ceiling)")
+    return (
+        f"judge {', '.join(parts) or 'none'} on {figures['num_samples']} samples "
+        f"(its test accuracy {figures['test_accuracy']:.3f}: the ceiling)"
+    )
 
 
 def translate(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -198,11 +225,15 @@ def translate(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> to
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
     rows = torch.arange(height, device=x.device) + max_shift - shifts[0][:, None]  # (N, H)
     columns = torch.arange(width, device=x.device) + max_shift - shifts[1][:, None]  # (N, W)
-    picked = padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], columns[:, None, :]]  # (N, H, W, C)
+    picked = padded[
+        torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], columns[:, None, :]
+    ]  # (N, H, W, C)
     return picked.permute(0, 3, 1, 2)
 
 
-def fit(net: JudgeNet, images: torch.Tensor, labels: torch.Tensor, *, hflip: bool, steps: int, seed: int, device: str) -> None:
+def fit(
+    net: JudgeNet, images: torch.Tensor, labels: torch.Tensor, *, hflip: bool, steps: int, seed: int, device: str
+) -> None:
     """Train with AdamW, a 5% linear warm-up then a cosine decay to 0, on batches drawn (and augmented) from a CPU
     generator seeded with `seed`: the same seed gives the same judge on one device."""
     generator = torch.Generator().manual_seed(seed)
@@ -211,13 +242,14 @@ def fit(net: JudgeNet, images: torch.Tensor, labels: torch.Tensor, *, hflip: boo
     optimizer = torch.optim.AdamW(net.parameters(), lr=JUDGE_LR, weight_decay=JUDGE_WEIGHT_DECAY)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps))))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
+    )
     net.train()
     order, position = torch.randperm(len(labels), generator=generator), 0
     for _ in tqdm(range(steps), desc="training the judge (once)", unit="step"):
         if position + JUDGE_BATCH > len(order):
             order, position = torch.randperm(len(labels), generator=generator), 0
-        batch = order[position:position + JUDGE_BATCH].to(device)
+        batch = order[position : position + JUDGE_BATCH].to(device)
         position += JUDGE_BATCH
         x = translate(images[batch].float() / 127.5 - 1, max_shift, generator)
         if hflip:
@@ -231,7 +263,7 @@ def fit(net: JudgeNet, images: torch.Tensor, labels: torch.Tensor, *, hflip: boo
     net.eval()
 
 
-def train_judge(dataset: str, data: DataSplits, device: str, *, seed: int = 0, steps: Optional[int] = None) -> Judge:
+def train_judge(dataset: str, data: DataSplits, device: str, *, seed: int = 0, steps: int | None = None) -> Judge:
     """A judge trained on data.train and measured on data.test (not cached: see load_or_train_judge)."""
     steps = steps or training_steps(len(data.train))
     with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, leaving the caller's random state alone
@@ -249,16 +281,21 @@ def train_judge(dataset: str, data: DataSplits, device: str, *, seed: int = 0, s
 
 def save_judge(judge: Judge, path: Path) -> None:
     """The network's weights and everything its figures need, with the description of its data (atomic)."""
-    state = {"description": judge.description, "state_dict": {k: v.cpu() for k, v in judge.net.state_dict().items()},
-             "test_accuracy": judge.test_accuracy, "test_mu": torch.from_numpy(judge.test_mu),
-             "test_sigma": torch.from_numpy(judge.test_sigma), "train_features": torch.from_numpy(judge.train_features)}
+    state = {
+        "description": judge.description,
+        "state_dict": {k: v.cpu() for k, v in judge.net.state_dict().items()},
+        "test_accuracy": judge.test_accuracy,
+        "test_mu": torch.from_numpy(judge.test_mu),
+        "test_sigma": torch.from_numpy(judge.test_sigma),
+        "train_features": torch.from_numpy(judge.train_features),
+    }
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
     judge.path = path
 
 
-def read_judge(path: Path, expected: dict, device: str) -> tuple[Optional[Judge], Optional[str]]:
+def read_judge(path: Path, expected: dict, device: str) -> tuple[Judge | None, str | None]:
     """(the cached judge, None) when `path` holds one for data described by `expected`; else (None, why not),
     the reason None when there is no file."""
     if not path.is_file():
@@ -281,8 +318,17 @@ def read_judge(path: Path, expected: dict, device: str) -> tuple[Optional[Judge]
     return Judge(net.to(device).eval(), description, float(state["test_accuracy"]), *arrays, device, path), None
 
 
-def load_or_train_judge(dataset: str, data_dir: str | Path, image_size: int, channels: int, device: str, *, seed: int = 0,
-                        steps: Optional[int] = None, report: Callable[[str], None] = print) -> Optional[Judge]:
+def load_or_train_judge(
+    dataset: str,
+    data_dir: str | Path,
+    image_size: int,
+    channels: int,
+    device: str,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    report: Callable[[str], None] = print,
+) -> Judge | None:
     """The judge of a data set: read from its cache, else trained and cached; None (one line through `report` saying
     why) for a data set that cannot have one. A cache of other data, or a cut-short one, is retrained (one line)."""
     data = load_datasets(dataset, data_dir, image_size, seed=0, channels=channels, val_fraction=JUDGE_VAL_FRACTION)
@@ -300,12 +346,17 @@ def load_or_train_judge(dataset: str, data_dir: str | Path, image_size: int, cha
         report(f"{problem}: retraining it")
     judge = train_judge(dataset, data, device, seed=seed, steps=steps)
     save_judge(judge, path)
-    report(f"judge trained for {steps} steps on {len(data.train)} {dataset} images: test accuracy {judge.test_accuracy:.3f} "
-           f"on {len(data.test)} test images; cached in {path}")
+    report(
+        f"judge trained for {steps} steps on {len(data.train)} {dataset} images: "
+        f"test accuracy {judge.test_accuracy:.3f} "
+        f"on {len(data.test)} test images; cached in {path}"
+    )
     return judge
 
 
-def judge_of_model_data(data: dict, data_dir: str | Path, device: str, report: Callable[[str], None] = print) -> Optional[Judge]:
+def judge_of_model_data(
+    data: dict, data_dir: str | Path, device: str, report: Callable[[str], None] = print
+) -> Judge | None:
     """The judge of the data a checkpoint was trained on (its description's `data`: dataset, image_size, channels,
     class_names), or None with one line saying why; a judge whose classes are not the model's is not used."""
     if data["image_size"] is None:
@@ -313,7 +364,10 @@ def judge_of_model_data(data: dict, data_dir: str | Path, device: str, report: C
         return None
     judge = load_or_train_judge(data["dataset"], data_dir, data["image_size"], data["channels"], device, report=report)
     if judge is not None and judge.class_names != list(data["class_names"]):
-        report(f"no judge: the classes of {data['dataset']} in {data_dir} ({', '.join(judge.class_names)[:200]}) are not the "
-               f"model's ({', '.join(data['class_names'])[:200]}); class accuracy and the judge's distance not measured")
+        report(
+            f"no judge: the classes of {data['dataset']} in {data_dir} "
+            f"({', '.join(judge.class_names)[:200]}) are not the "
+            f"model's ({', '.join(data['class_names'])[:200]}); class accuracy and the judge's distance not measured"
+        )
         return None
     return judge

@@ -202,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--guidance_sweep", default=None, metavar="W1,W2,...", help="with --evaluate: one evaluation per guidance scale, a table, a plot and per-class grids")
     evaluation.add_argument("--sweep", action="store_true",
                             help="with --evaluate: every combination of --sweep_ema, guidance kind (classifier-free; autoguidance with "
-                                 "--guide_model), --guidance_sweep scales and --sweep_samplers, ranked by FID (without the Inception weights: "
-                                 "the judge's distance, else KID); resumable; the best goes to <run folder>/sampling_best.json")
+                                 "--guide_model), --guidance_sweep scales and --sweep_samplers, ranked by FID "
+                                 "(without the Inception weights: the judge's distance, else KID); resumable; "
+                                 "the best goes to <run folder>/sampling_best.json")
     evaluation.add_argument("--sweep_ema", default=None, metavar="SIGMA_RELS",
                             help="with --sweep: post-hoc EMA lengths to try besides the checkpoint's own EMA, e.g. 0.05,0.1,0.15")
     evaluation.add_argument("--sweep_samplers", default=None, metavar="SAMPLER:STEPS,...",
@@ -213,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--compare_checkpoints", nargs="+", default=None, metavar="CKPT",
                             help="sample the same noise from these checkpoints of one run into one image, one row per training step")
     evaluation.add_argument("--no_judge", action="store_true",
-                            help="with --evaluate and --compare_checkpoints: no judge (a classifier trained once on the data set, "
-                                 "cached in --data_dir; see ddpm_judge.py)")
+                            help="with --evaluate and --compare_checkpoints: no judge (a classifier trained once "
+                                 "on the data set, cached in --data_dir; see ddpm_judge.py)")
     return parser
 
 
@@ -422,8 +423,8 @@ def run_sampling(args: argparse.Namespace) -> None:
         elif args.evaluate:
             run_evaluation(model_path, sampling_config(args), runtime, num_samples=args.fid_num_samples, features=args.fid_features,
                            guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None,
-                           data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs,
-                           judge=not args.no_judge, **common)
+                           data_dir=args.data_dir, fid_ref=Path(args.fid_ref) if args.fid_ref else None,
+                           save_pngs=args.save_pngs, judge=not args.no_judge, **common)
         else:
             settings = sampling_config(args)
             if args.sampling_preset == "best":

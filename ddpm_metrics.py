@@ -268,7 +268,8 @@ def feature_dimension(extractor: FeatureExtractor, image_shape: tuple[int, int, 
 
 
 def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], dataset: str, extractor: FeatureExtractor,
-                        reference: ReferenceStatistics, batch_size: int, device: str, judge: Optional[Judge] = None) -> dict:
+                        reference: ReferenceStatistics, batch_size: int, device: str,
+                        judge: Optional[Judge] = None) -> dict:
     """FID against the reference, Inception Score where the extractor has logits, class consistency where
     labels and a classifier exist, the figures of the data set's judge (ddpm_judge) where there is one; a missing
     metric is None with a note saying why."""

@@ -110,12 +110,15 @@ def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, s
             dist.barrier()
         weights |= {f"{s:.3f}": Path(model_path).parent / f"posthoc_ema_{s:.3f}.safetensors" for s in sweep_ema}
     guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else []) or ["none"]
-    data_judge = judge_of_model_data(main.description.data, data_dir, str(runtime.device)) if judge and runtime.is_main else None
-    metric, extractor_name = sweep_metric(features, data_judge is not None)  # on other ranks only to read finished cells
+    data_judge = None
+    if judge and runtime.is_main:
+        data_judge = judge_of_model_data(main.description.data, data_dir, str(runtime.device))
+    metric, extractor_name = sweep_metric(features, data_judge is not None)  # other ranks: only to read finished cells
     extractor, reference = None, None
     if runtime.is_main:
-        ranked_by = (f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})" if metric == "judge"
-                     else f"{metric.upper()} on {extractor_name} features")
+        ranked_by = f"{metric.upper()} on {extractor_name} features"
+        if metric == "judge":
+            ranked_by = f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})"
         print(f"sweep: ranking by {ranked_by}"
               f"{'' if metric == 'fid' else f' (no Inception weights at {inception_weights_path()}; compare only with each other)'}")
         extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
@@ -148,7 +151,8 @@ def run_sweep(model_path: Path, settings: SamplingConfig, runtime: Runtime, *, s
     plot_sweep(rows, metric, save_dir / "sweep.png")
     save_json(best_setting, Path(model_path).parent / BEST_FILE)
     print(table, end="")
-    print(f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); wrote {Path(model_path).parent / BEST_FILE} "
+    print(f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); "
+          f"wrote {Path(model_path).parent / BEST_FILE} "
           f"(--inference --sampling_preset best uses it)")
     return best_setting
 
@@ -160,8 +164,9 @@ def cell_record(cell: Cell, save_dir: Path, metric: str) -> Optional[dict]:
         return None
     results = json.loads(path.read_text())
     figures = results.get("judge") or {}
-    value = {"fid": lambda: results["fid"], "kid": lambda: results["kid"]["mean"], "judge": lambda: figures.get("distance")}[metric]()
-    return {"name": cell.name, **vars(cell), "value": math.nan if value is None else value, "class_consistency": results["class_consistency"],
+    value = {"fid": results["fid"], "kid": (results["kid"] or {}).get("mean"), "judge": figures.get("distance")}[metric]
+    return {"name": cell.name, **vars(cell), "value": math.nan if value is None else value,
+            "class_consistency": results["class_consistency"],
             "judge_class_accuracy": figures.get("class_accuracy"), "judge_distance": figures.get("distance"),
             "judge_floor": figures.get("floor"), "judge_test_accuracy": figures.get("test_accuracy"),
             "sampling_seconds": results["sampling_seconds"]}
@@ -182,16 +187,19 @@ def evaluate_cell(cell: Cell, loaded: LoadedModel, guide: Optional[LoadedModel],
 def sweep_table(rows: list[dict], metric: str) -> str:
     """One line per cell, best first; the judge's class accuracy and distance (floor) where it measured them."""
     show = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"  # noqa: E731
-    lines = [f"| EMA | guidance | w | sampler | steps | {METRIC_NAMES[metric]} | class consistency | judge class accuracy | "
-             "judge distance (floor) | sampling s |", "| --- " * 10 + "|"]
+    lines = [f"| EMA | guidance | w | sampler | steps | {METRIC_NAMES[metric]} | class consistency | "
+             "judge class accuracy | judge distance (floor) | sampling s |", "| --- " * 10 + "|"]
     for row in sorted(rows, key=lambda row: row["value"] if math.isfinite(row["value"]) else math.inf):
-        distance = "-" if row.get("judge_distance") is None else f"{row['judge_distance']:.3f} ({row['judge_floor']:.3f})"
+        distance = "-"
+        if row.get("judge_distance") is not None:
+            distance = f"{row['judge_distance']:.3f} ({row['judge_floor']:.3f})"
         lines.append(f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | {row['value']:.4f} | "
                      f"{show(row['class_consistency'], 3)} | {show(row.get('judge_class_accuracy'), 3)} | {distance} | "
                      f"{row['sampling_seconds']:.1f} |")
     accuracies = {row.get("judge_test_accuracy") for row in rows} - {None}
     if accuracies:
-        lines.append(f"\nThe judge's accuracy on the real test images (the ceiling of its class accuracy): {max(accuracies):.3f}")
+        lines.append(f"\nThe judge's accuracy on the real test images (the ceiling of its class accuracy): "
+                     f"{max(accuracies):.3f}")
     return "\n".join(lines) + "\n"
 
 

@@ -321,7 +321,8 @@ def write_grey_folder(root: Path, layout: str) -> None:
 
 def write_digits_folder(root: Path, image_size: int = 16) -> Path:
     """scikit-learn's 1,797 real handwritten digits (8x8, 17 grey levels) upscaled bilinearly to image_size, as grey PNGs
-    in root/train/<digit>/ and root/test/<digit>/: the stratified 75/25 split (1,347 and 450) of scripts/quality_benchmark.py."""
+    in root/train/<digit>/ and root/test/<digit>/: the stratified 75/25 split (1,347 and 450) and the files of
+    scripts/quality_benchmark.py."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -329,10 +330,11 @@ def write_digits_folder(root: Path, image_size: int = 16) -> Path:
     pixels = np.clip(digits.images * (255 / 16), 0, 255).astype(np.uint8)
     train, test = train_test_split(np.arange(len(pixels)), test_size=0.25, random_state=0, stratify=digits.target)
     for split, indices in (("train", train), ("test", test)):
-        for index in indices:
+        for position, index in enumerate(indices):  # the benchmark's file names: the order ImageFolder reads them in
             folder = root / split / str(digits.target[index])
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels[index]).resize((image_size, image_size), Image.BILINEAR).save(folder / f"{index:04d}.png")
+            image = Image.fromarray(pixels[index]).resize((image_size, image_size), Image.BILINEAR)
+            image.save(folder / f"{position:05d}.png")
     return root
 
 

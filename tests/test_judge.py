@@ -1,15 +1,16 @@
-"""ddpm_judge: the classifier trained on the data set, on scikit-learn's real digits at 16x16 (trained once per session in
-conftest.digits_judge): what it knows of real images, what it says of wrongly labelled ones, its seed, its cache, and
-the one line each bad input gets."""
+"""ddpm_judge: the classifier trained on the data set, on scikit-learn's real digits at 16x16 (trained once per
+session in conftest.digits_judge): what it knows of real images, what it says of wrongly labelled ones, its seed, its
+cache, and the one line each bad input gets."""
+
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import weights_equal, write_grey_folder
 
 import ddpm_judge
-from conftest import weights_equal, write_grey_folder
 from ddpm_data import load_datasets
 from ddpm_judge import JudgeNet, judge_path, load_or_train_judge, train_judge
 
@@ -34,15 +35,22 @@ def test_the_judge_knows_real_digits_and_their_distance_is_at_the_floor(digits_j
     root, judge, lines = digits_judge
     data = digits_splits(root)
     assert judge.test_accuracy >= 0.95
-    assert lines[-1].startswith("judge trained for 600 steps on 1213 folder images") and f"{judge.test_accuracy:.3f}" in lines[-1]
+    assert (
+        lines[-1].startswith("judge trained for 600 steps on 1213 folder images")
+        and f"{judge.test_accuracy:.3f}" in lines[-1]
+    )
     test = judge.figures(nhwc(data.test.images), data.test.labels)
-    assert test["class_accuracy"] == pytest.approx(judge.test_accuracy, abs=1e-12), "the figures read images as training did"
+    assert test["class_accuracy"] == pytest.approx(judge.test_accuracy, abs=1e-12), (
+        "the figures read images as training did"
+    )
     assert abs(test["distance"]) < 1e-6 * np.trace(judge.test_sigma), "the test images are the reference"
     held_out = judge.figures(nhwc(data.val.images), data.val.labels)
     assert abs(held_out["class_accuracy"] - judge.test_accuracy) <= 0.03
     assert 0.5 * held_out["floor"] <= held_out["distance"] <= 1.5 * held_out["floor"]
     assert held_out["floor"] == pytest.approx(judge.floor(len(data.val)))
-    noise = torch.randint(0, 256, (len(data.val), 16, 16, 1), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    noise = torch.randint(
+        0, 256, (len(data.val), 16, 16, 1), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     assert judge.figures(noise, None)["distance"] > 50 * held_out["floor"]
 
 
@@ -51,11 +59,15 @@ def test_images_drawn_for_the_wrong_labels_get_a_low_class_accuracy(digits_judge
     data = digits_splits(root)
     right = judge.figures(nhwc(data.test.images), data.test.labels)
     shifted = judge.figures(nhwc(data.test.images), (data.test.labels + 1) % 10)
-    assert shifted["class_accuracy"] <= 0.02 and shifted["distance"] == right["distance"], "the labels move only the accuracy"
+    assert shifted["class_accuracy"] <= 0.02 and shifted["distance"] == right["distance"], (
+        "the labels move only the accuracy"
+    )
     threes_as_eights = torch.where(data.test.labels == 3, 8, data.test.labels)
     per_class = judge.figures(nhwc(data.test.images), threes_as_eights)["per_class_accuracy"]
     assert set(per_class) == {str(k) for k in range(10)}
-    assert per_class["8"] == pytest.approx((data.test.labels == 8).sum().item() / (threes_as_eights == 8).sum().item(), abs=0.02)
+    assert per_class["8"] == pytest.approx(
+        (data.test.labels == 8).sum().item() / (threes_as_eights == 8).sum().item(), abs=0.02
+    )
     assert per_class["3"] is None, "no sample was drawn for 3"
     assert min(value for key, value in per_class.items() if key not in ("3", "8")) >= 0.95
 
@@ -93,21 +105,28 @@ def test_a_cache_of_other_data_or_cut_short_is_retrained_with_one_line(digits_wo
     small = judge_path(digits_workspace, "folder", 8, 1, 0)
     shutil.copy(cache, small)  # a 16-pixel judge where the 8-pixel one belongs
     line = retrained_after(digits_workspace, 8, steps=60)[0]
-    assert line == f"judge cache {small} was trained on other data (image_size 16 not 8, steps 600 not 60): retraining it"
+    assert (
+        line == f"judge cache {small} was trained on other data (image_size 16 not 8, steps 600 not 60): retraining it"
+    )
     for split in ("train", "test"):
         shutil.rmtree(digits_workspace / split / "9")
     line = retrained_after(digits_workspace, 8, steps=60)[0]
-    assert line.startswith(f"judge cache {small} was trained on other data (class_names ['0', ") and line.endswith(": retraining it")
+    assert line.startswith(f"judge cache {small} was trained on other data (class_names ['0', ") and line.endswith(
+        ": retraining it"
+    )
     small.write_bytes(small.read_bytes()[:5000])
     line = retrained_after(digits_workspace, 8, steps=60)[0]
     assert line.startswith(f"judge cache {small} is unreadable (") and line.endswith("): retraining it")
     assert torch.load(small, weights_only=True)["description"]["class_names"] == [str(k) for k in range(9)]
 
 
-@pytest.mark.parametrize("layout,reason", [
-    ("flat", "class 'a' has 5 training and 0 test images; a judge needs at least 20 and 5 per class"),
-    ("one class", "the data set has no classes (a single class folder), so no judge classifier"),
-])
+@pytest.mark.parametrize(
+    "layout,reason",
+    [
+        ("flat", "class 'a' has 5 training and 0 test images; a judge needs at least 20 and 5 per class"),
+        ("one class", "the data set has no classes (a single class folder), so no judge classifier"),
+    ],
+)
 def test_a_data_set_that_cannot_have_a_judge_says_so_in_one_line(tmp_path, layout, reason):
     root = tmp_path / "images"
     write_grey_folder(root, "flat")
