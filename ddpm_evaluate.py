@@ -21,6 +21,7 @@ from ddpm_checkpoint import LoadedModel, load_model
 from ddpm_config import SamplingConfig, UsageError
 from ddpm_data import Split, load_batch
 from ddpm_diffusion import Diffusion
+from ddpm_judge import Judge, describe_figures, judge_of_model_data
 from ddpm_metrics import (
     COMPARABLE_TO_PUBLISHED,
     FEATURE_EXTRACTORS,
@@ -70,9 +71,10 @@ def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime
 def evaluate_one_setting(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: int,
                          seed: int, batch_size: int, extractor_name: str, extractor: Optional[FeatureExtractor],
                          reference: Optional[ReferenceStatistics], out_dir: Path, save_pngs: bool = False,
-                         guide: Optional[LoadedModel] = None) -> Optional[tuple[dict, torch.Tensor]]:
-    """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure and write samples.npz,
-    grid.png and evaluation.json to out_dir and return (results, images); None on the other ranks."""
+                         guide: Optional[LoadedModel] = None, judge: Optional[Judge] = None) -> Optional[tuple[dict, torch.Tensor]]:
+    """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure (with `judge` too,
+    where given) and write samples.npz, grid.png and evaluation.json to out_dir and return (results, images); None on
+    the other ranks."""
     labels = every_class_in_turn(loaded.description.num_classes, num_samples)
     started = time.perf_counter()
     images = generate_from(loaded, kind, num_samples, labels, settings, seed, batch_size, runtime, guide=guide)
@@ -82,7 +84,8 @@ def evaluate_one_setting(loaded: LoadedModel, kind: SampleKind, settings: Sampli
     results = describe_run(loaded, settings, runtime, num_samples, seed, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
     results["processes"] = runtime.world_size
-    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size, str(runtime.device)))
+    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size,
+                                       str(runtime.device), judge))
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
         results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
     save_sample_set(images, labels, out_dir, pngs=save_pngs)
@@ -108,10 +111,10 @@ def run_evaluation(loaded: LoadedModel, kind: SampleKind, settings: SamplingConf
 def evaluate_images(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, scales: list[float],
                     sweep: bool, labels: Optional[torch.Tensor], guide: Optional[LoadedModel], num_samples: int, seed: int,
                     batch_size: int, save_dir: Path, features: str, data_dir: str, fid_ref: Optional[Path] = None,
-                    save_pngs: bool = False) -> None:
-    """FID (and IS, KID, precision/recall, class consistency) of `num_samples` images at each scale, against the
-    training set's features or the statistics in `fid_ref`; a guidance sweep (`sweep`) writes a folder per scale and
-    the sweep's table and pictures."""
+                    save_pngs: bool = False, judge: bool = True) -> None:
+    """FID (and IS, KID, precision/recall, class consistency, the judge's figures where `judge` and the data set has
+    one: ddpm_judge) of `num_samples` images at each scale, against the training set's features or the statistics in
+    `fid_ref`; a guidance sweep (`sweep`) writes a folder per scale and the sweep's table and pictures."""
     require_torch_fidelity()
     data = loaded.description.data
     extractor, reference = None, None
@@ -122,12 +125,13 @@ def evaluate_images(loaded: LoadedModel, kind: SampleKind, settings: SamplingCon
         else:
             reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size,
                                              str(runtime.device))
+    data_judge = judge_of_model_data(data, data_dir, str(runtime.device)) if judge and runtime.is_main else None
     outcomes = []
     for scale in scales:
         out_dir = save_dir / f"scale_{scale:g}" if sweep else save_dir
         outcome = evaluate_one_setting(loaded, kind, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples,
                                        seed=seed, batch_size=batch_size, extractor_name=features, extractor=extractor,
-                                       reference=reference, out_dir=out_dir, save_pngs=save_pngs, guide=guide)
+                                       reference=reference, out_dir=out_dir, save_pngs=save_pngs, guide=guide, judge=data_judge)
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             outcomes.append(outcome)
@@ -150,15 +154,19 @@ def summary_line(results: dict, json_path: Path) -> str:
         text += f", precision {pr['precision']:.3f} recall {pr['recall']:.3f} (k={pr['neighborhood']}, {count} samples)"
     if results["class_consistency"] is not None:
         text += f", class consistency {results['class_consistency']:.3f}"
+    if results.get("judge"):
+        text += f"; {describe_figures(results['judge'])}"
     return f"{text}; wrote {json_path}"
 
 
 def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: list[str], save_dir: Path) -> None:
-    """guidance_sweep.json and .md (FID, IS, class consistency per scale), guidance_sweep.png (FID and IS
-    against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each column)."""
+    """guidance_sweep.json and .md (FID, IS, class consistency, the judge's figures per scale), guidance_sweep.png
+    (FID and IS against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each
+    column)."""
     rows = [{"guidance_scale": results["guidance_scale"], "num_samples": results["num_samples"], "fid": results["fid"],
              "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
-             "class_consistency": results["class_consistency"]} for results, _ in sweep]
+             "class_consistency": results["class_consistency"], **judge_columns(results.get("judge"))}
+            for results, _ in sweep]
     save_json(rows, save_dir / "guidance_sweep.json")
     (save_dir / "guidance_sweep.md").write_text(markdown_table(rows))
     plot_guidance_sweep(rows, save_dir / "guidance_sweep.png")
@@ -169,6 +177,14 @@ def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: lis
         safe_name = re.sub(r"[^A-Za-z0-9_-]+", "_", name)
         save_labelled_rows(grid, save_dir / f"guidance_class{index}_{safe_name}.png")
     print(markdown_table(rows), end="")
+
+
+def judge_columns(figures: Optional[dict]) -> dict:
+    """The judge's figures as columns of a table (none without a judge)."""
+    if not figures:
+        return {}
+    return {"judge_class_accuracy": figures["class_accuracy"], "judge_distance": figures["distance"],
+            "judge_floor": figures["floor"], "judge_test_accuracy": figures["test_accuracy"]}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -200,9 +216,11 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
 
 
 def run_checkpoint_comparison(paths: list[str], kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: int,
-                              seed: int, batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False) -> None:
+                              seed: int, batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False,
+                              data_dir: str = "data", judge: bool = True) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
-    one row per checkpoint, labelled by training step, in checkpoint_comparison.png."""
+    one row per checkpoint, labelled by training step, in checkpoint_comparison.png, with the judge's figures of
+    each."""
     loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
@@ -213,8 +231,12 @@ def run_checkpoint_comparison(paths: list[str], kind: SampleKind, settings: Samp
     if not runtime.is_main:
         return
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
+    data_judge = judge_of_model_data(loaded[0].description.data, data_dir, str(runtime.device)) if judge else None
+    figures = [data_judge.figures(images, labels) for _, images in rows] if data_judge else None
+    for (name, _), row_figures in zip(rows, figures or []):
+        print(f"{name}: {describe_figures(row_figures)}")
     save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],
-               "seed": seed, "sampling": asdict(settings)}, save_dir / "checkpoint_comparison.json")
+               "seed": seed, "sampling": asdict(settings), "judge": figures}, save_dir / "checkpoint_comparison.json")
     print(f"wrote {save_dir / 'checkpoint_comparison.png'}: {len(rows)} rows of {num_samples} images")
 
 

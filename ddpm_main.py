@@ -135,14 +135,18 @@ def add_evaluation_flags(evaluation: argparse._ArgumentGroup) -> None:
     evaluation.add_argument("--guidance_sweep", default=None, metavar="W1,W2,...", help="with --evaluate: one evaluation per guidance scale, a table, a plot and per-class grids")
     evaluation.add_argument("--sweep", action="store_true",
                             help="with --evaluate: every combination of --sweep_ema, guidance kind (classifier-free; autoguidance with "
-                                 "--guide_model), --guidance_sweep scales and --sweep_samplers, ranked by FID (KID without the Inception "
-                                 "weights); resumable; the best goes to <run folder>/sampling_best.json")
+                                 "--guide_model), --guidance_sweep scales and --sweep_samplers, ranked by FID "
+                                 "(without the Inception weights: the judge's distance, else KID); resumable; "
+                                 "the best goes to <run folder>/sampling_best.json")
     evaluation.add_argument("--sweep_ema", default=None, metavar="SIGMA_RELS",
                             help="with --sweep: post-hoc EMA lengths to try besides the checkpoint's own EMA, e.g. 0.05,0.1,0.15")
     evaluation.add_argument("--sweep_samplers", default=None, metavar="SAMPLER:STEPS,...",
                             help="with --sweep: solvers and steps to try, e.g. dpm++2m:20,dpm++3m:10 (default: --sampler and --sampling_steps)")
     evaluation.add_argument("--compare_checkpoints", nargs="+", default=None, metavar="CKPT",
                             help="sample the same noise from these checkpoints of one run into one image, one row per training step")
+    evaluation.add_argument("--no_judge", action="store_true",
+                            help="with --evaluate and --compare_checkpoints: no judge (a classifier trained once "
+                                 "on the data set, cached in --data_dir; see ddpm_judge.py)")
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -352,7 +356,7 @@ def run_sampling(args: argparse.Namespace) -> None:
             first = load_model(args.compare_checkpoints[0])
             kind = kind_of_model(first.description)
             kind.compare(args.compare_checkpoints, kind.sampling_settings(settings, first.diffusion.num_timesteps), runtime,
-                         num_samples=args.num_samples or kind.inference_count, **common)
+                         num_samples=args.num_samples or kind.inference_count, data_dir=args.data_dir, judge=not args.no_judge, **common)
             return
         if args.sampling_preset == "best":
             preset = best_preset(model_path)
@@ -367,11 +371,12 @@ def run_sampling(args: argparse.Namespace) -> None:
             kind.sweep(model_path, settings, runtime, sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
                        scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [settings.guidance_scale],
                        samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None, num_samples=args.fid_num_samples,
-                       features=args.fid_features, data_dir=args.data_dir, **common)
+                       features=args.fid_features, data_dir=args.data_dir, judge=not args.no_judge, **common)
         elif args.evaluate:
             run_evaluation(loaded, kind, settings, runtime, num_samples=args.fid_num_samples, features=args.fid_features,
                            guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None, data_dir=args.data_dir,
-                           fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, **common)
+                           fid_ref=Path(args.fid_ref) if args.fid_ref else None, save_pngs=args.save_pngs, judge=not args.no_judge,
+                           **common)
         else:
             run_inference(loaded, kind, settings, runtime, num_samples=args.num_samples, sample_classes=args.sample_classes,
                           require_conditional=args.conditional, **common)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 
 from ddpm_config import UsageError, first_line
 from ddpm_data import SYNTHETIC_CLASSES, load_datasets
+
+if TYPE_CHECKING:
+    from ddpm_judge import Judge
 
 FeatureExtractor = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -265,9 +268,11 @@ def feature_dimension(extractor: FeatureExtractor, image_shape: tuple[int, int, 
 
 
 def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], dataset: str, extractor: FeatureExtractor,
-                        reference: ReferenceStatistics, batch_size: int, device: str) -> dict:
+                        reference: ReferenceStatistics, batch_size: int, device: str,
+                        judge: Optional[Judge] = None) -> dict:
     """FID against the reference, Inception Score where the extractor has logits, class consistency where
-    labels and a classifier exist; a missing metric is None with a note saying why."""
+    labels and a classifier exist, the figures of the data set's judge (ddpm_judge) where there is one; a missing
+    metric is None with a note saying why."""
     nchw = images.permute(0, 3, 1, 2)
     features, logits = extract_features(extractor, nchw, batch_size, device, desc="sample features")
     mu, sigma = feature_statistics(features)
@@ -290,9 +295,10 @@ def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], da
         else:
             results["notes"].append(f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples")
     results["class_consistency"] = None
-    if labels is not None:
+    if labels is not None and (judge is None or dataset in CLASSIFIERS):  # else the judge's class accuracy measures it
         results["class_consistency"], note = class_consistency(dataset, nchw, labels)
         results["notes"].append(note)
+    results["judge"] = None if judge is None else judge.figures(images, labels)
     return results
 
 

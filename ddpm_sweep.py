@@ -4,8 +4,9 @@
         --guide_model models/run/ckpt_epoch0010.pt --guidance_sweep 1,1.5,2,3 --sweep_samplers dpm++2m:20,dpm++3m:10
 
 Every cell samples the same seeds through ddpm_evaluate.evaluate_one_setting and is ranked by one metric, chosen
-once (`sweep_metric`): FID where the Inception weights are there, else KID on the fixed random features (said in the
-output; those numbers compare only with each other). Cells are written to <save_dir>/cells/<cell>/evaluation.json as
+once (`sweep_metric`): FID where the Inception weights are there, else the Frechet distance on the features of the data
+set's judge (ddpm_judge) where it has one, else KID on the fixed random features (said in the output; those numbers
+compare only with each other). Cells are written to <save_dir>/cells/<cell>/evaluation.json as
 they finish, so an interrupted sweep started again computes only the missing ones. The sweep writes sweep.json,
 sweep.md and sweep.png (the metric against the scale, one line per EMA length, guide and solver) to --save_dir,
 and the best setting to <run folder>/sampling_best.json, which `--inference --sampling_preset best` applies.
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from ddpm_checkpoint import LoadedModel, load_model
 from ddpm_config import SamplingConfig, UsageError
 from ddpm_evaluate import evaluate_one_setting
+from ddpm_judge import judge_of_model_data
 from ddpm_metrics import FEATURE_EXTRACTORS, inception_weights_path, reference_statistics, require_torch_fidelity
 from ddpm_outputs import atomic_write, save_json
 from ddpm_phema import write_posthoc_ema
@@ -70,12 +72,20 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     return pairs
 
 
-def sweep_metric(features: str) -> tuple[str, str]:
-    """(metric, feature extractor): FID on Inception features where its weights are in the torch hub cache (or on the
-    features asked for); KID on the fixed random-conv features otherwise (unbiased at small sample counts)."""
-    if features != "inception" or inception_weights_path().is_file():
+def sweep_metric(features: str, judged: bool = False) -> tuple[str, str]:
+    """(metric, feature extractor): FID on Inception features where its weights are in the torch hub cache; else, where
+    the data set has a judge (`judged`), the Frechet distance on its features ("judge"); else FID on the features asked
+    for, or KID on the fixed random-conv features (unbiased at small sample counts)."""
+    if features == "inception" and inception_weights_path().is_file():
+        return "fid", features
+    if judged:
+        return "judge", "random-conv"
+    if features != "inception":
         return "fid", features
     return "kid", "random-conv"
+
+
+METRIC_NAMES = {"fid": "FID", "kid": "KID", "judge": "judge distance"}
 
 
 def cells_of(emas: list[str], guidance: list[str], scales: list[float], samplers: list[tuple[str, int]]) -> list[Cell]:
@@ -85,9 +95,10 @@ def cells_of(emas: list[str], guidance: list[str], scales: list[float], samplers
 
 def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, sweep_ema: Optional[list[float]], scales: list[float],
               samplers: Optional[list[tuple[str, int]]], num_samples: int, features: str, data_dir: str, seed: int, batch_size: int,
-              save_dir: Path, use_ema: bool = True, compile: bool = False) -> Optional[dict]:
-    """--evaluate --sweep: evaluate every cell not yet on disk, rank them, write the table, the picture and the best
-    setting; return the best cell's record (rank 0; None elsewhere)."""
+              save_dir: Path, use_ema: bool = True, compile: bool = False, judge: bool = True) -> Optional[dict]:
+    """--evaluate --sweep: evaluate every cell not yet on disk (measured by the data set's judge too, unless not
+    `judge`), rank them, write the table, the picture and the best setting; return the best cell's record (rank 0;
+    None elsewhere)."""
     main = load_model(model_path, "cpu")
     require_torch_fidelity()
     weights = {"ema": Path(model_path)}
@@ -100,10 +111,16 @@ def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runt
             dist.barrier()
         weights |= {f"{s:.3f}": Path(model_path).parent / f"posthoc_ema_{s:.3f}.safetensors" for s in sweep_ema}
     guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else []) or ["none"]
-    metric, extractor_name = sweep_metric(features)
+    data_judge = None
+    if judge and runtime.is_main:
+        data_judge = judge_of_model_data(main.description.data, data_dir, str(runtime.device))
+    metric, extractor_name = sweep_metric(features, data_judge is not None)  # other ranks: only to read finished cells
     extractor, reference = None, None
     if runtime.is_main:
-        print(f"sweep: ranking by {metric.upper()} on {extractor_name} features"
+        ranked_by = f"{metric.upper()} on {extractor_name} features"
+        if metric == "judge":
+            ranked_by = f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})"
+        print(f"sweep: ranking by {ranked_by}"
               f"{'' if metric == 'fid' else f' (no Inception weights at {inception_weights_path()}; compare only with each other)'}")
         extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
         data = main.description.data
@@ -120,7 +137,7 @@ def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runt
                 guides[cell.ema] = load_guide(settings.guide_model, networks[cell.ema], runtime.device, use_ema, compile)
             record = evaluate_cell(cell, networks[cell.ema], guides[cell.ema], kind, settings, runtime, num_samples=num_samples, seed=seed,
                                    batch_size=batch_size, extractor_name=extractor_name, extractor=extractor, reference=reference,
-                                   save_dir=save_dir, metric=metric)
+                                   save_dir=save_dir, metric=metric, judge=data_judge)
         rows.append(record)
     if not runtime.is_main:
         return None
@@ -135,7 +152,8 @@ def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runt
     plot_sweep(rows, metric, save_dir / "sweep.png")
     save_json(best_setting, Path(model_path).parent / BEST_FILE)
     print(table, end="")
-    print(f"best: {best['name']} ({metric.upper()} {best['value']:.4f}); wrote {Path(model_path).parent / BEST_FILE} "
+    print(f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); "
+          f"wrote {Path(model_path).parent / BEST_FILE} "
           f"(--inference --sampling_preset best uses it)")
     return best_setting
 
@@ -146,8 +164,12 @@ def cell_record(cell: Cell, save_dir: Path, metric: str) -> Optional[dict]:
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
-    value = results["fid"] if metric == "fid" else results["kid"]["mean"]
-    return {"name": cell.name, **vars(cell), "value": value, "class_consistency": results["class_consistency"],
+    figures = results.get("judge") or {}
+    value = {"fid": results["fid"], "kid": (results["kid"] or {}).get("mean"), "judge": figures.get("distance")}[metric]
+    return {"name": cell.name, **vars(cell), "value": math.nan if value is None else value,
+            "class_consistency": results["class_consistency"],
+            "judge_class_accuracy": figures.get("class_accuracy"), "judge_distance": figures.get("distance"),
+            "judge_floor": figures.get("floor"), "judge_test_accuracy": figures.get("test_accuracy"),
             "sampling_seconds": results["sampling_seconds"]}
 
 
@@ -165,11 +187,21 @@ def evaluate_cell(cell: Cell, loaded: LoadedModel, guide: Optional[LoadedModel],
 
 
 def sweep_table(rows: list[dict], metric: str) -> str:
-    lines = [f"| EMA | guidance | w | sampler | steps | {metric.upper()} | class consistency | sampling s |", "| --- " * 8 + "|"]
-    for row in sorted(rows, key=lambda row: row["value"]):
-        consistency = "-" if row["class_consistency"] is None else f"{row['class_consistency']:.3f}"
+    """One line per cell, best first; the judge's class accuracy and distance (floor) where it measured them."""
+    show = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"  # noqa: E731
+    lines = [f"| EMA | guidance | w | sampler | steps | {METRIC_NAMES[metric]} | class consistency | "
+             "judge class accuracy | judge distance (floor) | sampling s |", "| --- " * 10 + "|"]
+    for row in sorted(rows, key=lambda row: row["value"] if math.isfinite(row["value"]) else math.inf):
+        distance = "-"
+        if row.get("judge_distance") is not None:
+            distance = f"{row['judge_distance']:.3f} ({row['judge_floor']:.3f})"
         lines.append(f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | {row['value']:.4f} | "
-                     f"{consistency} | {row['sampling_seconds']:.1f} |")
+                     f"{show(row['class_consistency'], 3)} | {show(row.get('judge_class_accuracy'), 3)} | {distance} | "
+                     f"{row['sampling_seconds']:.1f} |")
+    accuracies = {row.get("judge_test_accuracy") for row in rows} - {None}
+    if accuracies:
+        lines.append(f"\nThe judge's accuracy on the real test images (the ceiling of its class accuracy): "
+                     f"{max(accuracies):.3f}")
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +216,7 @@ def plot_sweep(rows: list[dict], metric: str, path: Path) -> None:
     for line in dict.fromkeys(Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line for r in rows):
         points = sorted((r["scale"], r["value"]) for r in rows if Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line == line)
         axes.plot(*zip(*points), "o-", label=line)
-    axes.set(xlabel="guidance scale w", ylabel=f"{metric.upper()} (lower is better)")
+    axes.set(xlabel="guidance scale w", ylabel=f"{METRIC_NAMES[metric]} (lower is better)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()

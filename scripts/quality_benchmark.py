@@ -17,10 +17,10 @@ learning rate and steps:
   without warm-up, EMA or LR decay, and class-conditional through `num_class_embeds` with a null class.
 
 Then it draws --num_samples guided images (every class in turn) from each with one sampler, the tool's
-sampling path `ddpm_sampling.generate` (--sampler, --sampling_steps, --guidance_scale), and reports: class accuracy by a small
-CNN trained on the real training digits (its accuracy on the real test digits is printed), the Frechet
-distance between that CNN's 64-d features of the samples and of the real test digits, and the training wall
-time. Writes quality_benchmark.json and quality_benchmark.md to --out.
+sampling path `ddpm_sampling.generate` (--sampler, --sampling_steps, --guidance_scale), and reports the figures of the
+tool's judge (ddpm_judge, the same one `--evaluate` uses; trained once on the real training digits and cached in the
+digits folder; its accuracy on the real test digits is printed): class accuracy, the Frechet distance between its
+64-d features of the samples and of the real test digits with its floor, and the training wall time. Writes quality_benchmark.json and quality_benchmark.md to --out.
 
 `--sampling_study` (issue 16) instead trains the tool once per budget and compares, on the same judge, its default
 sampling with each part alone (post-hoc EMA lengths, autoguidance by an earlier snapshot, dpm++2m/dpm++3m at 10 and 20
@@ -72,7 +72,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sampling_steps", type=int, default=50)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classifier_epochs", type=int, default=40, help="training epochs of the judging CNN")
+    parser.add_argument("--judge_steps", type=int, default=None, help="training steps of the judge (default: derived, ddpm_judge)")
     parser.add_argument("--out", default="quality_bench")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes (the cores are shared out)")
     parser.add_argument("--tool_repo", default=str(REPO), help="checkout whose ddpm_main the tool rows run")
@@ -111,56 +111,22 @@ def write_folder(splits: dict, root: Path, flat: bool) -> Path:
 
 # ----------------------------------------------------------------------------- the judge
 
-class DigitClassifier(nn.Module):
-    """A small CNN: its 64-d penultimate features serve the Frechet distance, its logits the class accuracy."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-            nn.Linear(256, 64), nn.ReLU())
-        self.head = nn.Linear(64, NUM_CLASSES)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.features(x)
-        return features, self.head(features)
-
-
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(images), dtype=torch.float32) / 127.5 - 1
 
 
-@torch.no_grad()
-def classifier_features(classifier: DigitClassifier, images: np.ndarray) -> np.ndarray:
-    return classifier(to_float(images))[0].double().numpy()
+def load_judge(judge_dir: Path, args: argparse.Namespace, report=print):
+    """The tool's judge of the digits (ddpm_judge: trained once on the training digits, cached in judge_dir)."""
+    from ddpm_judge import load_or_train_judge
+
+    return load_or_train_judge("folder", judge_dir, args.image_size, 1, "cpu", seed=args.seed, steps=args.judge_steps, report=report)
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int, epochs: int = 40) -> DigitClassifier:
-    torch.manual_seed(seed)
-    model = DigitClassifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    x, y = to_float(images), torch.as_tensor(labels)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(x)).split(64):
-            shift = torch.randint(-1, 2, (2,)).tolist()  # small translations: samples need not be pixel-aligned
-            loss = F.cross_entropy(model(torch.roll(x[batch], shift, dims=(2, 3)))[1], y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def judge(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, reference_features: np.ndarray) -> dict:
-    """Class accuracy and the Frechet distance of the classifier's features to the reference's."""
-    from ddpm_metrics import feature_statistics, frechet_distance
-
-    features, logits = classifier(to_float(images))
-    mu, sigma = feature_statistics(features.double().numpy())
-    mu_ref, sigma_ref = feature_statistics(reference_features)
-    return {"class_accuracy": (logits.argmax(1).numpy() == labels).mean().item(),
-            "frechet_distance": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+def judge_figures(judge, images: np.ndarray, labels: np.ndarray) -> dict:
+    """The judge's class accuracy of uint8 images (N, 1, S, S) drawn for `labels`, their Frechet distance to the real
+    test digits on its features, and the floor at that count (as many real training digits against the test digits)."""
+    figures = judge.figures(images.transpose(0, 2, 3, 1), labels)
+    return {"class_accuracy": figures["class_accuracy"], "frechet_distance": figures["distance"], "floor": figures["floor"]}
 
 
 # ----------------------------------------------------------------------------- trainers
@@ -275,8 +241,9 @@ ROW_NAMES = {"ours": "ours", "ours_defaults": "ours, defaults", "diffusers": "di
 
 def markdown(results: list[dict], classifier_accuracy: float, floor: float, args: argparse.Namespace) -> str:
     lines = [f"Class accuracy of guided samples (w={args.guidance_scale:g}, {args.sampler} {args.sampling_steps} steps, "
-             f"{args.num_samples} samples) and Frechet distance to the real test digits (64-d CNN features; real training "
-             f"digits against test digits: {floor:.2f}); judge's accuracy on the real test digits {classifier_accuracy:.3f}.",
+             f"{args.num_samples} samples) and Frechet distance to the real test digits (the 64-d features of the tool's judge; "
+             f"{args.num_samples} real training digits against the test digits: {floor:.2f}); judge's accuracy on the real test "
+             f"digits {classifier_accuracy:.3f}.",
              "", "| steps | trainer | class accuracy | Frechet distance | training wall s | outside optimizer steps |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in results:
@@ -286,15 +253,13 @@ def markdown(results: list[dict], classifier_accuracy: float, floor: float, args
     return "\n".join(lines) + "\n"
 
 
-def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, data_dir: Path, out: Path, classifier_state: dict,
-            test_features: np.ndarray) -> tuple[dict, str]:
+def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, data_dir: Path, out: Path,
+            judge_dir: Path) -> tuple[dict, str]:
     """Train one row's model for `steps`, sample it, judge the samples; (the row, the tool's start-up report)."""
     if args.jobs > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
         sys.path.insert(0, args.tool_repo)
-    classifier = DigitClassifier()
-    classifier.load_state_dict(classifier_state)
-    classifier.eval()
+    judge = load_judge(judge_dir, args, report=lambda line: None)  # the cached judge
     if trainer == "diffusers":
         network, diffusion, channels, seconds, report, outside = train_diffusers(steps, *splits["train"], args)
     else:
@@ -303,7 +268,7 @@ def run_row(steps: int, trainer: str, args: argparse.Namespace, splits: dict, da
     with torch.no_grad():
         samples = draw(network, diffusion, channels, args)
     row = {"steps": steps, "trainer": trainer, "train_seconds": seconds, "outside_steps_share": outside,
-           **judge(classifier, samples, sample_labels(args.num_samples).numpy(), test_features)}
+           **judge_figures(judge, samples, sample_labels(args.num_samples).numpy())}
     size, rows = args.image_size, max(1, min(4, args.num_samples // NUM_CLASSES))  # one column per class
     grid = samples[:rows * NUM_CLASSES, 0].reshape(rows, NUM_CLASSES, size, size).transpose(0, 2, 1, 3)
     Image.fromarray(grid.reshape(rows * size, NUM_CLASSES * size)).save(out / f"samples_{trainer}_{steps}.png")
@@ -335,8 +300,7 @@ def study_draw(model: nn.Module, diffusion, channels: int, args: argparse.Namesp
     return pixels.permute(0, 3, 1, 2).numpy(), time.perf_counter() - started
 
 
-def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Path, classifier: DigitClassifier,
-                   test_features: np.ndarray) -> list[dict]:
+def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Path, judge) -> list[dict]:
     """One run of the tool (its defaults, --save_model: post-hoc EMA snapshots), then: its default sampling before this
     study (--inference's ddpm sampler over all 1,000 steps, w = 3, the checkpoint's EMA); each part alone (the best post-hoc EMA length, the
     best autoguidance scale with an earlier snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by
@@ -362,8 +326,8 @@ def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Pa
 
     def judged(name: str, part: str, images: np.ndarray, seconds: float, **setting) -> dict:
         row = {"steps": steps, "part": part, "setting": name, **setting, "sampling_seconds": round(seconds, 1),
-               **judge(classifier, images, labels, test_features)}
-        mu, sigma = feature_statistics(classifier_features(classifier, images))
+               **judge_figures(judge, images, labels)}
+        mu, sigma = feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
         row |= {f"distance_to_{key}": frechet_distance(mu, sigma, *statistics) for key, statistics in references.items()}
         rows.append(row)
         print(json.dumps(row))
@@ -371,11 +335,11 @@ def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Pa
 
     images, seconds = study_draw(model, diffusion, channels, args, "ddpm", diffusion.num_timesteps, 3.0)
     judged("ddpm 1000 steps, w=3 CFG, EMA (the default until w=1.5)", "default", images, seconds)
-    references["1000_steps"] = feature_statistics(classifier_features(classifier, images))
+    references["1000_steps"] = feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
     ode_sampler, ode_steps = ODE_REFERENCE[0], min(ODE_REFERENCE[1], diffusion.num_timesteps)
     images, seconds = study_draw(model, diffusion, channels, args, ode_sampler, ode_steps, 3.0)
     judged(f"{ode_sampler} {ode_steps} steps, w=3 CFG, EMA (the ODE reference)", "ode reference", images, seconds)
-    references["ode"] = feature_statistics(classifier_features(classifier, images))
+    references["ode"] = feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
     for sampler in ("dpm++2m", "dpm++3m"):
         for count in (10, 20):
             judged(f"{sampler} {count} steps, w=3 CFG, EMA", "solver", *study_draw(model, diffusion, channels, args, sampler, count, 3.0))
@@ -415,21 +379,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     splits = digits(args.image_size, args.seed)
     data_dir = write_folder(splits, out / "digits", args.flat_folder)
-    classifier = train_classifier(*splits["train"], seed=args.seed, epochs=args.classifier_epochs)
-    test_features = classifier_features(classifier, splits["test"][0])
-    accuracy = judge(classifier, *splits["test"], test_features)["class_accuracy"]
-    floor = judge(classifier, *splits["train"], test_features)["frechet_distance"]
-    print(f"judge: {accuracy:.3f} on the {len(splits['test'][1])} real test digits; real train vs test Frechet distance {floor:.2f}")
+    judge_dir = write_folder(splits, out / "digits_judged", flat=False) if args.flat_folder else data_dir  # the real test split
+    judge = load_judge(judge_dir, args)
+    if judge is None:
+        raise SystemExit("the digits have no judge (see the line above)")
+    accuracy, floor = judge.test_accuracy, judge.floor(args.num_samples)
+    print(f"judge: {accuracy:.3f} on the {len(splits['test'][1])} real test digits; {args.num_samples} real training digits "
+          f"against the test digits: Frechet distance {floor:.2f} (the floor)")
 
     if args.sampling_study:
-        rows = [row for steps in (int(b) for b in args.budgets.split(",")) for row in sampling_study(steps, args, data_dir, out, classifier,
-                                                                                                    test_features)]
+        rows = [row for steps in (int(b) for b in args.budgets.split(",")) for row in sampling_study(steps, args, data_dir, out, judge)]
         (out / "sampling_study.json").write_text(json.dumps({"config": vars(args), "train_vs_test_frechet": floor, "rows": rows}, indent=2))
         (out / "sampling_study.md").write_text(study_markdown(rows))
         print(study_markdown(rows), end="")
         return 0
     jobs = [(steps, trainer) for steps in (int(b) for b in args.budgets.split(",")) for trainer in args.rows.split(",")]
-    shared = (args, splits, data_dir, out, classifier.state_dict(), test_features)
+    shared = (args, splits, data_dir, out, judge_dir)
     if args.jobs == 1:
         outcomes = [run_row(steps, trainer, *shared) for steps, trainer in jobs]
     else:  # rows in parallel processes, the cores shared out between them (each trains with its own seeds, as alone)

@@ -322,3 +322,45 @@ def write_grey_folder(root: Path, layout: str) -> None:
                 pixels[:, 2 + label] = 200 + index
                 pixels[:, 1 + label] = 100
                 Image.fromarray(pixels, mode="L").save(folder / f"{index}.png")
+
+
+def write_digits_folder(root: Path, image_size: int = 16) -> Path:
+    """scikit-learn's 1,797 real handwritten digits (8x8, 17 grey levels) upscaled bilinearly to image_size, as grey PNGs
+    in root/train/<digit>/ and root/test/<digit>/: the stratified 75/25 split (1,347 and 450) and the files of
+    scripts/quality_benchmark.py."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.clip(digits.images * (255 / 16), 0, 255).astype(np.uint8)
+    train, test = train_test_split(np.arange(len(pixels)), test_size=0.25, random_state=0, stratify=digits.target)
+    for split, indices in (("train", train), ("test", test)):
+        for position, index in enumerate(indices):  # the benchmark's file names: the order ImageFolder reads them in
+            folder = root / split / str(digits.target[index])
+            folder.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(pixels[index]).resize((image_size, image_size), Image.BILINEAR)
+            image.save(folder / f"{position:05d}.png")
+    return root
+
+
+# The judge (ddpm_judge) of the 16x16 digits, trained once per session (about 20 s on one thread) and cached in its
+# folder. Tests that only read take `digits_judge`; tests that evaluate (which writes caches into the data folder)
+# take `digits_workspace`, their own copy of the folder with the judge's cache in it.
+
+
+@pytest.fixture(scope="session")
+def digits_judge(tmp_path_factory):
+    """(the digits folder with the judge's cache, the judge, the lines it reported)."""
+    from ddpm_judge import load_or_train_judge
+
+    pytest.importorskip("sklearn")
+    root = write_digits_folder(tmp_path_factory.mktemp("digits") / "digits")
+    lines = []
+    judge = load_or_train_judge("folder", root, 16, 1, "cpu", report=lines.append)
+    return root, judge, lines
+
+
+@pytest.fixture
+def digits_workspace(digits_judge, tmp_path) -> Path:
+    """This test's own copy of the digits folder, with the judge's cache."""
+    return Path(shutil.copytree(digits_judge[0], tmp_path / "digits"))

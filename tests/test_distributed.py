@@ -147,7 +147,7 @@ def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_
     process's for the same seed."""
     common = "--model_path models/D/ckpt.pt --device cpu --batch_size 2 --sampler ddim --sampling_steps 3 --seed 5"
     for mode, flags in (("inference", f"--inference {common} --num_samples 5"),
-                        ("evaluation", f"--evaluate {common} --fid_num_samples 5 --fid_features random-conv --data_dir images")):
+                        ("evaluation", f"--evaluate {common} --fid_num_samples 5 --fid_features random-conv --data_dir images --no_judge")):
         result = torchrun(2, f"{flags} --save_dir {mode}_2", run_dir)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("wrote") == 1, "only rank 0 writes"

@@ -9,18 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm_judge
 import ddpm_metrics
 from conftest import run_cli as run, tree_fingerprint, write_random_checkpoint
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
 from ddpm_data import load_datasets
 from ddpm_diffusion import Diffusion
 from ddpm_evaluate import evaluation_loss
+from ddpm_judge import judge_path
 from ddpm_metrics import FEATURE_EXTRACTORS, RandomConvFeatures
 from ddpm_model import UNet
 from ddpm_runtime import Runtime
 from ddpm_train import EVAL_SEEDS
 
-FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2"
+FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2 --no_judge"  # the judge has its own tests
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(workspa
 
 def test_evaluate_draws_the_same_images_as_inference_for_the_same_seed(workspace):
     common = "--model_path models/C/ckpt.pt --sampler ddim --sampling_steps 2 --guidance_scale 2 --seed 4"
-    assert run(f"--evaluate {common} --fid_features random-conv --fid_num_samples 3 --save_dir same_ev", workspace) == 0
+    assert run(f"--evaluate {common} --fid_features random-conv --fid_num_samples 3 --no_judge --save_dir same_ev", workspace) == 0
     assert run(f"--inference {common} --num_samples 3 --save_dir same_inf", workspace) == 0
     evaluated, inferred = (np.load(workspace / name / "samples.npz") for name in ("same_ev", "same_inf"))
     assert np.array_equal(evaluated["images"], inferred["images"])
@@ -120,7 +122,7 @@ def test_compile_flag_compiles_the_sampling_network(workspace, monkeypatch, mode
     compiled = []
     monkeypatch.setattr(UNet, "compile", lambda self, *args, **kwargs: compiled.append(self.training))
     model = "" if mode.startswith("--compare") else "--model_path models/C/ckpt.pt"
-    assert run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --save_dir compiled", workspace) == 0
+    assert run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --no_judge --save_dir compiled", workspace) == 0
     assert compiled and not any(compiled), "compiled once per loaded model, in eval mode"
 
 
@@ -138,7 +140,7 @@ class FeaturesWithLogits(torch.nn.Module):
 
 def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, monkeypatch):
     monkeypatch.setitem(FEATURE_EXTRACTORS, "with-logits", lambda device: FeaturesWithLogits())
-    command = "--evaluate --model_path models/C/ckpt.pt --fid_features with-logits --sampler ddim --sampling_steps 2"
+    command = "--evaluate --model_path models/C/ckpt.pt --fid_features with-logits --sampler ddim --sampling_steps 2 --no_judge"
     assert run(f"{command} --fid_num_samples 10 --guidance_sweep 0,4 --save_dir sweep", workspace) == 0
     rows = read_json(workspace / "sweep/guidance_sweep.json")
     assert [row["guidance_scale"] for row in rows] == [0.0, 4.0]
@@ -214,7 +216,7 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
     checkpoint["train_state"]["step"] = 10
     save_checkpoint({key: value for key, value in checkpoint.items() if key not in ("format", "format_version")},
                     workspace / "models/C/later.pt")
-    command = "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2"
+    command = "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2 --no_judge"
     assert run(f"{command} --save_dir compare", workspace) == 0
     assert read_json(workspace / "compare/checkpoint_comparison.json")["training_steps"] == [3, 10]
     with Image.open(workspace / "compare/checkpoint_comparison.png") as image:
@@ -283,3 +285,37 @@ def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
     assert history["val_loss"][0] == pytest.approx(first, rel=1e-6)
     [full] = history["full"]
     assert full["val_loss"] == pytest.approx(evaluate(16, None), rel=1e-6)
+
+
+# The judge (ddpm_judge) in --evaluate --guidance_sweep and --compare_checkpoints, on a tiny run of the real digits
+
+DIGITS_RUN = ("--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
+              "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D")
+
+
+def test_guidance_sweep_and_comparison_report_the_judge_of_each_scale_and_checkpoint(digits_workspace, digits_judge, monkeypatch, capsys):
+    root, judge = digits_workspace.parent, digits_judge[1]
+    assert run(DIGITS_RUN, root) == 0
+    monkeypatch.setattr(ddpm_judge, "train_judge", lambda *args, **kwargs: pytest.fail("the cached judge was trained again"))
+    capsys.readouterr()
+    common = "--data_dir digits --sampler ddim --sampling_steps 2"
+    assert run(f"--evaluate --model_path models/D/ckpt.pt {common} --fid_features random-conv --fid_num_samples 20 --guidance_sweep 1,3 --save_dir sweep", root) == 0
+    printed = capsys.readouterr().out
+    rows = read_json(root / "sweep/guidance_sweep.json")
+    for row in rows:
+        results = read_json(root / f"sweep/scale_{row['guidance_scale']:g}/evaluation.json")
+        with np.load(root / f"sweep/scale_{row['guidance_scale']:g}/samples.npz") as samples:
+            expected = judge.figures(samples["images"], samples["labels"])  # the figures are of these very samples
+        assert results["judge"] == {**expected, "cache": str(judge_path("digits", "folder", 16, 1, 0))}
+        assert (row["judge_class_accuracy"], row["judge_distance"], row["judge_floor"]) == \
+            (expected["class_accuracy"], expected["distance"], expected["floor"])
+        assert row["judge_test_accuracy"] == judge.test_accuracy
+        assert results["class_consistency"] is None and not any("no classifier" in note for note in results["notes"])
+        assert f"judge class accuracy {expected['class_accuracy']:.3f}, distance {expected['distance']:.3f} (floor " \
+               f"{expected['floor']:.3f}) on 20 samples (its test accuracy {judge.test_accuracy:.3f}: the ceiling)" in printed
+    assert rows[0]["judge_distance"] != rows[1]["judge_distance"]
+    assert "| judge_class_accuracy | judge_distance | judge_floor | judge_test_accuracy |" in (root / "sweep/guidance_sweep.md").read_text()
+    assert run(f"--compare_checkpoints models/D/ckpt.pt models/D/ckpt.pt --num_samples 10 {common} --save_dir cmp", root) == 0
+    compared = read_json(root / "cmp/checkpoint_comparison.json")["judge"]
+    assert len(compared) == 2 and compared[0] == compared[1] and compared[0]["num_samples"] == 10
+    assert capsys.readouterr().out.count("step 3: judge class accuracy") == 2

@@ -3,9 +3,13 @@ import importlib.util
 import json
 import math
 
+import shutil
+
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, tree_fingerprint
+
+from ddpm_judge import judge_path
 
 pytest.importorskip("sklearn")
 pytest.importorskip("diffusers")
@@ -14,25 +18,28 @@ quality_benchmark = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quality_benchmark)
 
 
-def test_the_judge_knows_real_digits():
-    """The classifier that scores the samples must itself be right on the real test digits (and the data split
-    must be the real one: 1,347 training and 450 test digits)."""
-    splits = quality_benchmark.digits(image_size=8)
+def test_the_benchmark_digits_are_the_real_split_and_its_judge_is_the_tools(tmp_path, digits_judge):
+    """The real data split (1,347 training and 450 test digits, those of conftest.write_digits_folder, on which
+    tests/test_judge.py measures the judge), and the judge the benchmark loads is ddpm_judge's, read from its cache."""
+    splits = quality_benchmark.digits(image_size=16)
     assert len(splits["train"][1]) == 1347 and len(splits["test"][1]) == 450
-    assert splits["train"][0].dtype == np.uint8 and splits["train"][0].shape[1:] == (1, 8, 8)
-    classifier = quality_benchmark.train_classifier(*splits["train"], seed=0, epochs=10)
-    test_features = quality_benchmark.classifier_features(classifier, splits["test"][0])
-    real = quality_benchmark.judge(classifier, *splits["test"], test_features)
-    assert real["class_accuracy"] > 0.85 and real["frechet_distance"] < 1e-6  # 8x8, 10 epochs: a rough but real judge
-    noise = np.random.default_rng(0).integers(0, 256, splits["test"][0].shape, dtype=np.uint8)
-    assert quality_benchmark.judge(classifier, noise, splits["test"][1], test_features)["frechet_distance"] > 10 * \
-        quality_benchmark.judge(classifier, *splits["train"], test_features)["frechet_distance"]
+    assert splits["train"][0].dtype == np.uint8 and splits["train"][0].shape[1:] == (1, 16, 16)
+    root = quality_benchmark.write_folder(splits, tmp_path / "digits", flat=False)
+    assert tree_fingerprint(root) == {name: digest for name, digest in tree_fingerprint(digits_judge[0]).items()
+                                      if not name.startswith("judge_")}, "the same PNGs as the tests' digits"
+    shutil.copy(judge_path(digits_judge[0], "folder", 16, 1, 0), judge_path(root, "folder", 16, 1, 0))
+    args = quality_benchmark.parse_args(["--image_size", "16"])
+    judge = quality_benchmark.load_judge(root, args)
+    assert judge.test_accuracy == digits_judge[1].test_accuracy
+    images, labels = splits["test"]
+    assert quality_benchmark.judge_figures(judge, images, labels) == pytest.approx(
+        {"class_accuracy": judge.test_accuracy, "frechet_distance": 0.0, "floor": digits_judge[1].floor(450)}, abs=1e-6)
 
 
 def test_smoke_run_writes_a_row_per_trainer_and_budget(tmp_path):
     out = tmp_path / "bench"
     argv = ["--budgets", "2,3", "--rows", "ours,diffusers", "--image_size", "8", "--batch_size", "16", "--model_flags", "--model_size tiny --base_dim 32",
-            "--num_samples", "10", "--sampling_steps", "2", "--classifier_epochs", "2", "--out", str(out)]
+            "--num_samples", "10", "--sampling_steps", "2", "--judge_steps", "20", "--out", str(out)]
     assert quality_benchmark.main(argv) == 0
     report = json.loads((out / "quality_benchmark.json").read_text())
     assert [(row["steps"], row["trainer"]) for row in report["results"]] == [(2, "ours"), (2, "diffusers"), (3, "ours"), (3, "diffusers")]
@@ -46,7 +53,7 @@ def test_smoke_run_writes_a_row_per_trainer_and_budget(tmp_path):
 def test_sampling_study_smoke_run_reports_every_part(tmp_path):
     out = tmp_path / "study"
     argv = ["--sampling_study", "--budgets", "8", "--image_size", "8", "--batch_size", "16", "--model_flags",
-            "--model_size tiny --base_dim 32 --timesteps 20", "--num_samples", "10", "--classifier_epochs", "2", "--out", str(out)]
+            "--model_size tiny --base_dim 32 --timesteps 20", "--num_samples", "10", "--judge_steps", "20", "--out", str(out)]
     assert quality_benchmark.main(argv) == 0
     rows = json.loads((out / "sampling_study.json").read_text())["rows"]
     parts = [row["part"] for row in rows if row["part"] != "sweep"]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import ddpm_main
+import ddpm_sweep
 from conftest import run_cli
 from ddpm_sweep import Cell, cells_of, parse_samplers, sweep_metric
 
@@ -13,7 +14,7 @@ TRAIN = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --
          "--max_steps 40 --sample_every 0 --save_model --run_name S --save_dir out --device cpu")
 SWEEP = ("--evaluate --sweep --model_path models/S/ckpt.pt --fid_features random-conv --fid_num_samples 20 --batch_size 20 --device cpu "
          "--sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 --sweep_samplers dpm++3m:3 "
-         "--save_dir sweep")
+         "--no_judge --save_dir sweep")
 
 
 def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_best(tmp_path, capsys):
@@ -51,6 +52,7 @@ def test_cells_samplers_and_the_metric():
     assert [c.name for c in cells_of(["ema"], ["none"], [1, 2], [("ddim", 5)])] == ["ema-ema_none_w1_ddim-5"], "no scale axis unguided"
     assert Cell("0.100", "auto", 2.0, "ddim", 5).line == "EMA 0.100, auto, ddim 5"
     assert sweep_metric("random-conv") == ("fid", "random-conv")
+    assert sweep_metric("random-conv", judged=True) == ("judge", "random-conv"), "without the Inception weights, the judge ranks"
 
 
 @pytest.mark.parametrize("command,fragments", [
@@ -68,3 +70,24 @@ def test_bad_sweep_flags_are_one_line_naming_the_flag(tmp_path, capsys, command,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert all(fragment in err for fragment in fragments), err
+
+
+def test_without_the_inception_weights_the_sweep_ranks_by_the_judge(digits_workspace, digits_judge, monkeypatch, capsys):
+    root = digits_workspace.parent
+    assert run_cli("--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
+                   "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D", root) == 0
+    monkeypatch.setattr(ddpm_sweep, "inception_weights_path", lambda: root / "no_inception_weights.pth")
+    capsys.readouterr()
+    assert run_cli("--evaluate --sweep --model_path models/D/ckpt.pt --data_dir digits --fid_num_samples 20 --batch_size 20 "
+                   "--guidance_sweep 1,3 --sweep_samplers ddim:2 --save_dir sweep", root) == 0
+    printed = capsys.readouterr().out
+    assert f"sweep: ranking by the judge's Frechet distance (its test accuracy {digits_judge[1].test_accuracy:.3f})" in printed
+    report = json.loads((root / "sweep/sweep.json").read_text())
+    assert report["metric"] == "judge" and len(report["cells"]) == 2
+    for cell in report["cells"]:
+        results = json.loads((root / "sweep/cells" / cell["name"] / "evaluation.json").read_text())
+        assert cell["value"] == cell["judge_distance"] == results["judge"]["distance"] and cell["judge_floor"] == results["judge"]["floor"]
+    assert report["best"]["value"] == min(cell["value"] for cell in report["cells"])
+    table = (root / "sweep/sweep.md").read_text()
+    assert "| judge distance | class consistency | judge class accuracy | judge distance (floor) |" in table
+    assert f"(the ceiling of its class accuracy): {digits_judge[1].test_accuracy:.3f}" in table
