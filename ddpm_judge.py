@@ -105,8 +105,6 @@ def judge_path(data_dir: str | Path, dataset: str, image_size: int, channels: in
 
 def why_no_judge(data: DataSplits) -> str | None:
     """Why this data set cannot have a judge, or None."""
-    if data.points:
-        return "2D points have no judge (it classifies images)"
     if data.num_classes < 2:
         return "the data set has no classes (a single class folder), so no judge classifier"
     train_counts = torch.bincount(data.train.labels, minlength=data.num_classes)
@@ -361,9 +359,6 @@ def judge_of_model_data(
 ) -> Judge | None:
     """The judge of the data a checkpoint was trained on (its description's `data`: dataset, image_size, channels,
     class_names), or None with one line saying why; a judge whose classes are not the model's is not used."""
-    if data["image_size"] is None:
-        report(f"no judge for {data['dataset']}: 2D points have no judge (it classifies images)")
-        return None
     judge = load_or_train_judge(data["dataset"], data_dir, data["image_size"], data["channels"], device, report=report)
     if judge is not None and judge.class_names != list(data["class_names"]):
         report(
