@@ -46,7 +46,12 @@ def setup_runtime(device: str, timeout: timedelta | None = None) -> Runtime:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout or dist.constants.default_pg_timeout))
+    # Workers that torchrun --max-restarts starts again share its store with the ones it stopped: keys of their own,
+    # per restart, so that no process group reads the addresses of processes that are gone.
+    store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=timeout)
     return Runtime(device, rank, world_size, dist.new_group(backend="gloo", timeout=timeout))
 
 
