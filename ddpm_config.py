@@ -42,6 +42,8 @@ class DataConfig:
     hflip: Optional[bool] = None  # random left-right flips in training; None: the data set's default
     channels: Optional[int] = None  # 1 or 3; None: the data set's own
     val_fraction: float = 0.1  # of the training images, held out for the validation loss
+    data_cache: Optional[str] = None  # folder of a folder's or zip's decoded cache (ddpm_datacache); None: beside the data
+    use_data_cache: bool = True  # False: decode a folder or zip into memory at every start
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=D.dataset, choices=DATASETS, help="the data set")
-    data.add_argument("--data_dir", default=D.data_dir, help="dataset location (downloads go here); for 'folder', the image folder")
+    data.add_argument("--data_dir", default=D.data_dir, help="dataset location (downloads go here); for 'folder', the image folder or dataset zip")
     data.add_argument("--image_size", type=int, default=None, help="resize images to this size (derived: the dataset's own)")
     flips = data.add_mutually_exclusive_group()
     flips.add_argument("--hflip", action="store_true", help="random horizontal flips in training (derived: on for cifar10 and synthetic only)")
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--channels", type=int, choices=(1, 3), default=None,
                       help="train on grey (1) or RGB (3) images (derived: the data set's own; a folder of grey images is grey)")
     data.add_argument("--val_fraction", type=float, default=D.val_fraction, help="share of the training images held out for the validation loss (0: none)")
+    data.add_argument("--data_cache", default=D.data_cache, metavar="DIR", help="folder of the decoded cache of a folder or zip (derived: "
+                      "<folder>/.ddpm_cache, beside a zip, else $XDG_CACHE_HOME/ddpm)")
+    data.add_argument("--no_data_cache", action="store_true", help="decode a folder or zip into memory at every start, no cache")
 
     model = parser.add_argument_group("model (a preset, then overrides)")
     model.add_argument("--model_size", default=M.preset, choices=sorted(PRESETS) + [MLP_PRESET],
@@ -348,7 +351,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     as_tuple = lambda values: None if values is None else tuple(values)  # noqa: E731
     return RunConfig(
         data=DataConfig(dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-                        hflip=True if args.hflip else False if args.no_hflip else None, channels=args.channels, val_fraction=args.val_fraction),
+                        hflip=True if args.hflip else False if args.no_hflip else None, channels=args.channels, val_fraction=args.val_fraction,
+                        data_cache=args.data_cache, use_data_cache=not args.no_data_cache),
         model=ModelConfig(preset=args.model_size, base_dim=args.base_dim, dim_mults=as_tuple(args.dim_mults),
                           num_res_blocks=args.num_res_blocks, attn_resolutions=as_tuple(args.attn_resolutions),
                           dropout=args.dropout, conditional=args.conditional, mlp_width=args.mlp_width, mlp_depth=args.mlp_depth),
@@ -377,7 +381,8 @@ def run_training(args: argparse.Namespace) -> None:
         resume = load_resume_checkpoint(config)
         config = with_objective(config, resume[1]["config"] if resume is not None else None)
         data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
-                             channels=config.data.channels, val_fraction=config.data.val_fraction)
+                             channels=config.data.channels, val_fraction=config.data.val_fraction, conditional=config.model.conditional,
+                             data_cache=config.data.data_cache, use_data_cache=config.data.use_data_cache)
         if resume is not None and resume[1]["data"]["channels"] != data.channels:
             saved = resume[1]["data"]["channels"]
             raise UsageError(f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "
