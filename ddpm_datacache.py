@@ -40,7 +40,7 @@ except ImportError:  # Windows: no lock; one process per cache
 
 CACHE_FORMAT = 1
 CACHE_FOLDER = ".ddpm_cache"
-MATCHED = ("format", "source", "image_size", "channels_asked", "split_seed", "train", "test", "class_names")
+MATCHED = ("format", "source", "image_size", "channels_asked", "split_seed", "files", "train", "test", "class_names")
 
 
 @dataclass
@@ -164,10 +164,10 @@ def why_stale(stem: Path, expected: dict) -> Optional[str]:
     try:
         stored = json.loads(described.read_text())
         for key in MATCHED:
+            if key == "files" and stored[key] != expected[key]:
+                return f"{rebuild}: the source changed ({_changes(stored['files'], expected['files'])})"
             if stored[key] != expected[key]:
                 return f"{rebuild}: its {key} is {stored[key]!r}, now {expected[key]!r}"
-        if stored["files"] != expected["files"]:
-            return f"{rebuild}: the source changed ({_changes(stored['files'], expected['files'])})"
         for part, shape, dtype in (("images", (expected["train"] + expected["test"], stored["channels"],
                                                expected["image_size"], expected["image_size"]), np.uint8),
                                    ("labels", (expected["train"] + expected["test"],), np.int64)):
