@@ -1,9 +1,11 @@
 """The decoded cache of an image folder or zip: decoded once, on every core, then memory-mapped at every start.
 
-A cache is three files in one folder: <name>.images.npy (uint8, N x C x H x W), <name>.labels.npy (int64, N) and
-<name>.json, its description: the source's files (names, sizes, modification times), the image size, the channels,
-the order of the rows, and the size and modification time of the two arrays. A start uses a cache only when its
-description matches the source and the arrays as found; otherwise it rebuilds it and says why.
+A cache is four files in one folder: <name>.images.npy (uint8, N x C x H x W), <name>.labels.npy (int64, N),
+<name>.files.tsv, a line per source file (name, size, modification time), and <name>.json, the description: the
+listing's SHA-256, the image size, the channels, the order of the rows, and the size and modification time of the
+two arrays. A start uses a cache only when its description matches the source (its listing hashed as it is read:
+no object per file, which would stay with every process as a few MB per 20,000 files) and the arrays as found;
+otherwise it rebuilds it and says why (the listing tells which files changed).
 
 Writing is safe against a kill at any moment: the arrays are written under temporary names and renamed, and the
 description, written last (atomically), is what makes a cache valid; it is removed before a rebuild starts. One
@@ -25,12 +27,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Iterator, Optional
 
 import numpy as np
 
 from ddpm_config import UsageError, first_line
-from ddpm_imagefolder import ImageSource, available_cores, decode_into
+from ddpm_imagefolder import ImageSource, available_cores, decode_into, find_images
 from ddpm_outputs import atomic_write, temporary_path
 
 try:
@@ -40,7 +42,7 @@ except ImportError:  # Windows: no lock; one process per cache
 
 CACHE_FORMAT = 1
 CACHE_FOLDER = ".ddpm_cache"
-MATCHED = ("format", "source", "image_size", "channels_asked", "split_seed", "files", "train", "test", "class_names")
+MATCHED = ("format", "source", "image_size", "channels_asked", "split_seed", "files_sha256", "train", "test", "class_names")
 
 
 @dataclass
@@ -64,8 +66,8 @@ def decoded_images(source: ImageSource, size: int, channels: Optional[int], orde
     training part's rows in `order` (made from `seed`: ddpm_data's split order), from the cache or decoded into it;
     `use_cache` False decodes into memory. `workers`: decoding processes (None: every available core)."""
     workers = workers or available_cores()
-    names, labels = rows_of(source, order)
     if not use_cache:
+        names, labels = rows_of(source, order)
         images = _decode(source, names, size, channels, workers, np.empty)
         return Decoded(images, np.asarray(labels, dtype=np.int64), None)
     expected = describe(source, size, channels, seed)
@@ -75,7 +77,7 @@ def decoded_images(source: ImageSource, size: int, channels: Optional[int], orde
         reason = why_stale(stem, expected)
         if reason is not None:
             say(reason, every_rank=True)
-            build(stem, source, names, labels, size, channels, expected, workers)
+            build(stem, source, order, size, channels, expected, workers)
         started = time.perf_counter()
         decoded = Decoded(np.load(_part(stem, "images"), mmap_mode="c"), np.load(_part(stem, "labels"), mmap_mode="c"),
                           _part(stem, "images"))
@@ -95,7 +97,17 @@ def describe(source: ImageSource, size: int, channels: Optional[int], seed: int)
     """What a cache of `source` must have been built from (the description, before the arrays' own stamps)."""
     return {"format": CACHE_FORMAT, "source": str(source.path.resolve()), "image_size": size, "channels_asked": channels,
             "split_seed": seed, "train": len(source.train.names), "test": len(source.test.names) if source.test else 0,
-            "class_names": source.class_names, "files": source.stamps()}
+            "class_names": source.class_names, "files_sha256": listing_digest(source.stamps())}
+
+
+def listing_digest(lines: Iterator[str], copy_to: Optional[IO[bytes]] = None) -> str:
+    """SHA-256 of the listing's lines, hashed as they come (and copied to `copy_to`)."""
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+        if copy_to is not None:
+            copy_to.write(line.encode())
+    return digest.hexdigest()
 
 
 def cache_name(source: Path, size: int, channels: Optional[int], seed: int) -> str:
@@ -104,8 +116,8 @@ def cache_name(source: Path, size: int, channels: Optional[int], seed: int) -> s
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', source.name)}-{size}px-{key}"
 
 
-def _part(stem: Path, part: str) -> Path:
-    return stem.with_name(f"{stem.name}.{part}.npy")
+def _part(stem: Path, part: str, suffix: str = "npy") -> Path:
+    return stem.with_name(f"{stem.name}.{part}.{suffix}")
 
 
 def _description_path(stem: Path) -> Path:
@@ -164,8 +176,8 @@ def why_stale(stem: Path, expected: dict) -> Optional[str]:
     try:
         stored = json.loads(described.read_text())
         for key in MATCHED:
-            if key == "files" and stored[key] != expected[key]:
-                return f"{rebuild}: the source changed ({_changes(stored['files'], expected['files'])})"
+            if key == "files_sha256" and stored[key] != expected[key]:
+                return f"{rebuild}: the source changed ({_changes(_part(stem, 'files', 'tsv'), expected['source'])})"
             if stored[key] != expected[key]:
                 return f"{rebuild}: its {key} is {stored[key]!r}, now {expected[key]!r}"
         for part, shape, dtype in (("images", (expected["train"] + expected["test"], stored["channels"],
@@ -179,10 +191,12 @@ def why_stale(stem: Path, expected: dict) -> Optional[str]:
     return None
 
 
-def _changes(stored: list, found: list) -> str:
-    """Files added, removed or changed (size or modification time), with an example of each."""
-    before = {name: (size, modified) for name, size, modified in stored}
-    now = {name: (size, modified) for name, size, modified in found}
+def _changes(listing: Path, source: str) -> str:
+    """Files added, removed or changed (size or modification time) since `listing` was written, an example of each."""
+    if not listing.is_file():
+        return f"{listing.name} is missing"
+    before = dict(line.split("\t", 1) for line in listing.read_text().splitlines())
+    now = dict(line.rstrip("\n").split("\t", 1) for line in find_images(Path(source)).stamps())
     kinds = (("added", sorted(now.keys() - before.keys())), ("removed", sorted(before.keys() - now.keys())),
              ("changed", sorted(name for name in now.keys() & before.keys() if now[name] != before[name])))
     return ", ".join(f"{len(names)} {kind}, e.g. {names[0]}" for kind, names in kinds if names) or "reordered"
@@ -225,16 +239,19 @@ def _decode(source: ImageSource, names: list[str], size: int, channels: Optional
     return images
 
 
-def build(stem: Path, source: ImageSource, names: list[str], labels: list[int], size: int, channels: Optional[int],
-          expected: dict, workers: int) -> None:
+def build(stem: Path, source: ImageSource, order: np.ndarray, size: int, channels: Optional[int], expected: dict,
+          workers: int) -> None:
     """Decode into temporary files, rename them into place, then write the description that makes them valid."""
+    names, labels = rows_of(source, order)
     images_path, labels_path, described = _part(stem, "images"), _part(stem, "labels"), _description_path(stem)
     described.unlink(missing_ok=True)  # from here on the old arrays are not a valid cache
     temporaries = [temporary_path(images_path), temporary_path(images_path.with_name(images_path.name + ".grey")),
                    temporary_path(labels_path)]
     for leftover in temporaries:  # of a build that was killed
         leftover.unlink(missing_ok=True)
+    listed = {}  # the listing as it is before decoding: a file changed meanwhile is seen at the next start
     try:
+        atomic_write(_part(stem, "files", "tsv"), lambda f: listed.update(sha256=listing_digest(source.stamps(), f)))
         images = _decode(source, names, size, channels, workers,
                          lambda shape, dtype: np.lib.format.open_memmap(temporaries[0], "w+", dtype, shape), temporaries[1])
         written = temporaries[1] if images.shape[1] == 1 and channels is None else temporaries[0]
@@ -247,11 +264,14 @@ def build(stem: Path, source: ImageSource, names: list[str], labels: list[int], 
                 os.fsync(handle.fileno())
         os.replace(written, images_path)
         os.replace(temporaries[2], labels_path)
+    except BaseException:
+        _part(stem, "files", "tsv").unlink(missing_ok=True)
+        raise
     finally:
         for leftover in temporaries:
             leftover.unlink(missing_ok=True)
     stamps = {part: {"bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
               for part, path in (("images", images_path), ("labels", labels_path))}
     channels_found = np.load(images_path, mmap_mode="r").shape[1]
-    description = {**expected, "channels": channels_found, **stamps}
+    description = {**expected, "files_sha256": listed["sha256"], "channels": channels_found, **stamps}
     atomic_write(described, lambda f: f.write(json.dumps(description).encode()))

@@ -59,12 +59,14 @@ class ImageSource:
     def is_zip(self) -> bool:
         return self.path.is_file()
 
-    def stamps(self) -> list[list]:
-        """[name, size, modification time in ns] of every file the images come from (of a zip: the zip itself), so
-        that a change is seen without reading them."""
-        names = [self.path.name] if self.is_zip else self.train.names + (self.test.names if self.test else [])
-        stats = ((name, (self.path.parent if self.is_zip else self.path).joinpath(name).stat()) for name in names)
-        return [[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats]
+    def stamps(self) -> Iterator[str]:
+        """A line "<name>\t<size>\t<modification time in ns>\n" for every file the images come from (of a zip: the zip
+        itself), so that a change is seen without reading them."""
+        folder = self.path.parent if self.is_zip else self.path
+        for part in ([ImageFiles([self.path.name], [0])] if self.is_zip else [self.train, *([self.test] if self.test else [])]):
+            for name in part.names:
+                stat = os.stat(os.path.join(folder, name))
+                yield f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
 
 
 def is_image_name(name: str) -> bool:
@@ -88,18 +90,22 @@ def find_images(path: Path) -> ImageSource:
     return ImageSource(path, files, None, class_names)
 
 
-def _visible(folder: Path) -> list[os.DirEntry]:
-    """The entries of `folder` by name, without hidden ones (the decoded cache's .ddpm_cache, macOS's ._ files)."""
-    return sorted((entry for entry in os.scandir(folder) if not entry.name.startswith(".")), key=lambda entry: entry.name)
+def _visible(folder: Path) -> tuple[list[str], list[str]]:
+    """The names of the files and of the folders in `folder`, sorted, without hidden ones (the decoded cache's
+    .ddpm_cache, macOS's ._ files)."""
+    files, folders = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.startswith("."):
+                (folders if entry.is_dir() else files).append(entry.name)
+    return sorted(files), sorted(folders)
 
 
 def _list_folder(root: Path, part: str) -> tuple[ImageFiles, list[str]]:
     """A flat folder (images and no sub-folders) or a folder of class folders; names are relative to `root`."""
     folder = root / part
-    entries = _visible(folder)
+    loose, class_names = _visible(folder)
     prefix = f"{part}/" if part else ""
-    loose = [entry.name for entry in entries if entry.is_file()]
-    class_names = [entry.name for entry in entries if entry.is_dir()]
     images = [name for name in loose if is_image_name(name)]
     others = [name for name in loose if not is_image_name(name)]
     if images and class_names:

@@ -43,7 +43,7 @@ def test_the_first_start_decodes_and_later_ones_map_the_same_images(flat, capsys
     first = load(flat)
     err = capsys.readouterr().err
     assert f"decoding {COUNT} images of {flat} with" in err and "mapped from" in err
-    assert cache_files(flat) == ["images.npy", "json", "labels.npy", "lock"]
+    assert cache_files(flat) == ["files.tsv", "images.npy", "json", "labels.npy", "lock"]
     again = load(flat)
     err = capsys.readouterr().err
     assert "decoding" not in err and "mapped from" in err
