@@ -65,7 +65,7 @@ def decoded_images(source: ImageSource, size: int, channels: Optional[int], orde
     """The images of `source` as `size` x `size` squares with `channels` (None: grey if all are grey, else RGB), the
     training part's rows in `order` (made from `seed`: ddpm_data's split order), from the cache or decoded into it;
     `use_cache` False decodes into memory. `workers`: decoding processes (None: every available core)."""
-    workers = workers or available_cores()
+    workers, started = workers or available_cores(), time.perf_counter()
     if not use_cache:
         names, labels = rows_of(source, order)
         images = _decode(source, names, size, channels, workers, np.empty)
@@ -78,11 +78,12 @@ def decoded_images(source: ImageSource, size: int, channels: Optional[int], orde
         if reason is not None:
             say(reason, every_rank=True)
             build(stem, source, order, size, channels, expected, workers)
-        started = time.perf_counter()
+            started = time.perf_counter()
         decoded = Decoded(np.load(_part(stem, "images"), mmap_mode="c"), np.load(_part(stem, "labels"), mmap_mode="c"),
                           _part(stem, "images"))
     shape = "x".join(str(side) for side in decoded.images.shape[1:])
-    say(f"data: {len(decoded.labels)} images ({shape}) mapped from {decoded.cache} in {time.perf_counter() - started:.2f} s")
+    say(f"data: {len(decoded.labels)} images ({shape}) checked and mapped from {decoded.cache} in "
+        f"{time.perf_counter() - started:.2f} s")
     return decoded
 
 
@@ -223,7 +224,8 @@ def _decode(source: ImageSource, names: list[str], size: int, channels: Optional
     """Decode `names` into the array allocate(shape, dtype) gives (np.empty, or a .npy file's memory map); with
     channels None, images that are all grey become one plane (into `grey_path`'s file when given)."""
     count, planes = len(names), 1 if channels == 1 else 3
-    say(f"decoding {count} images of {source.path} with {min(workers, count)} processes ({available_cores()} cores)",
+    used = min(workers, count)
+    say(f"decoding {count} images of {source.path} with {used} process{'es' if used > 1 else ''} ({available_cores()} cores)",
         every_rank=True)
     started = time.perf_counter()
     images = allocate((count, planes, size, size), np.uint8)
