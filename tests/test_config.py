@@ -14,7 +14,8 @@ from ddpm_config import (CONFIG_VERSION, FIRST_DEFAULTS, FIXED_ON_RESUME, GUIDAN
 from ddpm_model import preset_config
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig, "sampling": SamplingConfig}
-FLAG_OF = {("model", "preset"): "model_size", ("sampling", "steps"): "sampling_steps", ("train", "use_ema"): "no_ema"}  # else the same name
+FLAG_OF = {("model", "preset"): "model_size", ("sampling", "steps"): "sampling_steps", ("train", "use_ema"): "no_ema",
+           ("data", "use_data_cache"): "no_data_cache"}  # else the same name
 
 
 def test_the_parsers_defaults_are_the_dataclasses_defaults():
@@ -40,7 +41,7 @@ def test_the_parsers_defaults_are_the_dataclasses_defaults():
             flag = FLAG_OF.get((section, field.name), field.name)
             assert hasattr(args, flag), f"{section}.{field.name} has no flag --{flag}"
             value = getattr(args, flag)
-            if (section, field.name) == ("train", "use_ema"):
+            if (section, field.name) in (("train", "use_ema"), ("data", "use_data_cache")):
                 value = not value
             if (section, field.name) in resolved_by:
                 assert value in (None, False), f"--{flag} is derived, so its default is None"
@@ -60,9 +61,11 @@ def test_inference_gets_the_sampling_dataclass_amp():
 def test_run_config_puts_each_flag_into_its_field():
     args = ddpm_main.build_parser().parse_args(
         "--dataset mnist --image_size 28 --no_hflip --model_size small --dim_mults 1,2 --conditional --timesteps 50 --prediction_type x0 "
-        "--snr_gamma 0 --lr 1e-3 --no_ema --max_steps 7 --sampler ddim --sampling_steps 9 --guidance_interval 0.5,2".split())
+        "--snr_gamma 0 --lr 1e-3 --no_ema --max_steps 7 --sampler ddim --sampling_steps 9 --guidance_interval 0.5,2 --data_cache c "
+        "--no_data_cache".split())
     config = ddpm_main.run_config(args)
     assert (config.data.dataset, config.data.image_size, config.data.hflip) == ("mnist", 28, False)
+    assert (config.data.data_cache, config.data.use_data_cache) == ("c", False)
     assert (config.model.preset, config.model.dim_mults, config.model.conditional) == ("small", (1, 2), True)
     assert (config.diffusion.timesteps, config.diffusion.prediction_type, config.diffusion.snr_gamma) == (50, "x0", 0.0)
     assert (config.train.lr, config.train.use_ema, config.train.max_steps) == (1e-3, False, 7)
