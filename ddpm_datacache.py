@@ -15,6 +15,7 @@ then map the same files, so the page cache holds one copy per machine, shared by
 The cache goes to <folder>/.ddpm_cache/ (of a zip: beside it), else, where that cannot be written, to
 $XDG_CACHE_HOME/ddpm (~/.cache/ddpm), or to the folder asked for (--data_cache).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,7 +43,17 @@ except ImportError:  # Windows: no lock; one process per cache
 
 CACHE_FORMAT = 1
 CACHE_FOLDER = ".ddpm_cache"
-MATCHED = ("format", "source", "image_size", "channels_asked", "split_seed", "files_sha256", "train", "test", "class_names")
+MATCHED = (
+    "format",
+    "source",
+    "image_size",
+    "channels_asked",
+    "split_seed",
+    "files_sha256",
+    "train",
+    "test",
+    "class_names",
+)
 
 
 @dataclass
@@ -60,8 +71,16 @@ def say(message: str, every_rank: bool = False) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def decoded_images(source: ImageSource, size: int, channels: Optional[int], order: np.ndarray, seed: int,
-                   cache_dir: Optional[str] = None, use_cache: bool = True, workers: Optional[int] = None) -> Decoded:
+def decoded_images(
+    source: ImageSource,
+    size: int,
+    channels: Optional[int],
+    order: np.ndarray,
+    seed: int,
+    cache_dir: Optional[str] = None,
+    use_cache: bool = True,
+    workers: Optional[int] = None,
+) -> Decoded:
     """The images of `source` as `size` x `size` squares with `channels` (None: grey if all are grey, else RGB), the
     training part's rows in `order` (made from `seed`: ddpm_data's split order), from the cache or decoded into it;
     `use_cache` False decodes into memory. `workers`: decoding processes (None: every available core)."""
@@ -79,11 +98,16 @@ def decoded_images(source: ImageSource, size: int, channels: Optional[int], orde
             say(reason, every_rank=True)
             build(stem, source, order, size, channels, expected, workers)
             started = time.perf_counter()
-        decoded = Decoded(np.load(_part(stem, "images"), mmap_mode="c"), np.load(_part(stem, "labels"), mmap_mode="c"),
-                          _part(stem, "images"))
+        decoded = Decoded(
+            np.load(_part(stem, "images"), mmap_mode="c"),
+            np.load(_part(stem, "labels"), mmap_mode="c"),
+            _part(stem, "images"),
+        )
     shape = "x".join(str(side) for side in decoded.images.shape[1:])
-    say(f"data: {len(decoded.labels)} images ({shape}) checked and mapped from {decoded.cache} in "
-        f"{time.perf_counter() - started:.2f} s")
+    say(
+        f"data: {len(decoded.labels)} images ({shape}) checked and mapped from {decoded.cache} in "
+        f"{time.perf_counter() - started:.2f} s"
+    )
     return decoded
 
 
@@ -96,9 +120,17 @@ def rows_of(source: ImageSource, order: np.ndarray) -> tuple[list[str], list[int
 
 def describe(source: ImageSource, size: int, channels: Optional[int], seed: int) -> dict:
     """What a cache of `source` must have been built from (the description, before the arrays' own stamps)."""
-    return {"format": CACHE_FORMAT, "source": str(source.path.resolve()), "image_size": size, "channels_asked": channels,
-            "split_seed": seed, "train": len(source.train.names), "test": len(source.test.names) if source.test else 0,
-            "class_names": source.class_names, "files_sha256": listing_digest(source.stamps())}
+    return {
+        "format": CACHE_FORMAT,
+        "source": str(source.path.resolve()),
+        "image_size": size,
+        "channels_asked": channels,
+        "split_seed": seed,
+        "train": len(source.train.names),
+        "test": len(source.test.names) if source.test else 0,
+        "class_names": source.class_names,
+        "files_sha256": listing_digest(source.stamps()),
+    }
 
 
 def listing_digest(lines: Iterator[str], copy_to: Optional[IO[bytes]] = None) -> str:
@@ -149,8 +181,9 @@ def cache_folder(source: Path, asked: Optional[str]) -> Path:
         return beside
     fallback = user_cache_folder()
     if not _writable(fallback):
-        raise UsageError(f"cannot write the decoded cache to {beside} nor {fallback}: give --data_cache DIR "
-                         "or --no_data_cache")
+        raise UsageError(
+            f"cannot write the decoded cache to {beside} nor {fallback}: give --data_cache DIR or --no_data_cache"
+        )
     say(f"cannot write to {beside}: the decoded cache goes to {fallback}")
     return fallback
 
@@ -181,9 +214,9 @@ def why_stale(stem: Path, expected: dict) -> Optional[str]:
                 return f"{rebuild}: the source changed ({_changes(_part(stem, 'files', 'tsv'), expected['source'])})"
             if stored[key] != expected[key]:
                 return f"{rebuild}: its {key} is {stored[key]!r}, now {expected[key]!r}"
-        for part, shape, dtype in (("images", (expected["train"] + expected["test"], stored["channels"],
-                                               expected["image_size"], expected["image_size"]), np.uint8),
-                                   ("labels", (expected["train"] + expected["test"],), np.int64)):
+        count, size = expected["train"] + expected["test"], expected["image_size"]
+        arrays = (("images", (count, stored["channels"], size, size), np.uint8), ("labels", (count,), np.int64))
+        for part, shape, dtype in arrays:
             problem = _array_problem(_part(stem, part), stored[part], shape, dtype)
             if problem:
                 return f"{rebuild}: {problem}"
@@ -198,8 +231,11 @@ def _changes(listing: Path, source: str) -> str:
         return f"{listing.name} is missing"
     before = dict(line.split("\t", 1) for line in listing.read_text().splitlines())
     now = dict(line.rstrip("\n").split("\t", 1) for line in find_images(Path(source)).stamps())
-    kinds = (("added", sorted(now.keys() - before.keys())), ("removed", sorted(before.keys() - now.keys())),
-             ("changed", sorted(name for name in now.keys() & before.keys() if now[name] != before[name])))
+    kinds = (
+        ("added", sorted(now.keys() - before.keys())),
+        ("removed", sorted(before.keys() - now.keys())),
+        ("changed", sorted(name for name in now.keys() & before.keys() if now[name] != before[name])),
+    )
     return ", ".join(f"{len(names)} {kind}, e.g. {names[0]}" for kind, names in kinds if names) or "reordered"
 
 
@@ -209,7 +245,8 @@ def _array_problem(path: Path, stamp: dict, shape: tuple, dtype: type) -> Option
         return f"{path.name} is missing"
     found = path.stat()
     if (found.st_size, found.st_mtime_ns) != (stamp["bytes"], stamp["mtime_ns"]):
-        return f"{path.name} was changed or cut short since it was written ({found.st_size} bytes, {stamp['bytes']} written)"
+        written = stamp["bytes"]
+        return f"{path.name} was changed or cut short since it was written ({found.st_size} bytes, {written} written)"
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as error:
@@ -219,43 +256,67 @@ def _array_problem(path: Path, stamp: dict, shape: tuple, dtype: type) -> Option
     return None
 
 
-def _decode(source: ImageSource, names: list[str], size: int, channels: Optional[int], workers: int,
-            allocate, grey_path: Optional[Path] = None) -> np.ndarray:
+def _decode(
+    source: ImageSource,
+    names: list[str],
+    size: int,
+    channels: Optional[int],
+    workers: int,
+    allocate,
+    grey_path: Optional[Path] = None,
+) -> np.ndarray:
     """Decode `names` into the array allocate(shape, dtype) gives (np.empty, or a .npy file's memory map); with
     channels None, images that are all grey become one plane (into `grey_path`'s file when given)."""
     count, planes = len(names), 1 if channels == 1 else 3
     used = min(workers, count)
-    say(f"decoding {count} images of {source.path} with {used} process{'es' if used > 1 else ''} ({available_cores()} cores)",
-        every_rank=True)
+    say(
+        f"decoding {count} images of {source.path} with {used} process{'es' if used > 1 else ''} "
+        f"({available_cores()} cores)",
+        every_rank=True,
+    )
     started = time.perf_counter()
     images = allocate((count, planes, size, size), np.uint8)
     grey = decode_into(images, source.path, names, size, channels, workers)
     seconds = time.perf_counter() - started
     say(f"decoded {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s)", every_rank=True)
     if channels is None and grey:
-        one_plane = allocate((count, 1, size, size), np.uint8) if grey_path is None else \
-            np.lib.format.open_memmap(grey_path, "w+", np.uint8, (count, 1, size, size))
+        one_plane = (
+            allocate((count, 1, size, size), np.uint8)
+            if grey_path is None
+            else np.lib.format.open_memmap(grey_path, "w+", np.uint8, (count, 1, size, size))
+        )
         for start in range(0, count, 4096):
-            one_plane[start:start + 4096] = images[start:start + 4096, :1]
+            one_plane[start : start + 4096] = images[start : start + 4096, :1]
         return one_plane
     return images
 
 
-def build(stem: Path, source: ImageSource, order: np.ndarray, size: int, channels: Optional[int], expected: dict,
-          workers: int) -> None:
+def build(
+    stem: Path, source: ImageSource, order: np.ndarray, size: int, channels: Optional[int], expected: dict, workers: int
+) -> None:
     """Decode into temporary files, rename them into place, then write the description that makes them valid."""
     names, labels = rows_of(source, order)
     images_path, labels_path, described = _part(stem, "images"), _part(stem, "labels"), _description_path(stem)
     described.unlink(missing_ok=True)  # from here on the old arrays are not a valid cache
-    temporaries = [temporary_path(images_path), temporary_path(images_path.with_name(images_path.name + ".grey")),
-                   temporary_path(labels_path)]
+    temporaries = [
+        temporary_path(images_path),
+        temporary_path(images_path.with_name(images_path.name + ".grey")),
+        temporary_path(labels_path),
+    ]
     for leftover in temporaries:  # of a build that was killed
         leftover.unlink(missing_ok=True)
     listed = {}  # the listing as it is before decoding: a file changed meanwhile is seen at the next start
     try:
         atomic_write(_part(stem, "files", "tsv"), lambda f: listed.update(sha256=listing_digest(source.stamps(), f)))
-        images = _decode(source, names, size, channels, workers,
-                         lambda shape, dtype: np.lib.format.open_memmap(temporaries[0], "w+", dtype, shape), temporaries[1])
+        images = _decode(
+            source,
+            names,
+            size,
+            channels,
+            workers,
+            lambda shape, dtype: np.lib.format.open_memmap(temporaries[0], "w+", dtype, shape),
+            temporaries[1],
+        )
         written = temporaries[1] if images.shape[1] == 1 and channels is None else temporaries[0]
         images.flush()
         del images
@@ -272,8 +333,10 @@ def build(stem: Path, source: ImageSource, order: np.ndarray, size: int, channel
     finally:
         for leftover in temporaries:
             leftover.unlink(missing_ok=True)
-    stamps = {part: {"bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
-              for part, path in (("images", images_path), ("labels", labels_path))}
+    stamps = {
+        part: {"bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+        for part, path in (("images", images_path), ("labels", labels_path))
+    }
     channels_found = np.load(images_path, mmap_mode="r").shape[1]
     description = {**expected, "files_sha256": listed["sha256"], "channels": channels_found, **stamps}
     atomic_write(described, lambda f: f.write(json.dumps(description).encode()))

@@ -12,6 +12,7 @@ A folder may instead hold train/ and test/, each in one of the folder layouts (t
 Each image is decoded as ImageFolder's loader with Resize(size) and CenterCrop(size) decodes it: converted to RGB,
 its short side scaled to `size` (PIL's bilinear filter, antialiased), the centre square cut out (`decode_image`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,8 +36,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 EDM_LABELS = "dataset.json"
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)  # ITU-R 601, as ddpm_data's grey
 CHUNK = 64  # images per task of a decoding process
-LAYOUTS = ("a flat folder of images, a folder with one sub-folder per class, train/ and test/ holding either, "
-           "or a dataset zip of NVlabs/edm's dataset_tool.py")
+LAYOUTS = (
+    "a flat folder of images, a folder with one sub-folder per class, train/ and test/ holding either, "
+    "or a dataset zip of NVlabs/edm's dataset_tool.py"
+)
 
 
 @dataclass
@@ -63,7 +66,8 @@ class ImageSource:
         """A line "<name>\t<size>\t<modification time in ns>\n" for every file the images come from (of a zip: the zip
         itself), so that a change is seen without reading them."""
         folder = self.path.parent if self.is_zip else self.path
-        for part in ([ImageFiles([self.path.name], [0])] if self.is_zip else [self.train, *([self.test] if self.test else [])]):
+        parts = [ImageFiles([self.path.name], [0])] if self.is_zip else [self.train, *([self.test] if self.test else [])]
+        for part in parts:
             for name in part.names:
                 stat = os.stat(os.path.join(folder, name))
                 yield f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n"
@@ -83,8 +87,10 @@ def find_images(path: Path) -> ImageSource:
         train, train_classes = _list_folder(path, "train")
         test, test_classes = _list_folder(path, "test")
         if train_classes != test_classes:
-            raise UsageError(f"{path}/train and {path}/test must hold the same class folders, not "
-                             f"{', '.join(train_classes) or '(none)'} and {', '.join(test_classes) or '(none)'}")
+            raise UsageError(
+                f"{path}/train and {path}/test must hold the same class folders, not "
+                f"{', '.join(train_classes) or '(none)'} and {', '.join(test_classes) or '(none)'}"
+            )
         return ImageSource(path, train, test, train_classes)
     files, class_names = _list_folder(path, "")
     return ImageSource(path, files, None, class_names)
@@ -109,13 +115,16 @@ def _list_folder(root: Path, part: str) -> tuple[ImageFiles, list[str]]:
     images = [name for name in loose if is_image_name(name)]
     others = [name for name in loose if not is_image_name(name)]
     if images and class_names:
-        raise UsageError(f"{folder} holds both images (e.g. {images[0]}) and sub-folders (e.g. {class_names[0]}): "
-                         f"expected {LAYOUTS}")
+        raise UsageError(
+            f"{folder} holds both images (e.g. {images[0]}) and sub-folders (e.g. {class_names[0]}): expected {LAYOUTS}"
+        )
     if images:
         return ImageFiles([prefix + name for name in images], [0] * len(images)), []
     if not class_names:
         skipped = f" (it has {len(others)} other files, e.g. {others[0]})" if others else ""
-        raise UsageError(f"no images in {folder}{skipped}: expected {LAYOUTS}, with {', '.join(IMAGE_EXTENSIONS)} files")
+        raise UsageError(
+            f"no images in {folder}{skipped}: expected {LAYOUTS}, with {', '.join(IMAGE_EXTENSIONS)} files"
+        )
     names, labels = [], []
     for label, class_name in enumerate(class_names):
         found = [prefix + name for name in _images_under(folder / class_name, f"{class_name}/")]
@@ -139,7 +148,9 @@ def _images_under(folder: Path, prefix: str) -> Iterator[str]:
 def _zip_source(path: Path) -> ImageSource:
     try:
         with zipfile.ZipFile(path) as archive:
-            names = sorted(info.filename for info in archive.infolist() if not info.is_dir() and is_image_name(info.filename))
+            names = sorted(
+                info.filename for info in archive.infolist() if not info.is_dir() and is_image_name(info.filename)
+            )
             if not names:
                 raise UsageError(f"no images in {path}: expected {LAYOUTS} (PNG files and an optional {EDM_LABELS})")
             labels_text = archive.read(EDM_LABELS) if EDM_LABELS in archive.namelist() else None
@@ -158,7 +169,9 @@ def _edm_labels(where: str, text: Optional[bytes], names: list[str]) -> tuple[li
         entries = None if text is None else json.loads(text)["labels"]
         by_name = {} if entries is None else {str(name): value for name, value in entries}
     except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"{where} is not dataset_tool.py's labels ({first_line(error)}): expected {expected}") from None
+        raise UsageError(
+            f"{where} is not dataset_tool.py's labels ({first_line(error)}): expected {expected}"
+        ) from None
     if entries is None:
         return [0] * len(names), []
     missing = [name for name in names if name not in by_name]
@@ -226,17 +239,18 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def decode_into(out: np.ndarray, path: Path, names: list[str], size: int, channels: Optional[int], workers: int,
-                chunk: int = CHUNK) -> bool:
+def decode_into(
+    out: np.ndarray, path: Path, names: list[str], size: int, channels: Optional[int], workers: int, chunk: int = CHUNK
+) -> bool:
     """Decode image names[i] into out[i] with `workers` processes (1: in this one), a progress bar on stderr;
     returns whether every image is grey."""
-    tasks = [(str(path), names[start:start + chunk], size, channels) for start in range(0, len(names), chunk)]
+    tasks = [(str(path), names[start : start + chunk], size, channels) for start in range(0, len(names), chunk)]
     grey = True
     with _processes(min(workers, len(tasks))) as pool:
         results = _in_order(pool, tasks, 4 * workers) if pool else (decode_chunk(*task) for task in tasks)
         with tqdm(total=len(names), desc=f"decoding {path.name}", unit="img", leave=False) as bar:
             for start, (images, chunk_grey) in zip(range(0, len(names), chunk), results):
-                out[start:start + len(images)] = images
+                out[start : start + len(images)] = images
                 grey &= chunk_grey
                 bar.update(len(images))
     return grey

@@ -15,6 +15,7 @@ with --keep, and reused when it already holds them), then measures:
 It prints a table with the targets (first decode >= 1.7x the 1-process rate, a later start >= 20x faster than
 decoding, step time within 5%, each rank < 10% of the data privately) and writes every figure to --out (JSON).
 """
+
 import argparse
 import json
 import os
@@ -71,7 +72,9 @@ dist.destroy_process_group()
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="First and later starts, steps and memory of a folder's decoded cache.")
+    parser = argparse.ArgumentParser(
+        description="First and later starts, steps and memory of a folder's decoded cache."
+    )
     parser.add_argument("--count", type=int, default=20_000, help="JPEGs to write")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=384)
@@ -122,8 +125,11 @@ def time_later_starts(folder: Path, work: Path, image_size: int) -> dict:
     started = time.perf_counter()
     load_datasets("folder", folder, image_size, use_data_cache=False)
     decoding = time.perf_counter() - started
-    return {"later_start_s": statistics.median(cached), "decode_in_memory_s": decoding,
-            "later_start_speedup": decoding / statistics.median(cached)}
+    return {
+        "later_start_s": statistics.median(cached),
+        "decode_in_memory_s": decoding,
+        "later_start_speedup": decoding / statistics.median(cached),
+    }
 
 
 def time_to_first_step(folder: Path, work: Path, image_size: int, batch_size: int, cached: bool) -> float:
@@ -131,11 +137,17 @@ def time_to_first_step(folder: Path, work: Path, image_size: int, batch_size: in
     out = work / f"first_step_{'cached' if cached else 'memory'}"
     shutil.rmtree(out, ignore_errors=True)
     cache = f"--data_cache {work / 'cache_all'}" if cached else "--no_data_cache"
-    command = (f"--dataset folder --data_dir {folder} --image_size {image_size} --model_size tiny --batch_size {batch_size} "
-               f"--max_steps 100 --log_interval 1 --sample_every 0 --device cpu --run_name B --save_dir {out} {cache}")
+    command = (
+        f"--dataset folder --data_dir {folder} --image_size {image_size} --model_size tiny --batch_size {batch_size} "
+        f"--max_steps 100 --log_interval 1 --sample_every 0 --device cpu --run_name B --save_dir {out} {cache}"
+    )
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(REPO / "ddpm_main.py"), *command.split()], cwd=work,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "ddpm_main.py"), *command.split()],
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = out / "metrics_B.jsonl"
     try:
         while not (metrics.exists() and '"step"' in metrics.read_text()):
@@ -152,13 +164,15 @@ def time_steps(folder: Path, work: Path, image_size: int, model_size: str, batch
     """Training steps and load_batch alone, from the mapped cache and from an in-memory copy, taking turns."""
     torch.manual_seed(0)
     data = load_datasets("folder", folder, image_size, data_cache=str(work / "cache_all"))
-    sources = {"cache": (data.train.images, data.train.labels),
-               "memory": (data.train.images.clone(), data.train.labels.clone())}
+    sources = {
+        "cache": (data.train.images, data.train.labels),
+        "memory": (data.train.images.clone(), data.train.labels.clone()),
+    }
     model = network_from_config(ModelConfig(preset=model_size).network_config(data.sample_shape, None))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     diffusion = Diffusion(1000, prediction_type="v")
     order = epoch_permutation(len(data.train), 0, 0)
-    batches = [order[(i * batch_size) % (len(order) - batch_size):][:batch_size] for i in range(2 * steps + 2)]
+    batches = [order[(i * batch_size) % (len(order) - batch_size) :][:batch_size] for i in range(2 * steps + 2)]
     cpu = torch.device("cpu")
 
     def step(kind: str, indices: torch.Tensor) -> float:
@@ -172,13 +186,13 @@ def time_steps(folder: Path, work: Path, image_size: int, model_size: str, batch
 
     times = {"cache": [], "memory": []}
     for i, indices in enumerate(batches):
-        for kind in (("cache", "memory") if i % 2 else ("memory", "cache")):
+        for kind in ("cache", "memory") if i % 2 else ("memory", "cache"):
             elapsed = step(kind, indices)
             if i >= 2:  # warm-up
                 times[kind].append(elapsed)
     loads = {kind: [] for kind in sources}
     for i in range(200):
-        indices = order[(i * batch_size) % (len(order) - batch_size):][:batch_size]
+        indices = order[(i * batch_size) % (len(order) - batch_size) :][:batch_size]
         for kind in sources:
             started = time.perf_counter()
             load_batch(*sources[kind], indices, True, cpu)
@@ -198,11 +212,33 @@ def free_port() -> int:
 def rank_memory(folder: Path, work: Path, image_size: int, cached: bool) -> list[dict]:
     """Each of 2 torchrun ranks' private memory before and after loading and reading every image."""
     script = work / "rank_memory.py"
-    script.write_text(RANK_SCRIPT.format(repo=str(REPO), folder=str(folder), image_size=image_size,
-                                         cache=str(work / "cache_all"), use_cache=cached, work=str(work)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script)]
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script.write_text(
+        RANK_SCRIPT.format(
+            repo=str(REPO),
+            folder=str(folder),
+            image_size=image_size,
+            cache=str(work / "cache_all"),
+            use_cache=cached,
+            work=str(work),
+        )
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+    ]
+    result = subprocess.run(
+        command, cwd=work, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if result.returncode != 0:
         raise RuntimeError(f"torchrun failed: {result.stderr[-2000:]}")
     return [json.loads((work / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -210,22 +246,59 @@ def rank_memory(folder: Path, work: Path, image_size: int, cached: bool) -> list
 
 def report(figures: dict) -> None:
     data_mb = figures["cache_mb"]
-    gains = {kind: [(r["after_kb"] - r["before_kb"]) / 1024 for r in figures[f"ranks_{kind}"]] for kind in ("cached", "memory")}
+    gains = {
+        kind: [(r["after_kb"] - r["before_kb"]) / 1024 for r in figures[f"ranks_{kind}"]]
+        for kind in ("cached", "memory")
+    }
     rows = [
-        ("first start, 1 process", f"{figures['first_start_one_s']:.2f} s", f"{figures['first_start_one_images_per_s']:.0f} images/s", ""),
-        (f"first start, {figures['cores']} cores", f"{figures['first_start_all_s']:.2f} s",
-         f"{figures['first_start_all_images_per_s']:.0f} images/s", f"{figures['decode_speedup']:.2f}x (target >= 1.7x)"),
-        ("later start: data ready", f"{figures['later_start_s']:.3f} s",
-         f"decoding into memory: {figures['decode_in_memory_s']:.2f} s", f"{figures['later_start_speedup']:.0f}x faster (target >= 20x)"),
-        ("later start: first optimizer step", f"{figures['first_step_cached_s']:.2f} s",
-         f"--no_data_cache: {figures['first_step_memory_s']:.2f} s", "a new ddpm_main.py process"),
-        ("training step", f"cache {1000 * figures['step_cache_s']:.1f} ms", f"memory {1000 * figures['step_memory_s']:.1f} ms",
-         f"{figures['step_ratio']:.3f}x (target within 5%)"),
-        ("load_batch alone", f"cache {figures['load_batch_cache_ms']:.2f} ms", f"memory {figures['load_batch_memory_ms']:.2f} ms", ""),
-        ("private memory per rank, cache", " / ".join(f"{gain:.1f} MB" for gain in gains["cached"]), f"data {data_mb:.1f} MB",
-         " / ".join(f"{100 * gain / data_mb:.1f}%" for gain in gains["cached"]) + " (target < 10%)"),
-        ("private memory per rank, in memory", " / ".join(f"{gain:.1f} MB" for gain in gains["memory"]), f"data {data_mb:.1f} MB",
-         " / ".join(f"{100 * gain / data_mb:.1f}%" for gain in gains["memory"])),
+        (
+            "first start, 1 process",
+            f"{figures['first_start_one_s']:.2f} s",
+            f"{figures['first_start_one_images_per_s']:.0f} images/s",
+            "",
+        ),
+        (
+            f"first start, {figures['cores']} cores",
+            f"{figures['first_start_all_s']:.2f} s",
+            f"{figures['first_start_all_images_per_s']:.0f} images/s",
+            f"{figures['decode_speedup']:.2f}x (target >= 1.7x)",
+        ),
+        (
+            "later start: data ready",
+            f"{figures['later_start_s']:.3f} s",
+            f"decoding into memory: {figures['decode_in_memory_s']:.2f} s",
+            f"{figures['later_start_speedup']:.0f}x faster (target >= 20x)",
+        ),
+        (
+            "later start: first optimizer step",
+            f"{figures['first_step_cached_s']:.2f} s",
+            f"--no_data_cache: {figures['first_step_memory_s']:.2f} s",
+            "a new ddpm_main.py process",
+        ),
+        (
+            "training step",
+            f"cache {1000 * figures['step_cache_s']:.1f} ms",
+            f"memory {1000 * figures['step_memory_s']:.1f} ms",
+            f"{figures['step_ratio']:.3f}x (target within 5%)",
+        ),
+        (
+            "load_batch alone",
+            f"cache {figures['load_batch_cache_ms']:.2f} ms",
+            f"memory {figures['load_batch_memory_ms']:.2f} ms",
+            "",
+        ),
+        (
+            "private memory per rank, cache",
+            " / ".join(f"{gain:.1f} MB" for gain in gains["cached"]),
+            f"data {data_mb:.1f} MB",
+            " / ".join(f"{100 * gain / data_mb:.1f}%" for gain in gains["cached"]) + " (target < 10%)",
+        ),
+        (
+            "private memory per rank, in memory",
+            " / ".join(f"{gain:.1f} MB" for gain in gains["memory"]),
+            f"data {data_mb:.1f} MB",
+            " / ".join(f"{100 * gain / data_mb:.1f}%" for gain in gains["memory"]),
+        ),
     ]
     print("| measure | figure | against | ratio |\n| --- | --- | --- | --- |")
     for row in rows:
@@ -244,7 +317,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         figures.update(time_later_starts(folder, work, args.image_size))
         for cached in (True, False):
             figures[f"first_step_{'cached' if cached else 'memory'}_s"] = time_to_first_step(
-                folder, work, args.image_size, args.batch_size, cached)
+                folder, work, args.image_size, args.batch_size, cached
+            )
         figures.update(time_steps(folder, work, args.image_size, args.model_size, args.batch_size, args.steps))
         figures["ranks_cached"] = rank_memory(folder, work, args.image_size, True)
         figures["ranks_memory"] = rank_memory(folder, work, args.image_size, False)

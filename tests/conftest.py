@@ -347,7 +347,8 @@ def write_edm_zip(path: Path, labels: list[int] | None, size: int = 8, dataset_j
             index_text = f"{index:08d}"
             names.append(f"{index_text[:5]}/img{index_text}.png")
             buffer = io.BytesIO()
-            Image.fromarray(indexed_pixels(index, size, size)).save(buffer, format="png", compress_level=0, optimize=False)
+            image = Image.fromarray(indexed_pixels(index, size, size))
+            image.save(buffer, format="png", compress_level=0, optimize=False)
             archive.writestr(names[-1], buffer.getvalue())
         if dataset_json:
             entries = None if labels is None else [[name, label] for name, label in zip(names, labels)]

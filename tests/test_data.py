@@ -177,7 +177,8 @@ def test_a_folder_with_train_and_test_subfolders_uses_them_as_the_splits(tmp_pat
 
 def test_a_flat_folder_trains_an_unconditional_model_and_refuses_conditional(tmp_path, capsys):
     write_flat_folder(tmp_path / "flat", 20)
-    tiny = "--dataset folder --data_dir flat --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 --sample_every 0"
+    tiny = ("--dataset folder --data_dir flat --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+            "--sample_every 0")
     assert run_cli(f"{tiny} --save_model --run_name F --save_dir out", tmp_path) == 0
     assert "17 train / 1 val / 2 test images of 3x8x8" in capsys.readouterr().out
     checkpoint = load_checkpoint(tmp_path / "models/F/ckpt.pt")

@@ -1,5 +1,6 @@
 """ddpm_datacache: a folder is decoded once and memory-mapped after; a changed source, a damaged cache or a build
 killed midway is rebuilt (and says why); never a half cache; the cache's folder when the data's cannot be written."""
+
 import json
 import os
 import signal
@@ -63,7 +64,11 @@ def test_the_splits_are_views_of_one_map_in_the_order_hold_out_draws_them(flat):
     generator = torch.Generator().manual_seed(3)
     rest, test = _hold_out(reference, 0.1, generator)
     train, val = _hold_out(rest, 0.2, generator)
-    assert (indices(data.test), indices(data.val), indices(data.train)) == (test[0].tolist(), val[0].tolist(), train[0].tolist())
+    assert (indices(data.test), indices(data.val), indices(data.train)) == (
+        test[0].tolist(),
+        val[0].tolist(),
+        train[0].tolist(),
+    )
 
 
 def test_a_changed_or_added_source_file_rebuilds_the_cache_and_says_why(flat, capsys):
@@ -81,18 +86,24 @@ def test_a_changed_or_added_source_file_rebuilds_the_cache_and_says_why(flat, ca
     assert "no decoded cache" in capsys.readouterr().err, "another size is another cache"
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("truncate_images", "images.npy was changed or cut short"),
-    ("edit_labels", "labels.npy was changed or cut short"),
-    ("delete_images", "images.npy is missing"),
-    ("garble_description", "is unreadable"),
-    ("edit_description", "its image_size is 9, now 8"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("truncate_images", "images.npy was changed or cut short"),
+        ("edit_labels", "labels.npy was changed or cut short"),
+        ("delete_images", "images.npy is missing"),
+        ("garble_description", "is unreadable"),
+        ("edit_description", "its image_size is 9, now 8"),
+    ],
+)
 def test_a_damaged_cache_is_rebuilt_and_says_why(flat, capsys, damage, reason):
     expected = load(flat).train.images.clone()
     stem = next((flat / CACHE_FOLDER).glob("*.json")).with_suffix("")
-    part = {"images": stem.with_name(stem.name + ".images.npy"), "labels": stem.with_name(stem.name + ".labels.npy"),
-            "description": stem.with_suffix(".json")}
+    part = {
+        "images": stem.with_name(stem.name + ".images.npy"),
+        "labels": stem.with_name(stem.name + ".labels.npy"),
+        "description": stem.with_suffix(".json"),
+    }
     if damage == "truncate_images":
         part["images"].write_bytes(part["images"].read_bytes()[:-100])
     elif damage == "edit_labels":
@@ -163,7 +174,9 @@ def test_data_cache_chooses_the_folder_and_no_data_cache_writes_nothing(flat, tm
     assert len(list((tmp_path / "elsewhere").glob("*.images.npy"))) == 1 and not (flat / CACHE_FOLDER).exists()
     in_memory = load(flat, use_data_cache=False)
     assert not (flat / CACHE_FOLDER).exists()
-    assert torch.equal(in_memory.train.images, cached.train.images) and torch.equal(in_memory.test.labels, cached.test.labels)
+    assert torch.equal(in_memory.train.images, cached.train.images) and torch.equal(
+        in_memory.test.labels, cached.test.labels
+    )
     (tmp_path / "a_file").write_text("x")
     assert "--data_cache" in usage_error(load, flat, data_cache=str(tmp_path / "a_file"))
 
@@ -171,7 +184,10 @@ def test_data_cache_chooses_the_folder_and_no_data_cache_writes_nothing(flat, tm
 def test_a_grey_folder_is_cached_as_one_plane_and_forced_channels_are_their_own_cache(tmp_path):
     write_grey_folder(tmp_path, "flat")
     grey = load_datasets("folder", tmp_path, image_size=8)
-    assert grey.channels == 1 and np.load(next((tmp_path / CACHE_FOLDER).glob("*.images.npy")), mmap_mode="r").shape[1] == 1
+    assert (
+        grey.channels == 1
+        and np.load(next((tmp_path / CACHE_FOLDER).glob("*.images.npy")), mmap_mode="r").shape[1] == 1
+    )
     rgb = load_datasets("folder", tmp_path, image_size=8, channels=3)
     assert rgb.channels == 3 and torch.equal(rgb.train.images[:, 1], grey.train.images[:, 0])
     assert len(list((tmp_path / CACHE_FOLDER).glob("*.images.npy"))) == 2

@@ -1,5 +1,6 @@
 """ddpm_imagefolder: the three layouts (flat folder, class folders, EDM dataset zip) as found on disk, decoding as
 torchvision's ImageFolder + Resize + CenterCrop decodes, in parallel as in one process, and bad input named."""
+
 import io
 import zipfile
 
@@ -15,8 +16,10 @@ from ddpm_data import _to_channels
 from ddpm_imagefolder import decode_chunk, decode_image, decode_into, find_images, to_grey
 
 
-@pytest.mark.parametrize("mode, size", [("RGB", (40, 24)), ("RGB", (23, 41)), ("L", (17, 17)), ("RGBA", (9, 30)),
-                                        ("P", (50, 33)), ("RGB", (6, 5))])
+@pytest.mark.parametrize(
+    "mode, size",
+    [("RGB", (40, 24)), ("RGB", (23, 41)), ("L", (17, 17)), ("RGBA", (9, 30)), ("P", (50, 33)), ("RGB", (6, 5))],
+)
 def test_decoding_is_torchvisions_resize_and_centre_crop_of_the_rgb_image(tmp_path, mode, size):
     pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 4 if mode == "RGBA" else 3), dtype=np.uint8)
     image = Image.fromarray(pixels).convert(mode)
@@ -60,7 +63,10 @@ def test_train_and_test_folders_are_the_two_parts_flat_or_with_classes(tmp_path)
     write_flat_folder(tmp_path / "flat" / "train", 4)
     write_flat_folder(tmp_path / "flat" / "test", 2)
     source = find_images(tmp_path / "flat")
-    assert source.train.names == [f"train/{k:03d}.png" for k in range(4)] and source.test.names == ["test/000.png", "test/001.png"]
+    assert source.train.names == [f"train/{k:03d}.png" for k in range(4)] and source.test.names == [
+        "test/000.png",
+        "test/001.png",
+    ]
     write_flat_folder(tmp_path / "mixed" / "train", 2)
     write_flat_folder(tmp_path / "mixed" / "test" / "cats", 2)
     assert "same class folders, not (none) and cats" in usage_error(find_images, tmp_path / "mixed")
@@ -94,13 +100,18 @@ def rewrite_labels(path, text: str) -> None:
         archive.writestr("dataset.json", text)
 
 
-@pytest.mark.parametrize("labels, message", [
-    ('{"labels": [["00000/img00000000.png", 1]]}', "no label for 00000/img00000001.png"),
-    ('{"labels": [["00000/img00000000.png", 0], ["00000/img00000001.png", [0.5, 1.0]]]}',
-     "the label of 00000/img00000001.png is [0.5, 1.0], not a class number"),
-    ("{not json", "data.zip:dataset.json is not dataset_tool.py's labels"),
-    ('{"labels": 3}', "data.zip:dataset.json is not dataset_tool.py's labels"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ('{"labels": [["00000/img00000000.png", 1]]}', "no label for 00000/img00000001.png"),
+        (
+            '{"labels": [["00000/img00000000.png", 0], ["00000/img00000001.png", [0.5, 1.0]]]}',
+            "the label of 00000/img00000001.png is [0.5, 1.0], not a class number",
+        ),
+        ("{not json", "data.zip:dataset.json is not dataset_tool.py's labels"),
+        ('{"labels": 3}', "data.zip:dataset.json is not dataset_tool.py's labels"),
+    ],
+)
 def test_bad_labels_of_a_zip_are_named(tmp_path, labels, message):
     write_edm_zip(tmp_path / "data.zip", [0, 1])
     rewrite_labels(tmp_path / "data.zip", labels)
@@ -118,12 +129,16 @@ def test_a_zip_without_images_and_a_file_that_is_no_zip_are_named(tmp_path):
 def test_empty_mixed_and_missing_folders_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    assert f"no images in {tmp_path / 'empty'} (it has 1 other files, e.g. notes.txt)" in usage_error(find_images, tmp_path / "empty")
+    assert f"no images in {tmp_path / 'empty'} (it has 1 other files, e.g. notes.txt)" in usage_error(
+        find_images, tmp_path / "empty"
+    )
     write_flat_folder(tmp_path / "mixed", 1)
     (tmp_path / "mixed" / "cats").mkdir()
     assert "both images (e.g. 000.png) and sub-folders (e.g. cats)" in usage_error(find_images, tmp_path / "mixed")
     (tmp_path / "classes" / "cats").mkdir(parents=True)
-    assert f"no images in the class folder {tmp_path / 'classes' / 'cats'}" in usage_error(find_images, tmp_path / "classes")
+    assert f"no images in the class folder {tmp_path / 'classes' / 'cats'}" in usage_error(
+        find_images, tmp_path / "classes"
+    )
     assert f"image folder not found: {tmp_path / 'missing'}" in usage_error(find_images, tmp_path / "missing")
 
 
