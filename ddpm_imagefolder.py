@@ -66,7 +66,9 @@ class ImageSource:
         """A line "<name>\t<size>\t<modification time in ns>\n" for every file the images come from (of a zip: the zip
         itself), so that a change is seen without reading them."""
         folder = self.path.parent if self.is_zip else self.path
-        parts = [ImageFiles([self.path.name], [0])] if self.is_zip else [self.train, *([self.test] if self.test else [])]
+        parts = [self.train, *([self.test] if self.test else [])]
+        if self.is_zip:
+            parts = [ImageFiles([self.path.name], [0])]
         for part in parts:
             for name in part.names:
                 stat = os.stat(os.path.join(folder, name))
