@@ -12,8 +12,9 @@ description, written last (atomically), is what makes a cache valid; it is remov
 process builds at a time (a lock file): under torchrun the first rank to get the lock builds, the others wait and
 then map the same files, so the page cache holds one copy per machine, shared by all ranks.
 
-The cache goes to <folder>/.ddpm_cache/ (of a zip: beside it), else, where that cannot be written, to
-$XDG_CACHE_HOME/ddpm (~/.cache/ddpm), or to the folder asked for (--data_cache).
+The cache goes to .ddpm_cache/ beside the folder or zip (not inside a folder, where other tools reading it as a
+class-folder tree would take it for a class), else, where that cannot be written, to $XDG_CACHE_HOME/ddpm
+(~/.cache/ddpm), or to the folder asked for (--data_cache).
 """
 
 from __future__ import annotations
@@ -171,12 +172,12 @@ def _writable(folder: Path) -> bool:
 
 
 def cache_folder(source: Path, asked: Optional[str]) -> Path:
-    """--data_cache DIR when given; else .ddpm_cache in the folder (beside a zip), else the user's cache folder."""
+    """--data_cache DIR when given; else .ddpm_cache beside the folder or zip, else the user's cache folder."""
     if asked is not None:
         if not _writable(Path(asked)):
             raise UsageError(f"--data_cache {asked}: cannot write the decoded cache there")
         return Path(asked)
-    beside = (source.parent if source.is_file() else source) / CACHE_FOLDER
+    beside = source.resolve().parent / CACHE_FOLDER
     if _writable(beside):
         return beside
     fallback = user_cache_folder()

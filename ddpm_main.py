@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on grey (1) or RGB (3) images (derived: the data set's own; a folder of grey images is grey)")
     data.add_argument("--val_fraction", type=float, default=D.val_fraction, help="share of the training images held out for the validation loss (0: none)")
     data.add_argument("--data_cache", default=D.data_cache, metavar="DIR", help="folder of the decoded cache of a folder or zip (derived: "
-                      "<folder>/.ddpm_cache, beside a zip, else $XDG_CACHE_HOME/ddpm)")
+                      ".ddpm_cache beside the folder or zip, else $XDG_CACHE_HOME/ddpm)")
     data.add_argument("--no_data_cache", action="store_true", help="decode a folder or zip into memory at every start, no cache")
 
     model = parser.add_argument_group("model (a preset, then overrides)")

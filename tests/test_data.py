@@ -205,7 +205,7 @@ def test_a_folder_with_a_bad_image_is_one_line_naming_it_and_leaves_no_cache(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot read image flat/003.png (")
     assert "Traceback" not in "\n".join(err)
-    assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / "flat" / ".ddpm_cache").iterdir()) == ["lock"]
+    assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / ".ddpm_cache").iterdir()) == ["lock"]
 
 
 def test_an_unknown_data_set_name_lists_the_choices(tmp_path):

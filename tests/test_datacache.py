@@ -31,7 +31,7 @@ def indices(split) -> list[int]:
 
 
 def cache_files(root: Path) -> list[str]:
-    return sorted(path.name.split(".", 1)[1] for path in (root / CACHE_FOLDER).iterdir())
+    return sorted(path.name.split(".", 1)[1] for path in (root.parent / CACHE_FOLDER).iterdir())
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_a_changed_or_added_source_file_rebuilds_the_cache_and_says_why(flat, ca
 )
 def test_a_damaged_cache_is_rebuilt_and_says_why(flat, capsys, damage, reason):
     expected = load(flat).train.images.clone()
-    stem = next((flat / CACHE_FOLDER).glob("*.json")).with_suffix("")
+    stem = next((flat.parent / CACHE_FOLDER).glob("*.json")).with_suffix("")
     part = {
         "images": stem.with_name(stem.name + ".images.npy"),
         "labels": stem.with_name(stem.name + ".labels.npy"),
@@ -145,23 +145,24 @@ def test_a_build_killed_midway_leaves_no_cache_that_is_used(flat, capsys):
     process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not list((flat / CACHE_FOLDER).glob("*.images.npy.tmp")) and time.monotonic() < deadline:
+        while not list((flat.parent / CACHE_FOLDER).glob("*.images.npy.tmp")) and time.monotonic() < deadline:
             assert process.poll() is None, process.stderr.read().decode()[-2000:]
             time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert list((flat / CACHE_FOLDER).glob("*.images.npy.tmp")), "killed while writing"
-    assert not list((flat / CACHE_FOLDER).glob("*.json")) and not list((flat / CACHE_FOLDER).glob("*.images.npy"))
+    assert list((flat.parent / CACHE_FOLDER).glob("*.images.npy.tmp")), "killed while writing"
+    cache = flat.parent / CACHE_FOLDER
+    assert not list(cache.glob("*.json")) and not list(cache.glob("*.images.npy"))
     capsys.readouterr()
     data = load(flat)
     assert "no decoded cache" in capsys.readouterr().err
     assert sorted(indices(data.train) + indices(data.val) + indices(data.test)) == list(range(COUNT))
-    assert not list((flat / CACHE_FOLDER).glob("*.tmp"))
+    assert not list((flat.parent / CACHE_FOLDER).glob("*.tmp"))
 
 
 def test_an_unwritable_data_folder_puts_the_cache_in_the_user_cache_folder(flat, tmp_path, monkeypatch, capsys):
-    (flat / CACHE_FOLDER).write_text("a file where the cache folder would go: it cannot be created")
+    (flat.parent / CACHE_FOLDER).write_text("a file where the cache folder would go: it cannot be created")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     data = load(flat)
     assert f"the decoded cache goes to {tmp_path / 'xdg' / 'ddpm'}" in capsys.readouterr().err
@@ -171,9 +172,9 @@ def test_an_unwritable_data_folder_puts_the_cache_in_the_user_cache_folder(flat,
 
 def test_data_cache_chooses_the_folder_and_no_data_cache_writes_nothing(flat, tmp_path):
     cached = load(flat, data_cache=str(tmp_path / "elsewhere"))
-    assert len(list((tmp_path / "elsewhere").glob("*.images.npy"))) == 1 and not (flat / CACHE_FOLDER).exists()
+    assert len(list((tmp_path / "elsewhere").glob("*.images.npy"))) == 1 and not (flat.parent / CACHE_FOLDER).exists()
     in_memory = load(flat, use_data_cache=False)
-    assert not (flat / CACHE_FOLDER).exists()
+    assert not (flat.parent / CACHE_FOLDER).exists()
     assert torch.equal(in_memory.train.images, cached.train.images) and torch.equal(
         in_memory.test.labels, cached.test.labels
     )
@@ -182,13 +183,11 @@ def test_data_cache_chooses_the_folder_and_no_data_cache_writes_nothing(flat, tm
 
 
 def test_a_grey_folder_is_cached_as_one_plane_and_forced_channels_are_their_own_cache(tmp_path):
-    write_grey_folder(tmp_path, "flat")
-    grey = load_datasets("folder", tmp_path, image_size=8)
-    assert (
-        grey.channels == 1
-        and np.load(next((tmp_path / CACHE_FOLDER).glob("*.images.npy")), mmap_mode="r").shape[1] == 1
-    )
-    rgb = load_datasets("folder", tmp_path, image_size=8, channels=3)
+    write_grey_folder(tmp_path / "grey", "flat")
+    grey = load_datasets("folder", tmp_path / "grey", image_size=8)
+    assert grey.channels == 1
+    assert np.load(next((tmp_path / CACHE_FOLDER).glob("*.images.npy")), mmap_mode="r").shape[1] == 1
+    rgb = load_datasets("folder", tmp_path / "grey", image_size=8, channels=3)
     assert rgb.channels == 3 and torch.equal(rgb.train.images[:, 1], grey.train.images[:, 0])
     assert len(list((tmp_path / CACHE_FOLDER).glob("*.images.npy"))) == 2
 
