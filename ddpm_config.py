@@ -63,6 +63,10 @@ class DataConfig:
     channels: Optional[int] = option(None, "train on grey (1) or RGB (3) images (derived: the data set's own; a folder of grey images "
                                      "is grey)", choices=(1, 3))
     val_fraction: float = option(0.1, "share of the training images held out for the validation loss (0: none)")
+    data_cache: Optional[str] = option(
+        None, "folder of the decoded cache of an image folder or zip (ddpm_datacache; derived: .ddpm_cache beside the folder or "
+        "zip, else $XDG_CACHE_HOME/ddpm)", metavar="DIR")
+    use_data_cache: bool = option(True, "decode an image folder or zip into memory at every start, no cache", flag="--no_data_cache")
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torchvision import transforms
-from tqdm.auto import tqdm
 
 from ddpm_config import DATASETS, POINT_DATASETS, UsageError, first_line
+from ddpm_datacache import decoded_images
+from ddpm_imagefolder import find_images
 from ddpm_runtime import Runtime
 
 # Random left-right flips by default: CIFAR-10's objects are mirror-symmetric as a class; a folder's content may
@@ -35,6 +35,7 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FOLDER_IMAGE_SIZE = 32  # a folder's images are scaled to this size unless --image_size says otherwise
 LabelledImages = tuple[torch.Tensor, torch.Tensor]  # (uint8 images N,C,H,W, int64 labels N)
 
 
@@ -71,26 +72,32 @@ class DataSplits:
 
 
 def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None = None, hflip: bool | None = None,
-                  download: bool = True, seed: int = 0, channels: int | None = None, val_fraction: float = 0.1) -> DataSplits:
+                  download: bool = True, seed: int = 0, channels: int | None = None, val_fraction: float = 0.1,
+                  conditional: bool = False, data_cache: str | None = None, use_data_cache: bool = True) -> DataSplits:
     """Load a data set and split it into train / val / test; the same seed always gives the same split.
 
-    Data sets without an official test split (a folder without train/ and test/, synthetic) first hold out 10%
+    Data sets without an official test split (a folder without train/ and test/, a zip, synthetic) first hold out 10%
     as test. Validation is `val_fraction` of what remains for training (0: no validation split). `channels`
     forces grey (1) or RGB (3) images; by default a data set keeps its own (a folder whose images are all
-    grey is grey).
+    grey is grey). A folder or zip is decoded once into its cache (`data_cache`: its folder; None: beside the data)
+    and memory-mapped; `use_data_cache` False decodes it into memory. `conditional`: refuse data without classes.
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if name in POINT_DATASETS and (image_size, channels) != (None, None):
         raise UsageError(f"--dataset {name} holds 2D points: --image_size and --channels are for images")
-    data, test, class_names = _load_images(name, Path(data_dir), image_size, download, seed)
-    generator = torch.Generator().manual_seed(seed)
-    if test is None:
-        data, test = _hold_out(data, 0.1, generator)
-    train, val = _hold_out(data, val_fraction, generator)
-    if image_size is not None:
-        train, val, test = (_resize(images, image_size) for images in (train, val, test))
-    train, val, test = (_to_channels(images, channels) for images in (train, val, test))
+    if name == "folder":
+        train, val, test, class_names = _load_image_source(Path(data_dir), image_size, channels, seed, val_fraction,
+                                                           conditional, data_cache, use_data_cache)
+    else:
+        data, test, class_names = _load_images(name, Path(data_dir), image_size, download, seed)
+        generator = torch.Generator().manual_seed(seed)
+        if test is None:
+            data, test = _hold_out(data, 0.1, generator)
+        train, val = _hold_out(data, val_fraction, generator)
+        if image_size is not None:
+            train, val, test = (_resize(images, image_size) for images in (train, val, test))
+        train, val, test = (_to_channels(images, channels) for images in (train, val, test))
 
     use_hflip = DEFAULT_HFLIP[name] if hflip is None else hflip
     channels, size = train[0].shape[1], None if name in POINT_DATASETS else train[0].shape[-1]
@@ -107,8 +114,6 @@ def _load_images(name: str, data_dir: Path, image_size: int | None, download: bo
         return _load_torchvision_idx(torchvision.datasets.MNIST, data_dir, download)
     if name == "fashion_mnist":
         return _load_torchvision_idx(torchvision.datasets.FashionMNIST, data_dir, download)
-    if name == "folder":
-        return _load_split_folders(data_dir, image_size or 32)
     if name in POINT_DATASETS:
         labels = np.random.default_rng(seed).permutation(np.arange(POINTS_PER_DATASET) % len(POINT_CLASS_NAMES[name]))
         points = make_points(name, labels, seed)
@@ -116,12 +121,18 @@ def _load_images(name: str, data_dir: Path, image_size: int | None, download: bo
     return _make_synthetic(6000, image_size or 32, seed), None, list(SYNTHETIC_CLASS_NAMES)
 
 
+def _held_out_count(total: int, fraction: float) -> int:
+    """How many of `total` examples a hold-out of `fraction` takes: at least one unless the fraction is 0."""
+    count = 0 if fraction == 0 else max(1, math.floor(total * fraction + 1e-9))
+    if total - count < 1:
+        raise UsageError("too few images: a data set needs at least one image each for train, val and test")
+    return count
+
+
 def _hold_out(data: LabelledImages, fraction: float, generator: torch.Generator) -> tuple[LabelledImages, LabelledImages]:
     """Split off a random `fraction` (at least one example unless the fraction is 0); returns (rest, held_out)."""
     images, labels = data
-    count = 0 if fraction == 0 else max(1, math.floor(len(labels) * fraction + 1e-9))
-    if len(labels) - count < 1:
-        raise UsageError("too few images: a data set needs at least one image each for train, val and test")
+    count = _held_out_count(len(labels), fraction)
     order = torch.randperm(len(labels), generator=generator)
     held, kept = order[:count], order[count:]
     return (images[kept], labels[kept]), (images[held], labels[held])
@@ -222,47 +233,38 @@ def _load_torchvision_idx(dataset_class: type, data_dir: Path,
             (test.data.unsqueeze(1), test.targets.long()), class_names)
 
 
-def _folder_layout_error(data_dir: Path, problem: str) -> UsageError:
-    return UsageError(f"{problem}: --dataset folder expects {data_dir}/<class name>/<image files>, "
-                      f"e.g. {data_dir}/cats/001.png")
+def split_order(train_count: int, official_test: bool, seed: int) -> tuple[np.ndarray, int]:
+    """The order of a folder's training files in which `_hold_out`'s splits (from `seed`) are consecutive rows: first
+    the held-out test images (none with an official test split), then the rest in the order whose first
+    `val_fraction` `_hold_out` takes as validation. Returns (order, number held out as test)."""
+    generator = torch.Generator().manual_seed(seed)
+    if official_test:
+        return torch.randperm(train_count, generator=generator).numpy(), 0
+    first = torch.randperm(train_count, generator=generator)
+    test_count = _held_out_count(train_count, 0.1)
+    rest = first[test_count:]
+    return torch.cat([first[:test_count], rest[torch.randperm(len(rest), generator=generator)]]).numpy(), test_count
 
 
-def _load_split_folders(data_dir: Path, image_size: int) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
-    """A class folder, or one with train/ and test/ class folders (the same classes), used as the two splits."""
-    if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
-        train, train_classes = _load_image_folder(data_dir / "train", image_size)
-        test, test_classes = _load_image_folder(data_dir / "test", image_size)
-        if train_classes != test_classes:
-            raise UsageError(f"{data_dir}/train and {data_dir}/test must hold the same class folders, "
-                             f"not {', '.join(train_classes)} and {', '.join(test_classes)}")
-        return train, test, train_classes
-    images, class_names = _load_image_folder(data_dir, image_size)
-    return images, None, class_names
-
-
-def _load_image_folder(data_dir: Path, image_size: int) -> tuple[LabelledImages, list[str]]:
-    """Decode every image, scale its short side to image_size and crop the centre square; grey (1 channel) if
-    every image is grey (R = G = B, whatever its file's mode), else RGB."""
-    if not data_dir.is_dir():
-        raise _folder_layout_error(data_dir, f"image folder not found: {data_dir}")
-    to_square = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
-                                    transforms.PILToTensor()])
-    try:
-        folder = torchvision.datasets.ImageFolder(str(data_dir), transform=to_square)
-    except FileNotFoundError as error:
-        raise _folder_layout_error(data_dir, f"no class folders with images in {data_dir}") from error
-    images = torch.stack([_read_folder_image(folder, index)
-                          for index in tqdm(range(len(folder)), desc=f"decoding {data_dir}", unit="img", leave=False)])
-    if torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]):
-        images = images[:, :1]
-    return (images, torch.tensor(folder.targets, dtype=torch.int64)), folder.classes
-
-
-def _read_folder_image(folder: torchvision.datasets.ImageFolder, index: int) -> torch.Tensor:
-    try:
-        return folder[index][0]
-    except Exception as error:
-        raise UsageError(f"cannot read image {folder.samples[index][0]} ({first_line(error)})") from error
+def _load_image_source(data_dir: Path, image_size: int | None, channels: int | None, seed: int, val_fraction: float,
+                       conditional: bool, data_cache: str | None,
+                       use_data_cache: bool) -> tuple[LabelledImages, LabelledImages, LabelledImages, list[str]]:
+    """A folder or dataset zip (ddpm_imagefolder), decoded once into its cache (ddpm_datacache) and memory-mapped.
+    The splits are consecutive rows (`split_order`): views of the map, sharing its pages, not copies.
+    Returns (train, val, test, class names)."""
+    source = find_images(data_dir)
+    if conditional and not source.class_names:
+        raise UsageError(f"--conditional needs classes and {data_dir} has none: give it one sub-folder per class "
+                         "(or a zip whose dataset.json has labels), or train without --conditional")
+    train_count = len(source.train.names)
+    order, test_count = split_order(train_count, source.test is not None, seed)
+    val_end = test_count + _held_out_count(train_count - test_count, val_fraction)
+    decoded = decoded_images(source, image_size or source.native_size or FOLDER_IMAGE_SIZE, channels, order, seed,
+                             data_cache, use_data_cache)
+    images, labels = torch.from_numpy(decoded.images), torch.from_numpy(decoded.labels)
+    rows = lambda start, end: (images[start:end], labels[start:end])  # noqa: E731
+    test = rows(0, test_count) if test_count else rows(train_count, len(labels))
+    return rows(val_end, train_count), rows(test_count, val_end), test, source.class_names
 
 
 Shape = Callable[[np.ndarray, np.ndarray], np.ndarray]

@@ -321,7 +321,8 @@ def run_training(args: argparse.Namespace) -> None:
         resume = load_resume_checkpoint(config, rename_damaged=holds_folder)
         config = with_objective(config, resume[1]["config"] if resume is not None else None)
         data = load_datasets(config.data.dataset, config.data.data_dir, config.data.image_size, hflip=config.data.hflip, seed=0,
-                             channels=config.data.channels, val_fraction=config.data.val_fraction)
+                             channels=config.data.channels, val_fraction=config.data.val_fraction, conditional=config.model.conditional,
+                             data_cache=config.data.data_cache, use_data_cache=config.data.use_data_cache)
         if resume is not None and resume[1]["data"]["channels"] != data.channels:
             saved = resume[1]["data"]["channels"]
             raise UsageError(f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "

@@ -8,11 +8,14 @@
 * Small data sets in their real on-disk formats.
 """
 import hashlib
+import io
+import json
 import os
 import pickle
 import shlex
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here and in every process a test starts
@@ -364,3 +367,36 @@ def digits_judge(tmp_path_factory):
 def digits_workspace(digits_judge, tmp_path) -> Path:
     """This test's own copy of the digits folder, with the judge's cache."""
     return Path(shutil.copytree(digits_judge[0], tmp_path / "digits"))
+
+
+def indexed_pixels(index: int, width: int = 12, height: int = 8) -> np.ndarray:
+    """An RGB image (height, width, 3) that tells its index: red = index, green = 255 - index, blue = 20 * column."""
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = index, 255 - index, 20 * np.arange(width)
+    return pixels
+
+
+def write_flat_folder(root: Path, count: int, width: int = 12, height: int = 8) -> None:
+    """root/NNN.png, image k = indexed_pixels(k) (RGB PNGs, 12 x 8: wider than high, so they are cropped)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.fromarray(indexed_pixels(index, width, height)).save(root / f"{index:03d}.png")
+
+
+def write_edm_zip(path: Path, labels: list[int] | None, size: int = 8, dataset_json: bool = True) -> None:
+    """A dataset zip laid out as NVlabs/edm's dataset_tool.py writes one: image k as <k:08d>[:5]/img<k:08d>.png
+    (uncompressed PNG, size x size, red = k), then dataset.json, {"labels": [[name, label], ...]} or
+    {"labels": null}; one image per entry of `labels` (None: 6 unlabelled images)."""
+    count = 6 if labels is None else len(labels)
+    names = []
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for index in range(count):
+            index_text = f"{index:08d}"
+            names.append(f"{index_text[:5]}/img{index_text}.png")
+            buffer = io.BytesIO()
+            image = Image.fromarray(indexed_pixels(index, size, size))
+            image.save(buffer, format="png", compress_level=0, optimize=False)
+            archive.writestr(names[-1], buffer.getvalue())
+        if dataset_json:
+            entries = None if labels is None else [[name, label] for name, label in zip(names, labels)]
+            archive.writestr("dataset.json", json.dumps({"labels": entries}))

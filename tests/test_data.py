@@ -6,7 +6,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import IMAGE_FOLDER_COLOURS, usage_error, write_grey_folder
+from conftest import IMAGE_FOLDER_COLOURS, run_cli, usage_error, write_edm_zip, write_flat_folder, write_grey_folder
+from ddpm_checkpoint import load_checkpoint
 from ddpm_data import POINTS_PER_DATASET, SYNTHETIC_CLASS_NAMES, epoch_batches, epoch_permutation, load_batch, load_datasets
 from ddpm_runtime import Runtime
 
@@ -174,10 +175,37 @@ def test_a_folder_with_train_and_test_subfolders_uses_them_as_the_splits(tmp_pat
     assert "same class folders" in usage_error(load_datasets, "folder", tmp_path)
 
 
-def test_a_folder_without_class_subfolders_is_a_usage_error(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "loose.png")
-    assert "class" in usage_error(load_datasets, "folder", tmp_path)
-    assert "class" in usage_error(load_datasets, "folder", tmp_path / "missing")
+def test_a_flat_folder_trains_an_unconditional_model_and_refuses_conditional(tmp_path, capsys):
+    write_flat_folder(tmp_path / "flat", 20)
+    tiny = ("--dataset folder --data_dir flat --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+            "--sample_every 0")
+    assert run_cli(f"{tiny} --save_model --run_name F --save_dir out", tmp_path) == 0
+    assert "17 train / 1 val / 2 test images of 3x8x8" in capsys.readouterr().out
+    checkpoint = load_checkpoint(tmp_path / "models/F/ckpt.pt")
+    assert checkpoint["data"]["class_names"] == [] and checkpoint["model_config"]["num_classes"] is None
+    assert run_cli(f"{tiny} --conditional", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--conditional needs classes and flat has none" in err
+
+
+def test_an_edm_zip_with_labels_trains_a_conditional_model_with_its_label_values_as_classes(tmp_path, capsys):
+    write_edm_zip(tmp_path / "edm.zip", [7, 3, 7, 12, 3, 3, 7, 12, 12, 3, 7, 3])
+    assert run_cli("--dataset folder --data_dir edm.zip --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+                   "--sample_every 0 --conditional --save_model --run_name Z --save_dir out", tmp_path) == 0
+    assert "images of 3x8x8" in capsys.readouterr().out, "the zip's own size (dataset_tool.py's --resolution)"
+    checkpoint = load_checkpoint(tmp_path / "models/Z/ckpt.pt")
+    assert checkpoint["data"]["class_names"] == ["3", "7", "12"] and checkpoint["model_config"]["num_classes"] == 3
+    assert (tmp_path / ".ddpm_cache").is_dir(), "a zip's cache goes beside it"
+
+
+def test_a_folder_with_a_bad_image_is_one_line_naming_it_and_leaves_no_cache(tmp_path, capsys):
+    write_flat_folder(tmp_path / "flat", 6)
+    (tmp_path / "flat" / "003.png").write_bytes(b"GIF89a, and then nothing")
+    assert run_cli("--dataset folder --data_dir flat --image_size 8 --model_size tiny --max_steps 1", tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot read image flat/003.png (")
+    assert "Traceback" not in "\n".join(err)
+    assert sorted(path.name.split(".", 1)[1] for path in (tmp_path / ".ddpm_cache").iterdir()) == ["lock"]
 
 
 def test_an_unknown_data_set_name_lists_the_choices(tmp_path):

@@ -222,6 +222,35 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert load_checkpoint(tmp_path / "models/T/ckpt.pt")["train_state"]["step"] == step + 1
 
 
+MAPPING_RANK = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import ddpm_data
+data = ddpm_data.load_datasets("folder", {root!r}, image_size=8)
+mapped = sorted({{line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith(".images.npy")}})
+rows = len(data.train) + len(data.val) + len(data.test)
+print("rank", os.environ["RANK"], "maps", *mapped, os.stat(mapped[0]).st_ino, rows, flush=True)
+"""
+
+
+def test_two_ranks_build_one_cache_and_map_the_same_file(tmp_path):
+    """Under torchrun one rank decodes (holding the cache's lock) while the other waits; both then map the one file,
+    so that the page cache holds one copy for the machine."""
+    write_image_folder(tmp_path / "images", per_class=150)
+    (tmp_path / "rank.py").write_text(MAPPING_RANK.format(repo=str(REPO), root=str(tmp_path / "images")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), str(tmp_path / "rank.py")]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line.split() for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert [line[1] for line in lines] == ["0", "1"]
+    (_, _, _, path, inode, rows), other = lines
+    assert other[3:] == [path, inode, rows] == [path, inode, "300"], "the same file (path and inode), all the images"
+    assert path.startswith(str(tmp_path / ".ddpm_cache"))
+    assert result.stderr.count("decoding 300 images") == 1, result.stderr[-3000:]
+
+
 def test_readme_torchrun_commands_use_known_flags():
     parser = ddpm_main.build_parser()
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
