@@ -276,7 +276,7 @@ def _in_order(pool: ProcessPoolExecutor, tasks: list[tuple], in_flight: int) -> 
     """decode_chunk of each task, in order, at most `in_flight` decoded ahead. The first are submitted (and the
     processes forked) now, before the progress bar starts its thread."""
     queued = iter(tasks)
-    pending = collections.deque(pool.submit(decode_chunk, *task) for task, _ in zip(queued, range(in_flight)))
+    pending = collections.deque(pool.submit(decode_chunk, *task) for _, task in zip(range(in_flight), queued))
 
     def results() -> Iterator[tuple[np.ndarray, bool]]:
         while pending:
