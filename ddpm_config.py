@@ -201,6 +201,10 @@ class TrainConfig:
     num_samples: Optional[int] = option(  # of a training grid; None: 16, or two per class
         None, f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class; 2D models: {POINT_SAMPLES})",
         group="sampling")
+    quality_every: Optional[int] = option(  # None: QualitySchedule's derived interval where the run is long enough; 0: off
+        None, "images seen between points of the sample quality curve (ddpm_quality; 0: none; derived: at most 10%% of the "
+        "time in optimizer steps, off for a run shorter than one interval)")
+    quality_samples: int = option(500, "samples per point of the quality curve")
     save_model: bool = option(False, "write checkpoints to <models_dir>/<run_name>/")
     save_every: int = option(10, "epochs between kept snapshots ckpt_epochNNNN.pt")
     save_every_steps: int = option(0, "also refresh ckpt.pt every N steps (0: at epoch ends only)")

@@ -23,11 +23,24 @@ from typing import Optional
 import torch
 
 from ddpm_checkpoint import LoadedModel, ModelDescription
-from ddpm_config import GUIDANCE_SCALE, INFERENCE_SAMPLES, POINT_GUIDANCE_SCALE, POINT_SAMPLES, SamplingConfig, UsageError
+from ddpm_config import (
+    GUIDANCE_SCALE,
+    INFERENCE_SAMPLES,
+    POINT_GUIDANCE_SCALE,
+    POINT_SAMPLES,
+    SamplingConfig,
+    UsageError,
+)
 from ddpm_data import DataSplits
 from ddpm_diffusion import Diffusion
 from ddpm_evaluate import evaluate_images, run_checkpoint_comparison
-from ddpm_outputs import save_image_grid, save_json, save_labelled_rows, save_samples, to_uint8
+from ddpm_outputs import (
+    save_image_grid,
+    save_json,
+    save_labelled_rows,
+    save_samples,
+    to_uint8,
+)
 from ddpm_points import (
     distance_line,
     distance_report,
@@ -104,6 +117,10 @@ class SampleKind(ABC):
                  save_dir: Path, features: str, data_dir: str, fid_ref: Optional[Path], save_pngs: bool) -> None:
         """--evaluate at each guidance scale of `scales` (`sweep`: a guidance sweep, a folder per scale)."""
 
+    def quality_note(self) -> Optional[str]:
+        """Why a run of this kind records no quality curve during training (ddpm_quality), or None where it can."""
+        return f"{self.noun} have their figure every epoch instead"
+
     def sweep(self, model_path: Path, settings: SamplingConfig, runtime: Runtime, **options) -> Optional[dict]:
         """--evaluate --sweep (ddpm_sweep): ranks by FID or KID, which need images."""
         raise UsageError(f"--sweep ranks by FID or KID, which need images; measure a model of {self.noun} with "
@@ -170,6 +187,13 @@ class ImageKind(SampleKind):
 
     def evaluate(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, **options) -> None:
         evaluate_images(loaded, self, settings, runtime, **options)
+
+    def quality_note(self) -> Optional[str]:
+        try:
+            import torch_fidelity  # noqa: F401  (the Frechet distance and KID of ddpm_metrics)
+        except ImportError:
+            return 'it needs torch-fidelity: pip install ".[eval]"'
+        return None
 
     def sweep(self, model_path: Path, settings: SamplingConfig, runtime: Runtime, **options) -> Optional[dict]:
         return run_sweep(model_path, self, settings, runtime, **options)

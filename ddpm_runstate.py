@@ -24,7 +24,7 @@ def empty_history() -> dict:
     """The loss history: one entry per epoch (`epochs` counts from 0; a last epoch cut short by --max_steps has its
     entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
     subsets (`eval_examples`), and the kind's figures (ddpm_kinds); `full` lists the losses on the whole splits, at the
-    end and at --eval_every."""
+    end and at --eval_every; `quality`, where the run records a quality curve, its points (ddpm_quality)."""
     return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
 
 
@@ -41,6 +41,8 @@ class TrainState:
     best_val_loss: float = math.inf
     history: dict = field(default_factory=empty_history)
     progression: list = field(default_factory=list)  # (label, samples) rows of the progression picture
+    quality_due: Optional[int] = None  # images seen at which the next point of the quality curve is due (None: the first)
+    best_quality: float = math.inf  # the lowest figure of the quality curve so far (best_fid.pt)
 
 
 def restored_state(checkpoint: Optional[dict]) -> TrainState:
@@ -55,7 +57,7 @@ def restored_state(checkpoint: Optional[dict]) -> TrainState:
         history[key] = history[key] or [None] * len(history["epochs"])
     if state.epoch_position > 0 and history["steps"] and history["steps"][-1] == state.step:
         for key, values in history.items():
-            if key != "full":
+            if key not in ("full", "quality"):
                 values.pop()
     history["full"] = [entry for entry in history["full"] if not (entry["step"] == state.step and entry["at"] == "end")]
     state.history = history

@@ -41,8 +41,29 @@ from ddpm_evaluate import evaluation_loss
 from ddpm_kinds import SampleKind, kind_of_data
 from ddpm_logging import RunLog, StepCounters, log_step, print_run_summary, report_epoch
 from ddpm_model import count_parameters, network_from_config
-from ddpm_optim import EMA, apply_update, build_ema, build_lr_scheduler, build_optimizer, derived_warmup
-from ddpm_phema import PowerFunctionEMA, save_snapshot, snapshot_folder, snapshot_interval
+from ddpm_optim import (
+    EMA,
+    apply_update,
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    derived_warmup,
+)
+from ddpm_phema import (
+    PowerFunctionEMA,
+    save_snapshot,
+    snapshot_folder,
+    snapshot_interval,
+)
+from ddpm_quality import QualityCurve, build_quality_curve, report_point
+from ddpm_runstate import (
+    TrainState,
+    evaluation_subset_size,
+    keep_global_batch,
+    plan_steps,
+    restored_state,
+    saved_processes,
+)
 from ddpm_runtime import (
     Runtime,
     StopRequest,
@@ -55,7 +76,6 @@ from ddpm_runtime import (
     seed_everything,
     unwrap,
 )
-from ddpm_runstate import TrainState, evaluation_subset_size, keep_global_batch, plan_steps, restored_state, saved_processes
 from ddpm_sampling import every_class_in_turn, generate
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}  # fixed across runs, so loss curves compare
@@ -90,8 +110,11 @@ class TrainingRun:
     warmup_steps: int  # --warmup_steps, or derived from total_steps
     eval_examples: int  # per split, of the per-epoch validation and test losses (evaluation_subset_size)
     sample_count: int  # samples of the training pictures (and of the points' figure): --num_samples or the kind's
+    quality: Optional[QualityCurve]  # the sample quality curve (ddpm_quality), where the run records one
+    quality_note: str  # the start-up line about it
     train_images: torch.Tensor  # on the GPU where the runtime keeps data on the device
     train_labels: torch.Tensor
+    start_step: int = 0  # the step this process started at (the curve's seconds per trained image)
     save_every_seconds: float = 0.0  # --save_every_minutes (0: off)
     last_saved: float = field(default_factory=time.monotonic)  # when ckpt.pt was last written (or the run started)
     started: float = field(default_factory=time.perf_counter)  # this process's start, for the time split
@@ -171,8 +194,9 @@ def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Ru
     amp_dtype = autocast_dtype(train.amp, runtime.device)
     on_device = runtime.data_on_device
     phema_every = (snapshot_interval(total_steps) if train.phema_every is None else train.phema_every) if train.save_model else 0
+    sampling = kind.sampling_settings(config.sampling, config.diffusion.timesteps)
     return TrainingRun(
-        config=config, data=data, kind=kind, sampling=kind.sampling_settings(config.sampling, config.diffusion.timesteps),
+        config=config, data=data, kind=kind, sampling=sampling,
         description=ModelDescription.of_run(model, config, data), runtime=runtime, model=model,
         diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule, prediction_type=config.diffusion.prediction_type,
                             snr_gamma=config.diffusion.snr_gamma, variance=config.diffusion.variance).to(runtime.device),
@@ -184,8 +208,11 @@ def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Ru
         steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
         eval_examples=evaluation_subset_size(steps_per_epoch * examples_per_step),
         sample_count=kind.training_count(train.num_samples, num_classes),
+        **dict(zip(("quality", "quality_note"), build_quality_curve(
+            config, kind, runtime, sampling, num_classes, planned_images=total_steps * examples_per_step,
+            continues=state.quality_due is not None))),
         train_images=data.train.images.to(runtime.device) if on_device else data.train.images,
-        train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels,
+        train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels, start_step=state.step,
         save_every_seconds=60 * (SAVE_EVERY_MINUTES if train.save_every_minutes is None else train.save_every_minutes)
         if train.save_model else 0.0,
     )
@@ -241,6 +268,7 @@ def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
     if run.save_every_seconds:
         source = "derived" if train.save_every_minutes is None else "--save_every_minutes"
         print(f"ckpt.pt refreshed at every epoch's end and every {run.save_every_seconds / 60:g} minutes of training ({source})")
+    print(run.quality_note)
     if resume_path is not None:
         print(f"continuing {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
     elif train.save_model:
@@ -371,6 +399,7 @@ def end_epoch(run: TrainingRun) -> None:
     is_best = entry["val_loss"] < state.best_val_loss  # never for NaN: no validation split (--val_fraction 0)
     if is_best:  # recorded before the checkpoint is written, so that a resumed run compares against the true best
         state.best_val_loss = entry["val_loss"]
+    best_quality = record_quality(run, final)
     if run.runtime.is_main:
         total = time.perf_counter() - run.started
         report_epoch(run.log, entry, full, kind.epoch_text(entry), state.history, Path(train.save_dir), train.run_name,
@@ -383,7 +412,7 @@ def end_epoch(run: TrainingRun) -> None:
         state.epoch += 1
         state.epoch_position = 0
     if train.save_model:
-        save_epoch_checkpoints(run, is_best, epoch_done)
+        save_epoch_checkpoints(run, is_best, best_quality, epoch_done)
 
 
 def epoch_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) -> tuple[dict, Optional[dict]]:
@@ -409,6 +438,26 @@ def split_loss(run: TrainingRun, split: str, count: Optional[int]) -> float:
                            batch_size=run.config.train.batch_size, loss_type=run.config.diffusion.loss_type, count=count)
 
 
+def record_quality(run: TrainingRun, final: bool) -> bool:
+    """A point of the quality curve where one is due (and at the end), in the history (with when the next is due) and,
+    on rank 0, reported (ddpm_quality); returns whether its figure is the best so far."""
+    state, curve = run.state, run.quality
+    images_seen = state.step * run.examples_per_step
+    if curve is None or not curve.due(images_seen, state.quality_due, final):
+        return False
+    trained = (state.step - run.start_step) * run.examples_per_step
+    point, state.quality_due = curve.record(run.eval_model(), run.diffusion, run.runtime, images_seen=images_seen, step=state.step,
+                                            seconds_per_image=run.seconds_in_steps / trained if trained else 0.0,
+                                            epoch_examples=run.epoch_examples)
+    state.history.setdefault("quality", []).append(point)
+    best = point["value"] < state.best_quality
+    if best:
+        state.best_quality = point["value"]
+    if run.runtime.is_main:
+        report_point(point, state.history["quality"], run.log, Path(run.config.train.save_dir), run.config.train.run_name)
+    return best
+
+
 def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The run's training samples (run.sample_count, every class in turn) from the fixed noise, through the sampling path
     of --inference with the run's seed (any number of processes gives the same samples)."""
@@ -422,12 +471,15 @@ def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Ten
     return samples, labels
 
 
-def save_epoch_checkpoints(run: TrainingRun, is_best: bool, epoch_done: bool) -> None:
-    """ckpt.pt; on rank 0 its copies best.pt (lowest validation loss) and, every --save_every epochs, ckpt_epochNNNN.pt."""
+def save_epoch_checkpoints(run: TrainingRun, is_best: bool, best_quality: bool, epoch_done: bool) -> None:
+    """ckpt.pt; on rank 0 its copies best.pt (lowest validation loss), best_fid.pt (best point of the quality curve) and,
+    every --save_every epochs, ckpt_epochNNNN.pt."""
     train, state = run.config.train, run.state
     save_run_checkpoint(run, run.last_path)
     if run.runtime.is_main and is_best:
         copy_checkpoint(run.last_path, run.run_dir / "best.pt")
+    if run.runtime.is_main and best_quality:
+        copy_checkpoint(run.last_path, run.run_dir / "best_fid.pt")
     if run.runtime.is_main and epoch_done and state.epoch % train.save_every == 0:
         copy_checkpoint(run.last_path, run.run_dir / f"ckpt_epoch{state.epoch:04d}.pt")
         prune_snapshots(run.run_dir, train.keep_checkpoints)
@@ -454,6 +506,9 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
         total = time.perf_counter() - run.started
         print(f"time: {run.seconds_in_steps:.0f} s in optimizer steps, {total - run.seconds_in_steps:.0f} s outside them "
               f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)")
+        if run.quality is not None and run.seconds_in_steps:
+            print(f"quality curve: {run.quality.seconds:.0f} s, {run.quality.seconds / run.seconds_in_steps:.1%} of the time in "
+                  f"optimizer steps")
         run.log.write({"kind": "end", "step": run.state.step, "seconds_in_steps": round(run.seconds_in_steps, 3),
                        "seconds_outside_steps": round(total - run.seconds_in_steps, 3)})
         if train.save_model:

@@ -457,7 +457,7 @@ def step_training(plan: Plan, ctx: dict, out: Path, work: Path, say: Callable[[s
     say(f"trained {state['step']} steps in {wall:.0f} s; resuming for {plan.resume_steps} more")
     resumed_log = run_command(training_command(plan, work, max_steps + plan.resume_steps, resume=True), out / "logs" / "resume.log",
                               timeout, work)
-    found = re.search(r"resuming .* at step (\d+)", resumed_log)
+    found = re.search(r"continuing .* at step (\d+)", resumed_log)
     final_step = load_checkpoint(work / "models" / RUN_NAME / "ckpt.pt")["train_state"]["step"]
     result["resume"] = {"resumed_at_step": int(found.group(1)) if found else None, "final_step": final_step,
                         "continued": bool(found) and int(found.group(1)) == state["step"] and final_step == state["step"] + plan.resume_steps,

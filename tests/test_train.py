@@ -80,7 +80,7 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     assert config["train"]["lr"] == 2e-3 and config["model"]["preset"] == "tiny" and config["sampling"]["steps"] == 4
     flat = {name for section in config.values() if isinstance(section, dict) for name in section}
     assert not flat & {"device", "world_size", "data_on_device", "model_config", "inference"}, "run-time facts are not configuration"
-    assert checkpoint["runtime"] == {"world_size": 1}
+    assert checkpoint["runtime"] == {"world_size": 1, "global_batch": 256}
 
 
 V1_CHECKPOINT = REPO / "tests/data/checkpoint_v1_tiny.pt"
