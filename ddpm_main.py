@@ -236,8 +236,8 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
 
 
 def refuse_ignored_flags(sampler: str, args: argparse.Namespace) -> None:
-    """--eta or --timestep_spacing given (not None) for a sampler that does not take it (ddpm_samplers.Sampler.takes_eta,
-    takes_spacing) is refused, not ignored; so is a single step on a spacing that needs two (logsnr, edm)."""
+    """--eta or --timestep_spacing given (not None) for a sampler that does not take it (ddpm_samplers.Sampler's
+    takes_eta, takes_spacing) is refused, not ignored; so is a single step on a spacing that needs two (logsnr, edm)."""
     chosen = sampler_class(sampler)
     for flag, given, takes in (("--eta", args.eta, "takes_eta"), ("--timestep_spacing", args.timestep_spacing, "takes_spacing")):
         if given is not None and not getattr(chosen, takes):

@@ -15,6 +15,7 @@ is the clean image (alpha_bar = 1, lambda = +inf).
 * `DPMSolverPlusPlus2MSDE`: DPM-Solver++(2M) on the reverse SDE, with fresh noise at every step; pinned to diffusers'
   DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") fed the same noise.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -42,7 +43,9 @@ class DPMSolverPlusPlus2MSDE(Sampler):
         self.diffusion, self.clip_denoised, self.spacing = diffusion, clip_denoised, self.chosen_spacing(spacing)
         self.previous: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (x_0 prediction, lambda) of the last step
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         m0 = predicted_x0(x, alpha_bar_t, eps, self.clip_denoised)
         if t_prev == -1:
@@ -80,8 +83,8 @@ class UniPC(Sampler):
     UniPCMultistepScheduler(solver_order=3, predict_x0=True, solver_type="bh2") with its defaults (corrector on every
     step, lower_order_final); tests/test_diffusers.py pins it.
 
-    From t to s, with m_t the x_0 prediction at t and earlier predictions m_k at lambda_k (r_k = (lambda_k - lambda_t) / h,
-    D_k = (m_k - m_t) / r_k), both halves are
+    From t to s, with m_t the x_0 prediction at t and earlier predictions m_k at lambda_k
+    (r_k = (lambda_k - lambda_t) / h, D_k = (m_k - m_t) / r_k), both halves are
         x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) m_t - alpha_s B(h) sum_k rho_k D_k          (U)
     UniP-p (the predictor, eq. 8): the p - 1 earlier predictions, rho solving sum_k rho_k r_k^{i-1} = g_i for
     i = 1 .. p - 1 (`unipc_coefficients`; rho = 1/2 for p = 2), order p.
@@ -100,9 +103,13 @@ class UniPC(Sampler):
     def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True, spacing: Optional[str] = None):
         self.diffusion, self.clip_denoised, self.spacing = diffusion, clip_denoised, self.chosen_spacing(spacing)
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x_0 prediction, lambda), oldest first, <= order
-        self.last: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None  # x, alpha_bar and order of the last predictor
+        self.last: Optional[tuple[torch.Tensor, torch.Tensor, int]] = (
+            None  # x, alpha_bar and order of the last predictor
+        )
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         alpha_bar_t = self.diffusion.alpha_bar(t)
         m_t = predicted_x0(x, alpha_bar_t, eps, self.clip_denoised)
         if t_prev == -1:
@@ -110,18 +117,23 @@ class UniPC(Sampler):
         lambda_t = half_log_snr(alpha_bar_t)
         if self.last is not None:  # UniC: redo the last step with m_t
             last_x, last_alpha_bar, last_order = self.last
-            older = self.history[len(self.history) - last_order:-1]
+            older = self.history[len(self.history) - last_order : -1]
             x = unipc_update(last_x, self.history[-1], last_alpha_bar, alpha_bar_t, older, m_t)
-        self.history = [*self.history, (m_t, lambda_t)][-self.order:]
+        self.history = [*self.history, (m_t, lambda_t)][-self.order :]
         order = min(self.order, len(self.history), 2 if t_prev == 0 else self.order)
         self.last = (x, alpha_bar_t, order)
-        older = self.history[len(self.history) - order:-1]
+        older = self.history[len(self.history) - order : -1]
         return unipc_update(x, self.history[-1], alpha_bar_t, self.diffusion.alpha_bar(t_prev), older)  # UniP
 
 
-def unipc_update(x: torch.Tensor, current: tuple[torch.Tensor, torch.Tensor], alpha_bar_t: torch.Tensor,
-                 alpha_bar_s: torch.Tensor, older: list[tuple[torch.Tensor, torch.Tensor]],
-                 m_s: Optional[torch.Tensor] = None) -> torch.Tensor:
+def unipc_update(
+    x: torch.Tensor,
+    current: tuple[torch.Tensor, torch.Tensor],
+    alpha_bar_t: torch.Tensor,
+    alpha_bar_s: torch.Tensor,
+    older: list[tuple[torch.Tensor, torch.Tensor]],
+    m_s: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(U) of `UniPC` from x at t (its x_0 prediction and lambda: `current`) to s, with the `older` predictions; UniP
     without `m_s`, UniC with it (the x_0 prediction at s)."""
     m_t, lambda_t = current
@@ -143,7 +155,12 @@ def unipc_update(x: torch.Tensor, current: tuple[torch.Tensor, torch.Tensor], al
 
 
 # Adams-Bashforth weights of the newest eps first, by order (iPNDM, Zhang & Chen 2023, eq. 21 and appendix)
-ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 class IPNDM(Sampler):
@@ -153,8 +170,8 @@ class IPNDM(Sampler):
     solved by the Adams-Bashforth method of order `order` (at most 4) with its fixed weights (ADAMS_BASHFORTH) on the
     noise estimates of the last steps, one network evaluation per step:
         y_s = y_t + (sigma_s - sigma_t) sum_j w_j eps_{t_j}                                                  (AB)
-    The first steps, short of history, take the orders 1, 2, 3 (order 1 is DDIM with eta = 0). The final step to sigma = 0
-    extrapolates like the others. With `clip_denoised` the eps is the one of the clipped x_0 (as DDIM's).
+    The first steps, short of history, take the orders 1, 2, 3 (order 1 is DDIM with eta = 0). The final step to
+    sigma = 0 extrapolates like the others. With `clip_denoised` the eps is the one of the clipped x_0 (as DDIM's).
 
     Fixed weights assume equal steps in sigma: there step j (from 1) has local error O(h^(min(j, order) + 1))
     (tests/test_samplers.py measures each); on unequal steps, and through the first-order first step, the global error
@@ -165,23 +182,27 @@ class IPNDM(Sampler):
     name = "ipndm"
     default_spacing = "logsnr"
 
-    def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True, spacing: Optional[str] = None, order: int = 4):
+    def __init__(
+        self, diffusion: ScheduleView, clip_denoised: bool = True, spacing: Optional[str] = None, order: int = 4
+    ):
         if order not in ADAMS_BASHFORTH:
             raise ValueError(f"iPNDM has order 1 to 4, got {order}")
         self.diffusion, self.clip_denoised, self.order = diffusion, clip_denoised, order
         self.spacing = self.chosen_spacing(spacing)
         self.history: list[torch.Tensor] = []  # the eps of the previous steps, newest first, at most order - 1
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         if self.clip_denoised:
             eps = eps_from_x0(x, alpha_bar_t, predicted_x0(x, alpha_bar_t, eps, True))
         newest_first = [eps, *self.history]
-        self.history = newest_first[:self.order - 1]
-        weights = ADAMS_BASHFORTH[len(newest_first[:self.order])]
+        self.history = newest_first[: self.order - 1]
+        weights = ADAMS_BASHFORTH[len(newest_first[: self.order])]
         slope = sum(weight * past for weight, past in zip(weights, newest_first))
-        # (AB) times sqrt(alpha_bar_s), with sqrt(alpha_bar_s) (sigma_s - sigma_t) written so that nothing of the size of
-        # y_t = x_t / sqrt(alpha_bar_t) (hundreds at high noise) cancels in float32
+        # (AB) times sqrt(alpha_bar_s), with sqrt(alpha_bar_s) (sigma_s - sigma_t) written so that nothing of the size
+        # of y_t = x_t / sqrt(alpha_bar_t) (hundreds at high noise) cancels in float32
         ratio = (alpha_bar_s / alpha_bar_t).sqrt()
         return ratio * x + ((1 - alpha_bar_s).sqrt() - ratio * (1 - alpha_bar_t).sqrt()) * slope
 
