@@ -31,7 +31,7 @@ digits folder; its accuracy on the real test digits is printed): class accuracy,
   autoguidance by an earlier snapshot, dpm++2m/dpm++3m at 10 and 20 steps, also measured against the 1,000-step
   ancestral samples and against the probability-flow ODE solved closely by dpm++2m at 100 steps) and the best cell of a
   sweep over all of them.
-Both write sampling_study.json and sampling_study.md. A quick look at a few solvers:
+Both write sampling_study.json; `ema_guidance` also sampling_study.md. A quick look at a few solvers:
 
     python scripts/quality_benchmark.py --sampling_study --study_parts solvers --budgets 300 --num_samples 50 \\
         --study_solvers unipc,ipndm --study_spacings logsnr,edm --study_evaluations 10 --study_ancestral none
@@ -495,8 +495,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         (out / "sampling_study.json").write_text(json.dumps({"config": vars(args), "train_vs_test_frechet": floor, "rows": rows}, indent=2))
         from ddpm_config import GUIDANCE_SCALE
 
-        (out / "sampling_study.md").write_text(study_markdown(rows))
-        print(study_markdown(rows), end="")
+        if "ema_guidance" in args.study_parts.split(","):
+            (out / "sampling_study.md").write_text(study_markdown(rows))
+            print(study_markdown(rows), end="")
         if "solvers" in args.study_parts.split(","):
             (out / "solver_table.md").write_text(solver_markdown(rows, GUIDANCE_SCALE))
             print(solver_markdown(rows, GUIDANCE_SCALE), end="")
