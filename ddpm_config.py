@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_typ
 
 from ddpm_diffusion import LOSS_TYPES, PREDICTION_TYPES, SCHEDULES
 from ddpm_model import MLP_PRESET, PRESETS, preset_config
-from ddpm_samplers import FEW_STEPS, SAMPLERS, VARIANCES, sampler_class
+from ddpm_samplers import FEW_STEPS, SAMPLERS, SPACINGS, VARIANCES, sampler_class
 
 
 class UsageError(Exception):
@@ -131,6 +131,10 @@ class SamplingConfig:
         flag="--sampling_steps")
     eta: float = option(0.0, "DDIM noise: 0 deterministic, 1 ancestral; only for the samplers that take it "
                         "(default: %(config_default)s)", optional=True)
+    timestep_spacing: Optional[str] = option(  # None: the sampler's own (ddpm_samplers.Sampler.default_spacing)
+        None, "how the steps are spread: time (uniform in t), logsnr (uniform in log-SNR), edm (Karras et al. 2022's noise levels, "
+        "rho 7); not for ddpm (default: the sampler's own: " + ", ".join(
+            f"{name} {cls.default_spacing}" for name, cls in SAMPLERS.items() if cls.takes_spacing) + ")", choices=SPACINGS)
     guidance_scale: Optional[float] = option(  # None: the kind of samples' (ddpm_kinds.SampleKind.sampling_settings)
         None, f"classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default: {GUIDANCE_SCALE:g}; 2D points: "
         f"{POINT_GUIDANCE_SCALE:g})")

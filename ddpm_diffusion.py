@@ -8,7 +8,8 @@ The network predicts the noise eps (Ho et al.), the clean image x_0, or the velo
 v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022, "Progressive Distillation",
 section 4); `Diffusion.eps_from_output` turns any of them into eps, in which guidance mixes. `Diffusion.sample`
 runs the reverse process: at each step the guided noise estimate (`predict_noise`) goes to a sampler's `step`
-(ddpm_samplers: the ancestral sampler, DDIM, DPM-Solver++), which moves x_t to an earlier step.
+(ddpm_samplers: the ancestral sampler, DDIM, DPM-Solver++; ddpm_solvers: UniPC, iPNDM, DPM-Solver++(2M) SDE),
+which moves x_t to an earlier step.
 Timestep indices run from 0 (almost clean) to T-1 (pure noise); the index -1 stands for the clean image
 itself (alpha_bar = 1).
 
@@ -275,16 +276,17 @@ class Diffusion:
 
         `model(x, t, labels)` is any network that predicts `prediction_type` (eps unless told otherwise); its
         train/eval mode is left as it is. `settings` (ddpm_config.SamplingConfig) chooses the sampler, its steps
-        (None: the sampler's default, ddpm_samplers.Sampler.default_steps), eta, variance (None: the diffusion's) and
-        the guidance: its scale (a number; SamplingConfig.derived gives the default), rescale and interval.
-        Timesteps are evenly spaced (log-SNR spaced for dpm++2m and dpm++3m). Noise is drawn from `generator` (on its
+        (None: the sampler's default, ddpm_samplers.Sampler.default_steps), their spacing (None: the sampler's own,
+        Sampler.default_spacing), eta, variance (None: the diffusion's) and the guidance: its scale (a number;
+        SamplingConfig.derived gives the default), rescale and interval. Noise is drawn from `generator` (on its
         own device) so a seed gives the same images on any device. `guide`: autoguidance with that network instead of
         classifier-free guidance (`predict_noise`). `trajectory`: a list that receives x_T and x after every step
         (the reverse process, for pictures).
         """
         if settings.guidance_scale is None:
             raise ValueError("settings.guidance_scale is None: give a number (SamplingConfig.derived)")
-        solver = make_sampler(settings.sampler, self, eta=settings.eta, clip_denoised=clip_denoised, variance=settings.variance)
+        solver = make_sampler(settings.sampler, self, eta=settings.eta, clip_denoised=clip_denoised, variance=settings.variance,
+                              spacing=settings.timestep_spacing)
         timesteps = solver.timesteps(settings.steps)
         if device is None:
             device = labels.device if labels is not None else self.alphas_cumprod.device

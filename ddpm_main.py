@@ -228,18 +228,24 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--sampling_preset {args.sampling_preset} chooses the sampler, steps, guidance scale and guide model itself; "
                          f"drop {', '.join(overridden)}")
     if not (args.sampling_preset or args.export_diffusers or args.import_diffusers or args.posthoc_ema):
-        refuse_ignored_eta(sampling_config(args, training=not sampling_mode(args)).sampler, args.eta)
+        refuse_ignored_flags(sampling_config(args, training=not sampling_mode(args)).sampler, args)
     if args.guide_model and not sampling_mode(args):
         raise UsageError("--guide_model is for sampling: --inference, --evaluate or --compare_checkpoints")
     if (args.fid_ref or args.save_pngs) and not args.evaluate:
         raise UsageError(f"{'--fid_ref' if args.fid_ref else '--save_pngs'} works with --evaluate")
 
 
-def refuse_ignored_eta(sampler: str, eta: Optional[float]) -> None:
-    """--eta given (not None) for a sampler that does not take it (ddpm_samplers.Sampler.takes_eta) is refused, not ignored."""
-    if eta is not None and not sampler_class(sampler).takes_eta:
-        takers = " or ".join(name for name, cls in SAMPLERS.items() if cls.takes_eta)
-        raise UsageError(f"--eta works with --sampler {takers}; {sampler}, the sampler of this run, ignores it")
+def refuse_ignored_flags(sampler: str, args: argparse.Namespace) -> None:
+    """--eta or --timestep_spacing given (not None) for a sampler that does not take it (ddpm_samplers.Sampler's
+    takes_eta, takes_spacing) is refused, not ignored; so is a single step on a spacing that needs two (logsnr, edm)."""
+    chosen = sampler_class(sampler)
+    for flag, given, takes in (("--eta", args.eta, "takes_eta"), ("--timestep_spacing", args.timestep_spacing, "takes_spacing")):
+        if given is not None and not getattr(chosen, takes):
+            takers = " or ".join(name for name, cls in SAMPLERS.items() if getattr(cls, takes))
+            raise UsageError(f"{flag} works with --sampler {takers}; {sampler}, the sampler of this run, ignores it")
+    if args.sampling_steps == 1 and chosen.takes_spacing and chosen.chosen_spacing(args.timestep_spacing) != "time":
+        raise UsageError(f"--sampling_steps 1 needs --timestep_spacing time; {sampler} spaces its steps by "
+                         f"{chosen.chosen_spacing(args.timestep_spacing)}, which needs at least 2")
 
 
 def parse_guidance_interval(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -364,7 +370,7 @@ def run_sampling(args: argparse.Namespace) -> None:
             model_path = Path(preset["weights"])
             settings = replace(settings, sampler=preset["sampler"], steps=preset["steps"], guidance_scale=preset["guidance_scale"],
                                guide_model=preset["guide_model"])
-            refuse_ignored_eta(settings.sampler, args.eta)
+            refuse_ignored_flags(settings.sampler, args)
         loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
         kind = kind_of_model(loaded.description)
         settings = kind.sampling_settings(settings, loaded.diffusion.num_timesteps)

@@ -22,6 +22,9 @@ VARIANCES = ("fixed_small", "fixed_large")
 # t = 1). The cosine schedule's clipped last betas drive lambda to about -9.9, where log-SNR spacing would spend 8 of 20
 # steps at t >= 992; the linear schedule ends at -5.06 and is not clipped.
 DPM_LAMBDA_MIN = -5.1
+# How a run's timesteps are spread (`spaced_timesteps`): uniformly in t, in log-SNR, or on EDM's polynomial noise levels
+SPACINGS = ("time", "logsnr", "edm")
+EDM_RHO = 7.0  # Karras et al. 2022, eq. 5 and Table 1
 
 
 def posterior(alpha_bar_t: torch.Tensor, alpha_bar_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,24 +67,69 @@ def evenly_spaced_timesteps(num_timesteps: int, steps: Optional[int]) -> list[in
     return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long().tolist()
 
 
+def first_spaced_timestep(lambdas: torch.Tensor, steps: int, lambda_min: float) -> int:
+    """The first timestep of a spacing in lambda or sigma: the last one whose lambda is at least `lambda_min`
+    (DPM_LAMBDA_MIN), or later where that leaves fewer than `steps` timesteps."""
+    return max(int((lambdas >= lambda_min).sum()) - 1, steps - 1)
+
+
+def distinct_timesteps(indices: list[int]) -> list[int]:
+    """Timesteps made strictly decreasing (each at least one below the one before), without running below 0."""
+    steps = len(indices)
+    for i in range(1, steps):
+        indices[i] = min(indices[i], indices[i - 1] - 1)
+    for i in range(steps):
+        indices[i] = max(indices[i], steps - 1 - i)
+    return indices
+
+
+def check_spaced_steps(spacing: str, steps: int, num_timesteps: int) -> None:
+    if not 2 <= steps <= num_timesteps:
+        raise ValueError(f"the {spacing} timestep spacing needs between 2 and {num_timesteps} sampling steps, got {steps}")
+
+
 def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_min: float = DPM_LAMBDA_MIN) -> list[int]:
     """`steps` distinct timesteps down to 0 whose log-SNR (2 lambda) is as evenly spaced as integer steps
     allow: the DPM-Solver paper's "logSNR" skip type, recommended for low-resolution images (Lu et al. 2022,
     appendix). Evenly spaced t would leave one huge last step in lambda, which a second-order multistep
-    solver overshoots. The first timestep is the last one whose lambda is at least `lambda_min`
-    (DPM_LAMBDA_MIN), or later where that leaves fewer than `steps` timesteps."""
+    solver overshoots. The first timestep is `first_spaced_timestep`'s."""
     num_timesteps = len(alphas_cumprod)
-    if not 2 <= steps <= num_timesteps:
-        raise ValueError(f"DPM-Solver++ needs between 2 and {num_timesteps} sampling steps, got {steps}")
+    check_spaced_steps("logsnr", steps, num_timesteps)
     lambdas = half_log_snr(alphas_cumprod.double().cpu())  # decreasing in t
-    first = max(int((lambdas >= lambda_min).sum()) - 1, steps - 1)
+    first = first_spaced_timestep(lambdas, steps, lambda_min)
     targets = torch.linspace(lambdas[first].item(), lambdas[0].item(), steps, dtype=torch.float64)
-    indices = torch.searchsorted(-lambdas, -targets).clamp(max=first).tolist()
-    for i in range(1, steps):  # make them strictly decreasing ...
-        indices[i] = min(indices[i], indices[i - 1] - 1)
-    for i in range(steps):  # ... without running below 0
-        indices[i] = max(indices[i], steps - 1 - i)
-    return indices
+    return distinct_timesteps(torch.searchsorted(-lambdas, -targets).clamp(max=first).tolist())
+
+
+def edm_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = EDM_RHO,
+                         lambda_min: float = DPM_LAMBDA_MIN) -> list[int]:
+    """`steps` distinct timesteps down to 0 on EDM's polynomial noise levels (Karras et al. 2022, eq. 5):
+        sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0 .. N - 1,
+    in sigma = sqrt((1 - alpha_bar) / alpha_bar) = e^-lambda; rho = 7 crowds the steps towards sigma_min, where
+    the images' details form. sigma_min is sigma at t = 0, sigma_max at `first_spaced_timestep` (linear schedule:
+    t = T-1, sigma 157; EDM's own sigma_max is 80); each sigma_i goes to the timestep nearest in log sigma, then
+    repeats are pushed down (`distinct_timesteps`)."""
+    num_timesteps = len(alphas_cumprod)
+    check_spaced_steps("edm", steps, num_timesteps)
+    lambdas = half_log_snr(alphas_cumprod.double().cpu())  # lambda = -log sigma, decreasing in t
+    first = first_spaced_timestep(lambdas, steps, lambda_min)
+    sigma_max, sigma_min = (-lambdas[first]).exp(), (-lambdas[0]).exp()
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    nearest = (sigmas.log()[:, None] + lambdas[None, : first + 1]).abs().argmin(dim=1)
+    return distinct_timesteps(nearest.tolist())
+
+
+def spaced_timesteps(spacing: str, alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
+    """The timesteps of a run of `steps` network evaluations, from T-1 (or the first of the spacing) down to 0, spaced
+    uniformly in time ("time"), in log-SNR ("logsnr") or on EDM's polynomial noise levels ("edm", rho = 7)."""
+    if spacing == "time":
+        return evenly_spaced_timesteps(len(alphas_cumprod), steps)
+    if spacing == "logsnr":
+        return log_snr_spaced_timesteps(alphas_cumprod, steps)
+    if spacing == "edm":
+        return edm_spaced_timesteps(alphas_cumprod, steps)
+    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
 
 
 class ScheduleView(Protocol):
@@ -96,21 +144,35 @@ class ScheduleView(Protocol):
 
 class Sampler:
     """The interface of every sampler, and what the command line asks of one by its --sampler name (`name`,
-    `sampler_class`): its default number of steps and which of --eta and --variance it takes. `make_sampler` builds a
-    fresh one per run (the multistep solvers remember earlier steps)."""
+    `sampler_class`): its default number of steps and timestep spacing, and which of --eta, --variance and
+    --timestep_spacing it takes. `make_sampler` builds a fresh one per run (the multistep solvers remember earlier
+    steps)."""
 
     name: str  # the --sampler name
     takes_eta = False  # --eta, DDIM's noise
     takes_variance = False  # --variance, the ancestral sampler's sigma_t^2 (VARIANCES)
+    takes_spacing = True  # --timestep_spacing (SPACINGS)
+    default_spacing = "time"  # its spacing when none is asked for
+    diffusion: ScheduleView
+    spacing: str
 
     @classmethod
     def default_steps(cls, num_timesteps: int) -> int:
         """Network evaluations per image when none are asked for: FEW_STEPS, at most T."""
         return min(FEW_STEPS, num_timesteps)
 
+    @classmethod
+    def chosen_spacing(cls, spacing: Optional[str]) -> str:
+        """`spacing`, or the sampler's default where it is None."""
+        spacing = spacing or cls.default_spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        return spacing
+
     def timesteps(self, steps: Optional[int]) -> list[int]:
         """The timesteps of a run with `steps` network evaluations (None: the sampler's default), from high to low."""
-        raise NotImplementedError
+        steps = self.default_steps(self.diffusion.num_timesteps) if steps is None else steps
+        return spaced_timesteps(self.spacing, self.diffusion.alphas_cumprod, steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         """x_{t_prev} from x_t and the noise estimate at t; t_prev = -1 is the clean image."""
@@ -131,6 +193,7 @@ class AncestralSampler(Sampler):
 
     name = "ddpm"
     takes_variance = True
+    takes_spacing = False  # evenly spaced, as Improved DDPM respaces it
 
     @classmethod
     def default_steps(cls, num_timesteps: int) -> int:
@@ -140,11 +203,7 @@ class AncestralSampler(Sampler):
         variance = variance or diffusion.variance
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
-        self.diffusion, self.clip_denoised, self.variance = diffusion, clip_denoised, variance
-
-    def timesteps(self, steps: Optional[int]) -> list[int]:
-        num_timesteps = self.diffusion.num_timesteps
-        return evenly_spaced_timesteps(num_timesteps, self.default_steps(num_timesteps) if steps is None else steps)
+        self.diffusion, self.clip_denoised, self.variance, self.spacing = diffusion, clip_denoised, variance, "time"
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
@@ -157,17 +216,16 @@ class AncestralSampler(Sampler):
 
 class DDIMSampler(Sampler):
     """One DDIM step (Song et al. 2021, eq. 12) with sigma = eta * sqrt(posterior variance) (eq. 16):
-    eta = 0 is deterministic; eta = 1 has the ancestral step's variance."""
+    eta = 0 is deterministic; eta = 1 has the ancestral step's variance. With eta = 0 it is Euler's method on the
+    probability-flow ODE in x / sqrt(alpha_bar) against sigma = sqrt((1 - alpha_bar) / alpha_bar) (Karras et al. 2022,
+    section 3). By default on evenly spaced timesteps."""
 
     name = "ddim"
     takes_eta = True
 
-    def __init__(self, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True):
+    def __init__(self, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True, spacing: Optional[str] = None):
         self.diffusion, self.eta, self.clip_denoised = diffusion, eta, clip_denoised
-
-    def timesteps(self, steps: Optional[int]) -> list[int]:
-        num_timesteps = self.diffusion.num_timesteps
-        return evenly_spaced_timesteps(num_timesteps, self.default_steps(num_timesteps) if steps is None else steps)
+        self.spacing = self.chosen_spacing(spacing)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
@@ -181,8 +239,8 @@ class DDIMSampler(Sampler):
 
 class MultistepDPMSolverPlusPlus(Sampler):
     """Multistep DPM-Solver++ in data-prediction form (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
-    of Diffusion Probabilistic Models"), of order 2 (DPMSolverPlusPlus2M) or 3 (DPMSolverPlusPlus3M), on log-SNR-spaced
-    steps (`log_snr_spaced_timesteps`).
+    of Diffusion Probabilistic Models"), of order 2 (DPMSolverPlusPlus2M) or 3 (DPMSolverPlusPlus3M), by default on
+    log-SNR-spaced steps (`log_snr_spaced_timesteps`).
 
     Time is lambda = log(alpha / sigma) (`half_log_snr`), with alpha = sqrt(alpha_bar) and sigma = sqrt(1 - alpha_bar).
     From t to s = t_prev, h = lambda_s - lambda_t > 0, the diffusion ODE written for the data prediction x_0 has the
@@ -216,16 +274,15 @@ class MultistepDPMSolverPlusPlus(Sampler):
     `make_sampler` makes a fresh one. All of it stays on the device: a step reads nothing back.
     """
 
-    def __init__(self, diffusion: ScheduleView, order: int, clip_denoised: bool = True):
+    default_spacing = "logsnr"
+
+    def __init__(self, diffusion: ScheduleView, order: int, clip_denoised: bool = True, spacing: Optional[str] = None):
         if order not in (2, 3):
             raise ValueError(f"multistep DPM-Solver++ has order 2 or 3, got {order}")
         self.diffusion, self.order, self.clip_denoised = diffusion, order, clip_denoised
+        self.spacing = self.chosen_spacing(spacing)
         # (x_0 prediction, lambda) of the previous steps, oldest first, at most order - 1 of them
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def timesteps(self, steps: Optional[int]) -> list[int]:
-        steps = self.default_steps(self.diffusion.num_timesteps) if steps is None else steps
-        return log_snr_spaced_timesteps(self.diffusion.alphas_cumprod, steps)
 
     def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
@@ -261,8 +318,8 @@ class DPMSolverPlusPlus2M(MultistepDPMSolverPlusPlus):
 
     name = "dpm++2m"
 
-    def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True):
-        super().__init__(diffusion, 2, clip_denoised)
+    def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True, spacing: Optional[str] = None):
+        super().__init__(diffusion, 2, clip_denoised, spacing)
 
 
 class DPMSolverPlusPlus3M(MultistepDPMSolverPlusPlus):
@@ -271,8 +328,8 @@ class DPMSolverPlusPlus3M(MultistepDPMSolverPlusPlus):
 
     name = "dpm++3m"
 
-    def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True):
-        super().__init__(diffusion, 3, clip_denoised)
+    def __init__(self, diffusion: ScheduleView, clip_denoised: bool = True, spacing: Optional[str] = None):
+        super().__init__(diffusion, 3, clip_denoised, spacing)
 
 
 SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, DDIMSampler, DPMSolverPlusPlus2M, DPMSolverPlusPlus3M)}
@@ -286,12 +343,13 @@ def sampler_class(name: str) -> type[Sampler]:
 
 
 def make_sampler(name: str, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True,
-                 variance: Optional[str] = None) -> Sampler:
-    """A fresh sampler (DPM-Solver++ keeps the previous steps' predictions, so one per run) by its --sampler name;
-    `eta` goes to the sampler that takes it (DDIM), `variance` to the one that takes it (the ancestral sampler)."""
+                 variance: Optional[str] = None, spacing: Optional[str] = None) -> Sampler:
+    """A fresh sampler (the multistep solvers keep the previous steps' predictions, so one per run) by its --sampler
+    name; `eta` goes to the sampler that takes it (DDIM), `variance` to the one that takes it (the ancestral sampler),
+    `spacing` (None: the sampler's own) to those that take it (all but the ancestral one)."""
     cls = sampler_class(name)
     return cls(diffusion, clip_denoised=clip_denoised, **({"eta": eta} if cls.takes_eta else {}),
-               **({"variance": variance} if cls.takes_variance else {}))
+               **({"variance": variance} if cls.takes_variance else {}), **({"spacing": spacing} if cls.takes_spacing else {}))
 
 
 def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:
@@ -306,3 +364,8 @@ def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: to
 
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return randn(x.shape, generator, x.device).to(x.dtype)
+
+
+# The solvers of ddpm_solvers (UniPC, iPNDM, DPM-Solver++(2M) SDE) build on this module and register themselves in
+# SAMPLERS; imported last, so that whichever of the two modules is imported first, SAMPLERS holds them all.
+import ddpm_solvers  # noqa: E402,F401

@@ -159,12 +159,14 @@ def run_inference(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfi
 
 def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, diffusion: Diffusion) -> dict:
     """The sampling settings as a results file records them (guidance only where it acted, the variance
-    where the ancestral sampler ran)."""
+    where the ancestral sampler ran, the timestep spacing where the sampler takes one)."""
+    chosen = sampler_class(settings.sampler)
     return {
         "sampler": settings.sampler,
         "sampling_steps": settings.steps,
-        "variance": (settings.variance or diffusion.variance) if sampler_class(settings.sampler).takes_variance else None,
+        "variance": (settings.variance or diffusion.variance) if chosen.takes_variance else None,
         "eta": settings.eta,
+        "timestep_spacing": chosen.chosen_spacing(settings.timestep_spacing) if chosen.takes_spacing else None,
         "network_autocast": str(autocast_dtype(settings.amp, runtime.device) or "float32"),
         "guidance_scale": settings.guidance_scale if guided else None,
         "guidance_rescale": settings.guidance_rescale if guided else None,

@@ -22,11 +22,19 @@ tool's judge (ddpm_judge, the same one `--evaluate` uses; trained once on the re
 digits folder; its accuracy on the real test digits is printed): class accuracy, the Frechet distance between its
 64-d features of the samples and of the real test digits with its floor, and the training wall time. Writes quality_benchmark.json and quality_benchmark.md to --out.
 
-`--sampling_study` (issue 16) instead trains the tool once per budget and compares, on the same judge, its default
-sampling with each part alone (post-hoc EMA lengths, autoguidance by an earlier snapshot, dpm++2m/dpm++3m at 10 and 20
-steps, also measured against the 1,000-step ancestral samples and against the probability-flow ODE solved closely by
-dpm++2m at 100 steps, the limit both ODE solvers converge to) and with the best cell of a sweep over all of them; it writes
-sampling_study.json and sampling_study.md.
+`--sampling_study` instead trains the tool once per budget and runs the --study_parts on the same judge:
+* `solvers` (issue 25): every deterministic solver (--study_solvers) on every timestep spacing (--study_spacings) at
+  5, 10 and 20 network evaluations (--study_evaluations), the stochastic dpm++2m-sde at 20, 50 and 100, the ancestral
+  sampler at all steps, all at the default guidance scale, each with its Frechet distance to the real test digits and to
+  the probability-flow ODE's limit (dpm++3m at 200 steps) and its seconds: solver_table.md;
+* `ema_guidance` (issue 16): the default sampling before that study against each part alone (post-hoc EMA lengths,
+  autoguidance by an earlier snapshot, dpm++2m/dpm++3m at 10 and 20 steps, also measured against the 1,000-step
+  ancestral samples and against the probability-flow ODE solved closely by dpm++2m at 100 steps) and the best cell of a
+  sweep over all of them.
+Both write sampling_study.json; `ema_guidance` also sampling_study.md. A quick look at a few solvers:
+
+    python scripts/quality_benchmark.py --sampling_study --study_parts solvers --budgets 300 --num_samples 50 \\
+        --study_solvers unipc,ipndm --study_spacings logsnr,edm --study_evaluations 10 --study_ancestral none
 
 Needs `pip install scikit-learn diffusers` (benchmark only). `--tool_repo` runs the tool's rows with the code
 of another checkout (e.g. an older commit) for before/after tables; `--flat_folder` writes the training digits
@@ -80,6 +88,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sampling_study", action="store_true",
                         help="instead of the trainer rows: for each budget, train the tool once and compare its default sampling "
                              "with post-hoc EMA, autoguidance, the solvers and the sweep's best (issue 16)")
+    parser.add_argument("--study_parts", default=",".join(STUDY_PARTS),
+                        help="which parts of --sampling_study: solvers (every solver x spacing x evaluations, solver_table.md), "
+                             "ema_guidance (post-hoc EMA, autoguidance and their sweep at w=3)")
+    parser.add_argument("--study_solvers", default="ddim,dpm++2m,dpm++3m,unipc,ipndm", help="deterministic solvers of the solvers part")
+    parser.add_argument("--study_spacings", default="time,logsnr,edm", help="their timestep spacings")
+    parser.add_argument("--study_evaluations", default="5,10,20", help="their network evaluations (at most T)")
+    parser.add_argument("--study_stochastic", default="dpm++2m-sde", help="stochastic solvers of the solvers part, on their own spacing")
+    parser.add_argument("--study_stochastic_evaluations", default="20,50,100", help="their network evaluations (at most T)")
+    parser.add_argument("--study_ancestral", default="all", help="the ancestral sampler's evaluations: all (T), none, or a list")
     return parser.parse_args(argv)
 
 
@@ -281,90 +298,176 @@ STUDY_EMAS = (0.05, 0.10, 0.15, 0.20)  # post-hoc EMA lengths tried (EDM2's rang
 STUDY_CFG_SCALES, STUDY_AUTO_SCALES = (1.0, 2.0, 3.0), (1.5, 2.0, 3.0)
 STUDY_SOLVER = ("dpm++3m", 20)  # the sweep's solver
 ODE_REFERENCE = ("dpm++2m", 100)  # the probability-flow ODE solved closely: what the ODE solvers converge to as steps grow
+ODE_LIMIT = ("dpm++3m", 200)  # the solvers part's ODE limit, closer still (dpm++3m is 4.6 times closer than 2m at 20 steps)
+STUDY_PARTS = ("solvers", "ema_guidance")
 GUIDE_FRACTION = 4  # autoguidance's guide: the run's sigma_rel 0.10 EMA at a quarter of its steps (an earlier snapshot)
 
 
-def study_draw(model: nn.Module, diffusion, channels: int, args: argparse.Namespace, sampler: str, steps: int, scale: float,
-               guide: Optional[nn.Module] = None) -> tuple[np.ndarray, float]:
-    """Guided samples of one setting through the tool's sampling path, and the seconds they took."""
+def study_draw(model: nn.Module, diffusion, channels: int, args: argparse.Namespace, sampler: str, steps: int,
+               scale: Optional[float], guide: Optional[nn.Module] = None, spacing: Optional[str] = None) -> tuple[np.ndarray, float]:
+    """Guided samples of one setting through the tool's sampling path, and the seconds they took; `scale` None: the
+    default guidance scale of images, `spacing` None: the sampler's own."""
     from ddpm_config import SamplingConfig
     from ddpm_kinds import ImageKind
     from ddpm_runtime import Runtime
     from ddpm_sampling import generate
 
     kind = ImageKind(channels, args.image_size)
-    settings = kind.sampling_settings(SamplingConfig(sampler=sampler, steps=steps, guidance_scale=scale), diffusion.num_timesteps)
+    settings = kind.sampling_settings(SamplingConfig(sampler=sampler, steps=steps, guidance_scale=scale, timestep_spacing=spacing),
+                                      diffusion.num_timesteps)
     started = time.perf_counter()
     pixels = generate(model, diffusion, kind, args.num_samples, sample_labels(args.num_samples),
                       settings, args.seed, args.num_samples, Runtime(torch.device("cpu")), desc="study", guide=guide)
     return pixels.permute(0, 3, 1, 2).numpy(), time.perf_counter() - started
 
 
+def features_of(judge, images: np.ndarray) -> tuple:
+    """The judge's feature statistics (mean, covariance) of uint8 images (N, 1, S, S)."""
+    from ddpm_metrics import feature_statistics
+
+    return feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
+
+
+class StudyRows:
+    """The rows of one budget's study: each setting's judged figures, its distances to the reference samples taken so far
+    (`references`: name -> feature statistics) and its seconds."""
+
+    def __init__(self, steps: int, judge, labels: np.ndarray):
+        self.steps, self.judge, self.labels = steps, judge, labels
+        self.rows: list[dict] = []
+        self.references: dict[str, tuple] = {}
+
+    def add(self, name: str, part: str, images: np.ndarray, seconds: float, **setting) -> dict:
+        from ddpm_metrics import frechet_distance
+
+        row = {"steps": self.steps, "part": part, "setting": name, **setting, "sampling_seconds": round(seconds, 1),
+               **judge_figures(self.judge, images, self.labels)}
+        statistics = features_of(self.judge, images)
+        row |= {f"distance_to_{key}": frechet_distance(*statistics, *reference) for key, reference in self.references.items()}
+        self.rows.append(row)
+        print(json.dumps(row))
+        return row
+
+
 def sampling_study(steps: int, args: argparse.Namespace, data_dir: Path, out: Path, judge) -> list[dict]:
-    """One run of the tool (its defaults, --save_model: post-hoc EMA snapshots), then: its default sampling before this
-    study (--inference's ddpm sampler over all 1,000 steps, w = 3, the checkpoint's EMA); each part alone (the best post-hoc EMA length, the
-    best autoguidance scale with an earlier snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by
-    their distance to the 1,000-step samples and to the ODE_REFERENCE samples); and the best cell of the sweep over EMA x guidance x scale (dpm++3m 20)."""
-    from ddpm_checkpoint import build_network, load_model
-    from ddpm_metrics import feature_statistics, frechet_distance
-    from ddpm_phema import reconstruct_from_folder
+    """One run of the tool (its defaults, --save_model: post-hoc EMA snapshots), then the --study_parts: `solver_part`
+    and `ema_guidance_part`."""
+    from ddpm_checkpoint import load_model
 
     work = out / f"study_{steps}"
     model, diffusion, channels, train_seconds, _, _ = train_ours(steps, args.equal_flags, data_dir, work, args)
-    run = work / "models/run"
-    loaded = load_model(run / "ckpt.pt")
-    labels = sample_labels(args.num_samples).numpy()
+    loaded = load_model(work / "models/run/ckpt.pt")
+    parts = args.study_parts.split(",")
+    rows = []
+    if "solvers" in parts:
+        rows += solver_part(StudyRows(steps, judge, sample_labels(args.num_samples).numpy()), model, diffusion, channels, args)
+    if "ema_guidance" in parts:
+        rows += ema_guidance_part(StudyRows(steps, judge, sample_labels(args.num_samples).numpy()), model, diffusion, channels, args,
+                                  loaded, work / "models/run")
+    for row in rows:
+        row["train_seconds"] = round(train_seconds, 1)
+    return rows
+
+
+def counts(text: str, num_timesteps: int) -> list[int]:
+    """Comma-separated evaluation counts, at most T each, without repeats."""
+    return list(dict.fromkeys(min(int(count), num_timesteps) for count in text.split(",") if count))
+
+
+def solver_part(study: StudyRows, model: nn.Module, diffusion, channels: int, args: argparse.Namespace) -> list[dict]:
+    """Every deterministic solver (--study_solvers) on every spacing (--study_spacings) at each --study_evaluations, the
+    stochastic ones (--study_stochastic) at --study_stochastic_evaluations and the ancestral sampler (--study_ancestral:
+    all T steps), all at the default guidance scale of images; each judged by its Frechet distance to the real test
+    digits and to the probability-flow ODE's limit (ODE_LIMIT, solved first), with its seconds."""
+    T = diffusion.num_timesteps
+    draw = lambda sampler, count, spacing=None: study_draw(model, diffusion, channels, args, sampler, count, None,  # noqa: E731
+                                                           spacing=spacing)
+    limit_sampler, limit_steps = ODE_LIMIT[0], min(ODE_LIMIT[1], T)
+    images, seconds = draw(limit_sampler, limit_steps)
+    study.add(f"{limit_sampler} {limit_steps} steps (the ODE limit)", "ode limit", images, seconds, solver=limit_sampler,
+              spacing="logsnr", evaluations=limit_steps)
+    study.references["ode_limit"] = features_of(study.judge, images)
+    settings = [(solver, spacing, count) for solver in args.study_solvers.split(",") if solver
+                for spacing in args.study_spacings.split(",") for count in counts(args.study_evaluations, T)]
+    settings += [(solver, None, count) for solver in args.study_stochastic.split(",") if solver
+                 for count in counts(args.study_stochastic_evaluations, T)]
+    if args.study_ancestral != "none":
+        settings += [("ddpm", None, count) for count in counts(str(T) if args.study_ancestral == "all" else args.study_ancestral, T)]
+    for solver, spacing, count in settings:
+        images, seconds = draw(solver, count, spacing)
+        shown = spacing or ("time" if solver == "ddpm" else sampler_spacing(solver))
+        study.add(f"{solver}, {shown}, {count}", "solver grid", images, seconds, solver=solver, spacing=shown, evaluations=count)
+    return study.rows
+
+
+def sampler_spacing(name: str) -> str:
+    """A sampler's own timestep spacing (ddpm_samplers.Sampler.default_spacing)."""
+    from ddpm_samplers import sampler_class
+
+    return sampler_class(name).default_spacing
+
+
+def ema_guidance_part(study: StudyRows, model: nn.Module, diffusion, channels: int, args: argparse.Namespace, loaded,
+                      run: Path) -> list[dict]:
+    """Issue 16's comparison: the default sampling before that study (--inference's ddpm sampler over all 1,000 steps, w = 3,
+    the checkpoint's EMA); each part alone (the best post-hoc EMA length, the best autoguidance scale with an earlier
+    snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by their distance to the 1,000-step
+    samples and to the ODE_REFERENCE samples); and the best cell of the sweep over EMA x guidance x scale (dpm++3m 20)."""
+    from ddpm_checkpoint import build_network
+    from ddpm_phema import reconstruct_from_folder
 
     def network(weights: dict) -> nn.Module:
         net = build_network(loaded.description)
         net.load_state_dict(weights)
         return net.eval()
 
+    steps = study.steps
     emas = {"ema": model} | {f"{s:.2f}": network(reconstruct_from_folder(run / "phema", s)) for s in STUDY_EMAS}
     guide = network(reconstruct_from_folder(run / "phema", 0.10, target_t=steps // GUIDE_FRACTION))
-    rows, references = [], {}
-
-    def judged(name: str, part: str, images: np.ndarray, seconds: float, **setting) -> dict:
-        row = {"steps": steps, "part": part, "setting": name, **setting, "sampling_seconds": round(seconds, 1),
-               **judge_figures(judge, images, labels)}
-        mu, sigma = feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
-        row |= {f"distance_to_{key}": frechet_distance(mu, sigma, *statistics) for key, statistics in references.items()}
-        rows.append(row)
-        print(json.dumps(row))
-        return row
-
     images, seconds = study_draw(model, diffusion, channels, args, "ddpm", diffusion.num_timesteps, 3.0)
-    judged("ddpm 1000 steps, w=3 CFG, EMA (the default until w=1.5)", "default", images, seconds)
-    references["1000_steps"] = feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
+    study.add("ddpm 1000 steps, w=3 CFG, EMA (the default until w=1.5)", "default", images, seconds)
+    study.references["1000_steps"] = features_of(study.judge, images)
     ode_sampler, ode_steps = ODE_REFERENCE[0], min(ODE_REFERENCE[1], diffusion.num_timesteps)
     images, seconds = study_draw(model, diffusion, channels, args, ode_sampler, ode_steps, 3.0)
-    judged(f"{ode_sampler} {ode_steps} steps, w=3 CFG, EMA (the ODE reference)", "ode reference", images, seconds)
-    references["ode"] = feature_statistics(judge.features(images.transpose(0, 2, 3, 1)))
+    study.add(f"{ode_sampler} {ode_steps} steps, w=3 CFG, EMA (the ODE reference)", "ode reference", images, seconds)
+    study.references["ode"] = features_of(study.judge, images)
     for sampler in ("dpm++2m", "dpm++3m"):
         for count in (10, 20):
-            judged(f"{sampler} {count} steps, w=3 CFG, EMA", "solver", *study_draw(model, diffusion, channels, args, sampler, count, 3.0))
+            study.add(f"{sampler} {count} steps, w=3 CFG, EMA", "solver", *study_draw(model, diffusion, channels, args, sampler, count, 3.0))
     sweep_started = time.perf_counter()
     cells = [(ema, "cfg", w) for ema in emas for w in STUDY_CFG_SCALES] + [(ema, "auto", w) for ema in emas for w in STUDY_AUTO_SCALES]
     for ema, kind, w in cells:
         images, seconds = study_draw(emas[ema], diffusion, channels, args, *STUDY_SOLVER, w, guide if kind == "auto" else None)
-        judged(f"EMA {ema}, {kind} w={w:g}, {STUDY_SOLVER[0]} {STUDY_SOLVER[1]}", "sweep", images, seconds, ema=ema, guidance=kind, scale=w)
+        study.add(f"EMA {ema}, {kind} w={w:g}, {STUDY_SOLVER[0]} {STUDY_SOLVER[1]}", "sweep", images, seconds, ema=ema, guidance=kind, scale=w)
     sweep_seconds = time.perf_counter() - sweep_started
-    sweep = [row for row in rows if row["part"] == "sweep"]
+    sweep = [row for row in study.rows if row["part"] == "sweep"]
     for part, chosen in (("post-hoc EMA alone (CFG w=3)", [r for r in sweep if r["guidance"] == "cfg" and r["scale"] == 3.0]),
                          ("autoguidance alone (EMA)", [r for r in sweep if r["guidance"] == "auto" and r["ema"] == "ema"]),
                          ("the sweep's best", sweep)):
         best = min(chosen, key=lambda r: r["frechet_distance"])
-        rows.append({**best, "part": part, "sweep_seconds": round(sweep_seconds, 1) if part == "the sweep's best" else None})
+        study.rows.append({**best, "part": part, "sweep_seconds": round(sweep_seconds, 1) if part == "the sweep's best" else None})
+    return study.rows
+
+
+def solver_markdown(rows: list[dict], guidance_scale: float) -> str:
+    """The solvers part as a table: solver, spacing, evaluations, distance to the data, to the ODE limit, seconds."""
+    lines = [f"Guided samples at the default guidance scale (w = {guidance_scale:g}); Frechet distance on the judge's features.", "",
+             "| budget | solver | spacing | evaluations | distance to data | distance to the ODE limit | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        row["train_seconds"] = round(train_seconds, 1)
-    return rows
+        if row["part"] not in ("ode limit", "solver grid"):
+            continue
+        to_limit = "(the limit)" if row["part"] == "ode limit" else f"{row['distance_to_ode_limit']:.3f}"
+        lines.append(f"| {row['steps']} | {row['solver']} | {row['spacing']} | {row['evaluations']} | {row['frechet_distance']:.2f} | "
+                     f"{to_limit} | {row['sampling_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def study_markdown(rows: list[dict]) -> str:
     lines = ["| steps | part | setting | class accuracy | Frechet distance | distance to 1000 steps | distance to the ODE | sampling s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        if row["part"] == "sweep":
+        if row["part"] in ("sweep", "ode limit", "solver grid"):
             continue
         to_references = [row.get(key) for key in ("distance_to_1000_steps", "distance_to_ode")]
         lines.append(f"| {row['steps']} | {row['part']} | {row['setting']} | {row['class_accuracy']:.3f} | {row['frechet_distance']:.2f} | "
@@ -390,8 +493,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.sampling_study:
         rows = [row for steps in (int(b) for b in args.budgets.split(",")) for row in sampling_study(steps, args, data_dir, out, judge)]
         (out / "sampling_study.json").write_text(json.dumps({"config": vars(args), "train_vs_test_frechet": floor, "rows": rows}, indent=2))
-        (out / "sampling_study.md").write_text(study_markdown(rows))
-        print(study_markdown(rows), end="")
+        from ddpm_config import GUIDANCE_SCALE
+
+        if "ema_guidance" in args.study_parts.split(","):
+            (out / "sampling_study.md").write_text(study_markdown(rows))
+            print(study_markdown(rows), end="")
+        if "solvers" in args.study_parts.split(","):
+            (out / "solver_table.md").write_text(solver_markdown(rows, GUIDANCE_SCALE))
+            print(solver_markdown(rows, GUIDANCE_SCALE), end="")
         return 0
     jobs = [(steps, trainer) for steps in (int(b) for b in args.budgets.split(",")) for trainer in args.rows.split(",")]
     shared = (args, splits, data_dir, out, judge_dir)

@@ -78,6 +78,10 @@ def test_bad_input_gives_one_line_and_touches_nothing(trained_workspace, capsys,
         ("--inference --eta 0.5", "--eta works with --sampler ddim; ddpm, the sampler of this run, ignores it"),
         ("--inference --sampler dpm++3m --eta 0", "--eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it"),
         ("--eta 0.5", "--eta works with --sampler ddim; dpm++2m, the sampler of this run, ignores it"),
+        ("--inference --timestep_spacing edm", "--timestep_spacing works with --sampler ddim or dpm++2m or dpm++3m or unipc or ipndm "
+         "or dpm++2m-sde; ddpm, the sampler of this run, ignores it"),
+        ("--inference --sampler unipc --sampling_steps 1",
+         "--sampling_steps 1 needs --timestep_spacing time; unipc spaces its steps by logsnr, which needs at least 2"),
         ("--inference --sampling_preset best --sampler ddim --guidance_scale 2",
          "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampler, --guidance_scale"),
         ("--inference --sampling_preset best --sampling_steps 20 --guide_model g.pt",
@@ -85,12 +89,14 @@ def test_bad_input_gives_one_line_and_touches_nothing(trained_workspace, capsys,
     ],
 )
 def test_flags_that_would_be_ignored_are_refused(command, message):
-    """--eta with a sampler that does not take it (the default ddpm of --inference, the training grids' dpm++2m), and
+    """--eta or --timestep_spacing with a sampler that does not take it (the default ddpm of --inference, the training
+    grids' dpm++2m), a single step on a spacing that needs two, and
     --sampling_preset with the settings it chooses itself: refused in one line, not silently dropped."""
     args = ddpm_main.build_parser().parse_args(shlex.split(command))
     assert usage_error(ddpm_main.validate_args, args) == message
-    accepted = ddpm_main.build_parser().parse_args(["--inference", "--sampler", "ddim", "--eta", "0.5"])
-    ddpm_main.validate_args(accepted)
+    for accepted in (["--inference", "--sampler", "ddim", "--eta", "0.5"], ["--inference", "--sampler", "ipndm", "--timestep_spacing", "edm"],
+                     ["--inference", "--sampler", "unipc", "--timestep_spacing", "time", "--sampling_steps", "1"]):
+        ddpm_main.validate_args(ddpm_main.build_parser().parse_args(accepted))
 
 
 def test_a_real_process_reports_bad_input_without_traceback(tmp_path):

@@ -53,15 +53,25 @@ def test_smoke_run_writes_a_row_per_trainer_and_budget(tmp_path):
 def test_sampling_study_smoke_run_reports_every_part(tmp_path):
     out = tmp_path / "study"
     argv = ["--sampling_study", "--budgets", "8", "--image_size", "8", "--batch_size", "16", "--model_flags",
-            "--model_size tiny --base_dim 32 --timesteps 20", "--num_samples", "10", "--judge_steps", "20", "--out", str(out)]
+            "--model_size tiny --base_dim 32 --timesteps 20", "--num_samples", "10", "--judge_steps", "20", "--out", str(out),
+            "--study_solvers", "unipc,ipndm", "--study_spacings", "logsnr,edm", "--study_evaluations", "5,30",
+            "--study_stochastic_evaluations", "20,100"]
     assert quality_benchmark.main(argv) == 0
     rows = json.loads((out / "sampling_study.json").read_text())["rows"]
-    parts = [row["part"] for row in rows if row["part"] != "sweep"]
+    grid = [(row["solver"], row["spacing"], row["evaluations"]) for row in rows if row["part"] in ("ode limit", "solver grid")]
+    assert grid == [("dpm++3m", "logsnr", 20), ("unipc", "logsnr", 5), ("unipc", "logsnr", 20), ("unipc", "edm", 5), ("unipc", "edm", 20),
+                    ("ipndm", "logsnr", 5), ("ipndm", "logsnr", 20), ("ipndm", "edm", 5), ("ipndm", "edm", 20),
+                    ("dpm++2m-sde", "logsnr", 20), ("ddpm", "time", 20)], "evaluations at most T = 20, without repeats"
+    assert all(math.isfinite(row["distance_to_ode_limit"]) for row in rows if row["part"] == "solver grid")
+    table = (out / "solver_table.md").read_text()
+    assert "| 8 | ipndm | edm | 5 |" in table and "| 8 | dpm++3m | logsnr | 20 |" in table and "(the limit)" in table
+    parts = [row["part"] for row in rows if row["part"] not in ("sweep", "ode limit", "solver grid")]
     assert parts == ["default", "ode reference", "solver", "solver", "solver", "solver", "post-hoc EMA alone (CFG w=3)", "autoguidance alone (EMA)",
                      "the sweep's best"]
     sweep = [row for row in rows if row["part"] == "sweep"]
     assert len(sweep) == 5 * 6, "EMA (own + 4 lengths) x (3 CFG + 3 autoguidance scales)"
     assert rows[-1]["frechet_distance"] == min(row["frechet_distance"] for row in sweep)
     assert all(math.isfinite(row["distance_to_1000_steps"]) and math.isfinite(row["distance_to_ode"]) for row in rows if row["part"] == "solver")
-    assert rows[1]["setting"].startswith("dpm++2m 20 steps") and "distance_to_ode" not in rows[1], "the ODE reference: min(100, T) steps"
+    old_ode = next(row for row in rows if row["part"] == "ode reference")
+    assert old_ode["setting"].startswith("dpm++2m 20 steps") and "distance_to_ode" not in old_ode, "the ODE reference: min(100, T) steps"
     assert "| 8 | the sweep's best |" in (out / "sampling_study.md").read_text()
