@@ -1,5 +1,6 @@
 """Checkpoints: the one writer and the one reader of the tool's files, the model description, the objects of a training
 checkpoint (CheckpointIO), the checkpoint a resumed run starts from, one process per run folder."""
+
 from __future__ import annotations
 
 import fcntl
@@ -83,8 +84,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         # allowed global") and garbage bytes ("Unsupported operand") as UnpicklingError
         if not re.search(r"unsupported global|not an allowed global", str(error), re.IGNORECASE):
             raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt)") from error
-        raise UsageError(f"{path} holds objects other than tensors and plain values; refusing to load it "
-                         f"(only checkpoints written by this tool are accepted)") from error
+        raise UsageError(
+            f"{path} holds objects other than tensors and plain values; refusing to load it "
+            f"(only checkpoints written by this tool are accepted)"
+        ) from error
     except Exception as error:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt)") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -99,8 +102,10 @@ def remove_stale_temporaries(folder: Path) -> None:
         return
     for leftover in folder.glob(f"*.pt{TEMPORARY_SUFFIX}*"):
         suffix = leftover.name.rsplit(".pt", 1)[1]
-        pid = suffix[len(TEMPORARY_SUFFIX) + 1:]
-        if suffix == TEMPORARY_SUFFIX or (suffix.startswith(TEMPORARY_SUFFIX + "-") and pid.isdigit() and not _process_alive(int(pid))):
+        pid = suffix[len(TEMPORARY_SUFFIX) + 1 :]
+        if suffix == TEMPORARY_SUFFIX or (
+            suffix.startswith(TEMPORARY_SUFFIX + "-") and pid.isdigit() and not _process_alive(int(pid))
+        ):
             leftover.unlink(missing_ok=True)
     for leftover in folder.glob(f"*.safetensors{TEMPORARY_SUFFIX}"):
         leftover.unlink(missing_ok=True)
@@ -131,18 +136,30 @@ class ModelDescription:
     def of_run(cls, model: torch.nn.Module, config: RunConfig, data: DataSplits) -> ModelDescription:
         """The description of a training run's network."""
         diffusion = config.diffusion
-        return cls(model_config=model.config,
-                   diffusion={"timesteps": diffusion.timesteps, "schedule": diffusion.schedule,
-                              "prediction_type": diffusion.prediction_type, "variance": diffusion.variance},
-                   data={"dataset": config.data.dataset, "class_names": list(data.class_names), "image_size": data.image_size,
-                         "channels": data.channels},
-                   conditional=config.model.conditional)
+        return cls(
+            model_config=model.config,
+            diffusion={
+                "timesteps": diffusion.timesteps,
+                "schedule": diffusion.schedule,
+                "prediction_type": diffusion.prediction_type,
+                "variance": diffusion.variance,
+            },
+            data={
+                "dataset": config.data.dataset,
+                "class_names": list(data.class_names),
+                "image_size": data.image_size,
+                "channels": data.channels,
+            },
+            conditional=config.model.conditional,
+        )
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, path: str | os.PathLike) -> ModelDescription:
         if "model_config" not in checkpoint or "model" not in checkpoint:
             raise UsageError(f"{path} has no model in it")
-        return cls(checkpoint["model_config"], checkpoint["diffusion"], checkpoint["data"], bool(checkpoint["conditional"]))
+        return cls(
+            checkpoint["model_config"], checkpoint["diffusion"], checkpoint["data"], bool(checkpoint["conditional"])
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +199,9 @@ class LoadedModel:
         return self.checkpoint.get("train_state", {}).get("step")
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True, compile: bool = False) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True, compile: bool = False
+) -> LoadedModel:
     """The network of a checkpoint or weights file, with the EMA weights unless use_ema is false or it has none, and its
     diffusion, on `device` in eval mode; with `compile`, torch.compile'd in place (compiled at the first batch). The one
     place where a file becomes a network: sampling, evaluation, the diffusers export and the scripts all come here."""
@@ -225,8 +244,10 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip()
             self.file.close()
-            raise UsageError(f"{self.run_dir} is being trained by another process{f' (pid {holder})' if holder else ''}: "
-                             f"wait for it to end, or choose another --run_name") from None
+            raise UsageError(
+                f"{self.run_dir} is being trained by another process{f' (pid {holder})' if holder else ''}: "
+                f"wait for it to end, or choose another --run_name"
+            ) from None
         self.file.truncate(0)
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
@@ -242,8 +263,10 @@ def check_resume_compatible(saved_config: dict, config: RunConfig, path: Path) -
     now = current_settings(config)
     for flag, saved in fixed_settings(saved_config).items():
         if flag in now and saved != now[flag]:
-            raise UsageError(f"cannot resume {path}: it was trained with --{flag} {saved}, not {now[flag]} "
-                             f"(flags that define the model, data or diffusion must stay the same)")
+            raise UsageError(
+                f"cannot resume {path}: it was trained with --{flag} {saved}, not {now[flag]} "
+                f"(flags that define the model, data or diffusion must stay the same)"
+            )
 
 
 def load_resume_checkpoint(config: RunConfig, rename_damaged: bool = True) -> Optional[tuple[Path, dict]]:
@@ -259,8 +282,10 @@ def load_resume_checkpoint(config: RunConfig, rename_damaged: bool = True) -> Op
     elif train.save_model or train.resume == "auto":
         found = latest_checkpoint(run_dir, rename_damaged)
         if found is None and train.resume == "auto":
-            raise UsageError(f"--resume: no checkpoint in {run_dir}/ to continue (check --run_name and --models_dir; "
-                             f"without --resume the same command starts the run)")
+            raise UsageError(
+                f"--resume: no checkpoint in {run_dir}/ to continue (check --run_name and --models_dir; "
+                f"without --resume the same command starts the run)"
+            )
         if found is None:
             return None
         path, checkpoint = found
@@ -291,8 +316,11 @@ def latest_checkpoint(run_dir: Path, rename_damaged: bool = True) -> Optional[tu
         if damaged is not None and damaged[0] == last and rename_damaged:
             kept = _free_name(last.with_name(last.name + ".damaged"))
             last.rename(kept)
-            print(f"{last} cannot be read ({damaged[1]}); continuing from {path}, the newest readable snapshot; the damaged "
-                  f"file is kept as {kept}", file=sys.stderr)
+            print(
+                f"{last} cannot be read ({damaged[1]}); continuing from {path}, the newest readable snapshot; the damaged "
+                f"file is kept as {kept}",
+                file=sys.stderr,
+            )
         return path, checkpoint
     raise UsageError(f"no readable checkpoint in {run_dir}/: {damaged[1]}")
 

@@ -6,6 +6,7 @@ and served to the training loop as float batches in [-1, 1] (`load_batch`), in a
 (seed, epoch) alone (`epoch_permutation`), so that a resumed run needs only its position in the epoch. The 2D toy
 sets (POINT_DATASETS, `make_points`) are float32 points (N, 2) of about unit variance, served as they are.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,13 @@ from ddpm_runtime import Runtime
 
 # Random left-right flips by default: CIFAR-10's objects are mirror-symmetric as a class; a folder's content may
 # not be (digits, text, faces with a known side), so there they are asked for with --hflip.
-DEFAULT_HFLIP = {"cifar10": True, "mnist": False, "fashion_mnist": False, "folder": False, "synthetic": True} | dict.fromkeys(POINT_DATASETS, False)
+DEFAULT_HFLIP = {
+    "cifar10": True,
+    "mnist": False,
+    "fashion_mnist": False,
+    "folder": False,
+    "synthetic": True,
+} | dict.fromkeys(POINT_DATASETS, False)
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -71,9 +78,19 @@ class DataSplits:
         return tuple(self.train.images.shape[1:])
 
 
-def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None = None, hflip: bool | None = None,
-                  download: bool = True, seed: int = 0, channels: int | None = None, val_fraction: float = 0.1,
-                  conditional: bool = False, data_cache: str | None = None, use_data_cache: bool = True) -> DataSplits:
+def load_datasets(
+    name: str,
+    data_dir: str | os.PathLike,
+    image_size: int | None = None,
+    hflip: bool | None = None,
+    download: bool = True,
+    seed: int = 0,
+    channels: int | None = None,
+    val_fraction: float = 0.1,
+    conditional: bool = False,
+    data_cache: str | None = None,
+    use_data_cache: bool = True,
+) -> DataSplits:
     """Load a data set and split it into train / val / test; the same seed always gives the same split.
 
     Data sets without an official test split (a folder without train/ and test/, a zip, synthetic) first hold out 10%
@@ -87,8 +104,9 @@ def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None
     if name in POINT_DATASETS and (image_size, channels) != (None, None):
         raise UsageError(f"--dataset {name} holds 2D points: --image_size and --channels are for images")
     if name == "folder":
-        train, val, test, class_names = _load_image_source(Path(data_dir), image_size, channels, seed, val_fraction,
-                                                           conditional, data_cache, use_data_cache)
+        train, val, test, class_names = _load_image_source(
+            Path(data_dir), image_size, channels, seed, val_fraction, conditional, data_cache, use_data_cache
+        )
     else:
         data, test, class_names = _load_images(name, Path(data_dir), image_size, download, seed)
         generator = torch.Generator().manual_seed(seed)
@@ -101,12 +119,19 @@ def load_datasets(name: str, data_dir: str | os.PathLike, image_size: int | None
 
     use_hflip = DEFAULT_HFLIP[name] if hflip is None else hflip
     channels, size = train[0].shape[1], None if name in POINT_DATASETS else train[0].shape[-1]
-    return DataSplits(train=Split(*train, hflip=use_hflip), val=Split(*val),
-                      test=Split(*test), class_names=class_names, channels=channels, image_size=size)
+    return DataSplits(
+        train=Split(*train, hflip=use_hflip),
+        val=Split(*val),
+        test=Split(*test),
+        class_names=class_names,
+        channels=channels,
+        image_size=size,
+    )
 
 
-def _load_images(name: str, data_dir: Path, image_size: int | None, download: bool,
-                 seed: int) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
+def _load_images(
+    name: str, data_dir: Path, image_size: int | None, download: bool, seed: int
+) -> tuple[LabelledImages, LabelledImages | None, list[str]]:
     """Returns (training images, official test images or None, class names)."""
     if name == "cifar10":
         return _load_cifar10(data_dir, download)
@@ -117,7 +142,11 @@ def _load_images(name: str, data_dir: Path, image_size: int | None, download: bo
     if name in POINT_DATASETS:
         labels = np.random.default_rng(seed).permutation(np.arange(POINTS_PER_DATASET) % len(POINT_CLASS_NAMES[name]))
         points = make_points(name, labels, seed)
-        return (torch.from_numpy(points), torch.from_numpy(labels.astype(np.int64))), None, list(POINT_CLASS_NAMES[name])
+        return (
+            (torch.from_numpy(points), torch.from_numpy(labels.astype(np.int64))),
+            None,
+            list(POINT_CLASS_NAMES[name]),
+        )
     return _make_synthetic(6000, image_size or 32, seed), None, list(SYNTHETIC_CLASS_NAMES)
 
 
@@ -129,7 +158,9 @@ def _held_out_count(total: int, fraction: float) -> int:
     return count
 
 
-def _hold_out(data: LabelledImages, fraction: float, generator: torch.Generator) -> tuple[LabelledImages, LabelledImages]:
+def _hold_out(
+    data: LabelledImages, fraction: float, generator: torch.Generator
+) -> tuple[LabelledImages, LabelledImages]:
     """Split off a random `fraction` (at least one example unless the fraction is 0); returns (rest, held_out)."""
     images, labels = data
     count = _held_out_count(len(labels), fraction)
@@ -154,8 +185,10 @@ def _resize(data: LabelledImages, size: int) -> LabelledImages:
     images, labels = data
     if images.shape[-2:] == (size, size):
         return data
-    chunks = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-              for chunk in images.split(4096)]
+    chunks = [
+        F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        for chunk in images.split(4096)
+    ]
     return torch.cat(chunks).round().clamp(0, 255).to(torch.uint8), labels
 
 
@@ -183,8 +216,9 @@ def _download_cifar10(data_dir: Path, download: bool) -> None:
         with contextlib.redirect_stdout(sys.stderr):  # torchvision reports progress on stdout
             torchvision.datasets.CIFAR10(root=data_dir, download=True)
     except Exception as error:
-        raise UsageError(f"CIFAR-10 not found in {data_dir} and could not be downloaded "
-                         f"({first_line(error)}): {place}") from error
+        raise UsageError(
+            f"CIFAR-10 not found in {data_dir} and could not be downloaded ({first_line(error)}): {place}"
+        ) from error
 
 
 def _unpickle_cifar_file(path: Path) -> dict:
@@ -211,8 +245,9 @@ def _read_cifar_batch(path: Path) -> LabelledImages:
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
 
-def _load_torchvision_idx(dataset_class: type, data_dir: Path,
-                          download: bool) -> tuple[LabelledImages, LabelledImages, list[str]]:
+def _load_torchvision_idx(
+    dataset_class: type, data_dir: Path, download: bool
+) -> tuple[LabelledImages, LabelledImages, list[str]]:
     """torchvision reads the uncompressed idx files in <data_dir>/<ClassName>/raw/ (no md5 check)."""
     raw_dir = data_dir / dataset_class.__name__ / "raw"
     try:
@@ -229,8 +264,7 @@ def _load_torchvision_idx(dataset_class: type, data_dir: Path,
             problem = f"{dataset_class.__name__} not found in {raw_dir} and downloading is off"
         raise UsageError(f"{problem}: {place}") from error
     class_names = [name.split(" - ")[0] for name in dataset_class.classes]  # MNIST's "0 - zero" becomes "0"
-    return ((train.data.unsqueeze(1), train.targets.long()),
-            (test.data.unsqueeze(1), test.targets.long()), class_names)
+    return ((train.data.unsqueeze(1), train.targets.long()), (test.data.unsqueeze(1), test.targets.long()), class_names)
 
 
 def split_order(train_count: int, official_test: bool, seed: int) -> tuple[np.ndarray, int]:
@@ -246,21 +280,31 @@ def split_order(train_count: int, official_test: bool, seed: int) -> tuple[np.nd
     return torch.cat([first[:test_count], rest[torch.randperm(len(rest), generator=generator)]]).numpy(), test_count
 
 
-def _load_image_source(data_dir: Path, image_size: int | None, channels: int | None, seed: int, val_fraction: float,
-                       conditional: bool, data_cache: str | None,
-                       use_data_cache: bool) -> tuple[LabelledImages, LabelledImages, LabelledImages, list[str]]:
+def _load_image_source(
+    data_dir: Path,
+    image_size: int | None,
+    channels: int | None,
+    seed: int,
+    val_fraction: float,
+    conditional: bool,
+    data_cache: str | None,
+    use_data_cache: bool,
+) -> tuple[LabelledImages, LabelledImages, LabelledImages, list[str]]:
     """A folder or dataset zip (ddpm_imagefolder), decoded once into its cache (ddpm_datacache) and memory-mapped.
     The splits are consecutive rows (`split_order`): views of the map, sharing its pages, not copies.
     Returns (train, val, test, class names)."""
     source = find_images(data_dir)
     if conditional and not source.class_names:
-        raise UsageError(f"--conditional needs classes and {data_dir} has none: give it one sub-folder per class "
-                         "(or a zip whose dataset.json has labels), or train without --conditional")
+        raise UsageError(
+            f"--conditional needs classes and {data_dir} has none: give it one sub-folder per class "
+            "(or a zip whose dataset.json has labels), or train without --conditional"
+        )
     train_count = len(source.train.names)
     order, test_count = split_order(train_count, source.test is not None, seed)
     val_end = test_count + _held_out_count(train_count - test_count, val_fraction)
-    decoded = decoded_images(source, image_size or source.native_size or FOLDER_IMAGE_SIZE, channels, order, seed,
-                             data_cache, use_data_cache)
+    decoded = decoded_images(
+        source, image_size or source.native_size or FOLDER_IMAGE_SIZE, channels, order, seed, data_cache, use_data_cache
+    )
     images, labels = torch.from_numpy(decoded.images), torch.from_numpy(decoded.labels)
     rows = lambda start, end: (images[start:end], labels[start:end])  # noqa: E731
     test = rows(0, test_count) if test_count else rows(train_count, len(labels))
@@ -318,9 +362,18 @@ def _make_synthetic(count: int, image_size: int, seed: int) -> LabelledImages:
 
 
 POINTS_PER_DATASET = 40_000  # of a 2D toy set, before the splits
-POINT_CLASS_NAMES = {"moons": ("upper", "lower"), "circles": ("outer", "inner"), "swissroll": ("roll",),
-                     "gaussians": ("east", "northeast", "north", "northwest", "west", "southwest", "south", "southeast")}
-POINT_NOISE = {"moons": 0.05, "circles": 0.05, "gaussians": 0.1, "swissroll": 0.3}  # std of the Gaussian noise added, before standardising
+POINT_CLASS_NAMES = {
+    "moons": ("upper", "lower"),
+    "circles": ("outer", "inner"),
+    "swissroll": ("roll",),
+    "gaussians": ("east", "northeast", "north", "northwest", "west", "southwest", "south", "southeast"),
+}
+POINT_NOISE = {
+    "moons": 0.05,
+    "circles": 0.05,
+    "gaussians": 0.1,
+    "swissroll": 0.3,
+}  # std of the Gaussian noise added, before standardising
 
 
 def _raw_points(name: str, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -329,7 +382,10 @@ def _raw_points(name: str, labels: np.ndarray, rng: np.random.Generator) -> np.n
     n = len(labels)
     if name == "moons":
         theta = rng.uniform(0, np.pi, n)
-        upper, lower = np.stack([np.cos(theta), np.sin(theta)], 1), np.stack([1 - np.cos(theta), 0.5 - np.sin(theta)], 1)
+        upper, lower = (
+            np.stack([np.cos(theta), np.sin(theta)], 1),
+            np.stack([1 - np.cos(theta), 0.5 - np.sin(theta)], 1),
+        )
         points = np.where(labels[:, None] == 0, upper, lower)
     elif name == "circles":
         theta = rng.uniform(0, 2 * np.pi, n)
@@ -363,8 +419,9 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def epoch_batches(num_examples: int, batch_size: int, runtime: Runtime, seed: int, epoch: int, start: int,
-                  device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+def epoch_batches(
+    num_examples: int, batch_size: int, runtime: Runtime, seed: int, epoch: int, start: int, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (position after the batch, this rank's indices on `device`, where the images are) for the rest
     of an epoch; the last partial batch is dropped. The order moves to the device once per epoch, not per step."""
     order = epoch_permutation(num_examples, seed, epoch).to(device)
@@ -373,7 +430,9 @@ def epoch_batches(num_examples: int, batch_size: int, runtime: Runtime, seed: in
         yield begin + global_batch, order[begin + runtime.rank : begin + global_batch : runtime.world_size]
 
 
-def load_batch(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, hflip: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(
+    images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, hflip: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images -> float in [-1, 1] on `device`, each flipped left-right with probability 1/2 when hflip; float
     points as they are."""
     x = images[indices.to(images.device)].to(device, non_blocking=True)

@@ -16,6 +16,7 @@ itself (alpha_bar = 1).
 Reading order: `Diffusion.q_sample` (eq. 4) -> `Diffusion.p_losses` (the training loss) -> `Diffusion.sample`
 -> a sampler's `step` in ddpm_samplers.
 """
+
 import math
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -78,12 +79,20 @@ def _broadcast(values: torch.Tensor, ndim: int) -> torch.Tensor:
 class Diffusion:
     """The fixed forward process of a DDPM and everything computed from its schedule."""
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "linear", prediction_type: str = "eps", snr_gamma: float = 0.0,
-                 variance: str = "fixed_small"):
+    def __init__(
+        self,
+        timesteps: int = 1000,
+        schedule: str = "linear",
+        prediction_type: str = "eps",
+        snr_gamma: float = 0.0,
+        variance: str = "fixed_small",
+    ):
         """`prediction_type`: what the network outputs (eps, v or x0); `snr_gamma` > 0: min-SNR-gamma loss
         weighting (Hang et al. 2023), 0: L_simple's uniform weighting; `variance`: the ancestral sampler's default."""
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(
+                f"unknown prediction type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
+            )
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
         self.num_timesteps = timesteps
@@ -285,8 +294,14 @@ class Diffusion:
         """
         if settings.guidance_scale is None:
             raise ValueError("settings.guidance_scale is None: give a number (SamplingConfig.derived)")
-        solver = make_sampler(settings.sampler, self, eta=settings.eta, clip_denoised=clip_denoised, variance=settings.variance,
-                              spacing=settings.timestep_spacing)
+        solver = make_sampler(
+            settings.sampler,
+            self,
+            eta=settings.eta,
+            clip_denoised=clip_denoised,
+            variance=settings.variance,
+            spacing=settings.timestep_spacing,
+        )
         timesteps = solver.timesteps(settings.steps)
         if device is None:
             device = labels.device if labels is not None else self.alphas_cumprod.device
@@ -294,7 +309,9 @@ class Diffusion:
         x = randn(shape, generator, device)
         if trajectory is not None:
             trajectory.append(x)
-        for i, step in enumerate(tqdm(timesteps, desc=f"sampling ({settings.sampler})", disable=not progress, leave=False)):
+        for i, step in enumerate(
+            tqdm(timesteps, desc=f"sampling ({settings.sampler})", disable=not progress, leave=False)
+        ):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             scale = settings.guidance_scale if guided[i] else 1.0
             eps = self.predict_noise(model, x, t, labels, scale, null_label, settings.guidance_rescale, guide)

@@ -5,6 +5,7 @@ sweeps, --compare_checkpoints, and the loss of a model on a data split.
 
 The metrics themselves and their feature extractors are in ddpm_metrics.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,24 +55,54 @@ def save_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], out_di
         save_pngs(images.numpy(), out_dir / "samples")
 
 
-def describe_run(loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, num_samples: int, seed: int, extractor_name: str,
-                 reference: ReferenceStatistics) -> dict:
+def describe_run(
+    loaded: LoadedModel,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    num_samples: int,
+    seed: int,
+    extractor_name: str,
+    reference: ReferenceStatistics,
+) -> dict:
     """Everything needed to reproduce and compare an evaluation, for the results JSON."""
     return {
-        "checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
-        "dataset": loaded.description.data["dataset"], "image_size": loaded.description.data["image_size"],
-        "num_samples": num_samples, "seed": seed,
-        **sampling_record(settings, runtime, guided=loaded.description.conditional or settings.guide_model is not None,
-                           diffusion=loaded.diffusion),
-        "feature_extractor": extractor_name, "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
-        "reference_statistics": str(reference.path), "reference_images": reference.num_images,
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "weights": "ema" if loaded.use_ema else "raw",
+        "dataset": loaded.description.data["dataset"],
+        "image_size": loaded.description.data["image_size"],
+        "num_samples": num_samples,
+        "seed": seed,
+        **sampling_record(
+            settings,
+            runtime,
+            guided=loaded.description.conditional or settings.guide_model is not None,
+            diffusion=loaded.diffusion,
+        ),
+        "feature_extractor": extractor_name,
+        "comparable_to_published_fid": extractor_name in COMPARABLE_TO_PUBLISHED,
+        "reference_statistics": str(reference.path),
+        "reference_images": reference.num_images,
     }
 
 
-def evaluate_one_setting(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: int,
-                         seed: int, batch_size: int, extractor_name: str, extractor: Optional[FeatureExtractor],
-                         reference: Optional[ReferenceStatistics], out_dir: Path, save_pngs: bool = False,
-                         guide: Optional[LoadedModel] = None, judge: Optional[Judge] = None) -> Optional[tuple[dict, torch.Tensor]]:
+def evaluate_one_setting(
+    loaded: LoadedModel,
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    extractor_name: str,
+    extractor: Optional[FeatureExtractor],
+    reference: Optional[ReferenceStatistics],
+    out_dir: Path,
+    save_pngs: bool = False,
+    guide: Optional[LoadedModel] = None,
+    judge: Optional[Judge] = None,
+) -> Optional[tuple[dict, torch.Tensor]]:
     """Generate (shared out over the ranks; autoguided by `guide` if given), then on rank 0 measure (with `judge` too,
     where given) and write samples.npz, grid.png and evaluation.json to out_dir and return (results, images); None on
     the other ranks."""
@@ -84,34 +115,80 @@ def evaluate_one_setting(loaded: LoadedModel, kind: SampleKind, settings: Sampli
     results = describe_run(loaded, settings, runtime, num_samples, seed, extractor_name, reference)
     results["sampling_seconds"] = round(seconds, 2)
     results["processes"] = runtime.world_size
-    results.update(evaluate_sample_set(images, labels, results["dataset"], extractor, reference, batch_size,
-                                       str(runtime.device), judge))
+    results.update(
+        evaluate_sample_set(
+            images, labels, results["dataset"], extractor, reference, batch_size, str(runtime.device), judge
+        )
+    )
     if extractor_name not in COMPARABLE_TO_PUBLISHED:
-        results["notes"].append(f"{extractor_name} features: compare these numbers only with each other, never with published FID")
+        results["notes"].append(
+            f"{extractor_name} features: compare these numbers only with each other, never with published FID"
+        )
     save_sample_set(images, labels, out_dir, pngs=save_pngs)
     save_json(results, out_dir / "evaluation.json")
     return results, images
 
 
-def run_evaluation(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *,
-                   guidance_sweep: Optional[list[float]], num_samples: int, seed: int, batch_size: int, save_dir: Path,
-                   use_ema: bool = True, compile: bool = False, **measure) -> None:
+def run_evaluation(
+    loaded: LoadedModel,
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    guidance_sweep: Optional[list[float]],
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    save_dir: Path,
+    use_ema: bool = True,
+    compile: bool = False,
+    **measure,
+) -> None:
     """--evaluate: the samples of `loaded` at settings.guidance_scale, or at each scale of `guidance_sweep`, measured
     as the kind measures them (ddpm_kinds: images by FID and its companions, `evaluate_images`; points by the sliced
     Wasserstein distance). Under torchrun every rank samples its share; rank 0 alone measures and writes."""
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
     if guidance_sweep and not loaded.description.conditional and guide is None:
-        raise UsageError(f"--guidance_sweep needs a class-conditional model or a --guide_model, but {loaded.path} is unconditional")
-    kind.evaluate(loaded, settings, runtime, scales=guidance_sweep or [settings.guidance_scale], sweep=bool(guidance_sweep),
-                  labels=every_class_in_turn(loaded.description.num_classes, num_samples), guide=guide, num_samples=num_samples,
-                  seed=seed, batch_size=batch_size, save_dir=save_dir, **measure)
+        raise UsageError(
+            f"--guidance_sweep needs a class-conditional model or a --guide_model, but {loaded.path} is unconditional"
+        )
+    kind.evaluate(
+        loaded,
+        settings,
+        runtime,
+        scales=guidance_sweep or [settings.guidance_scale],
+        sweep=bool(guidance_sweep),
+        labels=every_class_in_turn(loaded.description.num_classes, num_samples),
+        guide=guide,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        save_dir=save_dir,
+        **measure,
+    )
 
 
-def evaluate_images(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, scales: list[float],
-                    sweep: bool, labels: Optional[torch.Tensor], guide: Optional[LoadedModel], num_samples: int, seed: int,
-                    batch_size: int, save_dir: Path, features: str, data_dir: str, fid_ref: Optional[Path] = None,
-                    save_pngs: bool = False, judge: bool = True) -> None:
+def evaluate_images(
+    loaded: LoadedModel,
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    scales: list[float],
+    sweep: bool,
+    labels: Optional[torch.Tensor],
+    guide: Optional[LoadedModel],
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    save_dir: Path,
+    features: str,
+    data_dir: str,
+    fid_ref: Optional[Path] = None,
+    save_pngs: bool = False,
+    judge: bool = True,
+) -> None:
     """FID (and IS, KID, precision/recall, class consistency, the judge's figures where `judge` and the data set has
     one: ddpm_judge) of `num_samples` images at each scale, against the training set's features or the statistics in
     `fid_ref`; a guidance sweep (`sweep`) writes a folder per scale and the sweep's table and pictures."""
@@ -123,15 +200,29 @@ def evaluate_images(loaded: LoadedModel, kind: SampleKind, settings: SamplingCon
         if fid_ref is not None:
             reference = load_reference_file(fid_ref, extractor, loaded.description.image_shape, str(runtime.device))
         else:
-            reference = reference_statistics(data["dataset"], data_dir, data["image_size"], features, extractor, batch_size,
-                                             str(runtime.device))
+            reference = reference_statistics(
+                data["dataset"], data_dir, data["image_size"], features, extractor, batch_size, str(runtime.device)
+            )
     data_judge = judge_of_model_data(data, data_dir, str(runtime.device)) if judge and runtime.is_main else None
     outcomes = []
     for scale in scales:
         out_dir = save_dir / f"scale_{scale:g}" if sweep else save_dir
-        outcome = evaluate_one_setting(loaded, kind, replace(settings, guidance_scale=scale), runtime, num_samples=num_samples,
-                                       seed=seed, batch_size=batch_size, extractor_name=features, extractor=extractor,
-                                       reference=reference, out_dir=out_dir, save_pngs=save_pngs, guide=guide, judge=data_judge)
+        outcome = evaluate_one_setting(
+            loaded,
+            kind,
+            replace(settings, guidance_scale=scale),
+            runtime,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            extractor_name=features,
+            extractor=extractor,
+            reference=reference,
+            out_dir=out_dir,
+            save_pngs=save_pngs,
+            guide=guide,
+            judge=data_judge,
+        )
         if outcome is not None:
             print(summary_line(outcome[0], out_dir / "evaluation.json"))
             outcomes.append(outcome)
@@ -142,7 +233,11 @@ def evaluate_images(loaded: LoadedModel, kind: SampleKind, settings: SamplingCon
 def summary_line(results: dict, json_path: Path) -> str:
     """Every figure with the number of samples it was measured on."""
     count = results["num_samples"]
-    reference = f"{results['reference_images']} reference images" if results["reference_images"] else f"the statistics in {results['reference_statistics']}"
+    reference = (
+        f"{results['reference_images']} reference images"
+        if results["reference_images"]
+        else f"the statistics in {results['reference_statistics']}"
+    )
     text = f"FID {results['fid']:.3f} ({results['feature_extractor']} features, {count} samples against {reference})"
     if results["inception_score"]:
         text += f", IS {results['inception_score']['mean']:.3f} +- {results['inception_score']['std']:.3f} ({count} samples)"
@@ -163,10 +258,17 @@ def save_guidance_sweep(sweep: list[tuple[dict, torch.Tensor]], class_names: lis
     """guidance_sweep.json and .md (FID, IS, class consistency, the judge's figures per scale), guidance_sweep.png
     (FID and IS against scale) and guidance_class<k>_<name>.png (one labelled row per scale, the same noise in each
     column)."""
-    rows = [{"guidance_scale": results["guidance_scale"], "num_samples": results["num_samples"], "fid": results["fid"],
-             "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
-             "class_consistency": results["class_consistency"], **judge_columns(results.get("judge"))}
-            for results, _ in sweep]
+    rows = [
+        {
+            "guidance_scale": results["guidance_scale"],
+            "num_samples": results["num_samples"],
+            "fid": results["fid"],
+            "inception_score": results["inception_score"]["mean"] if results["inception_score"] else None,
+            "class_consistency": results["class_consistency"],
+            **judge_columns(results.get("judge")),
+        }
+        for results, _ in sweep
+    ]
     save_json(rows, save_dir / "guidance_sweep.json")
     (save_dir / "guidance_sweep.md").write_text(markdown_table(rows))
     plot_guidance_sweep(rows, save_dir / "guidance_sweep.png")
@@ -183,8 +285,12 @@ def judge_columns(figures: Optional[dict]) -> dict:
     """The judge's figures as columns of a table (none without a judge)."""
     if not figures:
         return {}
-    return {"judge_class_accuracy": figures["class_accuracy"], "judge_distance": figures["distance"],
-            "judge_floor": figures["floor"], "judge_test_accuracy": figures["test_accuracy"]}
+    return {
+        "judge_class_accuracy": figures["class_accuracy"],
+        "judge_distance": figures["distance"],
+        "judge_floor": figures["floor"],
+        "judge_test_accuracy": figures["test_accuracy"],
+    }
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -215,19 +321,40 @@ def plot_guidance_sweep(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def run_checkpoint_comparison(paths: list[str], kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: int,
-                              seed: int, batch_size: int, save_dir: Path, use_ema: bool = True, compile: bool = False,
-                              data_dir: str = "data", judge: bool = True) -> None:
+def run_checkpoint_comparison(
+    paths: list[str],
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    save_dir: Path,
+    use_ema: bool = True,
+    compile: bool = False,
+    data_dir: str = "data",
+    judge: bool = True,
+) -> None:
     """--compare_checkpoints: the same noise (and labels) through several checkpoints of one run,
     one row per checkpoint, labelled by training step, in checkpoint_comparison.png, with the judge's figures of
     each."""
-    loaded = sorted((load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0)
+    loaded = sorted(
+        (load_model(path, str(runtime.device), use_ema, compile) for path in paths), key=lambda item: item.step or 0
+    )
     for other in loaded[1:]:
         check_same_run(loaded[0], other)
     check_sampling_steps(settings.steps, loaded[0])
     labels = every_class_in_turn(loaded[0].description.num_classes, num_samples)
-    rows = [(f"step {item.step}", generate_from(item, kind, num_samples, labels, settings, seed, batch_size, runtime,
-                                                 desc=f"step {item.step}")) for item in loaded]
+    rows = [
+        (
+            f"step {item.step}",
+            generate_from(
+                item, kind, num_samples, labels, settings, seed, batch_size, runtime, desc=f"step {item.step}"
+            ),
+        )
+        for item in loaded
+    ]
     if not runtime.is_main:
         return
     save_labelled_rows(rows, save_dir / "checkpoint_comparison.png")
@@ -235,8 +362,16 @@ def run_checkpoint_comparison(paths: list[str], kind: SampleKind, settings: Samp
     figures = [data_judge.figures(images, labels) for _, images in rows] if data_judge else None
     for (name, _), row_figures in zip(rows, figures or []):
         print(f"{name}: {describe_figures(row_figures)}")
-    save_json({"checkpoints": [str(item.path) for item in loaded], "training_steps": [item.step for item in loaded],
-               "seed": seed, "sampling": asdict(settings), "judge": figures}, save_dir / "checkpoint_comparison.json")
+    save_json(
+        {
+            "checkpoints": [str(item.path) for item in loaded],
+            "training_steps": [item.step for item in loaded],
+            "seed": seed,
+            "sampling": asdict(settings),
+            "judge": figures,
+        },
+        save_dir / "checkpoint_comparison.json",
+    )
     print(f"wrote {save_dir / 'checkpoint_comparison.png'}: {len(rows)} rows of {num_samples} images")
 
 
@@ -248,8 +383,17 @@ def check_same_run(first: LoadedModel, other: LoadedModel) -> None:
 
 
 @torch.no_grad()
-def evaluation_loss(model: torch.nn.Module, diffusion: Diffusion, split: Split, runtime: Runtime, *, seed: int, batch_size: int,
-                    loss_type: str, count: Optional[int] = None) -> float:
+def evaluation_loss(
+    model: torch.nn.Module,
+    diffusion: Diffusion,
+    split: Split,
+    runtime: Runtime,
+    *,
+    seed: int,
+    batch_size: int,
+    loss_type: str,
+    count: Optional[int] = None,
+) -> float:
     """Mean loss over the first `count` examples of a split (all: None) with timesteps and noise fixed per example
     (seeded per chunk of EVAL_CHUNK), so the number changes only when the weights do, and the first examples of a
     split always get the same noise whatever `count` is. Chunks are shared out across ranks."""
@@ -268,8 +412,14 @@ def evaluation_loss(model: torch.nn.Module, diffusion: Diffusion, split: Split, 
         indices = torch.arange(begin, min(begin + EVAL_CHUNK, total_count))
         for part in torch.split(torch.arange(len(indices)), batch_size):
             x0, y = load_batch(split.images, split.labels, indices[part], False, runtime.device)
-            loss = diffusion.p_losses(model, x0, t[part].to(runtime.device), y if null_label is not None else None,
-                                      noise[part].to(runtime.device), loss_type)
+            loss = diffusion.p_losses(
+                model,
+                x0,
+                t[part].to(runtime.device),
+                y if null_label is not None else None,
+                noise[part].to(runtime.device),
+                loss_type,
+            )
             total += loss.double() * len(part)
         seen += len(indices)
     if runtime.world_size > 1:

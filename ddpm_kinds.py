@@ -102,19 +102,58 @@ class SampleKind(ABC):
         """What training draws and when, in the start-up line."""
 
     @abstractmethod
-    def save_training_pictures(self, samples: torch.Tensor, labels: Optional[torch.Tensor], progression: list, *, title: str,
-                               epoch: int, step: int, save_dir: Path, run_name: str, diffusion: Diffusion, log) -> None:
+    def save_training_pictures(
+        self,
+        samples: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        progression: list,
+        *,
+        title: str,
+        epoch: int,
+        step: int,
+        save_dir: Path,
+        run_name: str,
+        diffusion: Diffusion,
+        log,
+    ) -> None:
         """The pictures of a training run's samples at `title` (rank 0); `progression` is the run's list of earlier rows."""
 
     @abstractmethod
-    def inference(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, count: int,
-                  labels: Optional[torch.Tensor], guide: Optional[LoadedModel], seed: int, batch_size: int, save_dir: Path) -> None:
+    def inference(
+        self,
+        loaded: LoadedModel,
+        settings: SamplingConfig,
+        runtime: Runtime,
+        *,
+        count: int,
+        labels: Optional[torch.Tensor],
+        guide: Optional[LoadedModel],
+        seed: int,
+        batch_size: int,
+        save_dir: Path,
+    ) -> None:
         """--inference: draw `count` samples (every rank its share) and write them (rank 0)."""
 
     @abstractmethod
-    def evaluate(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, scales: list[float], sweep: bool,
-                 labels: Optional[torch.Tensor], guide: Optional[LoadedModel], num_samples: int, seed: int, batch_size: int,
-                 save_dir: Path, features: str, data_dir: str, fid_ref: Optional[Path], save_pngs: bool) -> None:
+    def evaluate(
+        self,
+        loaded: LoadedModel,
+        settings: SamplingConfig,
+        runtime: Runtime,
+        *,
+        scales: list[float],
+        sweep: bool,
+        labels: Optional[torch.Tensor],
+        guide: Optional[LoadedModel],
+        num_samples: int,
+        seed: int,
+        batch_size: int,
+        save_dir: Path,
+        features: str,
+        data_dir: str,
+        fid_ref: Optional[Path],
+        save_pngs: bool,
+    ) -> None:
         """--evaluate at each guidance scale of `scales` (`sweep`: a guidance sweep, a folder per scale)."""
 
     def quality_note(self) -> Optional[str]:
@@ -123,13 +162,17 @@ class SampleKind(ABC):
 
     def sweep(self, model_path: Path, settings: SamplingConfig, runtime: Runtime, **options) -> Optional[dict]:
         """--evaluate --sweep (ddpm_sweep): ranks by FID or KID, which need images."""
-        raise UsageError(f"--sweep ranks by FID or KID, which need images; measure a model of {self.noun} with "
-                         f"--evaluate --guidance_sweep")
+        raise UsageError(
+            f"--sweep ranks by FID or KID, which need images; measure a model of {self.noun} with "
+            f"--evaluate --guidance_sweep"
+        )
 
     def compare(self, paths: list[str], settings: SamplingConfig, runtime: Runtime, **options) -> None:
         """--compare_checkpoints: rows of images of the same noise."""
-        raise UsageError(f"--compare_checkpoints draws rows of images; the {self.noun}' progression of a run is "
-                         f"progression_<run_name>.png")
+        raise UsageError(
+            f"--compare_checkpoints draws rows of images; the {self.noun}' progression of a run is "
+            f"progression_<run_name>.png"
+        )
 
 
 class ImageKind(SampleKind):
@@ -155,35 +198,81 @@ class ImageKind(SampleKind):
     def pictures_text(self, when: str, drawn: str, pictures_on: bool) -> str:
         return f"grids {when}: {drawn}" if pictures_on else f"grids: {when}"
 
-    def save_training_pictures(self, samples: torch.Tensor, labels: Optional[torch.Tensor], progression: list, *, title: str,
-                               epoch: int, step: int, save_dir: Path, run_name: str, diffusion: Diffusion, log) -> None:
+    def save_training_pictures(
+        self,
+        samples: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        progression: list,
+        *,
+        title: str,
+        epoch: int,
+        step: int,
+        save_dir: Path,
+        run_name: str,
+        diffusion: Diffusion,
+        log,
+    ) -> None:
         """The sample grid (samples_<run>_epochNNNN.png, and TensorBoard's), and a row of the progression image."""
         log.images(samples, step)
-        save_image_grid(samples.permute(0, 3, 1, 2).float() / 127.5 - 1, save_dir / f"samples_{run_name}_epoch{epoch:04d}.png")
+        save_image_grid(
+            samples.permute(0, 3, 1, 2).float() / 127.5 - 1, save_dir / f"samples_{run_name}_epoch{epoch:04d}.png"
+        )
         progression.append((title, samples[:PROGRESSION_COLUMNS]))
         save_labelled_rows(progression, save_dir / f"progression_{run_name}.png")
 
-    def inference(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, count: int,
-                  labels: Optional[torch.Tensor], guide: Optional[LoadedModel], seed: int, batch_size: int, save_dir: Path) -> None:
+    def inference(
+        self,
+        loaded: LoadedModel,
+        settings: SamplingConfig,
+        runtime: Runtime,
+        *,
+        count: int,
+        labels: Optional[torch.Tensor],
+        guide: Optional[LoadedModel],
+        seed: int,
+        batch_size: int,
+        save_dir: Path,
+    ) -> None:
         """grid.png, one PNG per sample, samples.npz and samples.json."""
         channels, size, _ = self.sample_shape
         if runtime.is_main:
-            guidance = (f", autoguidance {settings.guidance_scale} by {settings.guide_model}" if guide is not None
-                        else f", guidance {settings.guidance_scale}" if labels is not None else "")
-            print(f"sampling {count} images of {channels}x{size}x{size} from {loaded.path} "
-                  f"({'EMA' if loaded.use_ema else 'raw'} weights, {settings.sampler}{guidance}"
-                  f"{f', {runtime.world_size} processes' if runtime.world_size > 1 else ''})")
-        pixels = generate_from(loaded, self, count, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide)
+            guidance = (
+                f", autoguidance {settings.guidance_scale} by {settings.guide_model}"
+                if guide is not None
+                else f", guidance {settings.guidance_scale}"
+                if labels is not None
+                else ""
+            )
+            print(
+                f"sampling {count} images of {channels}x{size}x{size} from {loaded.path} "
+                f"({'EMA' if loaded.use_ema else 'raw'} weights, {settings.sampler}{guidance}"
+                f"{f', {runtime.world_size} processes' if runtime.world_size > 1 else ''})"
+            )
+        pixels = generate_from(
+            loaded, self, count, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide
+        )
         if not runtime.is_main:
             return
         images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # uint8 back to [-1, 1]: exactly the same pixels again
         save_image_grid(images, save_dir / "grid.png")
         save_samples(images, labels, save_dir)
         class_names = loaded.description.class_names
-        save_json({"model_path": str(loaded.path), "num_samples": count, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-                   **sampling_record(settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion),
-                   "classes": None if labels is None else [class_names[i] for i in labels.tolist()]}, save_dir / "samples.json")
-        print(f"wrote {save_dir / 'grid.png'}, {count} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}")
+        save_json(
+            {
+                "model_path": str(loaded.path),
+                "num_samples": count,
+                "seed": seed,
+                "weights": "ema" if loaded.use_ema else "raw",
+                **sampling_record(
+                    settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion
+                ),
+                "classes": None if labels is None else [class_names[i] for i in labels.tolist()],
+            },
+            save_dir / "samples.json",
+        )
+        print(
+            f"wrote {save_dir / 'grid.png'}, {count} images in {save_dir / 'samples'}/ and {save_dir / 'samples.npz'}"
+        )
 
     def evaluate(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, **options) -> None:
         evaluate_images(loaded, self, settings, runtime, **options)
@@ -219,8 +308,10 @@ class PointKind(SampleKind):
         return x.float().cpu()
 
     def describe(self) -> str:
-        return (f"2D points of {self.dataset} (generated from the seed; {len(self.class_names)} classes: "
-                f"{', '.join(self.class_names)})")
+        return (
+            f"2D points of {self.dataset} (generated from the seed; {len(self.class_names)} classes: "
+            f"{', '.join(self.class_names)})"
+        )
 
     def default_training_count(self, num_classes: Optional[int]) -> int:
         return POINT_SAMPLES
@@ -234,42 +325,110 @@ class PointKind(SampleKind):
     def pictures_text(self, when: str, drawn: str, pictures_on: bool) -> str:
         return f"sliced Wasserstein distance every epoch, scatter plots {when}: {drawn}"
 
-    def save_training_pictures(self, samples: torch.Tensor, labels: Optional[torch.Tensor], progression: list, *, title: str,
-                               epoch: int, step: int, save_dir: Path, run_name: str, diffusion: Diffusion, log) -> None:
+    def save_training_pictures(
+        self,
+        samples: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        progression: list,
+        *,
+        title: str,
+        epoch: int,
+        step: int,
+        save_dir: Path,
+        run_name: str,
+        diffusion: Diffusion,
+        log,
+    ) -> None:
         """The samples over the data (samples_<run>_epochNNNN.png), the scatter progression (a panel per picture,
         progression_<run>.png) and, at the first picture, the forward process (forward_process_<run>.png)."""
         if not progression:
             save_forward_process(diffusion, self.dataset, save_dir / f"forward_process_{run_name}.png")
         progression.append((title, samples))
-        save_panels([(title, samples, labels)], save_dir / f"samples_{run_name}_epoch{epoch:04d}.png", dataset=self.dataset)
-        save_panels([(text, points, labels) for text, points in progression], save_dir / f"progression_{run_name}.png",
-                    dataset=self.dataset)
+        save_panels(
+            [(title, samples, labels)], save_dir / f"samples_{run_name}_epoch{epoch:04d}.png", dataset=self.dataset
+        )
+        save_panels(
+            [(text, points, labels) for text, points in progression],
+            save_dir / f"progression_{run_name}.png",
+            dataset=self.dataset,
+        )
 
-    def inference(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, count: int,
-                  labels: Optional[torch.Tensor], guide: Optional[LoadedModel], seed: int, batch_size: int, save_dir: Path) -> None:
+    def inference(
+        self,
+        loaded: LoadedModel,
+        settings: SamplingConfig,
+        runtime: Runtime,
+        *,
+        count: int,
+        labels: Optional[torch.Tensor],
+        guide: Optional[LoadedModel],
+        seed: int,
+        batch_size: int,
+        save_dir: Path,
+    ) -> None:
         """samples.png (the samples over the data, coloured by class), points.npz, reverse_process.png (the first batch
         at a few steps of the sampler), forward_process.png, samples.json, and the distance to the data."""
         trajectory: list[torch.Tensor] = []
-        points = generate_from(loaded, self, count, labels, settings, seed, batch_size, runtime, desc="sampling", guide=guide,
-                               trajectory=trajectory)
+        points = generate_from(
+            loaded,
+            self,
+            count,
+            labels,
+            settings,
+            seed,
+            batch_size,
+            runtime,
+            desc="sampling",
+            guide=guide,
+            trajectory=trajectory,
+        )
         if not runtime.is_main:
             return
         report = distance_report(points, labels, self.dataset)
-        save_panels([(f"{count} samples, {settings.sampler}, w = {settings.guidance_scale:g}", points, labels)],
-                    save_dir / "samples.png", dataset=self.dataset, columns=1)
+        save_panels(
+            [(f"{count} samples, {settings.sampler}, w = {settings.guidance_scale:g}", points, labels)],
+            save_dir / "samples.png",
+            dataset=self.dataset,
+            columns=1,
+        )
         save_point_arrays(points, labels, save_dir / "points.npz")
         save_reverse_process(trajectory, labels, settings.sampler, self.dataset, save_dir / "reverse_process.png")
         save_forward_process(loaded.diffusion, self.dataset, save_dir / "forward_process.png")
-        save_json({"model_path": str(loaded.path), "num_samples": count, "seed": seed, "weights": "ema" if loaded.use_ema else "raw",
-                   **sampling_record(settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion),
-                   **report}, save_dir / "samples.json")
+        save_json(
+            {
+                "model_path": str(loaded.path),
+                "num_samples": count,
+                "seed": seed,
+                "weights": "ema" if loaded.use_ema else "raw",
+                **sampling_record(
+                    settings, runtime, guided=labels is not None or guide is not None, diffusion=loaded.diffusion
+                ),
+                **report,
+            },
+            save_dir / "samples.json",
+        )
         print(distance_line(report, count))
-        print(f"wrote {save_dir / 'samples.png'}, {save_dir / 'reverse_process.png'}, {save_dir / 'forward_process.png'} and "
-              f"{count} points in {save_dir / 'points.npz'}")
+        print(
+            f"wrote {save_dir / 'samples.png'}, {save_dir / 'reverse_process.png'}, {save_dir / 'forward_process.png'} and "
+            f"{count} points in {save_dir / 'points.npz'}"
+        )
 
-    def evaluate(self, loaded: LoadedModel, settings: SamplingConfig, runtime: Runtime, *, scales: list[float], sweep: bool,
-                 labels: Optional[torch.Tensor], guide: Optional[LoadedModel], num_samples: int, seed: int, batch_size: int,
-                 save_dir: Path, **image_options) -> None:
+    def evaluate(
+        self,
+        loaded: LoadedModel,
+        settings: SamplingConfig,
+        runtime: Runtime,
+        *,
+        scales: list[float],
+        sweep: bool,
+        labels: Optional[torch.Tensor],
+        guide: Optional[LoadedModel],
+        num_samples: int,
+        seed: int,
+        batch_size: int,
+        save_dir: Path,
+        **image_options,
+    ) -> None:
         """The sliced Wasserstein distance (FID needs images) at each scale, with evaluation.json, points.npz and
         samples.png per scale; for a sweep also guidance_sweep.json and guidance_sweep.png (a panel per scale)."""
         panels, rows = [], []
@@ -281,11 +440,23 @@ class PointKind(SampleKind):
             report = distance_report(points, labels, self.dataset)
             out_dir = save_dir / f"scale_{scale:g}" if sweep else save_dir
             guided = loaded.description.conditional or guide is not None
-            save_json({"checkpoint": str(loaded.path), "step": loaded.step, "weights": "ema" if loaded.use_ema else "raw",
-                       "dataset": self.dataset, "num_samples": num_samples, "seed": seed,
-                       **sampling_record(scaled, runtime, guided, loaded.diffusion), **report}, out_dir / "evaluation.json")
+            save_json(
+                {
+                    "checkpoint": str(loaded.path),
+                    "step": loaded.step,
+                    "weights": "ema" if loaded.use_ema else "raw",
+                    "dataset": self.dataset,
+                    "num_samples": num_samples,
+                    "seed": seed,
+                    **sampling_record(scaled, runtime, guided, loaded.diffusion),
+                    **report,
+                },
+                out_dir / "evaluation.json",
+            )
             save_point_arrays(points, labels, out_dir / "points.npz")
-            title = f"w = {scale:g}: SW {report['sliced_wasserstein']:.3f} (floor {report['sliced_wasserstein_floor']:.3f})"
+            title = (
+                f"w = {scale:g}: SW {report['sliced_wasserstein']:.3f} (floor {report['sliced_wasserstein_floor']:.3f})"
+            )
             save_panels([(title, points, labels)], out_dir / "samples.png", dataset=self.dataset, columns=1)
             print(f"w = {scale:g}: {distance_line(report, num_samples)}; wrote {out_dir / 'evaluation.json'}")
             panels.append((title, points, labels))
@@ -310,5 +481,9 @@ def kind_of_data(dataset: str, data: DataSplits) -> SampleKind:
 
 def kind_of_model(description: ModelDescription) -> SampleKind:
     """The kind of a checkpoint's samples."""
-    return _kind(description.data["dataset"], description.data["image_size"], description.data["channels"],
-                 description.class_names)
+    return _kind(
+        description.data["dataset"],
+        description.data["image_size"],
+        description.data["channels"],
+        description.class_names,
+    )

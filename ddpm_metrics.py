@@ -13,6 +13,7 @@ A feature extractor here is any callable mapping uint8 images (N, 3, H, W) to a 
 `random-conv` is a fixed random network for tests and quick relative comparisons, NOT comparable to
 published FID. Tests may add their own entry to that dict.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,11 +66,14 @@ def load_inception(device: str) -> FeatureExtractor:
     if not path.is_file():
         _download_inception_weights(path)
     try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                              feature_extractor_weights_path=str(path))
+        network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(path)
+        )
     except Exception as error:
-        raise UsageError(f"cannot read the Inception weights {path} ({first_line(error)}): "
-                         f"replace it with {INCEPTION_FILE} from {URL_INCEPTION_V3}") from error
+        raise UsageError(
+            f"cannot read the Inception weights {path} ({first_line(error)}): "
+            f"replace it with {INCEPTION_FILE} from {URL_INCEPTION_V3}"
+        ) from error
     return network.to(device)
 
 
@@ -80,8 +84,10 @@ def _download_inception_weights(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path))
     except Exception as error:
-        raise UsageError(f"the FID Inception weights could not be downloaded ({first_line(error)}): "
-                         f"place {INCEPTION_FILE} (from {URL_INCEPTION_V3}) in {path.parent}/") from error
+        raise UsageError(
+            f"the FID Inception weights could not be downloaded ({first_line(error)}): "
+            f"place {INCEPTION_FILE} (from {URL_INCEPTION_V3}) in {path.parent}/"
+        ) from error
 
 
 class RandomConvFeatures(nn.Module):
@@ -94,7 +100,9 @@ class RandomConvFeatures(nn.Module):
     def __init__(self, dim: int = 64, seed: int = 0):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.convs = nn.ModuleList([nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.Conv2d(32, dim, 3, stride=2, padding=1)])
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.Conv2d(32, dim, 3, stride=2, padding=1)]
+        )
         for conv in self.convs:  # He initialisation, so activations neither vanish nor explode
             fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
             conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / fan_in)
@@ -118,8 +126,9 @@ COMPARABLE_TO_PUBLISHED = {"inception"}
 
 
 @torch.no_grad()
-def extract_features(extractor: FeatureExtractor, images: torch.Tensor, batch_size: int, device: str,
-                     desc: str = "features") -> tuple[np.ndarray, Optional[torch.Tensor]]:
+def extract_features(
+    extractor: FeatureExtractor, images: torch.Tensor, batch_size: int, device: str, desc: str = "features"
+) -> tuple[np.ndarray, Optional[torch.Tensor]]:
     """Features (float64, N x D) and logits (or None) of uint8 images (N, C, H, W); grey images become RGB."""
     features, logits = [], []
     for batch in tqdm(images.split(batch_size), desc=desc, unit="batch"):
@@ -148,7 +157,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    as_stats = lambda mu, sigma: {"mu": np.asarray(mu, np.float64), "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}  # noqa: E731
+    as_stats = lambda mu, sigma: {
+        "mu": np.asarray(mu, np.float64),
+        "sigma": np.atleast_2d(np.asarray(sigma, np.float64)),
+    }  # noqa: E731
     return fid_statistics_to_metric(as_stats(mu1, sigma1), as_stats(mu2, sigma2), verbose=False)[KEY_METRIC_FID]
 
 
@@ -166,9 +178,20 @@ def kernel_inception_distance(features: np.ndarray, reference: np.ndarray) -> di
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     subset_size = min(KID_SUBSET_SIZE, len(features), len(reference))
-    result = kid_features_to_metric(torch.from_numpy(features), torch.from_numpy(reference), kid_subsets=KID_SUBSETS,
-                                    kid_subset_size=subset_size, verbose=False, rng_seed=2020)
-    return {"mean": result[KEY_METRIC_KID_MEAN], "std": result[KEY_METRIC_KID_STD], "subsets": KID_SUBSETS, "subset_size": subset_size}
+    result = kid_features_to_metric(
+        torch.from_numpy(features),
+        torch.from_numpy(reference),
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=subset_size,
+        verbose=False,
+        rng_seed=2020,
+    )
+    return {
+        "mean": result[KEY_METRIC_KID_MEAN],
+        "std": result[KEY_METRIC_KID_STD],
+        "subsets": KID_SUBSETS,
+        "subset_size": subset_size,
+    }
 
 
 def precision_recall(features: np.ndarray, reference: np.ndarray) -> dict:
@@ -177,9 +200,19 @@ def precision_recall(features: np.ndarray, reference: np.ndarray) -> dict:
     features, as the guided-diffusion (ADM) evaluator does."""
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-    result = prc_features_to_metric(torch.from_numpy(features).float(), torch.from_numpy(reference).float(),
-                                    prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
-    return {"precision": result[KEY_METRIC_PRECISION], "recall": result[KEY_METRIC_RECALL], "neighborhood": PRC_NEIGHBORHOOD}
+    result = prc_features_to_metric(
+        torch.from_numpy(features).float(),
+        torch.from_numpy(reference).float(),
+        prc_neighborhood=PRC_NEIGHBORHOOD,
+        prc_batch_size=10000,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    return {
+        "precision": result[KEY_METRIC_PRECISION],
+        "recall": result[KEY_METRIC_RECALL],
+        "neighborhood": PRC_NEIGHBORHOOD,
+    }
 
 
 def classify_synthetic(images: torch.Tensor) -> torch.Tensor:
@@ -220,8 +253,15 @@ class ReferenceStatistics:
     features: Optional[np.ndarray] = None  # what KID and precision/recall need; only mu and sigma in a --fid_ref file
 
 
-def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor_name: str, extractor: FeatureExtractor,
-                         batch_size: int, device: str) -> ReferenceStatistics:
+def reference_statistics(
+    dataset: str,
+    data_dir: str,
+    image_size: int,
+    extractor_name: str,
+    extractor: FeatureExtractor,
+    batch_size: int,
+    device: str,
+) -> ReferenceStatistics:
     """Feature statistics of the training images, cached in <data_dir>/fid_stats_<dataset>_<size>_<extractor>.npz.
 
     "Training images" are the training and validation splits together: for CIFAR-10 all 50,000 training
@@ -241,7 +281,9 @@ def reference_statistics(dataset: str, data_dir: str, image_size: int, extractor
     return ReferenceStatistics(mu, sigma, len(images), path, features.astype(np.float32).astype(np.float64))
 
 
-def load_reference_file(path: Path, extractor: FeatureExtractor, image_shape: tuple[int, int, int], device: str) -> ReferenceStatistics:
+def load_reference_file(
+    path: Path, extractor: FeatureExtractor, image_shape: tuple[int, int, int], device: str
+) -> ReferenceStatistics:
     """--fid_ref: precomputed `mu` and `sigma` of `feature_dim`-d features (as pytorch-fid --save-stats writes them,
     or this tool's cache) of the extractor's features; `num_images` where the file has it."""
     if not path.is_file():
@@ -251,12 +293,16 @@ def load_reference_file(path: Path, extractor: FeatureExtractor, image_shape: tu
             mu, sigma = np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
             num_images = int(stats["num_images"]) if "num_images" in stats else None
     except KeyError:
-        raise UsageError(f"{path} has no `mu` and `sigma` arrays (the layout pytorch-fid --save-stats writes)") from None
+        raise UsageError(
+            f"{path} has no `mu` and `sigma` arrays (the layout pytorch-fid --save-stats writes)"
+        ) from None
     except Exception as error:
         raise UsageError(f"{path} is not a readable .npz file ({first_line(error)})") from None
     feature_dim = feature_dimension(extractor, image_shape, device)
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
-        raise UsageError(f"{path} holds statistics of {mu.shape[-1] if mu.ndim else 0}-d features; these features are {feature_dim}-d")
+        raise UsageError(
+            f"{path} holds statistics of {mu.shape[-1] if mu.ndim else 0}-d features; these features are {feature_dim}-d"
+        )
     return ReferenceStatistics(mu, sigma, num_images, path)
 
 
@@ -267,9 +313,16 @@ def feature_dimension(extractor: FeatureExtractor, image_shape: tuple[int, int, 
     return features.shape[1]
 
 
-def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], dataset: str, extractor: FeatureExtractor,
-                        reference: ReferenceStatistics, batch_size: int, device: str,
-                        judge: Optional[Judge] = None) -> dict:
+def evaluate_sample_set(
+    images: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dataset: str,
+    extractor: FeatureExtractor,
+    reference: ReferenceStatistics,
+    batch_size: int,
+    device: str,
+    judge: Optional[Judge] = None,
+) -> dict:
     """FID against the reference, Inception Score where the extractor has logits, class consistency where
     labels and a classifier exist, the figures of the data set's judge (ddpm_judge) where there is one; a missing
     metric is None with a note saying why."""
@@ -287,13 +340,17 @@ def evaluate_sample_set(images: torch.Tensor, labels: Optional[torch.Tensor], da
         results["inception_score"] = {"mean": mean, "std": std, "splits": INCEPTION_SCORE_SPLITS}
     results["kid"], results["precision_recall"] = None, None
     if reference.features is None:
-        results["notes"].append(f"no KID or precision/recall: {reference.path} holds mu and sigma only, not the reference features")
+        results["notes"].append(
+            f"no KID or precision/recall: {reference.path} holds mu and sigma only, not the reference features"
+        )
     else:
         results["kid"] = kernel_inception_distance(features, reference.features)
         if min(len(features), len(reference.features)) > PRC_NEIGHBORHOOD:
             results["precision_recall"] = precision_recall(features, reference.features)
         else:
-            results["notes"].append(f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples")
+            results["notes"].append(
+                f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples"
+            )
     results["class_consistency"] = None
     if labels is not None and (judge is None or dataset in CLASSIFIERS):  # else the judge's class accuracy measures it
         results["class_consistency"], note = class_consistency(dataset, nchw, labels)
@@ -306,4 +363,6 @@ def require_torch_fidelity() -> None:
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        raise UsageError('--evaluate needs torch-fidelity: pip install torch-fidelity (or pip install ".[eval]")') from None
+        raise UsageError(
+            '--evaluate needs torch-fidelity: pip install torch-fidelity (or pip install ".[eval]")'
+        ) from None

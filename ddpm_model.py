@@ -41,23 +41,48 @@ PRESET_IMAGE_SIZE = 32  # the attention resolutions in PRESETS are written for 3
 #   ddpm-ho                      35,746,307   (film=False is its definition)
 PRESETS: dict[str, dict] = {
     # For tests and quick experiments.
-    "tiny": dict(base_dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
-                 dropout=0.0, num_heads=1, film=True),
+    "tiny": dict(
+        base_dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(16,), dropout=0.0, num_heads=1, film=True
+    ),
     # A few million parameters: a mid-sized model for MNIST or CIFAR-10.
-    "small": dict(base_dim=64, dim_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                  dropout=0.1, num_heads=1, film=True),
+    "small": dict(
+        base_dim=64, dim_mults=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, num_heads=1, film=True
+    ),
     # Ho et al.'s CIFAR-10 network (with FiLM conditioning instead of an added bias).
-    "ddpm": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, num_heads=1, film=True),
+    "ddpm": dict(
+        base_dim=128,
+        dim_mults=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+        num_heads=1,
+        film=True,
+    ),
     # Nichol & Dhariwal 2021 (improved DDPM) CIFAR-10 network: 3 blocks per level,
     # attention at 16x16 and 8x8 with 4 heads, dropout 0.3.
-    "ddpm-large": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=3,
-                       attn_resolutions=(16, 8), dropout=0.3, num_heads=4, film=True),
+    "ddpm-large": dict(
+        base_dim=128,
+        dim_mults=(1, 2, 2, 2),
+        num_res_blocks=3,
+        attn_resolutions=(16, 8),
+        dropout=0.3,
+        num_heads=4,
+        film=True,
+    ),
     # Ho et al.'s network exactly as released (google/ddpm-cifar10-32 in diffusers): the time embedding added
     # before the second GroupNorm, GroupNorm eps 1e-6 and TensorFlow's "SAME" padding in the downsampling
     # convolutions. What `--import_diffusers` builds for that model.
-    "ddpm-ho": dict(base_dim=128, dim_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                    dropout=0.1, num_heads=1, film=False, norm_eps=1e-6, tf_padding=True),
+    "ddpm-ho": dict(
+        base_dim=128,
+        dim_mults=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+        num_heads=1,
+        film=False,
+        norm_eps=1e-6,
+        tf_padding=True,
+    ),
 }
 
 
@@ -68,9 +93,7 @@ def preset_config(name: str, image_size: int) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     config = dict(PRESETS[name])
-    config["attn_resolutions"] = tuple(
-        image_size // (PRESET_IMAGE_SIZE // res) for res in config["attn_resolutions"]
-    )
+    config["attn_resolutions"] = tuple(image_size // (PRESET_IMAGE_SIZE // res) for res in config["attn_resolutions"])
     return config
 
 
@@ -142,7 +165,9 @@ class ResnetBlock(nn.Module):
     film=False: the embedding gives a bias added before the second GroupNorm, as in Ho et al.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, film: bool = True, norm_eps: float = 1e-5):
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, film: bool = True, norm_eps: float = 1e-5
+    ):
         super().__init__()
         self.film = film
         self.norm1 = group_norm(in_ch, norm_eps)
@@ -193,8 +218,17 @@ class AttentionBlock(nn.Module):
 class ResAttnBlock(nn.Module):
     """One step of a U-Net level: a ResnetBlock, followed by self-attention if `attn`."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, film: bool,
-                 attn: bool, num_heads: int, norm_eps: float = 1e-5):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        emb_dim: int,
+        dropout: float,
+        film: bool,
+        attn: bool,
+        num_heads: int,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         self.res = ResnetBlock(in_ch, out_ch, emb_dim, dropout, film, norm_eps)
         self.attn = AttentionBlock(out_ch, num_heads, norm_eps) if attn else nn.Identity()
@@ -232,19 +266,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def level_resolutions(image_size: int, dim_mults: tuple[int, ...], attn_resolutions: tuple[int, ...],
-                      num_classes: int | None) -> list[int]:
+def level_resolutions(
+    image_size: int, dim_mults: tuple[int, ...], attn_resolutions: tuple[int, ...], num_classes: int | None
+) -> list[int]:
     """The feature-map size of each U-Net level, after checking that the arguments describe a U-Net."""
     num_levels = len(dim_mults)
     if num_levels == 0:
         raise ValueError("dim_mults must have at least one entry")
     if image_size % 2 ** (num_levels - 1):
-        raise ValueError(f"image_size {image_size} must be divisible by {2 ** (num_levels - 1)} "
-                         f"for {num_levels} U-Net levels (dim_mults={tuple(dim_mults)})")
+        raise ValueError(
+            f"image_size {image_size} must be divisible by {2 ** (num_levels - 1)} "
+            f"for {num_levels} U-Net levels (dim_mults={tuple(dim_mults)})"
+        )
     resolutions = [image_size // 2**level for level in range(num_levels)]
     for res in attn_resolutions:
         if res not in resolutions:
-            raise ValueError(f"attention resolution {res} is not a feature-map size of this U-Net; choose from {resolutions}")
+            raise ValueError(
+                f"attention resolution {res} is not a feature-map size of this U-Net; choose from {resolutions}"
+            )
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be positive or None, got {num_classes}")
     return resolutions
@@ -257,18 +296,38 @@ class UNet(nn.Module):
     classifier-free guidance, Ho & Salimans 2022); forward(x, t) without labels uses it.
     """
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, base_dim: int = 128, dim_mults: tuple[int, ...] = (1, 2, 2, 2),
-                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 num_classes: int | None = None, num_heads: int = 1, film: bool = True, norm_eps: float = 1e-5, tf_padding: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        base_dim: int = 128,
+        dim_mults: tuple[int, ...] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.1,
+        num_classes: int | None = None,
+        num_heads: int = 1,
+        film: bool = True,
+        norm_eps: float = 1e-5,
+        tf_padding: bool = False,
+    ):
         super().__init__()
         resolutions = level_resolutions(image_size, dim_mults, attn_resolutions, num_classes)
         num_levels = len(dim_mults)
 
         self.config = dict(
-            in_channels=in_channels, image_size=image_size, base_dim=base_dim,
-            dim_mults=list(dim_mults), num_res_blocks=num_res_blocks,
-            attn_resolutions=list(attn_resolutions), dropout=dropout, num_classes=num_classes,
-            num_heads=num_heads, film=film, norm_eps=norm_eps, tf_padding=tf_padding,
+            in_channels=in_channels,
+            image_size=image_size,
+            base_dim=base_dim,
+            dim_mults=list(dim_mults),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            dropout=dropout,
+            num_classes=num_classes,
+            num_heads=num_heads,
+            film=film,
+            norm_eps=norm_eps,
+            tf_padding=tf_padding,
         )
         self.in_channels, self.image_size = in_channels, image_size
         self.num_classes = self.null_label = num_classes

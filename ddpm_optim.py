@@ -1,4 +1,5 @@
 """Optimisation: the optimizers (AdamW, Adam, Lion), the learning-rate schedule, the update step and the EMA."""
+
 from __future__ import annotations
 
 import copy
@@ -34,7 +35,10 @@ class Lion(torch.optim.Optimizer):
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
                 exp_avg = state["exp_avg"]
-                updated = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] * exp_avg.lerp(p.grad, 1 - beta1).sign_()
+                updated = (
+                    p * (1 - group["lr"] * group["weight_decay"])
+                    - group["lr"] * exp_avg.lerp(p.grad, 1 - beta1).sign_()
+                )
                 updated_exp_avg = exp_avg.lerp(p.grad, 1 - beta2)
                 if skip is not None:
                     updated = torch.where(skip.bool(), p, updated)
@@ -73,14 +77,22 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
     return 1.0
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                       schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     """--warmup_steps of linear warm-up, then --lr_schedule, over total_steps (fixed before the schedule is made)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule)
+    )
 
 
-def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
-                 grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss: torch.Tensor,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unscale and clip the gradients, then step, unless the loss or the gradients are not finite; all on
     the device. Returns (grad norm, skip)."""
     scaler.unscale_(optimizer)
@@ -92,7 +104,9 @@ def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scale
     return grad_norm, skip
 
 
-EMA_HALFLIFE_RATIO = 0.05  # the default EMA averages over a half-life of 5% of the steps so far (EDM's ema_rampup_ratio)
+EMA_HALFLIFE_RATIO = (
+    0.05  # the default EMA averages over a half-life of 5% of the steps so far (EDM's ema_rampup_ratio)
+)
 EMA_MAX_DECAY = 0.9999  # ... at most the half-life of Ho et al.'s decay (6,931 steps)
 
 

@@ -1,4 +1,5 @@
 """Files the tool writes: atomic writes, sample images and arrays, grids, JSON, JSON lines and plots."""
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return scaled.floor().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-MIN_DISPLAY_WIDTH = 64  # pictures meant to be looked at show each image at least this wide (samples.npz keeps native pixels)
+MIN_DISPLAY_WIDTH = (
+    64  # pictures meant to be looked at show each image at least this wide (samples.npz keeps native pixels)
+)
 
 
 def display_scale(width: int) -> int:
@@ -65,7 +68,10 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     enlarged (nearest neighbour) to at least MIN_DISPLAY_WIDTH pixels."""
     nrow = nrow or math.ceil(math.sqrt(len(images)))
     shown = enlarge(images.detach().float().cpu(), display_scale(images.shape[-1]))
-    atomic_write(path, lambda f: torchvision.utils.save_image(shown, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)))
+    atomic_write(
+        path,
+        lambda f: torchvision.utils.save_image(shown, f, format="png", nrow=nrow, normalize=True, value_range=(-1, 1)),
+    )
 
 
 def save_samples(images: torch.Tensor, labels: torch.Tensor | None, out_dir: str | os.PathLike) -> None:
@@ -74,7 +80,9 @@ def save_samples(images: torch.Tensor, labels: torch.Tensor | None, out_dir: str
     out_dir = Path(out_dir)
     pixels = to_uint8(images).numpy()
     save_pngs(pixels, out_dir / "samples")
-    save_sample_arrays(pixels, None if labels is None else labels.detach().cpu().long().numpy(), out_dir / "samples.npz")
+    save_sample_arrays(
+        pixels, None if labels is None else labels.detach().cpu().long().numpy(), out_dir / "samples.npz"
+    )
 
 
 def save_pngs(pixels: np.ndarray, folder: str | os.PathLike) -> None:

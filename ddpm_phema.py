@@ -22,6 +22,7 @@ Wiring, for the training loop: `PowerFunctionEMA.update(model, skip)` after each
 `save_snapshot(s, folder)` for each `s` in `ema.snapshot()`; after training `reconstruct_from_folder(folder,
 sigma_rel)` gives a state dict for `model.load_state_dict`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,10 @@ from ddpm_checkpoint import ModelDescription, load_checkpoint, save_weights
 from ddpm_config import UsageError
 from ddpm_outputs import atomic_write
 
-SIGMA_RELS = (0.05, 0.10)  # EDM2's two tracked profiles; sigma_rel 0.04 to 0.2 reconstruct from them (solve_posthoc_weights)
+SIGMA_RELS = (
+    0.05,
+    0.10,
+)  # EDM2's two tracked profiles; sigma_rel 0.04 to 0.2 reconstruct from them (solve_posthoc_weights)
 LONGEST_GAMMA = (math.sqrt(5) - 3) / 2
 """sigma_rel(gamma) peaks here, where d/dgamma log sigma_rel^2 = 1/(gamma+1) - 2/(gamma+2) - 1/(gamma+3) = 0,
 i.e. gamma^2 + 3 gamma + 1 = 0. Every shorter profile has two exponents > -1, one on each side of this one;
@@ -71,8 +75,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     in closed form (Viete's trigonometric solution; the cubic has three real roots for every
     0 < sigma_rel <= MAX_SIGMA_REL). EDM2's examples: 0.05 -> 16.97, 0.10 -> 6.94."""
     if not 0 < sigma_rel <= MAX_SIGMA_REL:
-        raise ValueError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}] (the longest power-function profile), not {sigma_rel}")
-    s = sigma_rel ** -2
+        raise ValueError(
+            f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}] (the longest power-function profile), not {sigma_rel}"
+        )
+    s = sigma_rel**-2
     # gamma = x - 7/3 turns the cubic into x^3 + p x + q = 0 with:
     p = -(s + 1 / 3)
     q = 2 / 27 + 4 * s / 3
@@ -90,11 +96,12 @@ def profile_inner_products(t_a: np.ndarray, gamma_a: np.ndarray, t_b: np.ndarray
     longer = np.maximum(t_a, t_b)
     ratio = np.minimum(t_a, t_b) / longer
     exponent = np.where(t_a < t_b, gamma_b, gamma_a)
-    return (gamma_a + 1) * (gamma_b + 1) / ((gamma_a + gamma_b + 1) * longer) * ratio ** exponent
+    return (gamma_a + 1) * (gamma_b + 1) / ((gamma_a + gamma_b + 1) * longer) * ratio**exponent
 
 
-def solve_posthoc_weights(snapshot_t: Sequence[float], snapshot_gamma: Sequence[float], target_t: float,
-                          target_gamma: float) -> np.ndarray:
+def solve_posthoc_weights(
+    snapshot_t: Sequence[float], snapshot_gamma: Sequence[float], target_t: float, target_gamma: float
+) -> np.ndarray:
     """The coefficients x (float64, one per snapshot) of EDM2's Algorithm 3: the least-squares fit
     sum_i x_i p_{t_i,gamma_i} ~ p_{target_t,target_gamma} in L2, i.e. the normal equations A x = b with
     A_ij = <p_i, p_j> and b_i = <p_i, p_target> (`profile_inner_products`), rescaled to sum to 1 as EDM2 does
@@ -149,7 +156,9 @@ class PowerFunctionEMA:
         if not sigma_rels:
             raise ValueError("PowerFunctionEMA needs at least one sigma_rel")
         if not all(tensor.is_floating_point() for tensor in self.tensors(model)):
-            raise TypeError("PowerFunctionEMA averages floating-point parameters and buffers only; this model has others")
+            raise TypeError(
+                "PowerFunctionEMA averages floating-point parameters and buffers only; this model has others"
+            )
         self.sigma_rels = tuple(float(sigma_rel) for sigma_rel in sigma_rels)
         self.gammas = tuple(sigma_rel_to_gamma(sigma_rel) for sigma_rel in self.sigma_rels)
         self.modules = tuple(copy.deepcopy(model).eval().requires_grad_(False) for _ in self.sigma_rels)
@@ -180,8 +189,11 @@ class PowerFunctionEMA:
     def state_dict(self) -> dict:
         """Everything an exact resume needs. The weights are the modules' own tensors (as Module.state_dict
         gives them): save the dict before the next update."""
-        return {"sigma_rels": list(self.sigma_rels), "num_updates": self.num_updates.clone(),
-                "modules": [module.state_dict() for module in self.modules]}
+        return {
+            "sigma_rels": list(self.sigma_rels),
+            "num_updates": self.num_updates.clone(),
+            "modules": [module.state_dict() for module in self.modules],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["sigma_rels"]) != self.sigma_rels:
@@ -197,24 +209,40 @@ class PowerFunctionEMA:
         t = int(self.num_updates)
         if t == 0:
             raise ValueError("no update yet: a power-function EMA is defined from its first update on")
-        return [Snapshot(t, gamma, {key: value.detach().to(device="cpu", dtype=dtype, copy=True)
-                                    for key, value in module.state_dict().items()})
-                for module, gamma in zip(self.modules, self.gammas)]
+        return [
+            Snapshot(
+                t,
+                gamma,
+                {
+                    key: value.detach().to(device="cpu", dtype=dtype, copy=True)
+                    for key, value in module.state_dict().items()
+                },
+            )
+            for module, gamma in zip(self.modules, self.gammas)
+        ]
 
 
 # Reconstruction
 
 
-def reconstruct(snapshots: Sequence[Snapshot], target_sigma_rel: float, target_t: Optional[float] = None,
-                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def reconstruct(
+    snapshots: Sequence[Snapshot],
+    target_sigma_rel: float,
+    target_t: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """The power-function EMA of `target_sigma_rel` at `target_t` (default: the latest snapshot's t) as the
     combination sum_i x_i theta_hat_i of the snapshots' weights (`solve_posthoc_weights`), in `dtype`."""
     x = _solve(((s.t, s.gamma) for s in snapshots), target_sigma_rel, target_t)
     return _combine(x, (s.state_dict for s in snapshots), dtype)
 
 
-def reconstruct_from_folder(folder: str | os.PathLike, target_sigma_rel: float, target_t: Optional[float] = None,
-                            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def reconstruct_from_folder(
+    folder: str | os.PathLike,
+    target_sigma_rel: float,
+    target_t: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """`reconstruct` from the snapshot files in `folder`, loading one file at a time (memory: one snapshot
     and the result)."""
     files = list_snapshots(folder)
@@ -224,16 +252,21 @@ def reconstruct_from_folder(folder: str | os.PathLike, target_sigma_rel: float, 
     return _combine(x, (load_snapshot(f.path).state_dict for f in files), dtype)
 
 
-def _solve(times_and_gammas: Iterable[tuple[int, float]], target_sigma_rel: float, target_t: Optional[float]) -> np.ndarray:
+def _solve(
+    times_and_gammas: Iterable[tuple[int, float]], target_sigma_rel: float, target_t: Optional[float]
+) -> np.ndarray:
     pairs = list(times_and_gammas)
     if not pairs:
         raise ValueError("a reconstruction needs at least one snapshot")
     t = [t for t, _ in pairs]
-    return solve_posthoc_weights(t, [gamma for _, gamma in pairs], max(t) if target_t is None else target_t,
-                                 sigma_rel_to_gamma(target_sigma_rel))
+    return solve_posthoc_weights(
+        t, [gamma for _, gamma in pairs], max(t) if target_t is None else target_t, sigma_rel_to_gamma(target_sigma_rel)
+    )
 
 
-def _combine(x: np.ndarray, state_dicts: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _combine(
+    x: np.ndarray, state_dicts: Iterable[dict[str, torch.Tensor]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """sum_i x_i state_dict_i, accumulated in `dtype` (float32: rounding ~ |x|_1 * 6e-8 relative)."""
     result: dict[str, torch.Tensor] = {}
     for coefficient, state_dict in zip(x.tolist(), state_dicts, strict=True):
@@ -289,9 +322,15 @@ def save_snapshot(snapshot: Snapshot, folder: str | os.PathLike, dtype: Optional
     path.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save
 
-    tensors = {key: value.detach().to(device="cpu", dtype=dtype).contiguous() for key, value in snapshot.state_dict.items()}
-    metadata = {"format": SNAPSHOT_FORMAT, "t": str(snapshot.t), "gamma": repr(snapshot.gamma),
-                "sigma_rel": repr(snapshot.sigma_rel)}
+    tensors = {
+        key: value.detach().to(device="cpu", dtype=dtype).contiguous() for key, value in snapshot.state_dict.items()
+    }
+    metadata = {
+        "format": SNAPSHOT_FORMAT,
+        "t": str(snapshot.t),
+        "gamma": repr(snapshot.gamma),
+        "sigma_rel": repr(snapshot.sigma_rel),
+    }
     atomic_write(path, lambda f: f.write(save(tensors, metadata)))
     return path
 
@@ -359,14 +398,18 @@ def write_posthoc_ema(checkpoint_path: str | os.PathLike, sigma_rels: Sequence[f
     folder = snapshot_folder(Path(checkpoint_path).parent)
     snapshots = list_snapshots(folder)
     if not snapshots:
-        raise UsageError(f"no post-hoc EMA snapshots in {folder}: the run was trained with --phema_every 0, or without --save_model")
+        raise UsageError(
+            f"no post-hoc EMA snapshots in {folder}: the run was trained with --phema_every 0, or without --save_model"
+        )
     written = []
     for sigma_rel in sigma_rels:
         if not 0 < sigma_rel < MAX_SIGMA_REL:
             raise UsageError(f"--posthoc_ema takes sigma_rel between 0 and {MAX_SIGMA_REL:.4f}, got {sigma_rel}")
         weights = reconstruct_from_folder(folder, sigma_rel)
         description = ModelDescription.from_checkpoint(checkpoint, checkpoint_path).to_dict() | {
-            "train_state": {"step": snapshots[-1].t}, "weights": f"post-hoc EMA, sigma_rel {sigma_rel:g} at update {snapshots[-1].t}"}
+            "train_state": {"step": snapshots[-1].t},
+            "weights": f"post-hoc EMA, sigma_rel {sigma_rel:g} at update {snapshots[-1].t}",
+        }
         path = posthoc_weights_path(checkpoint_path, sigma_rel)
         save_weights(weights, description, path)
         written.append(path)

@@ -8,6 +8,7 @@ ddpm_model.MLPDenoiser); what training, --inference and --evaluate do with them 
 of the true distribution (drawn by ddpm_data.make_points from seeds no training set uses); the same distance between
 two fresh sets of that size is its floor, what a perfect model would score (`distance_report`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,7 +23,10 @@ from ddpm_diffusion import Diffusion
 from ddpm_outputs import atomic_write
 
 PROJECTIONS, PROJECTION_SEED = 256, 0  # the fixed random directions of the sliced Wasserstein distance
-REFERENCE_SEED, FLOOR_SEED = 1_000_001, 2_000_001  # the fresh data the samples are measured against, and a second set for the floor
+REFERENCE_SEED, FLOOR_SEED = (
+    1_000_001,
+    2_000_001,
+)  # the fresh data the samples are measured against, and a second set for the floor
 BACKGROUND_POINTS = 2000  # fresh data drawn in grey behind samples
 FORWARD_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 1.0)  # of T: the steps the forward-process picture shows
 REVERSE_PANELS = 6  # panels of the reverse-process picture, from x_T to the samples
@@ -31,7 +35,9 @@ PANEL_LIMIT = 3.0  # every panel shows [-3, 3]^2: data of unit variance, and the
 Panel = tuple[str, torch.Tensor, Optional[torch.Tensor]]  # (title, points (N, 2), class labels or None)
 
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = PROJECTIONS, seed: int = PROJECTION_SEED) -> float:
+def sliced_wasserstein(
+    a: torch.Tensor, b: torch.Tensor, projections: int = PROJECTIONS, seed: int = PROJECTION_SEED
+) -> float:
     """The sliced Wasserstein-2 distance (Rabin et al. 2011, Bonneel et al. 2015) of two point sets of equal size:
     the root of the mean, over `projections` fixed random directions theta, of the squared 1D Wasserstein-2 distance
     of <a, theta> and <b, theta>, which for equal sizes pairs the sorted projections."""
@@ -55,22 +61,33 @@ def distance_report(samples: torch.Tensor, labels: Optional[torch.Tensor], datas
     class_names = POINT_CLASS_NAMES[dataset]
     truth_labels = labels if labels is not None else torch.arange(len(samples)) % len(class_names)
     fresh, second = (fresh_points(dataset, truth_labels, seed) for seed in (REFERENCE_SEED, FLOOR_SEED))
-    report = {"sliced_wasserstein": sliced_wasserstein(samples, fresh), "sliced_wasserstein_floor": sliced_wasserstein(second, fresh)}
+    report = {
+        "sliced_wasserstein": sliced_wasserstein(samples, fresh),
+        "sliced_wasserstein_floor": sliced_wasserstein(second, fresh),
+    }
     if labels is not None and len(class_names) > 1:
         report["sliced_wasserstein_per_class"] = {
-            name: {"distance": sliced_wasserstein(samples[labels == k], fresh[labels == k]),
-                   "floor": sliced_wasserstein(second[labels == k], fresh[labels == k])}
-            for k, name in enumerate(class_names) if (labels == k).any()}
+            name: {
+                "distance": sliced_wasserstein(samples[labels == k], fresh[labels == k]),
+                "floor": sliced_wasserstein(second[labels == k], fresh[labels == k]),
+            }
+            for k, name in enumerate(class_names)
+            if (labels == k).any()
+        }
     return report
 
 
 def distance_line(report: dict, count: int) -> str:
     """The report in one line, every distance beside its floor."""
-    text = (f"sliced Wasserstein {report['sliced_wasserstein']:.4f} (floor {report['sliced_wasserstein_floor']:.4f}: "
-            f"two fresh data sets of {count} points)")
+    text = (
+        f"sliced Wasserstein {report['sliced_wasserstein']:.4f} (floor {report['sliced_wasserstein_floor']:.4f}: "
+        f"two fresh data sets of {count} points)"
+    )
     per_class = report.get("sliced_wasserstein_per_class", {})
     if per_class:
-        text += "; per class " + ", ".join(f"{name} {value['distance']:.4f} (floor {value['floor']:.4f})" for name, value in per_class.items())
+        text += "; per class " + ", ".join(
+            f"{name} {value['distance']:.4f} (floor {value['floor']:.4f})" for name, value in per_class.items()
+        )
     return text
 
 
@@ -96,22 +113,28 @@ def save_panels(panels: list[Panel], path: Path, dataset: Optional[str] = None, 
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
     background = None
     if dataset is not None:
-        background = fresh_points(dataset, torch.arange(BACKGROUND_POINTS) % len(POINT_CLASS_NAMES[dataset]), REFERENCE_SEED)
+        background = fresh_points(
+            dataset, torch.arange(BACKGROUND_POINTS) % len(POINT_CLASS_NAMES[dataset]), REFERENCE_SEED
+        )
     for axis, (title, points, labels) in zip(axes.flat, panels):
         if background is not None:
             axis.scatter(background[:, 0], background[:, 1], s=2, c="lightgrey", linewidths=0)
         colours = "tab:blue" if labels is None else [f"C{k % 10}" for k in labels.tolist()]
         axis.scatter(points[:, 0], points[:, 1], s=3, c=colours, linewidths=0)
-        axis.set(xlim=(-PANEL_LIMIT, PANEL_LIMIT), ylim=(-PANEL_LIMIT, PANEL_LIMIT), aspect="equal", xticks=[], yticks=[])
+        axis.set(
+            xlim=(-PANEL_LIMIT, PANEL_LIMIT), ylim=(-PANEL_LIMIT, PANEL_LIMIT), aspect="equal", xticks=[], yticks=[]
+        )
         axis.set_title(title, fontsize=9)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.tight_layout()
     atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=100))
     plt.close(figure)
 
 
-def save_forward_process(diffusion: Diffusion, dataset: str, path: Path, count: int = POINT_SAMPLES, seed: int = 0) -> None:
+def save_forward_process(
+    diffusion: Diffusion, dataset: str, path: Path, count: int = POINT_SAMPLES, seed: int = 0
+) -> None:
     """x_t ~ q(x_t | x_0) (Diffusion.q_sample) of fresh data at FORWARD_FRACTIONS of the T steps."""
     labels = torch.arange(count) % len(POINT_CLASS_NAMES[dataset])
     x0 = fresh_points(dataset, labels, REFERENCE_SEED).to(diffusion.alphas_cumprod.device)
@@ -121,16 +144,23 @@ def save_forward_process(diffusion: Diffusion, dataset: str, path: Path, count: 
         step = round(fraction * (diffusion.num_timesteps - 1))
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         x_t = diffusion.q_sample(x0, torch.full((count,), step, device=x0.device), noise)
-        panels.append((f"q(x_t | x_0): t = {step}, alpha_bar {diffusion.alpha_bar(step).item():.3f}", x_t.cpu(), labels))
+        panels.append(
+            (f"q(x_t | x_0): t = {step}, alpha_bar {diffusion.alpha_bar(step).item():.3f}", x_t.cpu(), labels)
+        )
     save_panels(panels, path)
 
 
-def save_reverse_process(trajectory: list[torch.Tensor], labels: Optional[torch.Tensor], sampler: str, dataset: str, path: Path) -> None:
+def save_reverse_process(
+    trajectory: list[torch.Tensor], labels: Optional[torch.Tensor], sampler: str, dataset: str, path: Path
+) -> None:
     """REVERSE_PANELS states of one sampler run (x_T, then x after every step, from Diffusion.sample's trajectory)."""
     steps = len(trajectory) - 1
     chosen = sorted({round(i) for i in np.linspace(0, steps, min(REVERSE_PANELS, steps + 1))})
     labels = None if labels is None else labels[: len(trajectory[0])]
-    panels = [("x_T: noise" if i == 0 else f"{sampler}: after step {i} of {steps}", trajectory[i].float().cpu(), labels) for i in chosen]
+    panels = [
+        ("x_T: noise" if i == 0 else f"{sampler}: after step {i} of {steps}", trajectory[i].float().cpu(), labels)
+        for i in chosen
+    ]
     save_panels(panels, path, dataset=dataset)
 
 

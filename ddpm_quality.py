@@ -72,7 +72,9 @@ class QualityMeasure:
         accuracy = None if figures is None or labels is None else figures["class_accuracy"]
         if self.metric == "judge":
             return {"value": figures["distance"], "class_accuracy": accuracy}
-        features, _ = extract_features(self.extractor, images.permute(0, 3, 1, 2), batch_size, device, desc="curve features")
+        features, _ = extract_features(
+            self.extractor, images.permute(0, 3, 1, 2), batch_size, device, desc="curve features"
+        )
         if self.metric == "fid":
             value = frechet_distance(*feature_statistics(features), self.reference.mu, self.reference.sigma)
         else:
@@ -80,7 +82,9 @@ class QualityMeasure:
         return {"value": value, "class_accuracy": accuracy}
 
 
-def choose_measure(dataset: str, data_dir: str, image_size: int, channels: int, batch_size: int, device: str) -> QualityMeasure:
+def choose_measure(
+    dataset: str, data_dir: str, image_size: int, channels: int, batch_size: int, device: str
+) -> QualityMeasure:
     """FID where the Inception weights are present, else the data set's judge (trained once and cached, ddpm_judge),
     else KID on random features: the figure the run's curve records."""
     from ddpm_judge import load_or_train_judge
@@ -118,14 +122,24 @@ class QualitySchedule:
         return images_seen + max(epoch_examples, math.ceil(interval))
 
 
-def curve_samples(model: torch.nn.Module, diffusion: Diffusion, kind: SampleKind, sampling: SamplingConfig, count: int,
-                  num_classes: Optional[int], batch_size: int, runtime: Runtime) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def curve_samples(
+    model: torch.nn.Module,
+    diffusion: Diffusion,
+    kind: SampleKind,
+    sampling: SamplingConfig,
+    count: int,
+    num_classes: Optional[int],
+    batch_size: int,
+    runtime: Runtime,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The curve's samples from its fixed noise (QUALITY_SEED) and labels (every class in turn), shared out across
     the ranks; the model's train/eval mode is kept."""
     labels = every_class_in_turn(num_classes, count)
     was_training = model.training
     model.eval()
-    images = generate(model, diffusion, kind, count, labels, sampling, QUALITY_SEED, batch_size, runtime, desc="quality curve")
+    images = generate(
+        model, diffusion, kind, count, labels, sampling, QUALITY_SEED, batch_size, runtime, desc="quality curve"
+    )
     model.train(was_training)
     return images, labels
 
@@ -154,8 +168,15 @@ def save_quality_curve(points: list[dict], metric: str, path: Path) -> None:
 class QualityCurve:
     """A run's curve: its measure (rank 0's; None on the other ranks), its schedule and its samples' settings."""
 
-    def __init__(self, measure: Optional[QualityMeasure], schedule: QualitySchedule, kind: SampleKind, sampling: SamplingConfig,
-                 num_classes: Optional[int], batch_size: int):
+    def __init__(
+        self,
+        measure: Optional[QualityMeasure],
+        schedule: QualitySchedule,
+        kind: SampleKind,
+        sampling: SamplingConfig,
+        num_classes: Optional[int],
+        batch_size: int,
+    ):
         self.measure, self.schedule, self.kind, self.sampling = measure, schedule, kind, sampling
         self.num_classes, self.batch_size = num_classes, batch_size
         self.seconds = 0.0  # spent on the curve by this process
@@ -163,16 +184,37 @@ class QualityCurve:
     def due(self, images_seen: int, next_due: Optional[int], final: bool) -> bool:
         return final or images_seen >= (self.schedule.first() if next_due is None else next_due)
 
-    def record(self, model: torch.nn.Module, diffusion: Diffusion, runtime: Runtime, *, images_seen: int, step: int,
-               seconds_per_image: float, epoch_examples: int) -> tuple[dict, int]:
+    def record(
+        self,
+        model: torch.nn.Module,
+        diffusion: Diffusion,
+        runtime: Runtime,
+        *,
+        images_seen: int,
+        step: int,
+        seconds_per_image: float,
+        epoch_examples: int,
+    ) -> tuple[dict, int]:
         """(the point, the images seen at which the next one is due), the same on every rank (rank 0's, broadcast)."""
         started = time.perf_counter()
-        images, labels = curve_samples(model, diffusion, self.kind, self.sampling, self.schedule.samples, self.num_classes,
-                                       self.batch_size, runtime)
+        images, labels = curve_samples(
+            model,
+            diffusion,
+            self.kind,
+            self.sampling,
+            self.schedule.samples,
+            self.num_classes,
+            self.batch_size,
+            runtime,
+        )
         point = None
         if runtime.is_main:
-            point = {"images": images_seen, "step": step, "metric": self.measure.metric,
-                     **self.measure.measure(images, labels, self.batch_size, str(runtime.device))}
+            point = {
+                "images": images_seen,
+                "step": step,
+                "metric": self.measure.metric,
+                **self.measure.measure(images, labels, self.batch_size, str(runtime.device)),
+            }
         seconds = time.perf_counter() - started
         self.seconds += seconds
         if point is not None:
@@ -183,19 +225,34 @@ class QualityCurve:
         return agreed[0], agreed[1]
 
     def describe(self) -> str:
-        every = (f"every {self.schedule.every} images (--quality_every)" if self.schedule.every is not None else
-                 f"first after {self.schedule.first()} images, then at most {QUALITY_BUDGET:.0%} of the time in optimizer "
-                 f"steps (derived; --quality_every)")
-        return (f"quality curve: {every} and at the end, {self.schedule.samples} samples by {self.sampling.sampler} "
-                f"{self.sampling.steps} steps (--quality_samples), measured by {self.measure.description}")
+        every = (
+            f"every {self.schedule.every} images (--quality_every)"
+            if self.schedule.every is not None
+            else f"first after {self.schedule.first()} images, then at most {QUALITY_BUDGET:.0%} of the time in optimizer "
+            f"steps (derived; --quality_every)"
+        )
+        return (
+            f"quality curve: {every} and at the end, {self.schedule.samples} samples by {self.sampling.sampler} "
+            f"{self.sampling.steps} steps (--quality_samples), measured by {self.measure.description}"
+        )
 
 
-def build_quality_curve(config: RunConfig, kind: SampleKind, runtime: Runtime, sampling: SamplingConfig, num_classes: Optional[int],
-                        *, planned_images: int, continues: bool) -> tuple[Optional[QualityCurve], str]:
+def build_quality_curve(
+    config: RunConfig,
+    kind: SampleKind,
+    runtime: Runtime,
+    sampling: SamplingConfig,
+    num_classes: Optional[int],
+    *,
+    planned_images: int,
+    continues: bool,
+) -> tuple[Optional[QualityCurve], str]:
     """A run's curve (None where it records none) and its start-up line: on with --quality_every N, off with 0, and by
     default where the kind can measure one and the run plans at least one derived interval (or `continues` a curve)."""
     train = config.train
-    schedule = QualitySchedule(train.quality_every or None, train.quality_samples, sampling.steps, 2 if num_classes else 1)
+    schedule = QualitySchedule(
+        train.quality_every or None, train.quality_samples, sampling.steps, 2 if num_classes else 1
+    )
     reason = "--quality_every 0" if train.quality_every == 0 else kind.quality_note()
     if reason is None and train.quality_every is None and not continues and schedule.first() > planned_images:
         reason = f"the run is shorter than one derived interval of {schedule.first()} images; --quality_every to force"
@@ -204,8 +261,14 @@ def build_quality_curve(config: RunConfig, kind: SampleKind, runtime: Runtime, s
     data = config.data
     measure = None
     if runtime.is_main:  # the judge is trained (once per data set) or the reference statistics computed here
-        measure = choose_measure(data.dataset, data.data_dir, kind.sample_shape[-1], kind.sample_shape[0], train.batch_size,
-                                 str(runtime.device))
+        measure = choose_measure(
+            data.dataset,
+            data.data_dir,
+            kind.sample_shape[-1],
+            kind.sample_shape[0],
+            train.batch_size,
+            str(runtime.device),
+        )
     curve = QualityCurve(measure, schedule, kind, sampling, num_classes, train.batch_size)
     return curve, curve.describe() if runtime.is_main else ""
 
@@ -213,7 +276,9 @@ def build_quality_curve(config: RunConfig, kind: SampleKind, runtime: Runtime, s
 def report_point(point: dict, points: list[dict], log, save_dir: Path, run_name: str) -> None:
     """A point of the curve, on rank 0: a line, a metrics line (and TensorBoard's), quality_curve_<run>.png."""
     accuracy = "" if point["class_accuracy"] is None else f", judge's class accuracy {point['class_accuracy']:.3f}"
-    print(f"quality at {point['images']} images (step {point['step']}): {point['metric']} {point['value']:.4f}{accuracy} "
-          f"({point['seconds']:.1f} s)")
+    print(
+        f"quality at {point['images']} images (step {point['step']}): {point['metric']} {point['value']:.4f}{accuracy} "
+        f"({point['seconds']:.1f} s)"
+    )
     log.write({"kind": "quality", **point})
     save_quality_curve(points, point["metric"], save_dir / f"quality_curve_{run_name}.png")

@@ -2,6 +2,7 @@
 it), the steps it plans from there, the share of an epoch its losses may cost, and the global batch a resumed run
 keeps. The training loop (ddpm_train) decides with these; nothing here touches a network or a file.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,16 @@ def empty_history() -> dict:
     entry too, at its step), with the mean training loss of the epoch and the validation and test losses on the fixed
     subsets (`eval_examples`), and the kind's figures (ddpm_kinds); `full` lists the losses on the whole splits, at the
     end and at --eval_every; `quality`, where the run records a quality curve, its points (ddpm_quality)."""
-    return {"epochs": [], "steps": [], "train_loss": [], "val_loss": [], "test_loss": [], "lr": [], "eval_examples": [], "full": []}
+    return {
+        "epochs": [],
+        "steps": [],
+        "train_loss": [],
+        "val_loss": [],
+        "test_loss": [],
+        "lr": [],
+        "eval_examples": [],
+        "full": [],
+    }
 
 
 @dataclass
@@ -41,7 +51,9 @@ class TrainState:
     best_val_loss: float = math.inf
     history: dict = field(default_factory=empty_history)
     progression: list = field(default_factory=list)  # (label, samples) rows of the progression picture
-    quality_due: Optional[int] = None  # images seen at which the next point of the quality curve is due (None: the first)
+    quality_due: Optional[int] = (
+        None  # images seen at which the next point of the quality curve is due (None: the first)
+    )
     best_quality: float = math.inf  # the lowest figure of the quality curve so far (best_fid.pt)
 
 
@@ -80,13 +92,17 @@ def evaluation_subset_size(epoch_examples: int) -> int:
     return max(MIN_EVAL_EXAMPLES, math.floor(3 * EVAL_BUDGET * epoch_examples / 2))
 
 
-def plan_steps(train: TrainConfig, examples: int, kind: SampleKind, runtime: Runtime, state: TrainState) -> tuple[int, int, int]:
+def plan_steps(
+    train: TrainConfig, examples: int, kind: SampleKind, runtime: Runtime, state: TrainState
+) -> tuple[int, int, int]:
     """(examples per optimizer step, steps per epoch, the step the run ends at) for a run that is at `state`."""
     examples_per_step = train.batch_size * runtime.world_size * train.grad_accum
     steps_per_epoch = examples // examples_per_step
     if steps_per_epoch == 0:
-        raise UsageError(f"the training set has {examples} {kind.noun}, fewer than one optimizer step needs "
-                         f"(--batch_size {train.batch_size} x --grad_accum {train.grad_accum} x {runtime.world_size} processes)")
+        raise UsageError(
+            f"the training set has {examples} {kind.noun}, fewer than one optimizer step needs "
+            f"(--batch_size {train.batch_size} x --grad_accum {train.grad_accum} x {runtime.world_size} processes)"
+        )
     total_steps = train.max_steps or state.step + steps_to_go(train.epochs, state, steps_per_epoch, examples_per_step)
     return examples_per_step, steps_per_epoch, total_steps
 
@@ -96,18 +112,25 @@ def keep_global_batch(config: RunConfig, checkpoint: dict, runtime: Runtime, pat
     number of processes now, so that its learning rate, schedule and EMA (all counted in optimizer steps) mean what
     they meant: --grad_accum is derived to make up the difference, and said; refused in one line where it cannot."""
     train, saved_world_size = config.train, saved_processes(checkpoint)
-    saved_config = checkpoint["config"].get("train", checkpoint["config"])  # version 2, or the first version's flat flags
+    saved_config = checkpoint["config"].get(
+        "train", checkpoint["config"]
+    )  # version 2, or the first version's flat flags
     saved = checkpoint.get("runtime", {}).get("global_batch") or (
-        saved_config.get("batch_size", train.batch_size) * saved_config.get("grad_accum", 1) * saved_world_size)
+        saved_config.get("batch_size", train.batch_size) * saved_config.get("grad_accum", 1) * saved_world_size
+    )
     per_micro_batch = train.batch_size * runtime.world_size
     if saved == per_micro_batch * train.grad_accum:
         return config
     if saved % per_micro_batch:
-        raise UsageError(f"cannot continue {path} with {runtime.world_size} processes of --batch_size {train.batch_size}: its global "
-                         f"batch of {saved} is not a multiple of {per_micro_batch} (choose a --batch_size that divides it)")
+        raise UsageError(
+            f"cannot continue {path} with {runtime.world_size} processes of --batch_size {train.batch_size}: its global "
+            f"batch of {saved} is not a multiple of {per_micro_batch} (choose a --batch_size that divides it)"
+        )
     if runtime.is_main:
-        print(f"global batch {saved} kept: --grad_accum {saved // per_micro_batch} with {runtime.world_size} processes of "
-              f"--batch_size {train.batch_size} (the run was saved by {saved_world_size})")
+        print(
+            f"global batch {saved} kept: --grad_accum {saved // per_micro_batch} with {runtime.world_size} processes of "
+            f"--batch_size {train.batch_size} (the run was saved by {saved_world_size})"
+        )
     return replace(config, train=replace(train, grad_accum=saved // per_micro_batch))
 
 

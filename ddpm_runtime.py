@@ -1,4 +1,5 @@
 """Processes: the device, torchrun's ranks and their collectives, seeds, autocast, signals."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,9 @@ def setup_runtime(device: str, timeout: timedelta | None = None) -> Runtime:
     # Workers that torchrun --max-restarts starts again share its store with the ones it stopped: keys of their own,
     # per restart, so that no process group reads the addresses of processes that are gone.
     store = dist.PrefixStore(f"restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=timeout)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
     return Runtime(device, rank, world_size, dist.new_group(backend="gloo", timeout=timeout))
 
 
@@ -120,10 +122,14 @@ def check_replicas_identical(modules: list[torch.nn.Module], runtime: Runtime) -
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         differing = int((low != high).sum())
-        raise RuntimeError(f"rank {runtime.rank}: {differing} parameter tensors differ across the {runtime.world_size} processes after training")
+        raise RuntimeError(
+            f"rank {runtime.rank}: {differing} parameter tensors differ across the {runtime.world_size} processes after training"
+        )
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: stopped by SIGTERM or SIGUSR1 with ckpt.pt written; the same command continues
+EXIT_PREEMPTED = (
+    75  # EX_TEMPFAIL of sysexits.h: stopped by SIGTERM or SIGUSR1 with ckpt.pt written; the same command continues
+)
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")  # SIGUSR1: SLURM's advance warning (--signal=USR1@120)
 
 

@@ -7,6 +7,7 @@ reads nothing back from the device. The full ancestral chain, its respaced versi
 DPM-Solver++ (Lu et al. 2022) extrapolates the same x_0 predictions. A sampler sees the diffusion through
 `ScheduleView` only (its alpha_bar), so this module does not depend on the training side of ddpm_diffusion.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Protocol, Sequence
@@ -85,7 +86,9 @@ def distinct_timesteps(indices: list[int]) -> list[int]:
 
 def check_spaced_steps(spacing: str, steps: int, num_timesteps: int) -> None:
     if not 2 <= steps <= num_timesteps:
-        raise ValueError(f"the {spacing} timestep spacing needs between 2 and {num_timesteps} sampling steps, got {steps}")
+        raise ValueError(
+            f"the {spacing} timestep spacing needs between 2 and {num_timesteps} sampling steps, got {steps}"
+        )
 
 
 def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_min: float = DPM_LAMBDA_MIN) -> list[int]:
@@ -101,8 +104,9 @@ def log_snr_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, lambda_mi
     return distinct_timesteps(torch.searchsorted(-lambdas, -targets).clamp(max=first).tolist())
 
 
-def edm_spaced_timesteps(alphas_cumprod: torch.Tensor, steps: int, rho: float = EDM_RHO,
-                         lambda_min: float = DPM_LAMBDA_MIN) -> list[int]:
+def edm_spaced_timesteps(
+    alphas_cumprod: torch.Tensor, steps: int, rho: float = EDM_RHO, lambda_min: float = DPM_LAMBDA_MIN
+) -> list[int]:
     """`steps` distinct timesteps down to 0 on EDM's polynomial noise levels (Karras et al. 2022, eq. 5):
         sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i = 0 .. N - 1,
     in sigma = sqrt((1 - alpha_bar) / alpha_bar) = e^-lambda; rho = 7 crowds the steps towards sigma_min, where
@@ -174,7 +178,9 @@ class Sampler:
         steps = self.default_steps(self.diffusion.num_timesteps) if steps is None else steps
         return spaced_timesteps(self.spacing, self.diffusion.alphas_cumprod, steps)
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
         """x_{t_prev} from x_t and the noise estimate at t; t_prev = -1 is the clean image."""
         raise NotImplementedError
 
@@ -205,7 +211,9 @@ class AncestralSampler(Sampler):
             raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
         self.diffusion, self.clip_denoised, self.variance, self.spacing = diffusion, clip_denoised, variance, "time"
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         coef_x0, coef_xt, variance = posterior(alpha_bar_t, alpha_bar_s)
         if self.variance == "fixed_large" and t_prev >= 0:
@@ -223,11 +231,15 @@ class DDIMSampler(Sampler):
     name = "ddim"
     takes_eta = True
 
-    def __init__(self, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True, spacing: Optional[str] = None):
+    def __init__(
+        self, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True, spacing: Optional[str] = None
+    ):
         self.diffusion, self.eta, self.clip_denoised = diffusion, eta, clip_denoised
         self.spacing = self.chosen_spacing(spacing)
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator]
+    ) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         x0 = predicted_x0(x, alpha_bar_t, eps, self.clip_denoised)
         if self.clip_denoised:  # the direction towards x_t must agree with the clipped x_0
@@ -284,15 +296,21 @@ class MultistepDPMSolverPlusPlus(Sampler):
         # (x_0 prediction, lambda) of the previous steps, oldest first, at most order - 1 of them
         self.history: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def step(self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
         alpha_bar_t, alpha_bar_s = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         m0 = predicted_x0(x, alpha_bar_t, eps, self.clip_denoised)
         if t_prev == -1:
             return m0  # (1) with alpha_s = 1, sigma_s = 0
         lambda_t, lambda_s = half_log_snr(alpha_bar_t), half_log_snr(alpha_bar_s)
         h = lambda_s - lambda_t
-        sigma_ratio, alpha_s, phi_1 = ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt(), alpha_bar_s.sqrt(), torch.expm1(-h)
-        previous = self.history[-(self.order - 1):]
+        sigma_ratio, alpha_s, phi_1 = (
+            ((1 - alpha_bar_s) / (1 - alpha_bar_t)).sqrt(),
+            alpha_bar_s.sqrt(),
+            torch.expm1(-h),
+        )
+        previous = self.history[-(self.order - 1) :]
         self.history = [*previous, (m0, lambda_t)]
         if not previous:
             return sigma_ratio * x - alpha_s * phi_1 * m0  # (1)
@@ -332,7 +350,9 @@ class DPMSolverPlusPlus3M(MultistepDPMSolverPlusPlus):
         super().__init__(diffusion, 3, clip_denoised, spacing)
 
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (AncestralSampler, DDIMSampler, DPMSolverPlusPlus2M, DPMSolverPlusPlus3M)}
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (AncestralSampler, DDIMSampler, DPMSolverPlusPlus2M, DPMSolverPlusPlus3M)
+}
 
 
 def sampler_class(name: str) -> type[Sampler]:
@@ -342,14 +362,25 @@ def sampler_class(name: str) -> type[Sampler]:
     return SAMPLERS[name]
 
 
-def make_sampler(name: str, diffusion: ScheduleView, eta: float = 0.0, clip_denoised: bool = True,
-                 variance: Optional[str] = None, spacing: Optional[str] = None) -> Sampler:
+def make_sampler(
+    name: str,
+    diffusion: ScheduleView,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    variance: Optional[str] = None,
+    spacing: Optional[str] = None,
+) -> Sampler:
     """A fresh sampler (the multistep solvers keep the previous steps' predictions, so one per run) by its --sampler
     name; `eta` goes to the sampler that takes it (DDIM), `variance` to the one that takes it (the ancestral sampler),
     `spacing` (None: the sampler's own) to those that take it (all but the ancestral one)."""
     cls = sampler_class(name)
-    return cls(diffusion, clip_denoised=clip_denoised, **({"eta": eta} if cls.takes_eta else {}),
-               **({"variance": variance} if cls.takes_variance else {}), **({"spacing": spacing} if cls.takes_spacing else {}))
+    return cls(
+        diffusion,
+        clip_denoised=clip_denoised,
+        **({"eta": eta} if cls.takes_eta else {}),
+        **({"variance": variance} if cls.takes_variance else {}),
+        **({"spacing": spacing} if cls.takes_spacing else {}),
+    )
 
 
 def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:

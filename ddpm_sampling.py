@@ -7,6 +7,7 @@
 flag (sampler, steps, eta, guidance scale, rescale and interval, autocast) applies to each of them, and a
 seed gives the same images whatever the number of processes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,9 @@ NOISE_SEED_STRIDE = 1_000_003  # batch b of a run with seed s draws its noise fr
 
 def check_sampling_steps(steps: Optional[int], loaded: LoadedModel) -> None:
     if steps is not None and steps > loaded.diffusion.num_timesteps:
-        raise UsageError(f"--sampling_steps ({steps}) cannot exceed the model's {loaded.diffusion.num_timesteps} timesteps")
+        raise UsageError(
+            f"--sampling_steps ({steps}) cannot exceed the model's {loaded.diffusion.num_timesteps} timesteps"
+        )
 
 
 class AutocastNetwork(nn.Module):
@@ -51,9 +54,20 @@ def every_class_in_turn(num_classes: Optional[int], count: int) -> Optional[torc
     return None if num_classes is None else torch.arange(count) % num_classes
 
 
-def generate(model: nn.Module, diffusion: Diffusion, kind: SampleKind, count: int, labels: Optional[torch.Tensor],
-             settings: SamplingConfig, seed: int, batch_size: int, runtime: Runtime, desc: str = "generating",
-             guide: Optional[nn.Module] = None, trajectory: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    diffusion: Diffusion,
+    kind: SampleKind,
+    count: int,
+    labels: Optional[torch.Tensor],
+    settings: SamplingConfig,
+    seed: int,
+    batch_size: int,
+    runtime: Runtime,
+    desc: str = "generating",
+    guide: Optional[nn.Module] = None,
+    trajectory: Optional[list[torch.Tensor]] = None,
+) -> torch.Tensor:
     """`count` samples of `model` as the `kind` saves them (ddpm_kinds: uint8 images (N, H, W, C), or float32 points
     (N, D) unclipped), on every rank, in batches of `batch_size`, with `settings` resolved (a number for every
     setting, SampleKind.sampling_settings).
@@ -78,30 +92,67 @@ def generate(model: nn.Module, diffusion: Diffusion, kind: SampleKind, count: in
         for index, size in sizes.items():
             begin = starts[index]
             drawn = diffusion.sample(
-                network, (size, *kind.sample_shape), settings,
-                labels=None if labels is None else labels[begin: begin + size].to(runtime.device),
-                null_label=model.null_label, generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
-                device=runtime.device, guide=guide, clip_denoised=kind.clip_denoised, trajectory=trajectory if index == 0 else None,
-                progress=runtime.is_main)
+                network,
+                (size, *kind.sample_shape),
+                settings,
+                labels=None if labels is None else labels[begin : begin + size].to(runtime.device),
+                null_label=model.null_label,
+                generator=torch.Generator().manual_seed(seed + index * NOISE_SEED_STRIDE),
+                device=runtime.device,
+                guide=guide,
+                clip_denoised=kind.clip_denoised,
+                trajectory=trajectory if index == 0 else None,
+                progress=runtime.is_main,
+            )
             samples.append(kind.to_saved(drawn))
             bar.update(size)
     return gather_rows(torch.cat(samples), runtime)
 
 
-def generate_from(loaded: LoadedModel, kind: SampleKind, count: int, labels: Optional[torch.Tensor], settings: SamplingConfig,
-                  seed: int, batch_size: int, runtime: Runtime, desc: str = "generating", guide: Optional[LoadedModel] = None,
-                  trajectory: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
+def generate_from(
+    loaded: LoadedModel,
+    kind: SampleKind,
+    count: int,
+    labels: Optional[torch.Tensor],
+    settings: SamplingConfig,
+    seed: int,
+    batch_size: int,
+    runtime: Runtime,
+    desc: str = "generating",
+    guide: Optional[LoadedModel] = None,
+    trajectory: Optional[list[torch.Tensor]] = None,
+) -> torch.Tensor:
     """`generate` for a loaded checkpoint (and, for autoguidance, a loaded guide)."""
-    return generate(loaded.model, loaded.diffusion, kind, count, labels, settings, seed, batch_size, runtime, desc,
-                    guide=None if guide is None else guide.model, trajectory=trajectory)
+    return generate(
+        loaded.model,
+        loaded.diffusion,
+        kind,
+        count,
+        labels,
+        settings,
+        seed,
+        batch_size,
+        runtime,
+        desc,
+        guide=None if guide is None else guide.model,
+        trajectory=trajectory,
+    )
 
 
-GUIDE_MUST_MATCH = {"image size and channels": lambda d: (d.data["image_size"], d.data["channels"]), "classes": lambda d: (d.conditional, d.class_names),
-                    "diffusion": lambda d: {key: d.diffusion.get(key) for key in ("timesteps", "schedule", "prediction_type")}}
+GUIDE_MUST_MATCH = {
+    "image size and channels": lambda d: (d.data["image_size"], d.data["channels"]),
+    "classes": lambda d: (d.conditional, d.class_names),
+    "diffusion": lambda d: {key: d.diffusion.get(key) for key in ("timesteps", "schedule", "prediction_type")},
+}
 
 
-def load_guide(path: Optional[str | Path], main: LoadedModel, device: str | torch.device, use_ema: bool = True,
-               compile: bool = False) -> Optional[LoadedModel]:
+def load_guide(
+    path: Optional[str | Path],
+    main: LoadedModel,
+    device: str | torch.device,
+    use_ema: bool = True,
+    compile: bool = False,
+) -> Optional[LoadedModel]:
     """--guide_model: the autoguidance network (None without one), refused in one line unless it is a model of the same
     images, classes and diffusion as `main` (Karras et al. 2024 guide with a weaker model of the same task)."""
     if path is None:
@@ -109,8 +160,10 @@ def load_guide(path: Optional[str | Path], main: LoadedModel, device: str | torc
     guide = load_model(path, device, use_ema, compile)
     for what, of in GUIDE_MUST_MATCH.items():
         if of(guide.description) != of(main.description):
-            raise UsageError(f"--guide_model {path} does not match {main.path}: its {what} differ "
-                             f"({of(guide.description)} against {of(main.description)})")
+            raise UsageError(
+                f"--guide_model {path} does not match {main.path}: its {what} differ "
+                f"({of(guide.description)} against {of(main.description)})"
+            )
     return guide
 
 
@@ -131,7 +184,9 @@ def parse_sample_classes(text: str, class_names: list[str], num_samples: int) ->
     return [classes[i % len(classes)] for i in range(num_samples)]
 
 
-def inference_labels(loaded: LoadedModel, sample_classes: Optional[str], require_conditional: bool, num_samples: int) -> Optional[torch.Tensor]:
+def inference_labels(
+    loaded: LoadedModel, sample_classes: Optional[str], require_conditional: bool, num_samples: int
+) -> Optional[torch.Tensor]:
     """The labels of --inference: --sample_classes, or every class in turn; None for an unconditional model (refused
     with --sample_classes or --conditional)."""
     if not loaded.description.conditional and (require_conditional or sample_classes):
@@ -143,9 +198,21 @@ def inference_labels(loaded: LoadedModel, sample_classes: Optional[str], require
     return torch.tensor(parse_sample_classes(text, loaded.description.class_names, num_samples))
 
 
-def run_inference(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, num_samples: Optional[int],
-                  sample_classes: Optional[str], require_conditional: bool, seed: int, batch_size: int, save_dir: Path,
-                  use_ema: bool = True, compile: bool = False) -> None:
+def run_inference(
+    loaded: LoadedModel,
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    num_samples: Optional[int],
+    sample_classes: Optional[str],
+    require_conditional: bool,
+    seed: int,
+    batch_size: int,
+    save_dir: Path,
+    use_ema: bool = True,
+    compile: bool = False,
+) -> None:
     """--inference (everything about the model coming from its checkpoint): the labels, the guide, then the kind
     draws and writes (ddpm_kinds: grid.png and PNGs of images; samples.png and points.npz of points). Under torchrun
     every rank samples its share of the batches and rank 0 writes them all."""
@@ -153,8 +220,17 @@ def run_inference(loaded: LoadedModel, kind: SampleKind, settings: SamplingConfi
     labels = inference_labels(loaded, sample_classes, require_conditional, count)
     check_sampling_steps(settings.steps, loaded)
     guide = load_guide(settings.guide_model, loaded, runtime.device, use_ema, compile)
-    kind.inference(loaded, settings, runtime, count=count, labels=labels, guide=guide, seed=seed, batch_size=batch_size,
-                   save_dir=save_dir)
+    kind.inference(
+        loaded,
+        settings,
+        runtime,
+        count=count,
+        labels=labels,
+        guide=guide,
+        seed=seed,
+        batch_size=batch_size,
+        save_dir=save_dir,
+    )
 
 
 def sampling_record(settings: SamplingConfig, runtime: Runtime, guided: bool, diffusion: Diffusion) -> dict:

@@ -11,6 +11,7 @@ they finish, so an interrupted sweep started again computes only the missing one
 sweep.md and sweep.png (the metric against the scale, one line per EMA length, guide and solver) to --save_dir,
 and the best setting to <run folder>/sampling_best.json, which `--inference --sampling_preset best` applies.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def parse_samplers(text: str) -> list[tuple[str, int]]:
     for part in (part.strip() for part in text.split(",") if part.strip()):
         name, _, steps = part.partition(":")
         if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-            raise UsageError(f"--sweep_samplers expects SAMPLER:STEPS,... with a sampler of {', '.join(SAMPLERS)}, got {part!r}")
+            raise UsageError(
+                f"--sweep_samplers expects SAMPLER:STEPS,... with a sampler of {', '.join(SAMPLERS)}, got {part!r}"
+            )
         pairs.append((name, int(steps)))
     if not pairs:
         raise UsageError("--sweep_samplers is empty")
@@ -89,13 +92,34 @@ METRIC_NAMES = {"fid": "FID", "kid": "KID", "judge": "judge distance"}
 
 
 def cells_of(emas: list[str], guidance: list[str], scales: list[float], samplers: list[tuple[str, int]]) -> list[Cell]:
-    return [Cell(ema, kind, scale if kind != "none" else 1.0, sampler, steps)
-            for ema in emas for kind in guidance for scale in (scales if kind != "none" else [1.0]) for sampler, steps in samplers]
+    return [
+        Cell(ema, kind, scale if kind != "none" else 1.0, sampler, steps)
+        for ema in emas
+        for kind in guidance
+        for scale in (scales if kind != "none" else [1.0])
+        for sampler, steps in samplers
+    ]
 
 
-def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runtime: Runtime, *, sweep_ema: Optional[list[float]], scales: list[float],
-              samplers: Optional[list[tuple[str, int]]], num_samples: int, features: str, data_dir: str, seed: int, batch_size: int,
-              save_dir: Path, use_ema: bool = True, compile: bool = False, judge: bool = True) -> Optional[dict]:
+def run_sweep(
+    model_path: Path,
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    sweep_ema: Optional[list[float]],
+    scales: list[float],
+    samplers: Optional[list[tuple[str, int]]],
+    num_samples: int,
+    features: str,
+    data_dir: str,
+    seed: int,
+    batch_size: int,
+    save_dir: Path,
+    use_ema: bool = True,
+    compile: bool = False,
+    judge: bool = True,
+) -> Optional[dict]:
     """--evaluate --sweep: evaluate every cell not yet on disk (measured by the data set's judge too, unless not
     `judge`), rank them, write the table, the picture and the best setting; return the best cell's record (rank 0;
     None elsewhere)."""
@@ -110,7 +134,9 @@ def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runt
 
             dist.barrier()
         weights |= {f"{s:.3f}": Path(model_path).parent / f"posthoc_ema_{s:.3f}.safetensors" for s in sweep_ema}
-    guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else []) or ["none"]
+    guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else []) or [
+        "none"
+    ]
     data_judge = None
     if judge and runtime.is_main:
         data_judge = judge_of_model_data(main.description.data, data_dir, str(runtime.device))
@@ -120,12 +146,15 @@ def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runt
         ranked_by = f"{metric.upper()} on {extractor_name} features"
         if metric == "judge":
             ranked_by = f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})"
-        print(f"sweep: ranking by {ranked_by}"
-              f"{'' if metric == 'fid' else f' (no Inception weights at {inception_weights_path()}; compare only with each other)'}")
+        print(
+            f"sweep: ranking by {ranked_by}"
+            f"{'' if metric == 'fid' else f' (no Inception weights at {inception_weights_path()}; compare only with each other)'}"
+        )
         extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
         data = main.description.data
-        reference = reference_statistics(data["dataset"], data_dir, data["image_size"], extractor_name, extractor, batch_size,
-                                         str(runtime.device))
+        reference = reference_statistics(
+            data["dataset"], data_dir, data["image_size"], extractor_name, extractor, batch_size, str(runtime.device)
+        )
     samplers = samplers or [(settings.sampler, settings.steps)]
     cells = cells_of(list(weights), guidance, scales, samplers)
     rows, networks, guides = [], {}, {}  # each network (and its guide) loaded once, at its first unfinished cell
@@ -134,27 +163,61 @@ def run_sweep(model_path: Path, kind: SampleKind, settings: SamplingConfig, runt
         if record is None:
             if cell.ema not in networks:
                 networks[cell.ema] = load_model(weights[cell.ema], str(runtime.device), use_ema, compile)
-                guides[cell.ema] = load_guide(settings.guide_model, networks[cell.ema], runtime.device, use_ema, compile)
-            record = evaluate_cell(cell, networks[cell.ema], guides[cell.ema], kind, settings, runtime, num_samples=num_samples, seed=seed,
-                                   batch_size=batch_size, extractor_name=extractor_name, extractor=extractor, reference=reference,
-                                   save_dir=save_dir, metric=metric, judge=data_judge)
+                guides[cell.ema] = load_guide(
+                    settings.guide_model, networks[cell.ema], runtime.device, use_ema, compile
+                )
+            record = evaluate_cell(
+                cell,
+                networks[cell.ema],
+                guides[cell.ema],
+                kind,
+                settings,
+                runtime,
+                num_samples=num_samples,
+                seed=seed,
+                batch_size=batch_size,
+                extractor_name=extractor_name,
+                extractor=extractor,
+                reference=reference,
+                save_dir=save_dir,
+                metric=metric,
+                judge=data_judge,
+            )
         rows.append(record)
     if not runtime.is_main:
         return None
     best = min(rows, key=lambda row: row["value"] if math.isfinite(row["value"]) else math.inf)
-    best_setting = {"metric": metric, "value": best["value"], "weights": str(weights[best["ema"]]), "sampler": best["sampler"],
-                    "steps": best["steps"], "guidance_scale": best["scale"],
-                    "guide_model": settings.guide_model if best["guidance"] == "auto" else None, "sweep": str(save_dir / "sweep.json")}
-    save_json({"metric": metric, "features": extractor_name, "num_samples": num_samples, "seed": seed, "cells": rows, "best": best_setting},
-              save_dir / "sweep.json")
+    best_setting = {
+        "metric": metric,
+        "value": best["value"],
+        "weights": str(weights[best["ema"]]),
+        "sampler": best["sampler"],
+        "steps": best["steps"],
+        "guidance_scale": best["scale"],
+        "guide_model": settings.guide_model if best["guidance"] == "auto" else None,
+        "sweep": str(save_dir / "sweep.json"),
+    }
+    save_json(
+        {
+            "metric": metric,
+            "features": extractor_name,
+            "num_samples": num_samples,
+            "seed": seed,
+            "cells": rows,
+            "best": best_setting,
+        },
+        save_dir / "sweep.json",
+    )
     table = sweep_table(rows, metric)
     atomic_write(save_dir / "sweep.md", lambda f: f.write(table.encode()))
     plot_sweep(rows, metric, save_dir / "sweep.png")
     save_json(best_setting, Path(model_path).parent / BEST_FILE)
     print(table, end="")
-    print(f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); "
-          f"wrote {Path(model_path).parent / BEST_FILE} "
-          f"(--inference --sampling_preset best uses it)")
+    print(
+        f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); "
+        f"wrote {Path(model_path).parent / BEST_FILE} "
+        f"(--inference --sampling_preset best uses it)"
+    )
     return best_setting
 
 
@@ -166,42 +229,75 @@ def cell_record(cell: Cell, save_dir: Path, metric: str) -> Optional[dict]:
     results = json.loads(path.read_text())
     figures = results.get("judge") or {}
     value = {"fid": results["fid"], "kid": (results["kid"] or {}).get("mean"), "judge": figures.get("distance")}[metric]
-    return {"name": cell.name, **vars(cell), "value": math.nan if value is None else value,
-            "class_consistency": results["class_consistency"],
-            "judge_class_accuracy": figures.get("class_accuracy"), "judge_distance": figures.get("distance"),
-            "judge_floor": figures.get("floor"), "judge_test_accuracy": figures.get("test_accuracy"),
-            "sampling_seconds": results["sampling_seconds"]}
+    return {
+        "name": cell.name,
+        **vars(cell),
+        "value": math.nan if value is None else value,
+        "class_consistency": results["class_consistency"],
+        "judge_class_accuracy": figures.get("class_accuracy"),
+        "judge_distance": figures.get("distance"),
+        "judge_floor": figures.get("floor"),
+        "judge_test_accuracy": figures.get("test_accuracy"),
+        "sampling_seconds": results["sampling_seconds"],
+    }
 
 
-def evaluate_cell(cell: Cell, loaded: LoadedModel, guide: Optional[LoadedModel], kind: SampleKind, settings: SamplingConfig,
-                  runtime: Runtime, *,
-                  save_dir: Path, metric: str, **evaluation) -> Optional[dict]:
+def evaluate_cell(
+    cell: Cell,
+    loaded: LoadedModel,
+    guide: Optional[LoadedModel],
+    kind: SampleKind,
+    settings: SamplingConfig,
+    runtime: Runtime,
+    *,
+    save_dir: Path,
+    metric: str,
+    **evaluation,
+) -> Optional[dict]:
     """Sample and measure one cell (all ranks sample; rank 0 measures and writes its evaluation.json); `guide` guides
     the autoguidance cells."""
-    cell_settings = replace(settings, sampler=cell.sampler, steps=cell.steps, guidance_scale=cell.scale,
-                            guide_model=settings.guide_model if cell.guidance == "auto" else None)
+    cell_settings = replace(
+        settings,
+        sampler=cell.sampler,
+        steps=cell.steps,
+        guidance_scale=cell.scale,
+        guide_model=settings.guide_model if cell.guidance == "auto" else None,
+    )
     check_sampling_steps(cell.steps, loaded)
-    evaluate_one_setting(loaded, kind, cell_settings, runtime, out_dir=save_dir / "cells" / cell.name,
-                         guide=guide if cell.guidance == "auto" else None, **evaluation)
+    evaluate_one_setting(
+        loaded,
+        kind,
+        cell_settings,
+        runtime,
+        out_dir=save_dir / "cells" / cell.name,
+        guide=guide if cell.guidance == "auto" else None,
+        **evaluation,
+    )
     return cell_record(cell, save_dir, metric) if runtime.is_main else None
 
 
 def sweep_table(rows: list[dict], metric: str) -> str:
     """One line per cell, best first; the judge's class accuracy and distance (floor) where it measured them."""
     show = lambda value, digits: "-" if value is None else f"{value:.{digits}f}"  # noqa: E731
-    lines = [f"| EMA | guidance | w | sampler | steps | {METRIC_NAMES[metric]} | class consistency | "
-             "judge class accuracy | judge distance (floor) | sampling s |", "| --- " * 10 + "|"]
+    lines = [
+        f"| EMA | guidance | w | sampler | steps | {METRIC_NAMES[metric]} | class consistency | "
+        "judge class accuracy | judge distance (floor) | sampling s |",
+        "| --- " * 10 + "|",
+    ]
     for row in sorted(rows, key=lambda row: row["value"] if math.isfinite(row["value"]) else math.inf):
         distance = "-"
         if row.get("judge_distance") is not None:
             distance = f"{row['judge_distance']:.3f} ({row['judge_floor']:.3f})"
-        lines.append(f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | {row['value']:.4f} | "
-                     f"{show(row['class_consistency'], 3)} | {show(row.get('judge_class_accuracy'), 3)} | {distance} | "
-                     f"{row['sampling_seconds']:.1f} |")
+        lines.append(
+            f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | {row['value']:.4f} | "
+            f"{show(row['class_consistency'], 3)} | {show(row.get('judge_class_accuracy'), 3)} | {distance} | "
+            f"{row['sampling_seconds']:.1f} |"
+        )
     accuracies = {row.get("judge_test_accuracy") for row in rows} - {None}
     if accuracies:
-        lines.append(f"\nThe judge's accuracy on the real test images (the ceiling of its class accuracy): "
-                     f"{max(accuracies):.3f}")
+        lines.append(
+            f"\nThe judge's accuracy on the real test images (the ceiling of its class accuracy): {max(accuracies):.3f}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -214,7 +310,11 @@ def plot_sweep(rows: list[dict], metric: str, path: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for line in dict.fromkeys(Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line for r in rows):
-        points = sorted((r["scale"], r["value"]) for r in rows if Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line == line)
+        points = sorted(
+            (r["scale"], r["value"])
+            for r in rows
+            if Cell(r["ema"], r["guidance"], r["scale"], r["sampler"], r["steps"]).line == line
+        )
         axes.plot(*zip(*points), "o-", label=line)
     axes.set(xlabel="guidance scale w", ylabel=f"{METRIC_NAMES[metric]} (lower is better)")
     axes.grid(alpha=0.3)

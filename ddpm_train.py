@@ -11,6 +11,7 @@ Everything a run needs to continue bit-identically (weights, EMA, optimizer, LR 
 the data order, loss history, random states) goes into its checkpoint (`save_run_checkpoint`); what a resumed run
 does differently is decided here (`restore_run`, with ddpm_runstate's `restored_state` and `keep_global_batch`).
 """
+
 from __future__ import annotations
 
 import math
@@ -92,7 +93,9 @@ class TrainingRun:
     sampling: SamplingConfig  # the training samples' settings, every default resolved
     description: ModelDescription  # of the network, as its checkpoints describe it
     runtime: Runtime
-    model: torch.nn.Module  # the UNet or the MLP; wrapped in DistributedDataParallel under torchrun, compiled in place with --compile
+    model: (
+        torch.nn.Module
+    )  # the UNet or the MLP; wrapped in DistributedDataParallel under torchrun, compiled in place with --compile
     diffusion: Diffusion
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -144,11 +147,19 @@ class TrainingRun:
 
     def checkpoint_io(self) -> CheckpointIO:
         """The objects of the run's checkpoints, by the names the checkpoint files give them."""
-        return CheckpointIO(model=unwrap(self.model), ema=None if self.ema is None else self.ema.module, phema=self.phema,
-                            optimizer=self.optimizer, lr_scheduler=self.scheduler, scaler=self.scaler)
+        return CheckpointIO(
+            model=unwrap(self.model),
+            ema=None if self.ema is None else self.ema.module,
+            phema=self.phema,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            scaler=self.scaler,
+        )
 
 
-def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optional[tuple[Path, dict]] = None) -> Optional[Path]:
+def train(
+    config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optional[tuple[Path, dict]] = None
+) -> Optional[Path]:
     """Train as `config` says, from scratch or from `resume` (see ddpm_checkpoint.load_resume_checkpoint); return the
     path of the last checkpoint (None without --save_model). A resumed run that already reached its end says so and
     returns without writing anything."""
@@ -166,8 +177,12 @@ def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optiona
     if runtime.is_main:
         remove_stale_temporaries(run.run_dir)
     if runtime.world_size > 1:
-        run.model = DistributedDataParallel(run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if config.train.compile:  # in place, so state_dict keys stay the plain model's; after DDP, so graphs overlap its all-reduce
+        run.model = DistributedDataParallel(
+            run.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    if (
+        config.train.compile
+    ):  # in place, so state_dict keys stay the plain model's; after DDP, so graphs overlap its all-reduce
         run.model.compile()
     if runtime.is_main:
         announce(run, resume_path)
@@ -179,7 +194,9 @@ def train(config: RunConfig, data: DataSplits, runtime: Runtime, resume: Optiona
     return finish_training(run)
 
 
-def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Runtime, state: TrainState) -> TrainingRun:
+def build_run(
+    config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Runtime, state: TrainState
+) -> TrainingRun:
     """The model, EMA, optimizer, LR schedule and the run's counters, for a run that is at `state`."""
     train = config.train
     examples_per_step, steps_per_epoch, total_steps = plan_steps(train, len(data.train), kind, runtime, state)
@@ -193,28 +210,61 @@ def build_run(config: RunConfig, data: DataSplits, kind: SampleKind, runtime: Ru
     optimizer = build_optimizer(train, model)
     amp_dtype = autocast_dtype(train.amp, runtime.device)
     on_device = runtime.data_on_device
-    phema_every = (snapshot_interval(total_steps) if train.phema_every is None else train.phema_every) if train.save_model else 0
+    phema_every = (
+        (snapshot_interval(total_steps) if train.phema_every is None else train.phema_every) if train.save_model else 0
+    )
     sampling = kind.sampling_settings(config.sampling, config.diffusion.timesteps)
     return TrainingRun(
-        config=config, data=data, kind=kind, sampling=sampling,
-        description=ModelDescription.of_run(model, config, data), runtime=runtime, model=model,
-        diffusion=Diffusion(config.diffusion.timesteps, config.diffusion.schedule, prediction_type=config.diffusion.prediction_type,
-                            snr_gamma=config.diffusion.snr_gamma, variance=config.diffusion.variance).to(runtime.device),
-        optimizer=optimizer, scheduler=build_lr_scheduler(optimizer, warmup_steps, total_steps, train.lr_schedule),
-        scaler=torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16), ema=build_ema(model, train.ema_decay),
-        phema=PowerFunctionEMA(model) if phema_every else None, phema_every=phema_every,
-        amp_dtype=amp_dtype, state=state, counters=StepCounters(runtime.device),
+        config=config,
+        data=data,
+        kind=kind,
+        sampling=sampling,
+        description=ModelDescription.of_run(model, config, data),
+        runtime=runtime,
+        model=model,
+        diffusion=Diffusion(
+            config.diffusion.timesteps,
+            config.diffusion.schedule,
+            prediction_type=config.diffusion.prediction_type,
+            snr_gamma=config.diffusion.snr_gamma,
+            variance=config.diffusion.variance,
+        ).to(runtime.device),
+        optimizer=optimizer,
+        scheduler=build_lr_scheduler(optimizer, warmup_steps, total_steps, train.lr_schedule),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16),
+        ema=build_ema(model, train.ema_decay),
+        phema=PowerFunctionEMA(model) if phema_every else None,
+        phema_every=phema_every,
+        amp_dtype=amp_dtype,
+        state=state,
+        counters=StepCounters(runtime.device),
         log=RunLog(Path(train.save_dir), train.run_name, train.logger, enabled=runtime.is_main),
-        steps_per_epoch=steps_per_epoch, examples_per_step=examples_per_step, total_steps=total_steps, warmup_steps=warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        examples_per_step=examples_per_step,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
         eval_examples=evaluation_subset_size(steps_per_epoch * examples_per_step),
         sample_count=kind.training_count(train.num_samples, num_classes),
-        **dict(zip(("quality", "quality_note"), build_quality_curve(
-            config, kind, runtime, sampling, num_classes, planned_images=total_steps * examples_per_step,
-            continues=state.quality_due is not None))),
+        **dict(
+            zip(
+                ("quality", "quality_note"),
+                build_quality_curve(
+                    config,
+                    kind,
+                    runtime,
+                    sampling,
+                    num_classes,
+                    planned_images=total_steps * examples_per_step,
+                    continues=state.quality_due is not None,
+                ),
+            )
+        ),
         train_images=data.train.images.to(runtime.device) if on_device else data.train.images,
-        train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels, start_step=state.step,
+        train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels,
+        start_step=state.step,
         save_every_seconds=60 * (SAVE_EVERY_MINUTES if train.save_every_minutes is None else train.save_every_minutes)
-        if train.save_model else 0.0,
+        if train.save_model
+        else 0.0,
     )
 
 
@@ -246,28 +296,52 @@ def save_run_checkpoint(run: TrainingRun, path: Path) -> None:
     rng_per_rank = gather_rng_states(run.runtime)
     if not run.runtime.is_main:
         return
-    run.checkpoint_io().save(path, run.description, {
-        "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0, "train_state": asdict(run.state),
-        "config": run.config.to_dict(), "runtime": {"world_size": run.runtime.world_size, "global_batch": run.examples_per_step},
-        "rng": rng_state(),
-        "rng_per_rank": rng_per_rank})
+    run.checkpoint_io().save(
+        path,
+        run.description,
+        {
+            "ema_num_updates": int(run.ema.num_updates) if run.ema is not None else 0,
+            "train_state": asdict(run.state),
+            "config": run.config.to_dict(),
+            "runtime": {"world_size": run.runtime.world_size, "global_batch": run.examples_per_step},
+            "rng": rng_state(),
+            "rng_per_rank": rng_per_rank,
+        },
+    )
     sampling_model = run.ema.module if run.ema is not None else unwrap(run.model)
-    save_weights(sampling_model.state_dict(), run.description.to_dict() | {
-        "train_state": {"step": run.state.step}, "weights": "ema" if run.ema is not None else "raw"}, weights_path(path))
+    save_weights(
+        sampling_model.state_dict(),
+        run.description.to_dict()
+        | {"train_state": {"step": run.state.step}, "weights": "ema" if run.ema is not None else "raw"},
+        weights_path(path),
+    )
 
 
 def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
     """The start-up lines (ddpm_logging.print_run_summary), and where a resumed run continues."""
     data = run.data
-    print_run_summary(run.config, run.sampling, run.kind, parameters=count_parameters(unwrap(run.model)), num_classes=data.num_classes,
-                      split_sizes=(len(data.train), len(data.val), len(data.test)), steps_per_epoch=run.steps_per_epoch,
-                      total_steps=run.total_steps, warmup_steps=run.warmup_steps, ema=run.ema,
-                      phema=None if run.phema is None else (run.phema.sigma_rels, run.phema_every), hflip=data.train.hflip,
-                      eval_examples=run.eval_examples, sample_count=run.sample_count)
+    print_run_summary(
+        run.config,
+        run.sampling,
+        run.kind,
+        parameters=count_parameters(unwrap(run.model)),
+        num_classes=data.num_classes,
+        split_sizes=(len(data.train), len(data.val), len(data.test)),
+        steps_per_epoch=run.steps_per_epoch,
+        total_steps=run.total_steps,
+        warmup_steps=run.warmup_steps,
+        ema=run.ema,
+        phema=None if run.phema is None else (run.phema.sigma_rels, run.phema_every),
+        hflip=data.train.hflip,
+        eval_examples=run.eval_examples,
+        sample_count=run.sample_count,
+    )
     train = run.config.train
     if run.save_every_seconds:
         source = "derived" if train.save_every_minutes is None else "--save_every_minutes"
-        print(f"ckpt.pt refreshed at every epoch's end and every {run.save_every_seconds / 60:g} minutes of training ({source})")
+        print(
+            f"ckpt.pt refreshed at every epoch's end and every {run.save_every_seconds / 60:g} minutes of training ({source})"
+        )
     print(run.quality_note)
     if resume_path is not None:
         print(f"continuing {resume_path} at step {run.state.step} (epoch {run.state.epoch + 1})")
@@ -290,10 +364,24 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
     schedule, and at intervals the logged figures (--log_interval) and ckpt.pt (--save_every_steps, and on every rank
     after the same step once rank 0 finds --save_every_minutes passed); a signal stops it after a step."""
     train, state, runtime = run.config.train, run.state, run.runtime
-    epoch = EpochData(epoch_batches(len(run.data.train), train.batch_size, runtime, train.seed, state.epoch, state.epoch_position,
-                                    run.train_images.device), run.train_images, run.train_labels, run.data.train.hflip)
+    epoch = EpochData(
+        epoch_batches(
+            len(run.data.train),
+            train.batch_size,
+            runtime,
+            train.seed,
+            state.epoch,
+            state.epoch_position,
+            run.train_images.device,
+        ),
+        run.train_images,
+        run.train_labels,
+        run.data.train.hflip,
+    )
     remaining = min((run.epoch_examples - state.epoch_position) // run.examples_per_step, run.total_steps - state.step)
-    bar = tqdm(total=remaining, desc=f"epoch {state.epoch + 1}", disable=not runtime.is_main, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=remaining, desc=f"epoch {state.epoch + 1}", disable=not runtime.is_main, dynamic_ncols=True, leave=False
+    )
     loop_start, saving = time.perf_counter(), 0.0
     window_start, window_steps = loop_start, 0
     for _ in range(remaining):
@@ -309,9 +397,19 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
         bar.update(1)
         if state.step % train.log_interval == 0:
             read_counters(run)
-            log_step(run.log, bar, step=state.step, epoch=state.epoch + 1, loss=loss, lr=run.scheduler.get_last_lr()[0],
-                     grad_norm=grad_norm, skip=skip, images_per_s=window_steps * run.examples_per_step / (time.perf_counter() - window_start),
-                     device=runtime.device, nonfinite_skipped=state.nonfinite_skipped)
+            log_step(
+                run.log,
+                bar,
+                step=state.step,
+                epoch=state.epoch + 1,
+                loss=loss,
+                lr=run.scheduler.get_last_lr()[0],
+                grad_norm=grad_norm,
+                skip=skip,
+                images_per_s=window_steps * run.examples_per_step / (time.perf_counter() - window_start),
+                device=runtime.device,
+                nonfinite_skipped=state.nonfinite_skipped,
+            )
             window_start, window_steps = time.perf_counter(), 0
         if run.phema is not None and state.step % run.phema_every == 0 and runtime.is_main:
             save_start = time.perf_counter()
@@ -351,7 +449,10 @@ def train_step(run: TrainingRun, epoch: EpochData) -> tuple[torch.Tensor, torch.
         labels = drop_labels(labels, train.p_uncond, null_label) if null_label is not None else None
         t = torch.randint(0, run.diffusion.num_timesteps, (x0.shape[0],), device=runtime.device)
         last_micro = micro == train.grad_accum - 1
-        with maybe_no_sync(model, last_micro), torch.autocast(runtime.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        with (
+            maybe_no_sync(model, last_micro),
+            torch.autocast(runtime.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None),
+        ):
             micro_loss = run.diffusion.p_losses(model, x0, t, labels, loss_type=run.config.diffusion.loss_type)
         run.scaler.scale(micro_loss / train.grad_accum).backward()
         loss += micro_loss.detach().float() / train.grad_accum
@@ -370,11 +471,15 @@ def read_counters(run: TrainingRun) -> None:
     state.epoch_loss_count += loss_count
     state.nonfinite_skipped += skipped
     if skipped and run.runtime.is_main:
-        tqdm.write(f"step {state.step}: {skipped} step(s) skipped since the last report, for a non-finite loss or "
-                   f"gradient ({state.nonfinite_skipped} so far)")
+        tqdm.write(
+            f"step {state.step}: {skipped} step(s) skipped since the last report, for a non-finite loss or "
+            f"gradient ({state.nonfinite_skipped} so far)"
+        )
     if longest >= MAX_NONFINITE_STEPS:
-        raise UsageError(f"{longest} non-finite losses in a row by step {state.step}: stopping; "
-                         f"the last checkpoint is kept (try a lower --lr, or --amp bf16/none)")
+        raise UsageError(
+            f"{longest} non-finite losses in a row by step {state.step}: stopping; "
+            f"the last checkpoint is kept (try a lower --lr, or --amp bf16/none)"
+        )
 
 
 def end_epoch(run: TrainingRun) -> None:
@@ -402,12 +507,31 @@ def end_epoch(run: TrainingRun) -> None:
     best_quality = record_quality(run, final)
     if run.runtime.is_main:
         total = time.perf_counter() - run.started
-        report_epoch(run.log, entry, full, kind.epoch_text(entry), state.history, Path(train.save_dir), train.run_name,
-                     seconds_total=total, seconds_in_steps=run.seconds_in_steps, device=run.runtime.device)
+        report_epoch(
+            run.log,
+            entry,
+            full,
+            kind.epoch_text(entry),
+            state.history,
+            Path(train.save_dir),
+            train.run_name,
+            seconds_total=total,
+            seconds_in_steps=run.seconds_in_steps,
+            device=run.runtime.device,
+        )
     if picture and run.runtime.is_main:
-        kind.save_training_pictures(samples, labels, state.progression, title=f"epoch {state.epoch + 1}, step {state.step}",
-                                    epoch=state.epoch + 1, step=state.step, save_dir=Path(train.save_dir), run_name=train.run_name,
-                                    diffusion=run.diffusion, log=run.log)
+        kind.save_training_pictures(
+            samples,
+            labels,
+            state.progression,
+            title=f"epoch {state.epoch + 1}, step {state.step}",
+            epoch=state.epoch + 1,
+            step=state.step,
+            save_dir=Path(train.save_dir),
+            run_name=train.run_name,
+            diffusion=run.diffusion,
+            log=run.log,
+        )
     if epoch_done:  # advance before saving, so a checkpoint taken here resumes at the next epoch
         state.epoch += 1
         state.epoch_position = 0
@@ -423,19 +547,40 @@ def epoch_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) -> 
     train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else math.nan
     if epoch_done:  # a last partial epoch's entry is replaced on resume, so its steps count again then
         state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-    entry = {"epochs": state.epoch, "steps": state.step, "train_loss": train_loss, "val_loss": subset["val"],
-             "test_loss": subset["test"], "lr": run.scheduler.get_last_lr()[0], "eval_examples": run.eval_examples}
+    entry = {
+        "epochs": state.epoch,
+        "steps": state.step,
+        "train_loss": train_loss,
+        "val_loss": subset["val"],
+        "test_loss": subset["test"],
+        "lr": run.scheduler.get_last_lr()[0],
+        "eval_examples": run.eval_examples,
+    }
     if full_at is None:
         return entry, None
     full = {split: split_loss(run, split, None) for split in ("val", "test")}
-    return entry, {"epoch": state.epoch, "step": state.step, "at": full_at, "val_loss": full["val"], "test_loss": full["test"]}
+    return entry, {
+        "epoch": state.epoch,
+        "step": state.step,
+        "at": full_at,
+        "val_loss": full["val"],
+        "test_loss": full["test"],
+    }
 
 
 def split_loss(run: TrainingRun, split: str, count: Optional[int]) -> float:
     """The loss of the evaluation weights on the first `count` examples (all: None) of a split, with fixed timesteps
     and noise per example (`evaluation_loss`)."""
-    return evaluation_loss(run.eval_model(), run.diffusion, getattr(run.data, split), run.runtime, seed=EVAL_SEEDS[split],
-                           batch_size=run.config.train.batch_size, loss_type=run.config.diffusion.loss_type, count=count)
+    return evaluation_loss(
+        run.eval_model(),
+        run.diffusion,
+        getattr(run.data, split),
+        run.runtime,
+        seed=EVAL_SEEDS[split],
+        batch_size=run.config.train.batch_size,
+        loss_type=run.config.diffusion.loss_type,
+        count=count,
+    )
 
 
 def record_quality(run: TrainingRun, final: bool) -> bool:
@@ -446,15 +591,23 @@ def record_quality(run: TrainingRun, final: bool) -> bool:
     if curve is None or not curve.due(images_seen, state.quality_due, final):
         return False
     trained = (state.step - run.start_step) * run.examples_per_step
-    point, state.quality_due = curve.record(run.eval_model(), run.diffusion, run.runtime, images_seen=images_seen, step=state.step,
-                                            seconds_per_image=run.seconds_in_steps / trained if trained else 0.0,
-                                            epoch_examples=run.epoch_examples)
+    point, state.quality_due = curve.record(
+        run.eval_model(),
+        run.diffusion,
+        run.runtime,
+        images_seen=images_seen,
+        step=state.step,
+        seconds_per_image=run.seconds_in_steps / trained if trained else 0.0,
+        epoch_examples=run.epoch_examples,
+    )
     state.history.setdefault("quality", []).append(point)
     best = point["value"] < state.best_quality
     if best:
         state.best_quality = point["value"]
     if run.runtime.is_main:
-        report_point(point, state.history["quality"], run.log, Path(run.config.train.save_dir), run.config.train.run_name)
+        report_point(
+            point, state.history["quality"], run.log, Path(run.config.train.save_dir), run.config.train.run_name
+        )
     return best
 
 
@@ -465,8 +618,18 @@ def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Ten
     was_training = model.training
     model.eval()
     labels = every_class_in_turn(run.data.num_classes if run.config.model.conditional else None, run.sample_count)
-    samples = generate(model, run.diffusion, run.kind, run.sample_count, labels, run.sampling, run.config.train.seed,
-                       run.config.train.batch_size, run.runtime, desc="samples")
+    samples = generate(
+        model,
+        run.diffusion,
+        run.kind,
+        run.sample_count,
+        labels,
+        run.sampling,
+        run.config.train.seed,
+        run.config.train.batch_size,
+        run.runtime,
+        desc="samples",
+    )
     model.train(was_training)
     return samples, labels
 
@@ -494,8 +657,11 @@ def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:
         dist.barrier(group=run.runtime.control_group)
     if run.runtime.is_main:
         reason = f"{stop.signal_name} received" if stop.signal_name else "another process was signalled"
-        print(f"{reason}: stopped after step {run.state.step}; checkpoint saved to {run.last_path}; "
-              f"the same command continues the run", file=sys.stderr)
+        print(
+            f"{reason}: stopped after step {run.state.step}; checkpoint saved to {run.last_path}; "
+            f"the same command continues the run",
+            file=sys.stderr,
+        )
     raise SystemExit(stop.exit_status)
 
 
@@ -504,13 +670,23 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
     train = run.config.train
     if run.runtime.is_main:
         total = time.perf_counter() - run.started
-        print(f"time: {run.seconds_in_steps:.0f} s in optimizer steps, {total - run.seconds_in_steps:.0f} s outside them "
-              f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)")
+        print(
+            f"time: {run.seconds_in_steps:.0f} s in optimizer steps, {total - run.seconds_in_steps:.0f} s outside them "
+            f"({(total - run.seconds_in_steps) / total:.0%}: data, evaluation, grids, checkpoints)"
+        )
         if run.quality is not None and run.seconds_in_steps:
-            print(f"quality curve: {run.quality.seconds:.0f} s, {run.quality.seconds / run.seconds_in_steps:.1%} of the time in "
-                  f"optimizer steps")
-        run.log.write({"kind": "end", "step": run.state.step, "seconds_in_steps": round(run.seconds_in_steps, 3),
-                       "seconds_outside_steps": round(total - run.seconds_in_steps, 3)})
+            print(
+                f"quality curve: {run.quality.seconds:.0f} s, {run.quality.seconds / run.seconds_in_steps:.1%} of the time in "
+                f"optimizer steps"
+            )
+        run.log.write(
+            {
+                "kind": "end",
+                "step": run.state.step,
+                "seconds_in_steps": round(run.seconds_in_steps, 3),
+                "seconds_outside_steps": round(total - run.seconds_in_steps, 3),
+            }
+        )
         if train.save_model:
             print(f"checkpoint: {run.last_path}")
     run.log.close()

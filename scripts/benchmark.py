@@ -17,6 +17,7 @@ examples do: the same autocast as ours, no compile, default memory format. The m
 each round (ours, theirs, ...), and each ratio is the median of the per-round ratios, so that background
 load drifting on a shared machine hits every model alike.
 """
+
 import argparse
 import json
 import platform
@@ -33,17 +34,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tool's modules live one level up
 
-from ddpm_diffusion import Diffusion  # noqa: E402
 from ddpm_config import DiffusionConfig, ModelConfig, RunConfig, SamplingConfig, TrainConfig  # noqa: E402
 from ddpm_data import DataSplits, Split  # noqa: E402
 from ddpm_diffusers import unet2d_config  # noqa: E402
+from ddpm_diffusion import Diffusion  # noqa: E402
+from ddpm_kinds import ImageKind  # noqa: E402
 from ddpm_model import PRESETS, UNet, count_parameters, preset_config  # noqa: E402
 from ddpm_optim import build_lr_scheduler, build_optimizer  # noqa: E402
+from ddpm_runstate import TrainState  # noqa: E402
 from ddpm_runtime import Runtime, autocast_dtype, enable_tf32  # noqa: E402
 from ddpm_samplers import SAMPLERS  # noqa: E402
 from ddpm_sampling import generate  # noqa: E402
-from ddpm_kinds import ImageKind  # noqa: E402
-from ddpm_runstate import TrainState  # noqa: E402
 from ddpm_train import EpochData, build_run, train_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendor data sheets (TFLOP/s), matched in order against the
@@ -63,12 +64,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--channels_last", action="store_true", help="channels-last memory format for our model")
     parser.add_argument("--no_tf32", action="store_true", help="keep float32 matmuls in full precision on CUDA")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (compilation happens here)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each model in turn); medians are reported")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed rounds (each model in turn); medians are reported"
+    )
     parser.add_argument("--iters", type=int, default=2, help="steps per model per round")
     parser.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     parser.add_argument("--sampling_steps", type=int, default=20, help="network evaluations of the timed sampler run")
     parser.add_argument("--timesteps", type=int, default=1000)
-    parser.add_argument("--compare", action="store_true", help="also time diffusers' UNet2DModel and denoising-diffusion-pytorch's Unet")
+    parser.add_argument(
+        "--compare", action="store_true", help="also time diffusers' UNet2DModel and denoising-diffusion-pytorch's Unet"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -109,7 +114,9 @@ def lucidrains_unet(config: dict) -> Optional[nn.Module]:
         from denoising_diffusion_pytorch import Unet
     except ImportError:
         return None
-    return NoisePredictor(Unet(dim=config["base_dim"], dim_mults=tuple(config["dim_mults"]), dropout=config["dropout"]), False)
+    return NoisePredictor(
+        Unet(dim=config["base_dim"], dim_mults=tuple(config["dim_mults"]), dropout=config["dropout"]), False
+    )
 
 
 def build_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list[str]]:
@@ -119,8 +126,10 @@ def build_models(args: argparse.Namespace) -> tuple[dict[str, nn.Module], list[s
     models: dict[str, nn.Module] = {f"ours ({args.model_size})": ours}
     notes = []
     if args.compare:
-        for name, package, net in (("diffusers UNet2DModel", "diffusers", diffusers_unet(ours.config)),
-                                   ("denoising-diffusion-pytorch Unet", "denoising-diffusion-pytorch", lucidrains_unet(config))):
+        for name, package, net in (
+            ("diffusers UNet2DModel", "diffusers", diffusers_unet(ours.config)),
+            ("denoising-diffusion-pytorch Unet", "denoising-diffusion-pytorch", lucidrains_unet(config)),
+        ):
             if net is None:
                 notes.append(f"{name} skipped: `pip install {package}` to compare")
             else:
@@ -154,15 +163,29 @@ def timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def train_step_fn(model: nn.Module, args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> Callable[[], None]:
+def train_step_fn(
+    model: nn.Module, args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format
+) -> Callable[[], None]:
     """The tool's own training step (ddpm_train.train_step, with its optimizer, autocast and non-finite skip) on a
     run of random images already on the device, with `model` as the run's network."""
-    config = RunConfig(model=ModelConfig(preset=args.model_size), diffusion=DiffusionConfig(timesteps=args.timesteps),
-                       train=TrainConfig(batch_size=args.batch_size, amp=args.amp, channels_last=memory_format == torch.channels_last))
+    config = RunConfig(
+        model=ModelConfig(preset=args.model_size),
+        diffusion=DiffusionConfig(timesteps=args.timesteps),
+        train=TrainConfig(batch_size=args.batch_size, amp=args.amp, channels_last=memory_format == torch.channels_last),
+    )
     runtime = Runtime(device)
-    images = torch.randint(0, 256, (args.batch_size * 4, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)
+    images = torch.randint(
+        0, 256, (args.batch_size * 4, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device
+    )
     labels = torch.zeros(len(images), dtype=torch.int64, device=device)
-    data = DataSplits(Split(images, labels), Split(images[:1], labels[:1]), Split(images[:1], labels[:1]), ["image"], 3, args.image_size)
+    data = DataSplits(
+        Split(images, labels),
+        Split(images[:1], labels[:1]),
+        Split(images[:1], labels[:1]),
+        ["image"],
+        3,
+        args.image_size,
+    )
     run = build_run(config, data, ImageKind(3, args.image_size), runtime, TrainState())
     run.model, run.optimizer = model, build_optimizer(config.train, model)
     run.scheduler = build_lr_scheduler(run.optimizer, run.warmup_steps, run.total_steps, config.train.lr_schedule)
@@ -174,10 +197,14 @@ def train_step_fn(model: nn.Module, args: argparse.Namespace, device: torch.devi
     return step
 
 
-def eval_fn(model: nn.Module, args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format) -> Callable[[], None]:
+def eval_fn(
+    model: nn.Module, args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format
+) -> Callable[[], None]:
     """One network evaluation at sampling time (no gradients, eval mode, the training autocast)."""
     amp_dtype = autocast_dtype(args.amp, device)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(memory_format=memory_format)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).contiguous(
+        memory_format=memory_format
+    )
     t = torch.full((args.batch_size,), args.timesteps // 2, device=device, dtype=torch.long)
 
     @torch.no_grad()
@@ -193,12 +220,24 @@ def sampler_fn(model: nn.Module, args: argparse.Namespace, device: torch.device)
     (ddpm_sampling.generate, with --amp as the network's autocast)."""
     diffusion = Diffusion(args.timesteps).to(device)
     kind = ImageKind(3, args.image_size)
-    settings = kind.sampling_settings(SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, amp=args.amp), args.timesteps)
+    settings = kind.sampling_settings(
+        SamplingConfig(sampler=args.sampler, steps=args.sampling_steps, amp=args.amp), args.timesteps
+    )
     runtime = Runtime(device)
 
     def sample() -> None:
-        generate(model, diffusion, kind, args.batch_size, None, settings, seed=0,
-                 batch_size=args.batch_size, runtime=runtime, desc="benchmark")
+        generate(
+            model,
+            diffusion,
+            kind,
+            args.batch_size,
+            None,
+            settings,
+            seed=0,
+            batch_size=args.batch_size,
+            runtime=runtime,
+            desc="benchmark",
+        )
 
     return sample
 
@@ -220,7 +259,9 @@ def peak_memory_mb(device: torch.device, held_by_others: int) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def interleaved_timings(fns: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def interleaved_timings(
+    fns: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device
+) -> dict[str, list[float]]:
     """Warm every fn up, then time them in turn, round after round: seconds per call, one entry per round."""
     for fn in fns.values():
         for _ in range(args.warmup):
@@ -232,7 +273,9 @@ def interleaved_timings(fns: dict[str, Callable[[], None]], args: argparse.Names
     return rounds
 
 
-def first_steps(train_fns: dict[str, Callable[[], None]], models: dict[str, nn.Module], device: torch.device) -> dict[str, dict]:
+def first_steps(
+    train_fns: dict[str, Callable[[], None]], models: dict[str, nn.Module], device: torch.device
+) -> dict[str, dict]:
     """Each model's first training step (compilation, autotuning), one model at a time: {"first_step_s", "peak_memory_mb"}."""
     results = {}
     for name, fn in train_fns.items():
@@ -280,19 +323,27 @@ def environment(device: torch.device) -> dict:
 
 
 def print_table(results: list[dict], env: dict, args: argparse.Namespace) -> None:
-    header = (f"{'model':34} {'params':>8} {'GFLOP/img':>9} {'train img/s':>11} {'ours/it':>7} {'eval img/s':>10} {'ours/it':>7} "
-              f"{'sampler img/s':>13} {'peak MB':>8} {'MFU':>6}")
-    print(f"{args.model_size} preset, batch {args.batch_size}, {args.image_size}x{args.image_size}, {env['device']} "
-          f"({env['cpu_threads']} threads), torch {env['torch']}, amp {args.amp}, compile {args.compile}, "
-          f"channels_last {args.channels_last}; median of {args.repeats} rounds of {args.iters} steps")
+    header = (
+        f"{'model':34} {'params':>8} {'GFLOP/img':>9} {'train img/s':>11} {'ours/it':>7} {'eval img/s':>10} {'ours/it':>7} "
+        f"{'sampler img/s':>13} {'peak MB':>8} {'MFU':>6}"
+    )
+    print(
+        f"{args.model_size} preset, batch {args.batch_size}, {args.image_size}x{args.image_size}, {env['device']} "
+        f"({env['cpu_threads']} threads), torch {env['torch']}, amp {args.amp}, compile {args.compile}, "
+        f"channels_last {args.channels_last}; median of {args.repeats} rounds of {args.iters} steps"
+    )
     print(header)
     for r in results:
         sampler = f"{r['sampler_images_per_s']:.2f}" if r["sampler_images_per_s"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['model']:34} {r['params'] / 1e6:7.2f}M {r['gflop_per_image_forward']:9.2f} {r['train_images_per_s']:11.2f} "
-              f"{r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} {r['eval_ratio_ours_over_this']:7.2f} "
-              f"{sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}")
-    print(f"ours/it: its time over ours, median over the rounds (>1: ours is faster); sampler: {args.sampler}, {args.sampling_steps} steps")
+        print(
+            f"{r['model']:34} {r['params'] / 1e6:7.2f}M {r['gflop_per_image_forward']:9.2f} {r['train_images_per_s']:11.2f} "
+            f"{r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} {r['eval_ratio_ours_over_this']:7.2f} "
+            f"{sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}"
+        )
+    print(
+        f"ours/it: its time over ours, median over the rounds (>1: ours is faster); sampler: {args.sampler}, {args.sampling_steps} steps"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -303,14 +354,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.manual_seed(0)
     models, notes = build_models(args)
     ours = next(iter(models))
-    memory_formats = {name: torch.channels_last if args.channels_last and name == ours else torch.contiguous_format for name in models}
+    memory_formats = {
+        name: torch.channels_last if args.channels_last and name == ours else torch.contiguous_format for name in models
+    }
     runnable = {}
     for name, model in models.items():
         model = model.to(device, memory_format=memory_formats[name]).train()
         runnable[name] = torch.compile(model) if args.compile and name == ours else model
     flops = {name: forward_flops(model, args.image_size, device) for name, model in models.items()}
 
-    results = {name: {"model": name, "params": count_parameters(model), "gflop_per_image_forward": flops[name] / 1e9} for name, model in models.items()}
+    results = {
+        name: {"model": name, "params": count_parameters(model), "gflop_per_image_forward": flops[name] / 1e9}
+        for name, model in models.items()
+    }
     train_fns = {name: train_step_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}
     for name, first in first_steps(train_fns, models, device).items():
         results[name].update(first)
@@ -319,7 +375,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     for model in runnable.values():
         model.eval()
-    eval_s = interleaved_timings({name: eval_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}, args, device)
+    eval_s = interleaved_timings(
+        {name: eval_fn(model, args, device, memory_formats[name]) for name, model in runnable.items()}, args, device
+    )
     sampler_s = interleaved_timings({ours: sampler_fn(runnable[ours], args, device)}, args, device)
 
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -336,8 +394,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     for note in notes:
         print(note)
     if args.out:
-        Path(args.out).write_text(json.dumps({"config": vars(args), "environment": env, "peak_bf16_tflops": peak,
-                                              "results": list(results.values()), "notes": notes}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "config": vars(args),
+                    "environment": env,
+                    "peak_bf16_tflops": peak,
+                    "results": list(results.values()),
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

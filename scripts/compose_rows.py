@@ -4,6 +4,7 @@
 
 Each DIR is a --save_dir of `ddpm_main.py --inference` (it reads DIR/samples.npz).
 """
+
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def main(argv: list[str]) -> int:
         directory, _, label = spec.partition(":")
         npz = Path(directory) / "samples.npz"
         if not npz.is_file():
-            print(f"error: {npz} not found (run ddpm_main.py --inference --save_dir {directory} first)", file=sys.stderr)
+            print(
+                f"error: {npz} not found (run ddpm_main.py --inference --save_dir {directory} first)", file=sys.stderr
+            )
             return 2
         rows.append((label or directory, torch.from_numpy(np.load(npz)["arr_0"])))
     save_labelled_rows(rows, argv[0])

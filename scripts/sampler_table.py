@@ -9,6 +9,7 @@ e.g. ddpm:1000, the full ancestral chain), class consistency and sampling time. 
 also run with the next seed, which measures the noise floor of these distances at this sample count.
 Extra flags go to every run, e.g. --fid_num_samples 256 --fid_features random-conv --guidance_scale 3.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -23,8 +24,22 @@ from ddpm_evaluate import FEATURE_EXTRACTORS, extract_features, feature_statisti
 
 def evaluate(model: str, out_dir: Path, sampler: str, steps: str, seed: int, extra: list[str]) -> Path:
     save_dir = out_dir / f"{sampler}_{steps}" if seed == 0 else out_dir / f"{sampler}_{steps}_seed{seed}"
-    code = ddpm_main.main(["--evaluate", "--model_path", model, "--sampler", sampler, "--sampling_steps", steps,
-                           "--save_dir", str(save_dir), *extra, "--seed", str(seed)])
+    code = ddpm_main.main(
+        [
+            "--evaluate",
+            "--model_path",
+            model,
+            "--sampler",
+            sampler,
+            "--sampling_steps",
+            steps,
+            "--save_dir",
+            str(save_dir),
+            *extra,
+            "--seed",
+            str(seed),
+        ]
+    )
     if code != 0:
         sys.exit(code)
     return save_dir
@@ -49,12 +64,16 @@ def main(argv: list[str]) -> int:
     device = ddpm_main.select_device(ddpm_main.build_parser().parse_args(extra))
     extractor = FEATURE_EXTRACTORS[results[0]["feature_extractor"]](device)
     statistics = [sample_statistics(save_dir, extractor, device) for _, save_dir in runs]
-    lines = [f"| sampler, steps | FID vs training set | distance to {runs[0][0]} samples | class consistency | seconds |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| sampler, steps | FID vs training set | distance to {runs[0][0]} samples | class consistency | seconds |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for index, ((name, _), result, stats) in enumerate(zip(runs, results, statistics)):
         distance = "(reference)" if index == 0 else f"{frechet_distance(*stats, *statistics[0]):.3f}"
         consistency = "-" if result["class_consistency"] is None else f"{result['class_consistency']:.3f}"
-        lines.append(f"| {name} | {result['fid']:.3f} | {distance} | {consistency} | {result['sampling_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {result['fid']:.3f} | {distance} | {consistency} | {result['sampling_seconds']:.0f} |"
+        )
     table = "\n".join(lines) + "\n"
     (out_dir / "sampler_table.md").write_text(table)
     print(table, end="")

@@ -7,6 +7,7 @@
 * Analytic noise predictors (GaussianMixtureNoise) for the diffusion and sampler tests.
 * Small data sets in their real on-disk formats.
 """
+
 import hashlib
 import io
 import json
@@ -59,7 +60,11 @@ def weights_equal(a: dict, b: dict) -> bool:
 
 def tree_fingerprint(root: Path) -> dict[str, str]:
     """Every file under root (hidden ones included) by relative path, with the SHA-256 of its bytes."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -90,20 +95,31 @@ TINY = "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --b
 def trained_template(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     assert run_cli(f"{TINY} --max_steps 3 --save_model --run_name U --save_dir out_U", root) == 0
-    assert run_cli(f"{TINY} --max_steps 3 --save_model --run_name C --save_dir out_C --conditional --p_uncond 0.2 --lr 0.003", root) == 0
+    assert (
+        run_cli(
+            f"{TINY} --max_steps 3 --save_model --run_name C --save_dir out_C --conditional --p_uncond 0.2 --lr 0.003",
+            root,
+        )
+        == 0
+    )
     return root
 
 
 # A 2D run trained once per session (models/moons, outputs in out_moons/), to read only: 150 steps of the MLP on the
 # moons, conditional, sampled at the derived w = 1 (measured: sliced Wasserstein 0.119 against a floor of 0.068 at 500 samples).
-MOONS = ("--dataset moons --model_size mlp --mlp_width 64 --conditional --batch_size 256 --lr 3e-3 --timesteps 100 "
-         "--num_samples 500 --seed 0")
+MOONS = (
+    "--dataset moons --model_size mlp --mlp_width 64 --conditional --batch_size 256 --lr 3e-3 --timesteps 100 "
+    "--num_samples 500 --seed 0"
+)
 
 
 @pytest.fixture(scope="session")
 def trained_moons(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("moons")
-    assert run_cli(f"{MOONS} --max_steps 150 --sample_every 1 --save_model --run_name moons --save_dir out_moons", root) == 0
+    assert (
+        run_cli(f"{MOONS} --max_steps 150 --sample_every 1 --save_model --run_name moons --save_dir out_moons", root)
+        == 0
+    )
     return root
 
 
@@ -112,7 +128,9 @@ def trained_runs(trained_template) -> Path:
     """The shared trained runs, to read only."""
     before = tree_fingerprint(trained_template)
     yield trained_template
-    assert tree_fingerprint(trained_template) == before, "this test wrote into the shared runs: give it trained_workspace"
+    assert tree_fingerprint(trained_template) == before, (
+        "this test wrote into the shared runs: give it trained_workspace"
+    )
 
 
 @pytest.fixture
@@ -133,12 +151,24 @@ def write_random_checkpoint(path: Path, conditional: bool) -> None:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    save_checkpoint({
-        "model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
-        "diffusion": {"timesteps": 20, "schedule": "linear"}, "conditional": conditional,
-        "data": {"dataset": "synthetic", "class_names": list(SYNTHETIC_CLASS_NAMES), "image_size": 16, "channels": 3},
-        "train_state": {"step": 3}, "config": {},
-    }, path)
+    save_checkpoint(
+        {
+            "model_config": model.config,
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "diffusion": {"timesteps": 20, "schedule": "linear"},
+            "conditional": conditional,
+            "data": {
+                "dataset": "synthetic",
+                "class_names": list(SYNTHETIC_CLASS_NAMES),
+                "image_size": 16,
+                "channels": 3,
+            },
+            "train_state": {"step": 3},
+            "config": {},
+        },
+        path,
+    )
 
 
 # Analytic noise predictors: the exact E[eps | x_t] for a data distribution we know (a point mass, a Gaussian, a
@@ -192,14 +222,20 @@ class GaussianMixture2DNoise:
         resp = torch.softmax(log_resp, dim=-1)
         if labels is not None:
             conditional = (labels != self.num_classes)[:, None]
-            resp = torch.where(conditional, torch.nn.functional.one_hot(labels.clamp(max=self.num_classes - 1), self.num_classes).double(), resp)
+            resp = torch.where(
+                conditional,
+                torch.nn.functional.one_hot(labels.clamp(max=self.num_classes - 1), self.num_classes).double(),
+                resp,
+            )
         mean_x_t = (resp[..., None] * centres).sum(1)
         return ((1 - alpha_bar).sqrt() * (x.double() - mean_x_t) / variance).to(x.dtype)
 
     def draw(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         """Points of the mixture's components `labels`."""
         generator = torch.Generator().manual_seed(seed)
-        return (self.means[labels] + self.std * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)).float()
+        return (
+            self.means[labels] + self.std * torch.randn(len(labels), 2, generator=generator, dtype=torch.float64)
+        ).float()
 
 
 def sampling(**fields) -> SamplingConfig:
@@ -207,10 +243,14 @@ def sampling(**fields) -> SamplingConfig:
     return SamplingConfig(**{"guidance_scale": 1.0} | fields)
 
 
-def sample_1d(diffusion: Diffusion, model, n: int, seed: int = 0, labels=None, null_label=None, **fields) -> torch.Tensor:
+def sample_1d(
+    diffusion: Diffusion, model, n: int, seed: int = 0, labels=None, null_label=None, **fields
+) -> torch.Tensor:
     """n one-pixel samples of Diffusion.sample with the settings `sampling(**fields)`, flattened."""
     generator = torch.Generator().manual_seed(seed)
-    return diffusion.sample(model, (n, 1, 1, 1), sampling(**fields), labels, null_label=null_label, generator=generator).flatten()
+    return diffusion.sample(
+        model, (n, 1, 1, 1), sampling(**fields), labels, null_label=null_label, generator=generator
+    ).flatten()
 
 
 def two_branch_model(x, t, labels):
@@ -257,10 +297,18 @@ def write_cifar10(tmp_path: Path) -> Path:
     n = CIFAR10_IMAGES_PER_BATCH
     batches = [(f"data_batch_{b}", (b - 1) * n) for b in range(1, 6)] + [("test_batch", 5 * n)]
     for name, first in batches:
-        _write_pickle(folder / name, {b"batch_label": name.encode(), b"data": _fake_cifar_images(first, n),
-                                      b"labels": [k % 10 for k in range(first, first + n)]})
-    _write_pickle(folder / "batches.meta", {b"label_names": [name.encode() for name in CIFAR10_CLASS_NAMES],
-                                            b"num_cases_per_batch": n, b"num_vis": 3072})
+        _write_pickle(
+            folder / name,
+            {
+                b"batch_label": name.encode(),
+                b"data": _fake_cifar_images(first, n),
+                b"labels": [k % 10 for k in range(first, first + n)],
+            },
+        )
+    _write_pickle(
+        folder / "batches.meta",
+        {b"label_names": [name.encode() for name in CIFAR10_CLASS_NAMES], b"num_cases_per_batch": n, b"num_vis": 3072},
+    )
     return tmp_path
 
 

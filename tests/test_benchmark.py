@@ -1,25 +1,58 @@
 """scripts/benchmark.py: a smoke run on the tiny preset (what it reports, not how fast), and what its figures rest on."""
+
 import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from ddpm_model import PRESETS, UNet, count_parameters, preset_config
 
 spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(benchmark)
 
-RESULT_FIELDS = {"model", "params", "gflop_per_image_forward", "train_step_s_rounds", "train_images_per_s", "train_ratio_ours_over_this",
-                 "first_step_s", "eval_images_per_s", "eval_ratio_ours_over_this", "sampler_images_per_s", "peak_memory_mb", "mfu"}
+RESULT_FIELDS = {
+    "model",
+    "params",
+    "gflop_per_image_forward",
+    "train_step_s_rounds",
+    "train_images_per_s",
+    "train_ratio_ours_over_this",
+    "first_step_s",
+    "eval_images_per_s",
+    "eval_ratio_ours_over_this",
+    "sampler_images_per_s",
+    "peak_memory_mb",
+    "mfu",
+}
 
 
 def test_smoke_run_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--model_size", "tiny", "--image_size", "16", "--batch_size", "2", "--device", "cpu", "--warmup", "1",
-            "--repeats", "2", "--iters", "1", "--sampling_steps", "2", "--timesteps", "20", "--out", str(out)]
+    argv = [
+        "--model_size",
+        "tiny",
+        "--image_size",
+        "16",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--iters",
+        "1",
+        "--sampling_steps",
+        "2",
+        "--timesteps",
+        "20",
+        "--out",
+        str(out),
+    ]
     assert benchmark.main(argv) == 0
     report = json.loads(out.read_text())
     assert report["config"]["model_size"] == "tiny" and report["environment"]["cpu_threads"] >= 1
@@ -50,8 +83,16 @@ def test_diffusers_comparison_model_has_our_architecture():
         assert count_parameters(theirs) == count_parameters(ours), preset
 
 
-@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-                                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_bf16_by_gpu_name(name, peak):
     """An H100 PCIe must not get the SXM peak; an unknown GPU gets no MFU rather than a guessed one."""
     assert benchmark.peak_tflops(name) == peak

@@ -1,4 +1,5 @@
 """ddpm_checkpoint: the one reader of the tool's files, the model description, and one process per run folder."""
+
 import os
 import subprocess
 import sys
@@ -23,8 +24,12 @@ def test_checkpoint_round_trip_is_tagged_and_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "runs" / "model.pt"
     save_checkpoint({"model": {"weight": torch.arange(6.0).view(2, 3)}, "step": 7, "config": {"lr": 1e-4}}, path)
     state = load_checkpoint(path)
-    assert (state["format"], state["format_version"], state["step"], state["config"]) == \
-        ("ddpm-checkpoint", 1, 7, {"lr": 1e-4})
+    assert (state["format"], state["format_version"], state["step"], state["config"]) == (
+        "ddpm-checkpoint",
+        1,
+        7,
+        {"lr": 1e-4},
+    )
     assert torch.equal(state["model"]["weight"], torch.arange(6.0).view(2, 3))
     assert os.listdir(path.parent) == ["model.pt"]
 
@@ -68,6 +73,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- what a trained run's files hold
 
+
 def test_conditional_checkpoint_knows_its_classes(trained_runs):
     checkpoint = load_checkpoint(trained_runs / "models/C/ckpt.pt")
     assert checkpoint["conditional"] is True
@@ -82,8 +88,17 @@ def test_every_checkpoint_has_its_sampling_weights_as_safetensors(trained_worksp
     from_weights, from_full = load_checkpoint(weights), load_checkpoint(full)
     assert all(torch.equal(from_weights["ema"][key], value) for key, value in from_full["ema"].items())
     for name, path in (("w", weights), ("f", full)):
-        assert run_cli(f"--inference --model_path {path.relative_to(trained_workspace)} --num_samples 2 --sampler ddim --sampling_steps 2 --save_dir st_{name}", trained_workspace) == 0
-    assert np.array_equal(np.load(trained_workspace / "st_w/samples.npz")["arr_0"], np.load(trained_workspace / "st_f/samples.npz")["arr_0"])
+        assert (
+            run_cli(
+                f"--inference --model_path {path.relative_to(trained_workspace)} --num_samples 2 --sampler ddim --sampling_steps 2 --save_dir st_{name}",
+                trained_workspace,
+            )
+            == 0
+        )
+    assert np.array_equal(
+        np.load(trained_workspace / "st_w/samples.npz")["arr_0"],
+        np.load(trained_workspace / "st_f/samples.npz")["arr_0"],
+    )
 
 
 # ----------------------------------------------------------------------------- training state and the run lock
@@ -98,8 +113,24 @@ def test_a_second_process_on_a_live_run_is_refused_and_touches_nothing(tmp_path,
     checkpoint = tmp_path / "models/L/ckpt.pt"
     before = checkpoint.read_bytes()
     # batch 8: 600 steps per epoch, so the live run writes no checkpoint while the others try
-    live = subprocess.Popen([sys.executable, str(REPO / "ddpm_main.py"), *FAST.split(), "--batch_size", "8", "--max_steps", "100000",
-                             "--save_model", "--run_name", "L", "--resume"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    live = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "ddpm_main.py"),
+            *FAST.split(),
+            "--batch_size",
+            "8",
+            "--max_steps",
+            "100000",
+            "--save_model",
+            "--run_name",
+            "L",
+            "--resume",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         lock = tmp_path / "models/L/.lock"
         deadline = time.time() + 120
@@ -107,8 +138,10 @@ def test_a_second_process_on_a_live_run_is_refused_and_touches_nothing(tmp_path,
             assert live.poll() is None and time.time() < deadline, live.communicate()
             time.sleep(0.1)
         capsys.readouterr()
-        for command in (f"{FAST} --batch_size 64 --max_steps 4 --save_model --run_name L --resume",
-                        f"{FAST} --batch_size 64 --max_steps 4 --save_model --run_name L"):
+        for command in (
+            f"{FAST} --batch_size 64 --max_steps 4 --save_model --run_name L --resume",
+            f"{FAST} --batch_size 64 --max_steps 4 --save_model --run_name L",
+        ):
             assert run_cli(command, tmp_path) == 2
             error = capsys.readouterr().err
             assert error.count("\n") == 1 and "being trained by another process" in error and f"pid {live.pid}" in error
@@ -127,8 +160,15 @@ def test_every_writer_describes_the_model_the_same_way_and_load_model_reads_both
     weights = load_checkpoint(trained_runs / "models/C/ckpt.safetensors")
     described = ModelDescription.from_checkpoint(full, "ckpt.pt")
     assert ModelDescription.from_checkpoint(weights, "ckpt.safetensors") == described
-    assert described.image_shape == (3, 16, 16) and described.num_classes == 10 and described.diffusion["prediction_type"] == "v"
-    from_checkpoint, from_weights = load_model(trained_runs / "models/C/ckpt.pt"), load_model(trained_runs / "models/C/ckpt.safetensors")
+    assert (
+        described.image_shape == (3, 16, 16)
+        and described.num_classes == 10
+        and described.diffusion["prediction_type"] == "v"
+    )
+    from_checkpoint, from_weights = (
+        load_model(trained_runs / "models/C/ckpt.pt"),
+        load_model(trained_runs / "models/C/ckpt.safetensors"),
+    )
     assert from_checkpoint.use_ema and not from_checkpoint.model.training
     for key, value in from_checkpoint.model.state_dict().items():
         assert torch.equal(value, full["ema"][key]) and torch.equal(value, from_weights.model.state_dict()[key]), key

@@ -1,5 +1,6 @@
 """ddpm_data: the data sets read from their real file formats (small fakes written by conftest.py), the splits, the
 images as the training loop serves them (load_batch), and the epoch order."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,14 @@ from PIL import Image
 
 from conftest import IMAGE_FOLDER_COLOURS, run_cli, usage_error, write_edm_zip, write_flat_folder, write_grey_folder
 from ddpm_checkpoint import load_checkpoint
-from ddpm_data import POINTS_PER_DATASET, SYNTHETIC_CLASS_NAMES, epoch_batches, epoch_permutation, load_batch, load_datasets
+from ddpm_data import (
+    POINTS_PER_DATASET,
+    SYNTHETIC_CLASS_NAMES,
+    epoch_batches,
+    epoch_permutation,
+    load_batch,
+    load_datasets,
+)
 from ddpm_runtime import Runtime
 
 
@@ -41,6 +49,7 @@ def is_flipped(image: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
+
 
 def test_cifar10_decodes_the_rgb_planes_labels_and_class_names(cifar10_dir):
     data = load_datasets("cifar10", cifar10_dir, download=False)
@@ -113,8 +122,11 @@ def test_a_missing_or_broken_cifar10_batch_is_named(cifar10_dir, damage):
 
 # ----------------------------------------------------------------------------- MNIST, image folder
 
-@pytest.mark.parametrize("name, folder_fixture, first_class", [("mnist", "mnist_dir", "0"),
-                                                               ("fashion_mnist", "fashion_mnist_dir", "T-shirt/top")])
+
+@pytest.mark.parametrize(
+    "name, folder_fixture, first_class",
+    [("mnist", "mnist_dir", "0"), ("fashion_mnist", "fashion_mnist_dir", "T-shirt/top")],
+)
 def test_mnist_style_data_sets_read_the_idx_files(name, folder_fixture, first_class, request):
     data = load_datasets(name, request.getfixturevalue(folder_fixture), download=False)
     assert (len(data.train), len(data.val), len(data.test)) == (27, 3, 10)
@@ -134,7 +146,9 @@ def test_missing_mnist_names_the_four_files_and_the_folder(tmp_path):
 
 def test_image_folder_classes_colours_and_resize(image_folder_dir):
     data = load_datasets("folder", image_folder_dir, image_size=16)
-    assert data.class_names == ["cat", "dog", "fox"] and (data.channels, data.image_size) == (3, 16), "one colour image: RGB"
+    assert data.class_names == ["cat", "dog", "fox"] and (data.channels, data.image_size) == (3, 16), (
+        "one colour image: RGB"
+    )
     assert (len(data.train), len(data.val), len(data.test)) == (11, 1, 1)
     for split in (data.train, data.val, data.test):
         for image, label in zip(split.images, split.labels):
@@ -158,8 +172,11 @@ def test_a_folder_of_grey_images_stays_grey_and_unflipped_unless_asked(tmp_path)
 def test_a_folder_of_rgb_images_can_be_trained_grey(image_folder_dir):
     data = load_datasets("folder", image_folder_dir, image_size=8, channels=1)
     assert data.channels == 1
-    red_cat = next(image for image, label in zip(data.train.images, data.train.labels) if data.class_names[label] == "cat"
-                   and image.float().mean() < 120)
+    red_cat = next(
+        image
+        for image, label in zip(data.train.images, data.train.labels)
+        if data.class_names[label] == "cat" and image.float().mean() < 120
+    )
     assert red_cat[0, 4, 4].item() == round(0.299 * 255), "ITU-R 601 luma of pure red"
 
 
@@ -177,8 +194,10 @@ def test_a_folder_with_train_and_test_subfolders_uses_them_as_the_splits(tmp_pat
 
 def test_a_flat_folder_trains_an_unconditional_model_and_refuses_conditional(tmp_path, capsys):
     write_flat_folder(tmp_path / "flat", 20)
-    tiny = ("--dataset folder --data_dir flat --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
-            "--sample_every 0")
+    tiny = (
+        "--dataset folder --data_dir flat --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+        "--sample_every 0"
+    )
     assert run_cli(f"{tiny} --save_model --run_name F --save_dir out", tmp_path) == 0
     assert "17 train / 1 val / 2 test images of 3x8x8" in capsys.readouterr().out
     checkpoint = load_checkpoint(tmp_path / "models/F/ckpt.pt")
@@ -190,8 +209,14 @@ def test_a_flat_folder_trains_an_unconditional_model_and_refuses_conditional(tmp
 
 def test_an_edm_zip_with_labels_trains_a_conditional_model_with_its_label_values_as_classes(tmp_path, capsys):
     write_edm_zip(tmp_path / "edm.zip", [7, 3, 7, 12, 3, 3, 7, 12, 12, 3, 7, 3])
-    assert run_cli("--dataset folder --data_dir edm.zip --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
-                   "--sample_every 0 --conditional --save_model --run_name Z --save_dir out", tmp_path) == 0
+    assert (
+        run_cli(
+            "--dataset folder --data_dir edm.zip --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+            "--sample_every 0 --conditional --save_model --run_name Z --save_dir out",
+            tmp_path,
+        )
+        == 0
+    )
     assert "images of 3x8x8" in capsys.readouterr().out, "the zip's own size (dataset_tool.py's --resolution)"
     checkpoint = load_checkpoint(tmp_path / "models/Z/ckpt.pt")
     assert checkpoint["data"]["class_names"] == ["3", "7", "12"] and checkpoint["model_config"]["num_classes"] == 3
@@ -213,6 +238,7 @@ def test_an_unknown_data_set_name_lists_the_choices(tmp_path):
 
 
 # ----------------------------------------------------------------------------- synthetic
+
 
 @pytest.fixture(scope="module")
 def synthetic():
@@ -253,6 +279,7 @@ def test_synthetic_is_drawn_at_the_requested_size(size):
 
 # ----------------------------------------------------------------------------- serving and epoch order
 
+
 def test_load_batch_maps_uint8_to_minus_one_one_and_keeps_the_labels():
     images = torch.tensor([0, 64, 128, 255], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 2, 3).contiguous()
     labels = torch.tensor([7, 8, 9, 6])
@@ -265,7 +292,9 @@ def test_the_epoch_order_is_a_function_of_seed_and_epoch_alone():
     first = epoch_permutation(100, seed=3, epoch=2)
     assert sorted(first.tolist()) == list(range(100)), "a permutation"
     assert torch.equal(first, epoch_permutation(100, seed=3, epoch=2))
-    assert not torch.equal(first, epoch_permutation(100, seed=3, epoch=3)) and not torch.equal(first, epoch_permutation(100, seed=4, epoch=2))
+    assert not torch.equal(first, epoch_permutation(100, seed=3, epoch=3)) and not torch.equal(
+        first, epoch_permutation(100, seed=4, epoch=2)
+    )
 
 
 def test_epoch_batches_resume_mid_epoch_drop_the_last_partial_batch_and_share_each_batch_over_the_ranks():
@@ -275,7 +304,9 @@ def test_epoch_batches_resume_mid_epoch_drop_the_last_partial_batch_and_share_ea
     assert [position for position, _ in whole] == [8, 16, 24, 32, 40, 48], "50 = 6 x 8 + 2: the last 2 are dropped"
     assert torch.equal(torch.cat([indices for _, indices in whole]), order[:48])
     resumed = list(epoch_batches(50, 8, Runtime(cpu), seed=1, epoch=0, start=24, device=cpu))
-    assert [(p, i.tolist()) for p, i in resumed] == [(p, i.tolist()) for p, i in whole[3:]], "from a saved position, the same rest"
+    assert [(p, i.tolist()) for p, i in resumed] == [(p, i.tolist()) for p, i in whole[3:]], (
+        "from a saved position, the same rest"
+    )
     ranks = [list(epoch_batches(50, 4, Runtime(cpu, rank, 2), seed=1, epoch=0, start=0, device=cpu)) for rank in (0, 1)]
     for (position, indices), rank0, rank1 in zip(whole, *ranks):
         assert rank0[0] == rank1[0] == position, "a global batch of 2 x 4 moves both ranks to the same position"
@@ -287,7 +318,12 @@ def test_a_point_data_set_is_float_points_split_like_every_other():
     assert (len(data.train), len(data.val), len(data.test)) == (32_400, 3_600, 4_000)
     assert sum((len(data.train), len(data.val), len(data.test))) == POINTS_PER_DATASET
     assert data.train.images.dtype == torch.float32 and data.train.images.shape == (32_400, 2)
-    assert data.image_size is None and data.sample_shape == (2,) and data.class_names == ["upper", "lower"] and not data.train.hflip
+    assert (
+        data.image_size is None
+        and data.sample_shape == (2,)
+        and data.class_names == ["upper", "lower"]
+        and not data.train.hflip
+    )
     assert data.train.images.var(0).mean().item() == pytest.approx(1.0, abs=0.05)
     assert torch.equal(load_datasets("moons", "unused", seed=0).train.images, data.train.images)
     x, labels = load_batch(data.train.images, data.train.labels, torch.arange(4), False, torch.device("cpu"))

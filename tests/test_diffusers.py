@@ -4,6 +4,7 @@ tool's samplers, DDPMPipeline / DDIMPipeline
 sample the tool's images from an exported folder, and google/ddpm-cifar10-32's configuration imports into a checkpoint
 the CLI samples and evaluates.
 No weights are downloaded: every model is built from a configuration with random weights."""
+
 import json
 import shutil
 from pathlib import Path
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GaussianMixtureNoise, run_cli as run, sampling, write_cifar10
-from ddpm_diffusers import unet2d_config
+from conftest import GaussianMixtureNoise, sampling, write_cifar10
+from conftest import run_cli as run
 from ddpm_checkpoint import load_checkpoint, load_model, save_checkpoint
+from ddpm_diffusers import unet2d_config
 from ddpm_diffusion import Diffusion
 from ddpm_model import UNet, count_parameters, preset_config
 from ddpm_samplers import AncestralSampler, DDIMSampler, DPMSolverPlusPlus2M, DPMSolverPlusPlus3M
@@ -23,16 +25,37 @@ diffusers = pytest.importorskip("diffusers")
 
 # google/ddpm-cifar10-32's unet/config.json and scheduler_config.json, as published (Ho et al.'s CIFAR-10 model).
 GOOGLE_DDPM_CIFAR10_32 = {
-    "_class_name": "UNet2DModel", "_diffusers_version": "0.1.1", "act_fn": "silu", "attention_head_dim": None,
-    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
-    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "_class_name": "UNet2DModel",
+    "_diffusers_version": "0.1.1",
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256],
+    "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "in_channels": 3,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 32,
+    "time_embedding_type": "positional",
     "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }
-GOOGLE_SCHEDULER = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02, "beta_schedule": "linear",
-                    "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
-                    "variance_type": "fixed_large"}
+GOOGLE_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "_diffusers_version": "0.1.1",
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_large",
+}
 TOLERANCE = 1e-5
 
 
@@ -62,16 +85,30 @@ def random_checkpoint(path: Path, model_config: dict, *, conditional: bool, diff
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    save_checkpoint({
-        "model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(), "diffusion": diffusion,
-        "conditional": conditional, "train_state": {"step": 7}, "config": {},
-        "data": {"dataset": "synthetic", "class_names": [f"class{i}" for i in range(model_config.get("num_classes") or 0)],
-                 "image_size": model_config["image_size"], "channels": model_config["in_channels"]},
-    }, path)
+    save_checkpoint(
+        {
+            "model_config": model.config,
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "diffusion": diffusion,
+            "conditional": conditional,
+            "train_state": {"step": 7},
+            "config": {},
+            "data": {
+                "dataset": "synthetic",
+                "class_names": [f"class{i}" for i in range(model_config.get("num_classes") or 0)],
+                "image_size": model_config["image_size"],
+                "channels": model_config["in_channels"],
+            },
+        },
+        path,
+    )
     return model.eval()
 
 
-SMALL = dict(in_channels=3, image_size=16, base_dim=32, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+SMALL = dict(
+    in_channels=3, image_size=16, base_dim=32, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0
+)
 
 
 # Import: google/ddpm-cifar10-32's configuration
@@ -91,8 +128,15 @@ def google_import(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
 def test_imported_google_model_gives_diffusers_outputs(google_import):
     root, theirs = google_import
     checkpoint = load_checkpoint(root / "models/ddpm_cifar10_32/ckpt.pt")
-    assert checkpoint["model_config"] == UNet(**preset_config("ddpm-ho", 32) | {"dropout": 0.0}).config, "it is the ddpm-ho preset"
-    assert checkpoint["diffusion"] == {"timesteps": 1000, "schedule": "linear", "prediction_type": "eps", "variance": "fixed_large"}
+    assert checkpoint["model_config"] == UNet(**preset_config("ddpm-ho", 32) | {"dropout": 0.0}).config, (
+        "it is the ddpm-ho preset"
+    )
+    assert checkpoint["diffusion"] == {
+        "timesteps": 1000,
+        "schedule": "linear",
+        "prediction_type": "eps",
+        "variance": "fixed_large",
+    }
     assert checkpoint["data"]["dataset"] == "cifar10" and checkpoint["conditional"] is False
     ours = load_model(root / "models/ddpm_cifar10_32/ckpt.pt", "cpu").model
     x, t = inputs(32)
@@ -108,11 +152,23 @@ def test_imported_google_model_samples_evaluates_and_compares_through_the_cli(go
     assert run(f"--inference {model} --num_samples 1 --sampling_steps 2 --save_dir inf", root) == 0
     record = json.loads((root / "inf/samples.json").read_text())
     assert record["variance"] == "fixed_large" and record["sampler"] == "ddpm"
-    assert run(f"--evaluate {model} --fid_num_samples 2 --fid_features random-conv --sampler ddim --sampling_steps 1 --save_dir ev", root) == 0
+    assert (
+        run(
+            f"--evaluate {model} --fid_num_samples 2 --fid_features random-conv --sampler ddim --sampling_steps 1 --save_dir ev",
+            root,
+        )
+        == 0
+    )
     assert np.isfinite(json.loads((root / "ev/evaluation.json").read_text())["fid"])
     shutil.copy(root / "models/ddpm_cifar10_32/ckpt.pt", root / "models/copy.pt")
-    assert run("--compare_checkpoints models/ddpm_cifar10_32/ckpt.pt models/copy.pt --num_samples 1 --sampler ddim "
-               "--sampling_steps 1 --save_dir cmp", root) == 0
+    assert (
+        run(
+            "--compare_checkpoints models/ddpm_cifar10_32/ckpt.pt models/copy.pt --num_samples 1 --sampler ddim "
+            "--sampling_steps 1 --save_dir cmp",
+            root,
+        )
+        == 0
+    )
     assert (root / "cmp/checkpoint_comparison.png").is_file()
 
 
@@ -122,17 +178,32 @@ def test_imported_google_model_samples_evaluates_and_compares_through_the_cli(go
 def test_ddpm_preset_exports_to_its_diffusers_twin(tmp_path):
     """The `ddpm` preset is UNet2DModel with these settings exactly, and gives its outputs."""
     model_config = dict(in_channels=3, image_size=32, **preset_config("ddpm", 32))
-    ours = random_checkpoint(tmp_path / "ddpm.pt", model_config, conditional=False,
-                             diffusion={"timesteps": 1000, "schedule": "linear", "variance": "fixed_small"})
+    ours = random_checkpoint(
+        tmp_path / "ddpm.pt",
+        model_config,
+        conditional=False,
+        diffusion={"timesteps": 1000, "schedule": "linear", "variance": "fixed_small"},
+    )
     config = unet2d_config(ours.config)
-    assert (config["block_out_channels"], config["layers_per_block"], config["resnet_time_scale_shift"]) == ([128, 256, 256, 256], 2, "scale_shift")
+    assert (config["block_out_channels"], config["layers_per_block"], config["resnet_time_scale_shift"]) == (
+        [128, 256, 256, 256],
+        2,
+        "scale_shift",
+    )
     assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
     assert config["up_block_types"] == ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]
-    assert (config["flip_sin_to_cos"], config["freq_shift"], config["norm_num_groups"], config["attention_head_dim"]) == (False, 1, 32, None)
+    assert (
+        config["flip_sin_to_cos"],
+        config["freq_shift"],
+        config["norm_num_groups"],
+        config["attention_head_dim"],
+    ) == (False, 1, 32, None)
     assert run(f"--export_diffusers {tmp_path / 'out'} --model_path {tmp_path / 'ddpm.pt'}", tmp_path) == 0
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "out/unet").eval()
     assert count_parameters(theirs) == count_parameters(ours) == 38_307_203
-    assert (tmp_path / "out/unet/diffusion_pytorch_model.safetensors").is_file() and (tmp_path / "out/README.md").is_file()
+    assert (tmp_path / "out/unet/diffusion_pytorch_model.safetensors").is_file() and (
+        tmp_path / "out/README.md"
+    ).is_file()
     x, t = inputs(32)
     with torch.no_grad():
         expected = ours(x, t)
@@ -142,8 +213,12 @@ def test_ddpm_preset_exports_to_its_diffusers_twin(tmp_path):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(num_heads=2, film=False, norm_eps=1e-6, tf_padding=True)])
 def test_conditional_export_gives_the_tools_outputs_for_every_label_and_the_null_label(tmp_path, overrides):
-    ours = random_checkpoint(tmp_path / "c.pt", SMALL | {"num_classes": 3} | overrides, conditional=True,
-                             diffusion={"timesteps": 50, "schedule": "cosine"})
+    ours = random_checkpoint(
+        tmp_path / "c.pt",
+        SMALL | {"num_classes": 3} | overrides,
+        conditional=True,
+        diffusion={"timesteps": 50, "schedule": "cosine"},
+    )
     assert run(f"--export_diffusers {tmp_path / 'out'} --model_path {tmp_path / 'c.pt'}", tmp_path) == 0
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "out/unet").eval()
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -153,14 +228,29 @@ def test_conditional_export_gives_the_tools_outputs_for_every_label_and_the_null
         error = (theirs(x, t, class_labels=labels).sample - expected).abs().max().item()
     assert error < TOLERANCE * expected.abs().max().item(), error
     scheduler = json.loads((tmp_path / "out/scheduler/scheduler_config.json").read_text())
-    assert (scheduler["beta_schedule"], scheduler["num_train_timesteps"], scheduler["prediction_type"]) == ("squaredcos_cap_v2", 50, "epsilon")
+    assert (scheduler["beta_schedule"], scheduler["num_train_timesteps"], scheduler["prediction_type"]) == (
+        "squaredcos_cap_v2",
+        50,
+        "epsilon",
+    )
     assert json.loads((tmp_path / "out/ddpm_tool.json").read_text())["null_label"] == 3
 
 
-@pytest.mark.parametrize("schedule,timesteps,prediction_type", [("sigmoid", 100, "v"), ("linear", 12, "x0")])  # 12: betas clipped, as trained_betas
+@pytest.mark.parametrize(
+    "schedule,timesteps,prediction_type", [("sigmoid", 100, "v"), ("linear", 12, "x0")]
+)  # 12: betas clipped, as trained_betas
 def test_export_then_import_is_the_same_checkpoint(tmp_path, schedule, timesteps, prediction_type):
-    ours = random_checkpoint(tmp_path / "c.pt", SMALL | {"num_classes": 3}, conditional=True,
-                             diffusion={"timesteps": timesteps, "schedule": schedule, "prediction_type": prediction_type, "variance": "fixed_large"})
+    ours = random_checkpoint(
+        tmp_path / "c.pt",
+        SMALL | {"num_classes": 3},
+        conditional=True,
+        diffusion={
+            "timesteps": timesteps,
+            "schedule": schedule,
+            "prediction_type": prediction_type,
+            "variance": "fixed_large",
+        },
+    )
     assert run(f"--export_diffusers {tmp_path / 'out'} --model_path {tmp_path / 'c.pt'}", tmp_path) == 0
     assert run(f"--import_diffusers {tmp_path / 'out'} --model_path {tmp_path / 'back.pt'}", tmp_path) == 0
     before, after = load_checkpoint(tmp_path / "c.pt"), load_checkpoint(tmp_path / "back.pt")
@@ -182,8 +272,13 @@ def analytic_eps(x: torch.Tensor, t: int) -> torch.Tensor:
 def test_ancestral_chain_matches_ddpm_scheduler_step_for_step(variance, steps):
     """Same x_T, same noise, same eps: every step of the tool's ancestral chain equals DDPMScheduler's, on the full
     chain and on a respaced one (the exported timestep_spacing="linspace" gives the tool's timesteps)."""
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=variance,
-                                        clip_sample=True, timestep_spacing="linspace")
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        variance_type=variance,
+        clip_sample=True,
+        timestep_spacing="linspace",
+    )
     scheduler.set_timesteps(steps)
     diffusion = Diffusion(1000, "linear", variance=variance)
     relative = (scheduler.alphas_cumprod / diffusion.alphas_cumprod - 1).abs().max().item()
@@ -206,7 +301,9 @@ def test_ancestral_chain_matches_ddpm_scheduler_step_for_step(variance, steps):
 def test_respaced_ddim_step_matches_ddim_scheduler():
     """DDIMScheduler steps from t to t - T // N; the tool's DDIM step given those timesteps lands where it does. The
     tool's DDIM takes its direction from the clipped x_0, as DDIMScheduler does with use_clipped_model_output=True."""
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=True, set_alpha_to_one=True
+    )
     scheduler.set_timesteps(20)
     sampler = DDIMSampler(Diffusion(1000, "linear"), eta=0.0)
     ours = theirs = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -217,9 +314,14 @@ def test_respaced_ddim_step_matches_ddim_scheduler():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler,steps,lower_order_final", [
-    (DPMSolverPlusPlus3M, 10, False), (DPMSolverPlusPlus3M, 20, True), (DPMSolverPlusPlus2M, 10, True),
-])
+@pytest.mark.parametrize(
+    "sampler,steps,lower_order_final",
+    [
+        (DPMSolverPlusPlus3M, 10, False),
+        (DPMSolverPlusPlus3M, 20, True),
+        (DPMSolverPlusPlus2M, 10, True),
+    ],
+)
 def test_dpm_solver_samples_the_images_of_dpm_solver_multistep_scheduler(schedule, sampler, steps, lower_order_final):
     """DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order 2 or 3, eps prediction) given the tool's
     log-SNR-spaced timesteps samples the tool's dpm++2m / dpm++3m images from the same start noise with the same
@@ -231,16 +333,27 @@ def test_dpm_solver_samples_the_images_of_dpm_solver_multistep_scheduler(schedul
     predictor = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.1)
     ours = sampler(diffusion, clip_denoised=False)
     scheduler = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule],
-        solver_order=ours.order, algorithm_type="dpmsolver++", solver_type="midpoint", prediction_type="epsilon",
-        thresholding=False, lower_order_final=lower_order_final, final_sigmas_type="zero")
-    scheduler.alphas_cumprod = diffusion.alphas_cumprod.clone()  # its sigmas from the same alpha_bar: the steps alone are compared
+        num_train_timesteps=1000,
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule],
+        solver_order=ours.order,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        prediction_type="epsilon",
+        thresholding=False,
+        lower_order_final=lower_order_final,
+        final_sigmas_type="zero",
+    )
+    scheduler.alphas_cumprod = (
+        diffusion.alphas_cumprod.clone()
+    )  # its sigmas from the same alpha_bar: the steps alone are compared
     timesteps = ours.timesteps(steps)
     scheduler.set_timesteps(timesteps=timesteps)
     ours_x = theirs_x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for i, t in enumerate(timesteps):
         t_batch = torch.full((4,), t)
-        ours_x = ours.step(ours_x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(ours_x, t_batch, None))
+        ours_x = ours.step(
+            ours_x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(ours_x, t_batch, None)
+        )
         theirs_x = scheduler.step(predictor(theirs_x, t_batch, None), t, theirs_x).prev_sample
     assert ours_x.abs().max() < 1 and ours_x.std() > 0.4, "images in range, not collapsed"
     error = (ours_x - theirs_x).abs().max().item()
@@ -266,17 +379,28 @@ def test_unipc_samples_the_images_of_unipc_multistep_scheduler(schedule, steps, 
     predictor = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.1)
     ours = UniPC(diffusion, clip_denoised=False, spacing=spacing)
     scheduler = diffusers.UniPCMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule], solver_order=3,
-        predict_x0=True, solver_type="bh2", prediction_type="epsilon", thresholding=False, final_sigmas_type="zero")
+        num_train_timesteps=1000,
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule],
+        solver_order=3,
+        predict_x0=True,
+        solver_type="bh2",
+        prediction_type="epsilon",
+        thresholding=False,
+        final_sigmas_type="zero",
+    )
     timesteps = ours.timesteps(steps)
     scheduler.set_timesteps(steps)
     scheduler.timesteps, scheduler.sigmas = torch.tensor(timesteps), their_sigmas(diffusion, timesteps)
     ours_x = theirs_x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for i, t in enumerate(timesteps):
         t_batch = torch.full((4,), t)
-        ours_x = ours.step(ours_x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(ours_x, t_batch, None))
+        ours_x = ours.step(
+            ours_x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(ours_x, t_batch, None)
+        )
         theirs_x = scheduler.step(predictor(theirs_x, t_batch, None), t, theirs_x).prev_sample
-    assert ours_x.abs().max() < 1.3 and ours_x.std() > 0.4, "images about in range (5 steps overshoot to 1.2), not collapsed"
+    assert ours_x.abs().max() < 1.3 and ours_x.std() > 0.4, (
+        "images about in range (5 steps overshoot to 1.2), not collapsed"
+    )
     error = (ours_x - theirs_x).abs().max().item()
     assert error < 2e-5, error
 
@@ -295,8 +419,15 @@ def test_sde_solver_samples_the_images_of_sde_dpm_solver_with_the_same_noise(sch
     predictor = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.1)
     ours = DPMSolverPlusPlus2MSDE(diffusion, clip_denoised=False)
     scheduler = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule], solver_order=2,
-        algorithm_type="sde-dpmsolver++", solver_type="midpoint", prediction_type="epsilon", thresholding=False, final_sigmas_type="zero")
+        num_train_timesteps=1000,
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule],
+        solver_order=2,
+        algorithm_type="sde-dpmsolver++",
+        solver_type="midpoint",
+        prediction_type="epsilon",
+        thresholding=False,
+        final_sigmas_type="zero",
+    )
     scheduler.alphas_cumprod = diffusion.alphas_cumprod.clone()
     timesteps = ours.timesteps(steps)
     scheduler.set_timesteps(timesteps=timesteps)
@@ -305,7 +436,9 @@ def test_sde_solver_samples_the_images_of_sde_dpm_solver_with_the_same_noise(sch
     for i, t in enumerate(timesteps):
         t_batch = torch.full((4,), t)
         noise = torch.randn(4, 3, 8, 8, generator=their_noise)  # what the tool's step draws from its generator
-        ours_x = ours.step(ours_x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(ours_x, t_batch, None), ours_noise)
+        ours_x = ours.step(
+            ours_x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(ours_x, t_batch, None), ours_noise
+        )
         theirs_x = scheduler.step(predictor(theirs_x, t_batch, None), t, theirs_x, variance_noise=noise).prev_sample
     assert ours_x.abs().max() < 1 and ours_x.std() > 0.4, "images in range, not collapsed"
     error = (ours_x - theirs_x).abs().max().item()
@@ -313,8 +446,13 @@ def test_sde_solver_samples_the_images_of_sde_dpm_solver_with_the_same_noise(sch
     other = DPMSolverPlusPlus2MSDE(diffusion, clip_denoised=False)
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     for i, t in enumerate(timesteps):
-        x = other.step(x, t, timesteps[i + 1] if i + 1 < len(timesteps) else -1, predictor(x, torch.full((4,), t), None),
-                       torch.Generator().manual_seed(2 + i))
+        x = other.step(
+            x,
+            t,
+            timesteps[i + 1] if i + 1 < len(timesteps) else -1,
+            predictor(x, torch.full((4,), t), None),
+            torch.Generator().manual_seed(2 + i),
+        )
     assert (x - theirs_x).abs().max() > 0.1, "other noise, other images: the noise is what was pinned"
 
 
@@ -325,8 +463,12 @@ def exported_ddpm_shaped(tmp_path_factory) -> tuple[Path, UNet]:
     enough to sample whole chains on a CPU."""
     root = tmp_path_factory.mktemp("pipelines")
     model_config = dict(in_channels=3, image_size=16, **preset_config("ddpm", 16) | {"base_dim": 32, "dropout": 0.0})
-    ours = random_checkpoint(root / "ckpt.pt", model_config, conditional=False,
-                             diffusion={"timesteps": 21, "schedule": "linear", "variance": "fixed_large"})
+    ours = random_checkpoint(
+        root / "ckpt.pt",
+        model_config,
+        conditional=False,
+        diffusion={"timesteps": 21, "schedule": "linear", "variance": "fixed_large"},
+    )
     assert run(f"--export_diffusers {root / 'out'} --model_path {root / 'ckpt.pt'}", root) == 0
     return root / "out", ours
 
@@ -339,11 +481,19 @@ def test_ddim_pipeline_samples_the_tools_ddim_images(exported_ddpm_shaped):
     pipeline = diffusers.DDIMPipeline.from_pretrained(folder)
     pipeline.scheduler = diffusers.DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=2, generator=torch.Generator().manual_seed(5), eta=0.0, num_inference_steps=21,
-                      use_clipped_model_output=True, output_type="np").images
+    theirs = pipeline(
+        batch_size=2,
+        generator=torch.Generator().manual_seed(5),
+        eta=0.0,
+        num_inference_steps=21,
+        use_clipped_model_output=True,
+        output_type="np",
+    ).images
     diffusion = Diffusion(21, "linear", variance="fixed_large")
     with torch.no_grad():
-        images = diffusion.sample(ours, (2, 3, 16, 16), sampling(sampler="ddim", steps=21), generator=torch.Generator().manual_seed(5))
+        images = diffusion.sample(
+            ours, (2, 3, 16, 16), sampling(sampler="ddim", steps=21), generator=torch.Generator().manual_seed(5)
+        )
     error = np.abs((images.permute(0, 2, 3, 1).numpy() + 1) / 2 - theirs).max()
     assert error < 1e-4, error
 
@@ -354,10 +504,13 @@ def test_ddpm_pipeline_samples_the_tools_ancestral_images(exported_ddpm_shaped):
     folder, ours = exported_ddpm_shaped
     pipeline = diffusers.DDPMPipeline.from_pretrained(folder)
     pipeline.set_progress_bar_config(disable=True)
-    theirs = pipeline(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=7, output_type="np").images
+    theirs = pipeline(
+        batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=7, output_type="np"
+    ).images
     with torch.no_grad():
-        images = Diffusion(21, "linear", variance="fixed_large").sample(ours, (2, 3, 16, 16), sampling(sampler="ddpm", steps=7),
-                                                                       generator=torch.Generator().manual_seed(3))
+        images = Diffusion(21, "linear", variance="fixed_large").sample(
+            ours, (2, 3, 16, 16), sampling(sampler="ddpm", steps=7), generator=torch.Generator().manual_seed(3)
+        )
     error = np.abs((images.permute(0, 2, 3, 1).numpy() + 1) / 2 - theirs).max()
     assert error < 1e-4, error
 
@@ -372,21 +525,56 @@ def write_folder(folder: Path, config: dict, weights: bool = True) -> None:
         (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
 
 
-SMALL_UNET2D = {"_class_name": "UNet2DModel", "sample_size": 16, "block_out_channels": [32, 64], "layers_per_block": 1,
-                "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-                "flip_sin_to_cos": False, "freq_shift": 1, "attention_head_dim": None}
+SMALL_UNET2D = {
+    "_class_name": "UNet2DModel",
+    "sample_size": 16,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "attention_head_dim": None,
+}
 
 
-@pytest.mark.parametrize("setup,command,message", [
-    (lambda d: None, "--import_diffusers missing --model_path m.pt", "diffusers folder not found"),
-    (lambda d: (d / "empty").mkdir(), "--import_diffusers empty --model_path m.pt", "no config.json"),
-    (lambda d: write_folder(d / "vae", {"_class_name": "AutoencoderKL"}), "--import_diffusers vae --model_path m.pt", "not a UNet2DModel"),
-    (lambda d: write_folder(d / "nw", SMALL_UNET2D, weights=False), "--import_diffusers nw --model_path m.pt", "no weights in"),
-    (lambda d: write_folder(d / "flip", SMALL_UNET2D | {"flip_sin_to_cos": True}), "--import_diffusers flip --model_path m.pt", "flip_sin_to_cos=True is not supported"),
-    (lambda d: write_folder(d / "learned", SMALL_UNET2D | {"out_channels": 6}), "--import_diffusers learned --model_path m.pt", "learned variances"),
-    (lambda d: write_folder(d / "cond", SMALL_UNET2D | {"num_class_embeds": 10}), "--import_diffusers cond --model_path m.pt", "null label"),
-    (lambda d: write_folder(d / "bad", SMALL_UNET2D), "--import_diffusers bad --model_path m.pt", "not a readable weights file"),
-])
+@pytest.mark.parametrize(
+    "setup,command,message",
+    [
+        (lambda d: None, "--import_diffusers missing --model_path m.pt", "diffusers folder not found"),
+        (lambda d: (d / "empty").mkdir(), "--import_diffusers empty --model_path m.pt", "no config.json"),
+        (
+            lambda d: write_folder(d / "vae", {"_class_name": "AutoencoderKL"}),
+            "--import_diffusers vae --model_path m.pt",
+            "not a UNet2DModel",
+        ),
+        (
+            lambda d: write_folder(d / "nw", SMALL_UNET2D, weights=False),
+            "--import_diffusers nw --model_path m.pt",
+            "no weights in",
+        ),
+        (
+            lambda d: write_folder(d / "flip", SMALL_UNET2D | {"flip_sin_to_cos": True}),
+            "--import_diffusers flip --model_path m.pt",
+            "flip_sin_to_cos=True is not supported",
+        ),
+        (
+            lambda d: write_folder(d / "learned", SMALL_UNET2D | {"out_channels": 6}),
+            "--import_diffusers learned --model_path m.pt",
+            "learned variances",
+        ),
+        (
+            lambda d: write_folder(d / "cond", SMALL_UNET2D | {"num_class_embeds": 10}),
+            "--import_diffusers cond --model_path m.pt",
+            "null label",
+        ),
+        (
+            lambda d: write_folder(d / "bad", SMALL_UNET2D),
+            "--import_diffusers bad --model_path m.pt",
+            "not a readable weights file",
+        ),
+    ],
+)
 def test_bad_import_gives_one_line(tmp_path, capsys, setup, command, message):
     setup(tmp_path)
     assert run(command, tmp_path) == 2
@@ -395,12 +583,20 @@ def test_bad_import_gives_one_line(tmp_path, capsys, setup, command, message):
     assert not (tmp_path / "m.pt").exists()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(base_dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,)), "multiple of 32"),  # the tiny preset's widths
-    (dict(num_heads=2, attn_resolutions=(16, 8)), "multi-head attention needs one width"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            dict(base_dim=16, dim_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,)),
+            "multiple of 32",
+        ),  # the tiny preset's widths
+        (dict(num_heads=2, attn_resolutions=(16, 8)), "multi-head attention needs one width"),
+    ],
+)
 def test_unexportable_models_are_refused_in_one_line(tmp_path, capsys, overrides, message):
-    random_checkpoint(tmp_path / "c.pt", SMALL | overrides, conditional=False, diffusion={"timesteps": 20, "schedule": "linear"})
+    random_checkpoint(
+        tmp_path / "c.pt", SMALL | overrides, conditional=False, diffusion={"timesteps": 20, "schedule": "linear"}
+    )
     assert run(f"--export_diffusers {tmp_path / 'out'} --model_path {tmp_path / 'c.pt'}", tmp_path) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err

@@ -3,6 +3,7 @@ autoguidance, and the sampling loop, checked against closed forms and against an
 (conftest.GaussianMixtureNoise: the exact E[eps | x_t] of a point mass, a Gaussian, a Gaussian mixture). The samplers
 themselves are in test_samplers.py.
 """
+
 import math
 
 import numpy as np
@@ -13,7 +14,6 @@ from conftest import GaussianMixtureNoise, sample_1d, sampling, two_branch_model
 from ddpm_config import SamplingConfig
 from ddpm_diffusion import SCHEDULES, Diffusion, drop_labels, make_beta_schedule
 from ddpm_samplers import evenly_spaced_timesteps
-
 
 # Schedules
 
@@ -98,13 +98,22 @@ def test_posterior_coefficients_match_ho_et_al_eq_7():
     alphas_cumprod = torch.cumprod(alphas, 0)
     alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     torch.testing.assert_close(
-        diffusion.posterior_variance.double(), betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod), rtol=1e-5, atol=0
+        diffusion.posterior_variance.double(),
+        betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        rtol=1e-5,
+        atol=0,
     )
     torch.testing.assert_close(
-        diffusion.posterior_mean_coef1.double(), betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod), rtol=1e-5, atol=0
+        diffusion.posterior_mean_coef1.double(),
+        betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+        rtol=1e-5,
+        atol=0,
     )
     torch.testing.assert_close(
-        diffusion.posterior_mean_coef2.double(), alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod), rtol=1e-5, atol=0
+        diffusion.posterior_mean_coef2.double(),
+        alphas.sqrt() * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+        rtol=1e-5,
+        atol=0,
     )
 
 
@@ -132,7 +141,12 @@ def test_p_losses_is_zero_for_the_true_noise_and_one_for_a_zero_guess():
 def test_p_losses_passes_labels_to_the_model():
     diffusion = Diffusion(100, "linear")
     seen = []
-    diffusion.p_losses(lambda x, t, y: seen.append(y) or torch.zeros_like(x), torch.zeros(2, 1, 2, 2), torch.tensor([1, 2]), labels=torch.tensor([3, 4]))
+    diffusion.p_losses(
+        lambda x, t, y: seen.append(y) or torch.zeros_like(x),
+        torch.zeros(2, 1, 2, 2),
+        torch.tensor([1, 2]),
+        labels=torch.tensor([3, 4]),
+    )
     assert seen[0].tolist() == [3, 4]
 
 
@@ -212,17 +226,23 @@ def test_guidance_rescale_zero_is_the_plain_guided_prediction():
     diffusion = Diffusion(100, "linear")
     x, t, labels = torch.randn(3, 2, 4, 4), torch.tensor([5, 50, 90]), torch.tensor([0, 1, 2])
     plain = diffusion.predict_noise(two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10)
-    rescaled = diffusion.predict_noise(two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10, guidance_rescale=0.0)
+    rescaled = diffusion.predict_noise(
+        two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10, guidance_rescale=0.0
+    )
     assert torch.equal(plain, rescaled)
 
 
 def test_guidance_rescale_one_matches_the_conditional_std_and_blends_linearly():
     diffusion = Diffusion(100, "linear")
     x, t, labels = torch.randn(3, 2, 4, 4), torch.tensor([5, 50, 90]), torch.tensor([0, 1, 2])
-    eps = lambda phi: diffusion.predict_noise(two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10, guidance_rescale=phi)  # noqa: E731
+    eps = lambda phi: diffusion.predict_noise(
+        two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10, guidance_rescale=phi
+    )  # noqa: E731
     conditional = two_branch_model(x, t, labels)
     per_sample_std = lambda e: e.flatten(1).std(dim=1)  # noqa: E731
-    assert not torch.allclose(per_sample_std(eps(0.0)), per_sample_std(conditional)), "guidance must change the std here"
+    assert not torch.allclose(per_sample_std(eps(0.0)), per_sample_std(conditional)), (
+        "guidance must change the std here"
+    )
     torch.testing.assert_close(per_sample_std(eps(1.0)), per_sample_std(conditional))
     torch.testing.assert_close(eps(0.3), 0.3 * eps(1.0) + 0.7 * eps(0.0))
 
@@ -240,7 +260,9 @@ def test_guidance_interval_covering_every_step_changes_nothing_and_an_empty_one_
     diffusion = Diffusion(50, "linear")
     model = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.2)
     labels = torch.tensor([0, 1]).repeat(64)
-    run = lambda **kw: sample_1d(diffusion, model, 128, labels=labels, guidance_scale=3.0, sampler="ddim", steps=10, **kw)  # noqa: E731
+    run = lambda **kw: sample_1d(
+        diffusion, model, 128, labels=labels, guidance_scale=3.0, sampler="ddim", steps=10, **kw
+    )  # noqa: E731
     assert torch.equal(run(guidance_interval=(0.0, math.inf)), run())
     nowhere = run(guidance_interval=(1e6, 1e7))
     conditional = sample_1d(diffusion, model, 128, labels=labels, guidance_scale=1.0, sampler="ddim", steps=10)
@@ -260,8 +282,13 @@ def test_sample_guides_exactly_the_steps_whose_sigma_is_in_the_interval():
         batch_sizes.append(x.shape[0])
         return two_branch_model(x, t, labels)
 
-    diffusion.sample(model, (3, 1, 2, 2), sampling(guidance_scale=4.0, sampler="ddim", steps=10, guidance_interval=interval),
-                     labels=torch.tensor([0, 1, 2]), null_label=10)
+    diffusion.sample(
+        model,
+        (3, 1, 2, 2),
+        sampling(guidance_scale=4.0, sampler="ddim", steps=10, guidance_interval=interval),
+        labels=torch.tensor([0, 1, 2]),
+        null_label=10,
+    )
     assert batch_sizes == [3, 3, 6, 6, 6, 6, 3, 3, 3, 3]
 
 
@@ -279,7 +306,9 @@ class GaussianEps:
         return ((1 - ab).sqrt() * (x.double() - ab.sqrt() * self.mean) / (ab * self.std**2 + 1 - ab)).float()
 
 
-def guided_ode_moments(diffusion: Diffusion, main: tuple[float, float], guide: tuple[float, float], w: float) -> tuple[float, float]:
+def guided_ode_moments(
+    diffusion: Diffusion, main: tuple[float, float], guide: tuple[float, float], w: float
+) -> tuple[float, float]:
     """Mean and std at t = 0 of the probability-flow ODE whose denoiser is D_guide + w (D_main - D_guide), for Gaussian
     main and guide models, integrated to 1e-10 from sigma_max: in x~ = x / sqrt(alpha_bar), sigma = sqrt((1 - ab) / ab),
     dx~/dsigma = (x~ - D(x~, sigma)) / sigma with D(x~, sigma) = c(sigma) + k(sigma) x~ linear (Karras et al. 2022, eq. 3),
@@ -326,9 +355,14 @@ def test_autoguided_sampler_of_two_gaussian_denoisers_has_the_closed_form_mean_a
     2.4e-4 at w = 1.5); first-order DDIM needs far more steps (500 steps: std 2.5% low)."""
     diffusion = Diffusion(1000, "linear")
     main, guide = (0.2, 0.15), (0.0, 0.3)
-    samples = diffusion.sample(GaussianEps(diffusion, *main), (200_000, 1), sampling(guidance_scale=w, sampler="dpm++2m", steps=100),
-                               guide=GaussianEps(diffusion, *guide), clip_denoised=False,
-                               generator=torch.Generator().manual_seed(0)).double()
+    samples = diffusion.sample(
+        GaussianEps(diffusion, *main),
+        (200_000, 1),
+        sampling(guidance_scale=w, sampler="dpm++2m", steps=100),
+        guide=GaussianEps(diffusion, *guide),
+        clip_denoised=False,
+        generator=torch.Generator().manual_seed(0),
+    ).double()
     mean, std = guided_ode_moments(diffusion, main, guide, w)
     assert std < main[1] and mean > main[0]
     assert samples.mean().item() == pytest.approx(mean, abs=4 * std / math.sqrt(len(samples)) + 1e-3)
@@ -348,6 +382,7 @@ def as_prediction(diffusion: Diffusion, eps_model, prediction_type: str):
         x0 = x0_from_eps(x.double(), alpha_bar, eps)
         output = {"eps": eps, "x0": x0, "v": alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0}[prediction_type]
         return output.to(x.dtype)
+
     return network
 
 
@@ -369,8 +404,12 @@ def test_guidance_mixes_in_eps_space_whatever_the_network_predicts(prediction_ty
     labels = torch.tensor([0, 1]).repeat(256)
     kwargs = dict(labels=labels, guidance_scale=3.0, guidance_rescale=0.5, null_label=2, sampler="ddim", steps=20)
     reference = sample_1d(eps_diffusion, model, 512, **kwargs)
-    torch.testing.assert_close(sample_1d(diffusion, as_prediction(diffusion, model, prediction_type), 512, **kwargs), reference,
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        sample_1d(diffusion, as_prediction(diffusion, model, prediction_type), 512, **kwargs),
+        reference,
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["eps", "v", "x0"])
@@ -399,8 +438,12 @@ def test_min_snr_weighting_is_one_loss_in_x0_space_for_all_three_parametrisation
     losses = {}
     for prediction_type in ("eps", "v", "x0"):
         diffusion = Diffusion(1000, "linear", prediction_type=prediction_type, snr_gamma=5.0)
-        losses[prediction_type] = diffusion.p_losses(as_prediction(diffusion, wrong_eps, prediction_type), x0, t, noise=noise).item()
-    assert losses["v"] == pytest.approx(losses["eps"], rel=1e-4) and losses["x0"] == pytest.approx(losses["eps"], rel=1e-4)
+        losses[prediction_type] = diffusion.p_losses(
+            as_prediction(diffusion, wrong_eps, prediction_type), x0, t, noise=noise
+        ).item()
+    assert losses["v"] == pytest.approx(losses["eps"], rel=1e-4) and losses["x0"] == pytest.approx(
+        losses["eps"], rel=1e-4
+    )
 
     diffusion = Diffusion(1000, "linear", snr_gamma=5.0)
     snr = diffusion.alphas_cumprod[t] / (1 - diffusion.alphas_cumprod[t])
@@ -420,4 +463,6 @@ def test_sample_wants_a_guidance_scale_resolved_by_the_caller():
     """SamplingConfig's guidance scale None means "derived from the kind of samples" (SamplingConfig.derived), which
     Diffusion.sample cannot know: refused, not guessed."""
     with pytest.raises(ValueError, match="guidance_scale is None"):
-        Diffusion(10, "linear").sample(lambda x, t, labels: torch.zeros_like(x), (2, 1), SamplingConfig(sampler="ddim", steps=2))
+        Diffusion(10, "linear").sample(
+            lambda x, t, labels: torch.zeros_like(x), (2, 1), SamplingConfig(sampler="ddim", steps=2)
+        )

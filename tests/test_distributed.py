@@ -1,4 +1,5 @@
 """Distributed training for real: two CPU processes (gloo) launched by torchrun, as a user would launch them."""
+
 import json
 import os
 import shlex
@@ -14,10 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, run_cli, weights_equal
 from PIL import Image
 
 import ddpm_main
+from conftest import REPO, run_cli, weights_equal
 from ddpm_checkpoint import load_checkpoint, load_model
 from ddpm_config import SamplingConfig
 from ddpm_data import load_datasets
@@ -31,9 +32,14 @@ from ddpm_sampling import every_class_in_turn, generate_from
 from ddpm_train import EVAL_SEEDS
 
 GRID_IMAGES = 20  # a sample grid: batches of 16 and 4, one on each of 2 ranks
-TINY = ("--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
-        f"--warmup_steps 1 --log_interval 1 --num_samples {GRID_IMAGES} --sampler ddim --sampling_steps 5 --device cpu")
-WEIGHT_TOLERANCE, LOSS_TOLERANCE = 1e-2, 1e-2  # a run continued in 1 process against a straight 2-process one (measured below)
+TINY = (
+    "--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
+    f"--warmup_steps 1 --log_interval 1 --num_samples {GRID_IMAGES} --sampler ddim --sampling_steps 5 --device cpu"
+)
+WEIGHT_TOLERANCE, LOSS_TOLERANCE = (
+    1e-2,
+    1e-2,
+)  # a run continued in 1 process against a straight 2-process one (measured below)
 STEPS = 2  # optimizer steps of the 2-process run, each of 2 x 16 images
 
 
@@ -55,13 +61,29 @@ def free_port() -> int:
 
 def torchrun_command(nproc: int, command: str, *launcher: str) -> list[str]:
     """`python -m torch.distributed.run --nproc_per_node N [launcher flags] ddpm_main.py ...` on a free local port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc), *launcher,
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "ddpm_main.py"), *shlex.split(command)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        *launcher,
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "ddpm_main.py"),
+        *shlex.split(command),
+    ]
 
 
 def torchrun(nproc: int, command: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(torchrun_command(nproc, command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        torchrun_command(nproc, command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +103,20 @@ def test_two_processes_train_and_end_with_identical_weights(run_dir):
     assert checkpoint["train_state"]["epoch_position"] == STEPS * 2 * 16, "each step uses both ranks' batches"
     assert checkpoint["runtime"]["world_size"] == 2
     assert len(checkpoint["rng_per_rank"]) == 2
-    assert not torch.equal(checkpoint["rng_per_rank"][0]["torch"], checkpoint["rng_per_rank"][1]["torch"]), "ranks draw their own noise"
+    assert not torch.equal(checkpoint["rng_per_rank"][0]["torch"], checkpoint["rng_per_rank"][1]["torch"]), (
+        "ranks draw their own noise"
+    )
 
 
 def test_only_rank_zero_writes_and_writes_once(run_dir):
-    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == [".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors",
-                                                                      "phema"], \
-        "no temporary files left (rank 0 holds the run lock)"
+    assert sorted(p.name for p in (run_dir / "models/D").iterdir()) == [
+        ".lock",
+        "best.pt",
+        "best.safetensors",
+        "ckpt.pt",
+        "ckpt.safetensors",
+        "phema",
+    ], "no temporary files left (rank 0 holds the run lock)"
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert all(len(values) == 1 for values in history.values()), history
     kinds = [json.loads(line)["kind"] for line in (run_dir / "out/metrics_D.jsonl").read_text().splitlines()]
@@ -108,12 +137,23 @@ def test_sample_grid_is_gathered_from_both_ranks(run_dir, tmp_path):
     assert (train["num_samples"], train["batch_size"]) == (GRID_IMAGES, 16)
     kind = kind_of_model(loaded.description)
     settings = kind.sampling_settings(SamplingConfig(sampler="ddim", steps=5), loaded.diffusion.num_timesteps)
-    expected = generate_from(loaded, kind, GRID_IMAGES, every_class_in_turn(2, GRID_IMAGES), settings, train["seed"], 16,
-                             Runtime(torch.device("cpu")))
+    expected = generate_from(
+        loaded,
+        kind,
+        GRID_IMAGES,
+        every_class_in_turn(2, GRID_IMAGES),
+        settings,
+        train["seed"],
+        16,
+        Runtime(torch.device("cpu")),
+    )
     assert not torch.equal(expected[:4], expected[16:]), "the batches come from different noise"
     assert torch.equal(row, expected[:PROGRESSION_COLUMNS])
     save_image_grid(expected.permute(0, 3, 1, 2).float() / 127.5 - 1, tmp_path / "expected.png")
-    with Image.open(run_dir / "out/samples_D_epoch0001.png") as saved, Image.open(tmp_path / "expected.png") as one_process:
+    with (
+        Image.open(run_dir / "out/samples_D_epoch0001.png") as saved,
+        Image.open(tmp_path / "expected.png") as one_process,
+    ):
         assert np.array_equal(np.asarray(saved), np.asarray(one_process))
 
 
@@ -126,7 +166,9 @@ def test_validation_loss_is_averaged_over_all_ranks(run_dir):
     val = load_datasets("folder", run_dir / "images", 16).val
     objective = checkpoint["config"]["diffusion"]
     diffusion = Diffusion(20, prediction_type=objective["prediction_type"], snr_gamma=objective["snr_gamma"])
-    loss = evaluate(model, diffusion, val, Runtime(torch.device("cpu")), seed=EVAL_SEEDS["val"], batch_size=16, loss_type="l2")
+    loss = evaluate(
+        model, diffusion, val, Runtime(torch.device("cpu")), seed=EVAL_SEEDS["val"], batch_size=16, loss_type="l2"
+    )
     history = json.loads((run_dir / "out/loss_history_D.json").read_text())
     assert history["val_loss"][0] == pytest.approx(loss, rel=1e-5)
 
@@ -135,15 +177,26 @@ def test_resume_with_another_number_of_processes_keeps_the_global_batch(run_dir,
     """Saved by 2 processes of 16, continued by 1 to the end of the epoch: --grad_accum 2 keeps the global batch of 32,
     so the run ends at the step a 2-process run ends at, with weights close to a straight 2-process run's (the one
     step after the resume draws other noise: bit-identity is not expected across numbers of processes)."""
-    straight = torchrun(2, f"{TINY} --conditional --epochs 1 --save_model --run_name S --save_dir out_S --sample_every 0", run_dir)
+    straight = torchrun(
+        2, f"{TINY} --conditional --epochs 1 --save_model --run_name S --save_dir out_S --sample_every 0", run_dir
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     capsys.readouterr()
-    assert run_cli(f"{TINY} --conditional --epochs 1 --save_model --run_name D --save_dir out --sample_every 0", run_dir) == 0
-    assert "global batch 32 kept: --grad_accum 2 with 1 processes of --batch_size 16 (the run was saved by 2)" in capsys.readouterr().out
+    assert (
+        run_cli(f"{TINY} --conditional --epochs 1 --save_model --run_name D --save_dir out --sample_every 0", run_dir)
+        == 0
+    )
+    assert (
+        "global batch 32 kept: --grad_accum 2 with 1 processes of --batch_size 16 (the run was saved by 2)"
+        in capsys.readouterr().out
+    )
     train_examples = len(load_datasets("folder", run_dir / "images", 16).train)
     continued, reference = (load_checkpoint(run_dir / f"models/{name}/ckpt.pt") for name in ("D", "S"))
     assert continued["train_state"]["step"] == reference["train_state"]["step"] == train_examples // 32
-    assert continued["config"]["train"]["grad_accum"] == 2 and continued["runtime"] == {"world_size": 1, "global_batch": 32}
+    assert continued["config"]["train"]["grad_accum"] == 2 and continued["runtime"] == {
+        "world_size": 1,
+        "global_batch": 32,
+    }
     for key in ("model", "ema"):
         difference = max((continued[key][name] - reference[key][name]).abs().max().item() for name in reference[key])
         assert difference < WEIGHT_TOLERANCE, (key, difference)
@@ -160,8 +213,14 @@ def test_a_worker_killed_mid_run_is_restarted_by_torchrun_and_the_run_ends_bit_i
     for name in ("straight", "elastic"):
         write_image_folder(tmp_path / name / "images")
     assert torchrun(2, command, tmp_path / "straight").returncode == 0
-    launcher = subprocess.Popen(torchrun_command(2, command, "--max-restarts", "1"), cwd=tmp_path / "elastic",
-                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        torchrun_command(2, command, "--max-restarts", "1"),
+        cwd=tmp_path / "elastic",
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not (tmp_path / "elastic/models/E/ckpt.pt").exists():
         assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
@@ -185,8 +244,13 @@ def test_sampling_and_evaluation_under_torchrun_give_what_one_process_gives(run_
     for those batches: test_sampling.py), rank 0 gathers and writes once, and images, labels and FID equal a single
     process's for the same seed."""
     common = "--model_path models/D/ckpt.pt --device cpu --batch_size 2 --sampler ddim --sampling_steps 3 --seed 5"
-    for mode, flags in (("inference", f"--inference {common} --num_samples 5"),
-                        ("evaluation", f"--evaluate {common} --fid_num_samples 5 --fid_features random-conv --data_dir images --no_judge")):
+    for mode, flags in (
+        ("inference", f"--inference {common} --num_samples 5"),
+        (
+            "evaluation",
+            f"--evaluate {common} --fid_num_samples 5 --fid_features random-conv --data_dir images --no_judge",
+        ),
+    ):
         result = torchrun(2, f"{flags} --save_dir {mode}_2", run_dir)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.count("wrote") == 1, "only rank 0 writes"
@@ -204,8 +268,14 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     so no rank hangs in a collective, and rank 0 writes a checkpoint that resumes."""
     write_image_folder(tmp_path / "images")
     command = f"{TINY} --max_steps 100000 --save_model --run_name T --save_dir out"
-    launcher = subprocess.Popen(torchrun_command(2, command), cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        torchrun_command(2, command),
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "out/metrics_T.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -218,7 +288,12 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert "another process was signalled: stopped after step" in stderr, stderr[-3000:]
     step = load_checkpoint(tmp_path / "models/T/ckpt.pt")["train_state"]["step"]
     assert step >= 2
-    assert torchrun(2, f"{TINY} --max_steps {step + 1} --save_model --run_name T --save_dir out --resume", tmp_path).returncode == 0
+    assert (
+        torchrun(
+            2, f"{TINY} --max_steps {step + 1} --save_model --run_name T --save_dir out --resume", tmp_path
+        ).returncode
+        == 0
+    )
     assert load_checkpoint(tmp_path / "models/T/ckpt.pt")["train_state"]["step"] == step + 1
 
 
@@ -238,10 +313,23 @@ def test_two_ranks_build_one_cache_and_map_the_same_file(tmp_path):
     so that the page cache holds one copy for the machine."""
     write_image_folder(tmp_path / "images", per_class=150)
     (tmp_path / "rank.py").write_text(MAPPING_RANK.format(repo=str(REPO), root=str(tmp_path / "images")))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(tmp_path / "rank.py")]
-    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(tmp_path / "rank.py"),
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(line.split() for line in result.stdout.splitlines() if line.startswith("rank "))
     assert [line[1] for line in lines] == ["0", "1"]
@@ -254,8 +342,12 @@ def test_two_ranks_build_one_cache_and_map_the_same_file(tmp_path):
 def test_readme_torchrun_commands_use_known_flags():
     parser = ddpm_main.build_parser()
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-    commands = [line.split("ddpm_main.py", 1)[1].removesuffix(" &")  # a job script's line runs in the background
-                for page in pages for line in page.read_text().splitlines() if line.startswith("torchrun ")]
+    commands = [
+        line.split("ddpm_main.py", 1)[1].removesuffix(" &")  # a job script's line runs in the background
+        for page in pages
+        for line in page.read_text().splitlines()
+        if line.startswith("torchrun ")
+    ]
     assert len(commands) >= 3
     for command in commands:
         parser.parse_args(shlex.split(command))

@@ -1,5 +1,6 @@
 """ddpm_evaluate: --evaluate / --guidance_sweep / --compare_checkpoints end to end on tiny models with small feature
 extractors (random-conv, or a test extractor with logits), and the evaluation loss that training logs."""
+
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +12,8 @@ from PIL import Image
 
 import ddpm_judge
 import ddpm_metrics
-from conftest import run_cli as run, tree_fingerprint, write_random_checkpoint
+from conftest import run_cli as run
+from conftest import tree_fingerprint, write_random_checkpoint
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
 from ddpm_data import load_datasets
 from ddpm_diffusion import Diffusion
@@ -44,9 +46,14 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-
 def test_evaluate_writes_results_json_samples_npz_and_grid(workspace):
-    assert run(f"--evaluate --model_path models/C/ckpt.pt {FAST} --fid_num_samples 10 --guidance_scale 2 --save_dir ev_C", workspace) == 0
+    assert (
+        run(
+            f"--evaluate --model_path models/C/ckpt.pt {FAST} --fid_num_samples 10 --guidance_scale 2 --save_dir ev_C",
+            workspace,
+        )
+        == 0
+    )
     results = read_json(workspace / "ev_C/evaluation.json")
     assert np.isfinite(results["fid"]) and results["fid"] > 0
     assert results["num_samples"] == 10 and results["checkpoint"] == "models/C/ckpt.pt" and results["step"] == 3
@@ -76,7 +83,9 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(workspa
     with np.load(cache) as stats:
         mu, sigma, count = stats["mu"], stats["sigma"], stats["num_images"]
     np.savez(cache, mu=mu + 1.0, sigma=sigma, num_images=count)  # a cache that is read must change the FID
-    monkeypatch.setattr(ddpm_metrics, "load_datasets", lambda *args, **kwargs: pytest.fail("the data set was loaded again"))
+    monkeypatch.setattr(
+        ddpm_metrics, "load_datasets", lambda *args, **kwargs: pytest.fail("the data set was loaded again")
+    )
     assert run(f"{command} --save_dir cache_2", workspace) == 0
     np.savez(cache, mu=mu, sigma=sigma, num_images=count)
     first, second = (read_json(workspace / name / "evaluation.json")["fid"] for name in ("cache_1", "cache_2"))
@@ -85,7 +94,13 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(workspa
 
 def test_evaluate_draws_the_same_images_as_inference_for_the_same_seed(workspace):
     common = "--model_path models/C/ckpt.pt --sampler ddim --sampling_steps 2 --guidance_scale 2 --seed 4"
-    assert run(f"--evaluate {common} --fid_features random-conv --fid_num_samples 3 --no_judge --save_dir same_ev", workspace) == 0
+    assert (
+        run(
+            f"--evaluate {common} --fid_features random-conv --fid_num_samples 3 --no_judge --save_dir same_ev",
+            workspace,
+        )
+        == 0
+    )
     assert run(f"--inference {common} --num_samples 3 --save_dir same_inf", workspace) == 0
     evaluated, inferred = (np.load(workspace / name / "samples.npz") for name in ("same_ev", "same_inf"))
     assert np.array_equal(evaluated["images"], inferred["images"])
@@ -104,7 +119,9 @@ def test_amp_runs_the_network_under_autocast_and_the_sampler_in_float32(workspac
         return out
 
     monkeypatch.setattr(UNet, "forward", forward)
-    common = "--inference --model_path models/C/ckpt.pt --sampler ddim --sampling_steps 2 --guidance_scale 2 --num_samples 4"
+    common = (
+        "--inference --model_path models/C/ckpt.pt --sampler ddim --sampling_steps 2 --guidance_scale 2 --num_samples 4"
+    )
     assert run(f"{common} --amp bf16 --save_dir amp_bf16", workspace) == 0
     assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
     seen.clear()
@@ -115,14 +132,23 @@ def test_amp_runs_the_network_under_autocast_and_the_sampler_in_float32(workspac
     assert read_json(workspace / "amp_bf16/samples.json")["network_autocast"] == "torch.bfloat16"
 
 
-@pytest.mark.parametrize("mode", ["--inference --num_samples 2", "--evaluate --fid_num_samples 2 --fid_features random-conv",
-                                  "--compare_checkpoints models/C/ckpt.pt models/C/ckpt.pt --num_samples 2"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "--inference --num_samples 2",
+        "--evaluate --fid_num_samples 2 --fid_features random-conv",
+        "--compare_checkpoints models/C/ckpt.pt models/C/ckpt.pt --num_samples 2",
+    ],
+)
 def test_compile_flag_compiles_the_sampling_network(workspace, monkeypatch, mode):
     """--compile reaches every sampling mode (torch.compile itself is stubbed: compiling takes minutes on this CPU)."""
     compiled = []
     monkeypatch.setattr(UNet, "compile", lambda self, *args, **kwargs: compiled.append(self.training))
     model = "" if mode.startswith("--compare") else "--model_path models/C/ckpt.pt"
-    assert run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --no_judge --save_dir compiled", workspace) == 0
+    assert (
+        run(f"{mode} {model} --sampler ddim --sampling_steps 2 --compile --no_judge --save_dir compiled", workspace)
+        == 0
+    )
     assert compiled and not any(compiled), "compiled once per loaded model, in eval mode"
 
 
@@ -146,10 +172,15 @@ def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, 
     assert [row["guidance_scale"] for row in rows] == [0.0, 4.0]
     assert all(np.isfinite(row["fid"]) and row["inception_score"] is not None for row in rows)  # logits give an IS
     assert rows[0]["fid"] != rows[1]["fid"]
-    assert "| guidance_scale | num_samples | fid | inception_score | class_consistency |" in (workspace / "sweep/guidance_sweep.md").read_text()
+    assert (
+        "| guidance_scale | num_samples | fid | inception_score | class_consistency |"
+        in (workspace / "sweep/guidance_sweep.md").read_text()
+    )
     assert (workspace / "sweep/guidance_sweep.png").stat().st_size > 0
     unguided, guided = (np.load(workspace / f"sweep/scale_{w}/samples.npz") for w in (0, 4))
-    assert np.array_equal(unguided["labels"], guided["labels"]) and not np.array_equal(unguided["images"], guided["images"])
+    assert np.array_equal(unguided["labels"], guided["labels"]) and not np.array_equal(
+        unguided["images"], guided["images"]
+    )
     names = load_checkpoint(workspace / "models/C/ckpt.pt")["data"]["class_names"]
     grids = sorted((workspace / "sweep").glob("guidance_class*.png"))
     assert len(grids) == len(names)
@@ -175,19 +206,25 @@ def test_evaluate_reports_kid_precision_recall_writes_pngs_and_an_adm_npz(worksp
     command = f"--evaluate --model_path models/C/ckpt.pt {FAST} --fid_num_samples 12 --data_dir {tmp_path}"
     assert run(f"{command} --save_pngs --save_dir ev_kid", workspace) == 0
     results = read_json(workspace / "ev_kid/evaluation.json")
-    assert np.isfinite(results["kid"]["mean"]) and results["kid"]["subset_size"] == 12 and results["kid"]["subsets"] == 100
+    assert (
+        np.isfinite(results["kid"]["mean"]) and results["kid"]["subset_size"] == 12 and results["kid"]["subsets"] == 100
+    )
     assert 0 <= results["precision_recall"]["precision"] <= 1 and results["precision_recall"]["neighborhood"] == 3
     summary = capsys.readouterr().out
     assert summary.count("12 samples") == 3, summary  # FID, KID, precision/recall: each with its sample count
     images = read_like_the_adm_evaluator(workspace / "ev_kid/samples.npz", "arr_0")
     assert images.dtype == np.uint8 and images.shape == (12, 16, 16, 3)
-    assert read_like_the_adm_evaluator(workspace / "ev_kid/samples.npz", "arr_1").tolist() == [i % 10 for i in range(12)]
+    assert read_like_the_adm_evaluator(workspace / "ev_kid/samples.npz", "arr_1").tolist() == [
+        i % 10 for i in range(12)
+    ]
     pngs = sorted((workspace / "ev_kid/samples").glob("*.png"))
     assert len(pngs) == 12 and np.array_equal(np.asarray(Image.open(pngs[5])), images[5])
 
 
 def test_unconditional_npz_has_no_labels_for_the_adm_evaluator(workspace):
-    assert run(f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_num_samples 4 --save_dir ev_U_adm", workspace) == 0
+    assert (
+        run(f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_num_samples 4 --save_dir ev_U_adm", workspace) == 0
+    )
     with np.load(workspace / "ev_U_adm/samples.npz") as npz:
         assert list(npz.keys())[0] == "arr_0" and "arr_1" not in npz
 
@@ -214,8 +251,10 @@ def test_fid_ref_statistics_replace_the_training_set(workspace, tmp_path):
 def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(workspace):
     checkpoint = load_checkpoint(workspace / "models/C/ckpt.pt")
     checkpoint["train_state"]["step"] = 10
-    save_checkpoint({key: value for key, value in checkpoint.items() if key not in ("format", "format_version")},
-                    workspace / "models/C/later.pt")
+    save_checkpoint(
+        {key: value for key, value in checkpoint.items() if key not in ("format", "format_version")},
+        workspace / "models/C/later.pt",
+    )
     command = "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2 --no_judge"
     assert run(f"{command} --save_dir compare", workspace) == 0
     assert read_json(workspace / "compare/checkpoint_comparison.json")["training_steps"] == [3, 10]
@@ -230,7 +269,10 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
 @pytest.mark.parametrize(
     "command,message",
     [
-        ("--inference --model_path models/C/ckpt.pt --guidance_rescale 1.5", "--guidance_rescale must be between 0 and 1"),
+        (
+            "--inference --model_path models/C/ckpt.pt --guidance_rescale 1.5",
+            "--guidance_rescale must be between 0 and 1",
+        ),
         ("--inference --model_path models/C/ckpt.pt --guidance_interval 3", "--guidance_interval expects LO,HI"),
         ("--inference --model_path models/C/ckpt.pt --guidance_interval 2,1", "0 <= LO < HI"),
         ("--evaluate --model_path models/C/ckpt.pt --fid_num_samples 1", "at least 2"),
@@ -242,7 +284,10 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
         (f"--evaluate --model_path models/C/ckpt.pt {FAST} --sampling_steps 50", "cannot exceed"),
         ("--evaluate --model_path models/missing.pt", "not found"),
         ("--compare_checkpoints models/C/ckpt.pt models/U/ckpt.pt", "not from one run"),
-        (f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_ref models/missing_stats.npz", "--fid_ref file not found"),
+        (
+            f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_ref models/missing_stats.npz",
+            "--fid_ref file not found",
+        ),
         (f"--evaluate --model_path models/U/ckpt.pt {FAST} --fid_ref models/U/ckpt.pt", "no `mu` and `sigma`"),
         ("--inference --model_path models/U/ckpt.pt --fid_ref stats.npz", "--fid_ref works with --evaluate"),
         ("--inference --model_path models/U/ckpt.pt --sampler ddim --variance fixed_large", "ancestral"),
@@ -271,13 +316,23 @@ def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
     model.load_state_dict(checkpoint["ema"])
     data = load_datasets("synthetic", "unused", 16)
     diffusion = Diffusion(**checkpoint["diffusion"], snr_gamma=checkpoint["config"]["diffusion"]["snr_gamma"])
-    assert (diffusion.prediction_type, diffusion.snr_gamma) == ("v", 5.0), "the objective of new runs, which this one is"
+    assert (diffusion.prediction_type, diffusion.snr_gamma) == ("v", 5.0), (
+        "the objective of new runs, which this one is"
+    )
     history = json.loads((trained_runs / "out_C/loss_history_C.json").read_text())
     [count] = history["eval_examples"]
     assert count < len(data.val), "a subset: the count matters"
     cpu = Runtime(torch.device("cpu"))
-    evaluate = lambda batch_size, count: evaluation_loss(model, diffusion, data.val, cpu, seed=EVAL_SEEDS["val"],  # noqa: E731
-                                                         batch_size=batch_size, loss_type="l2", count=count)
+    evaluate = lambda batch_size, count: evaluation_loss(
+        model,
+        diffusion,
+        data.val,
+        cpu,
+        seed=EVAL_SEEDS["val"],  # noqa: E731
+        batch_size=batch_size,
+        loss_type="l2",
+        count=count,
+    )
     first = evaluate(32, count)
     torch.manual_seed(123)
     second = evaluate(7, count)
@@ -289,17 +344,29 @@ def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
 
 # The judge (ddpm_judge) in --evaluate --guidance_sweep and --compare_checkpoints, on a tiny run of the real digits
 
-DIGITS_RUN = ("--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
-              "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D")
+DIGITS_RUN = (
+    "--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
+    "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D"
+)
 
 
-def test_guidance_sweep_and_comparison_report_the_judge_of_each_scale_and_checkpoint(digits_workspace, digits_judge, monkeypatch, capsys):
+def test_guidance_sweep_and_comparison_report_the_judge_of_each_scale_and_checkpoint(
+    digits_workspace, digits_judge, monkeypatch, capsys
+):
     root, judge = digits_workspace.parent, digits_judge[1]
     assert run(DIGITS_RUN, root) == 0
-    monkeypatch.setattr(ddpm_judge, "train_judge", lambda *args, **kwargs: pytest.fail("the cached judge was trained again"))
+    monkeypatch.setattr(
+        ddpm_judge, "train_judge", lambda *args, **kwargs: pytest.fail("the cached judge was trained again")
+    )
     capsys.readouterr()
     common = "--data_dir digits --sampler ddim --sampling_steps 2"
-    assert run(f"--evaluate --model_path models/D/ckpt.pt {common} --fid_features random-conv --fid_num_samples 20 --guidance_sweep 1,3 --save_dir sweep", root) == 0
+    assert (
+        run(
+            f"--evaluate --model_path models/D/ckpt.pt {common} --fid_features random-conv --fid_num_samples 20 --guidance_sweep 1,3 --save_dir sweep",
+            root,
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = read_json(root / "sweep/guidance_sweep.json")
     for row in rows:
@@ -307,15 +374,27 @@ def test_guidance_sweep_and_comparison_report_the_judge_of_each_scale_and_checkp
         with np.load(root / f"sweep/scale_{row['guidance_scale']:g}/samples.npz") as samples:
             expected = judge.figures(samples["images"], samples["labels"])  # the figures are of these very samples
         assert results["judge"] == {**expected, "cache": str(judge_path("digits", "folder", 16, 1, 0))}
-        assert (row["judge_class_accuracy"], row["judge_distance"], row["judge_floor"]) == \
-            (expected["class_accuracy"], expected["distance"], expected["floor"])
+        assert (row["judge_class_accuracy"], row["judge_distance"], row["judge_floor"]) == (
+            expected["class_accuracy"],
+            expected["distance"],
+            expected["floor"],
+        )
         assert row["judge_test_accuracy"] == judge.test_accuracy
         assert results["class_consistency"] is None and not any("no classifier" in note for note in results["notes"])
-        assert f"judge class accuracy {expected['class_accuracy']:.3f}, distance {expected['distance']:.3f} (floor " \
-               f"{expected['floor']:.3f}) on 20 samples (its test accuracy {judge.test_accuracy:.3f}: the ceiling)" in printed
+        assert (
+            f"judge class accuracy {expected['class_accuracy']:.3f}, distance {expected['distance']:.3f} (floor "
+            f"{expected['floor']:.3f}) on 20 samples (its test accuracy {judge.test_accuracy:.3f}: the ceiling)"
+            in printed
+        )
     assert rows[0]["judge_distance"] != rows[1]["judge_distance"]
-    assert "| judge_class_accuracy | judge_distance | judge_floor | judge_test_accuracy |" in (root / "sweep/guidance_sweep.md").read_text()
-    assert run(f"--compare_checkpoints models/D/ckpt.pt models/D/ckpt.pt --num_samples 10 {common} --save_dir cmp", root) == 0
+    assert (
+        "| judge_class_accuracy | judge_distance | judge_floor | judge_test_accuracy |"
+        in (root / "sweep/guidance_sweep.md").read_text()
+    )
+    assert (
+        run(f"--compare_checkpoints models/D/ckpt.pt models/D/ckpt.pt --num_samples 10 {common} --save_dir cmp", root)
+        == 0
+    )
     compared = read_json(root / "cmp/checkpoint_comparison.json")["judge"]
     assert len(compared) == 2 and compared[0] == compared[1] and compared[0]["num_samples"] == 10
     assert capsys.readouterr().out.count("step 3: judge class accuracy") == 2

@@ -1,4 +1,5 @@
 """scripts/gpu_check.py: the --quick run end to end (every step reports real figures) and the profile arithmetic of the GPU path."""
+
 import importlib.util
 import json
 import math
@@ -7,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+
 from conftest import REPO
 
 pytest.importorskip("diffusers")
@@ -26,8 +28,13 @@ def positive(value) -> bool:
 def quick(tmp_path_factory):
     """One `gpu_check.py --quick` run as a user starts it; (its output folder, its report)."""
     out = tmp_path_factory.mktemp("gpu_check")
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(out), "--quick"], cwd=out,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--out", str(out), "--quick"],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, json.loads((out / "gpu_check.json").read_text())
 
@@ -46,12 +53,21 @@ def test_throughput_has_every_model_and_the_targets(quick):
     step = quick[1]["steps"]["throughput"]
     assert set(step["models"]) == {gpu_check.OURS, gpu_check.CHANNELS_LAST, gpu_check.COMPILED, gpu_check.DIFFUSERS}
     for name, model in step["models"].items():
-        for key in ("images_per_s", "step_ms", "peak_memory_mb", "first_step_s", "gflop_per_image_forward", "speedup_vs_unet2dmodel"):
+        for key in (
+            "images_per_s",
+            "step_ms",
+            "peak_memory_mb",
+            "first_step_s",
+            "gflop_per_image_forward",
+            "speedup_vs_unet2dmodel",
+        ):
             assert positive(model[key]), (name, key)
         assert model["mfu"] is None, "no MFU on a CPU"
     assert step["models"][gpu_check.DIFFUSERS]["speedup_vs_unet2dmodel"] == 1.0
     speedup = step["targets"]["speedup_vs_unet2dmodel"]
-    assert speedup["value"] == step["models"][step["best"]]["speedup_vs_unet2dmodel"] and speedup["met"] == (speedup["value"] >= 1.5)
+    assert speedup["value"] == step["models"][step["best"]]["speedup_vs_unet2dmodel"] and speedup["met"] == (
+        speedup["value"] >= 1.5
+    )
     assert step["targets"]["mfu"] == {"value": None, "goal": 0.4, "met": None}
 
 
@@ -67,25 +83,47 @@ def test_training_run_figures_and_resume(quick):
     out, report = quick
     step = report["steps"]["training"]
     assert step["steps"] == step["max_steps"] == gpu_check.QUICK.train_steps
-    for key in ("wall_s", "images_per_s_logged_median", "images_per_s_in_steps", "seconds_per_checkpoint_write", "seconds_in_steps",
-                "seconds_outside_steps", "peak_memory_mb", "final_train_loss", "checkpoint_writes"):
+    for key in (
+        "wall_s",
+        "images_per_s_logged_median",
+        "images_per_s_in_steps",
+        "seconds_per_checkpoint_write",
+        "seconds_in_steps",
+        "seconds_outside_steps",
+        "peak_memory_mb",
+        "final_train_loss",
+        "checkpoint_writes",
+    ):
         assert positive(step[key]), key
     assert 0 < step["outside_steps_share"] < 1 and step["nonfinite_skipped"] == 0 and step["nonfinite_ok"]
     assert step["command"].startswith("python ddpm_main.py --dataset synthetic") and "--conditional" in step["command"]
-    assert step["resume"] == {**step["resume"], "resumed_at_step": step["steps"], "final_step": step["steps"] + gpu_check.QUICK.resume_steps,
-                              "continued": True}
+    assert step["resume"] == {
+        **step["resume"],
+        "resumed_at_step": step["steps"],
+        "final_step": step["steps"] + gpu_check.QUICK.resume_steps,
+        "continued": True,
+    }
     assert (out / step["grid"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sampling_bf16_against_fp32_and_compiled(quick):
     step = quick[1]["steps"]["sampling"]
-    assert [(run["sampler"], run["network"]) for run in step["runs"]] == [("dpm++2m", "bf16"), ("dpm++2m", "fp32"), ("ddim", "bf16"), ("ddim", "fp32")]
+    assert [(run["sampler"], run["network"]) for run in step["runs"]] == [
+        ("dpm++2m", "bf16"),
+        ("dpm++2m", "fp32"),
+        ("ddim", "bf16"),
+        ("ddim", "fp32"),
+    ]
     for run in step["runs"]:
         assert positive(run["images_per_s"]) and run["samples"] > 0
     for run in step["runs"][::2]:  # the bf16 rows hold the comparison with fp32 from the same noise
         assert 0 <= run["max_pixel_diff"] <= 255 and run["images_compared"] == gpu_check.QUICK.variant_count
     compiled, graphs = step["compiled"]
-    assert positive(compiled["images_per_s"]) and positive(compiled["first_batch_s"]) and 0 <= compiled["max_pixel_diff"] <= 255
+    assert (
+        positive(compiled["images_per_s"])
+        and positive(compiled["first_batch_s"])
+        and 0 <= compiled["max_pixel_diff"] <= 255
+    )
     assert "skipped" in graphs, "no CUDA graphs on a CPU"
 
 
@@ -105,21 +143,47 @@ def test_torchrun_trains_and_writes_a_checkpoint(quick):
 def test_markdown_has_every_table(quick):
     out, _ = quick
     text = (out / "gpu_check.md").read_text()
-    for header in ("| model | images/s | vs UNet2DModel |", "| step ms | device busy ms per step |", "| figure | value |",
-                   "| sampler | network | samples | images/s |", "| variant | images/s | vs eager bf16 |", "| step | status | seconds |"):
+    for header in (
+        "| model | images/s | vs UNet2DModel |",
+        "| step ms | device busy ms per step |",
+        "| figure | value |",
+        "| sampler | network | samples | images/s |",
+        "| variant | images/s | vs eager bf16 |",
+        "| step | status | seconds |",
+    ):
         assert header in text, header
     assert "failed" not in text and "bit-identical: yes, yes, yes" in text
 
 
 def test_a_failing_step_is_recorded_in_the_markdown():
     """A failed step shows its one-line error where its table would be, and the others still report."""
-    report = {"environment": {"gpu": None, "cpu": "cpu", "driver": None, "cuda": None, "torch": "x"}, "command": "c", "total_s": 1.0,
-              "steps": {"profile": {"error": "RuntimeError: boom", "elapsed_s": 0.1, "budget_s": 15},
-                        "nonfinite_skip": {"error": None, "elapsed_s": 0.1, "budget_s": 5, "optimizer": "AdamW(fused=True)", "device": "cpu",
-                                           "amp": "float32", "skip_flag": True, "weights_bit_identical": True, "optimizer_state_bit_identical": True,
-                                           "ema_bit_identical": True, "tensors_compared": 3}}}
+    report = {
+        "environment": {"gpu": None, "cpu": "cpu", "driver": None, "cuda": None, "torch": "x"},
+        "command": "c",
+        "total_s": 1.0,
+        "steps": {
+            "profile": {"error": "RuntimeError: boom", "elapsed_s": 0.1, "budget_s": 15},
+            "nonfinite_skip": {
+                "error": None,
+                "elapsed_s": 0.1,
+                "budget_s": 5,
+                "optimizer": "AdamW(fused=True)",
+                "device": "cpu",
+                "amp": "float32",
+                "skip_flag": True,
+                "weights_bit_identical": True,
+                "optimizer_state_bit_identical": True,
+                "ema_bit_identical": True,
+                "tensors_compared": 3,
+            },
+        },
+    }
     text = gpu_check.markdown(report)
-    assert "profile: failed: `RuntimeError: boom`" in text and "| profile | failed |" in text and "bit-identical: yes, yes, yes" in text
+    assert (
+        "profile: failed: `RuntimeError: boom`" in text
+        and "| profile | failed |" in text
+        and "bit-identical: yes, yes, yes" in text
+    )
 
 
 def test_gpu_idle_share_counts_overlapping_kernels_once():
@@ -138,8 +202,15 @@ def test_kernel_table_ranks_kernels_by_total_time():
 
 def test_full_run_plans_its_steps_from_the_measured_rate_and_checkpoint_time():
     """TRAIN_STEPS_S of steps and checkpoints (one per epoch, one per 500 steps) at step 1's rate; a fixed count without one."""
-    steps, why = gpu_check.planned_steps(gpu_check.FULL, {"train_images_per_s": 3200.0}, checkpoint_s=1.0, steps_per_epoch=37)
+    steps, why = gpu_check.planned_steps(
+        gpu_check.FULL, {"train_images_per_s": 3200.0}, checkpoint_s=1.0, steps_per_epoch=37
+    )
     per_step = 128 / 3200 + 1.0 * (1 / 37 + 1 / 500)
     assert steps == int(gpu_check.TRAIN_STEPS_S / per_step) and "3200 images/s" in why
-    assert gpu_check.planned_steps(gpu_check.FULL, {}, 1.0, 37) == (gpu_check.FULL.fallback_train_steps, "fallback: step 1 measured no images/s")
-    assert gpu_check.planned_steps(gpu_check.QUICK, {"train_images_per_s": 1.0}, 1.0, 37)[0] == gpu_check.QUICK.train_steps
+    assert gpu_check.planned_steps(gpu_check.FULL, {}, 1.0, 37) == (
+        gpu_check.FULL.fallback_train_steps,
+        "fallback: step 1 measured no images/s",
+    )
+    assert (
+        gpu_check.planned_steps(gpu_check.QUICK, {"train_images_per_s": 1.0}, 1.0, 37)[0] == gpu_check.QUICK.train_steps
+    )

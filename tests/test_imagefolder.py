@@ -164,7 +164,9 @@ def test_parallel_decoding_fills_the_same_rows_as_one_process(tmp_path):
     names = [f"{k:03d}.png" for k in np.random.default_rng(0).permutation(30)]
     serial, parallel = (np.zeros((30, 1, 8, 8), dtype=np.uint8) for _ in range(2))
     assert decode_into(serial, tmp_path, names, 8, 1, workers=1) is False
-    assert decode_into(parallel, tmp_path, names, 8, 1, workers=2, chunk=1) is False, "30 chunks, more than decoded ahead"
+    assert decode_into(parallel, tmp_path, names, 8, 1, workers=2, chunk=1) is False, (
+        "30 chunks, more than decoded ahead"
+    )
     assert np.array_equal(serial, parallel)
     with open(tmp_path / names[7], "rb") as file:
         assert np.array_equal(parallel[7], to_grey(decode_image(file, 8)[None])[0])

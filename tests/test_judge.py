@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import weights_equal, write_grey_folder
 
 import ddpm_judge
+from conftest import weights_equal, write_grey_folder
 from ddpm_data import load_datasets
 from ddpm_judge import JudgeNet, judge_path, load_or_train_judge, train_judge
 

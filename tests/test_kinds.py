@@ -10,15 +10,21 @@ from ddpm_kinds import ImageKind, PointKind, kind_of_data, kind_of_model
 
 
 def description(image_size, channels, dataset="synthetic"):
-    return ModelDescription(model_config={}, diffusion={}, conditional=True,
-                            data={"dataset": dataset, "class_names": ["a", "b"], "image_size": image_size, "channels": channels})
+    return ModelDescription(
+        model_config={},
+        diffusion={},
+        conditional=True,
+        data={"dataset": dataset, "class_names": ["a", "b"], "image_size": image_size, "channels": channels},
+    )
 
 
 def test_the_kind_comes_from_the_data_or_the_checkpoint_alike(tmp_path):
     points = load_datasets("moons", tmp_path)
     assert isinstance(kind_of_data("moons", points), PointKind) and kind_of_data("moons", points).sample_shape == (2,)
     images = load_datasets("synthetic", tmp_path, image_size=8)
-    assert isinstance(kind_of_data("synthetic", images), ImageKind) and kind_of_data("synthetic", images).sample_shape == (3, 8, 8)
+    assert isinstance(kind_of_data("synthetic", images), ImageKind) and kind_of_data(
+        "synthetic", images
+    ).sample_shape == (3, 8, 8)
     assert isinstance(kind_of_model(description(None, 2, "moons")), PointKind)
     assert kind_of_model(description(16, 1)).sample_shape == (1, 16, 16)
 

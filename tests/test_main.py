@@ -1,5 +1,6 @@
 """ddpm_main, the command line: bad input is one line and touches nothing, every documented command is valid, and
 end-to-end runs on CPU (tiny models trained for a few steps on the synthetic data or a folder of PNGs)."""
+
 import json
 import os
 import re
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import ddpm_main
-from conftest import REPO, TINY, run_cli as run, tree_fingerprint, usage_error, write_grey_folder
+from conftest import REPO, TINY, tree_fingerprint, usage_error, write_grey_folder
+from conftest import run_cli as run
 from ddpm_checkpoint import load_checkpoint, load_model
 from ddpm_config import SamplingConfig, UsageError
 from ddpm_kinds import kind_of_model
@@ -76,16 +78,28 @@ def test_bad_input_gives_one_line_and_touches_nothing(trained_workspace, capsys,
     "command,message",
     [
         ("--inference --eta 0.5", "--eta works with --sampler ddim; ddpm, the sampler of this run, ignores it"),
-        ("--inference --sampler dpm++3m --eta 0", "--eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it"),
+        (
+            "--inference --sampler dpm++3m --eta 0",
+            "--eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it",
+        ),
         ("--eta 0.5", "--eta works with --sampler ddim; dpm++2m, the sampler of this run, ignores it"),
-        ("--inference --timestep_spacing edm", "--timestep_spacing works with --sampler ddim or dpm++2m or dpm++3m or unipc or ipndm "
-         "or dpm++2m-sde; ddpm, the sampler of this run, ignores it"),
-        ("--inference --sampler unipc --sampling_steps 1",
-         "--sampling_steps 1 needs --timestep_spacing time; unipc spaces its steps by logsnr, which needs at least 2"),
-        ("--inference --sampling_preset best --sampler ddim --guidance_scale 2",
-         "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampler, --guidance_scale"),
-        ("--inference --sampling_preset best --sampling_steps 20 --guide_model g.pt",
-         "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampling_steps, --guide_model"),
+        (
+            "--inference --timestep_spacing edm",
+            "--timestep_spacing works with --sampler ddim or dpm++2m or dpm++3m or unipc or ipndm "
+            "or dpm++2m-sde; ddpm, the sampler of this run, ignores it",
+        ),
+        (
+            "--inference --sampler unipc --sampling_steps 1",
+            "--sampling_steps 1 needs --timestep_spacing time; unipc spaces its steps by logsnr, which needs at least 2",
+        ),
+        (
+            "--inference --sampling_preset best --sampler ddim --guidance_scale 2",
+            "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampler, --guidance_scale",
+        ),
+        (
+            "--inference --sampling_preset best --sampling_steps 20 --guide_model g.pt",
+            "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampling_steps, --guide_model",
+        ),
     ],
 )
 def test_flags_that_would_be_ignored_are_refused(command, message):
@@ -94,15 +108,21 @@ def test_flags_that_would_be_ignored_are_refused(command, message):
     --sampling_preset with the settings it chooses itself: refused in one line, not silently dropped."""
     args = ddpm_main.build_parser().parse_args(shlex.split(command))
     assert usage_error(ddpm_main.validate_args, args) == message
-    for accepted in (["--inference", "--sampler", "ddim", "--eta", "0.5"], ["--inference", "--sampler", "ipndm", "--timestep_spacing", "edm"],
-                     ["--inference", "--sampler", "unipc", "--timestep_spacing", "time", "--sampling_steps", "1"]):
+    for accepted in (
+        ["--inference", "--sampler", "ddim", "--eta", "0.5"],
+        ["--inference", "--sampler", "ipndm", "--timestep_spacing", "edm"],
+        ["--inference", "--sampler", "unipc", "--timestep_spacing", "time", "--sampling_steps", "1"],
+    ):
         ddpm_main.validate_args(ddpm_main.build_parser().parse_args(accepted))
 
 
 def test_a_real_process_reports_bad_input_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "ddpm_main.py"), "--inference", "--model_path", "nowhere.pt"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -156,10 +176,15 @@ def assert_ho_algorithm_2(loaded, trajectory: list[torch.Tensor]) -> None:
         with torch.no_grad():
             out = loaded.model(x_t.float(), torch.full((len(x_t),), t)).double()
         signal, noise = alpha_bar[t].sqrt(), (1 - alpha_bar[t]).sqrt()
-        x0 = {"eps": (x_t - noise * out) / signal, "v": signal * x_t - noise * out, "x0": out}[prediction_type].clamp(-1, 1)
+        x0 = {"eps": (x_t - noise * out) / signal, "v": signal * x_t - noise * out, "x0": out}[prediction_type].clamp(
+            -1, 1
+        )
         ab_prev = alpha_bar[t - 1] if t > 0 else torch.tensor(1.0, dtype=torch.float64)
         beta = 1 - alpha_bar[t] / ab_prev
-        mu = beta * ab_prev.sqrt() / (1 - alpha_bar[t]) * x0 + (1 - ab_prev) * (1 - beta).sqrt() / (1 - alpha_bar[t]) * x_t
+        mu = (
+            beta * ab_prev.sqrt() / (1 - alpha_bar[t]) * x0
+            + (1 - ab_prev) * (1 - beta).sqrt() / (1 - alpha_bar[t]) * x_t
+        )
         if t == 0:
             torch.testing.assert_close(x_prev, mu, atol=1e-5, rtol=0)
             continue
@@ -175,7 +200,10 @@ def test_shortest_chain_trains_and_samples_ho_et_al_algorithm_2(tmp_path, schedu
     for the trained network (assert_ho_algorithm_2): pure noise, a NaN clipped away or a chain that skips the network
     fails."""
     args = "--dataset synthetic --image_size 16 --model_size tiny --batch_size 8 --warmup_steps 1 --num_samples 2 --sample_every 1"
-    assert run(f"{args} --timesteps 10 --schedule {schedule} --max_steps 2 --save_model --run_name N --lr 0.003", tmp_path) == 0
+    assert (
+        run(f"{args} --timesteps 10 --schedule {schedule} --max_steps 2 --save_model --run_name N --lr 0.003", tmp_path)
+        == 0
+    )
     history = json.loads((tmp_path / "outputs/loss_history_N.json").read_text())
     assert np.isfinite(history["train_loss"] + history["val_loss"] + history["test_loss"]).all()
     assert run("--inference --model_path models/N/ckpt.pt --num_samples 2 --seed 3 --save_dir inf", tmp_path) == 0
@@ -186,28 +214,47 @@ def test_shortest_chain_trains_and_samples_ho_et_al_algorithm_2(tmp_path, schedu
     settings = kind.sampling_settings(SamplingConfig(), loaded.diffusion.num_timesteps)
     assert torch.equal(images, generate_from(loaded, kind, 2, None, settings, 3, 2, Runtime(torch.device("cpu"))))
     trajectory = []
-    drawn = loaded.diffusion.sample(loaded.model, (2, 3, 16, 16), settings, generator=torch.Generator().manual_seed(3),
-                                    trajectory=trajectory)
+    drawn = loaded.diffusion.sample(
+        loaded.model, (2, 3, 16, 16), settings, generator=torch.Generator().manual_seed(3), trajectory=trajectory
+    )
     assert torch.equal(images, to_uint8(drawn))
     assert_ho_algorithm_2(loaded, trajectory)
 
 
 def test_a_grey_folder_trains_a_one_channel_model_that_writes_grey_pngs(tmp_path, capsys):
     write_grey_folder(tmp_path / "grey", "split")
-    assert run("--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
-               "--conditional --save_model --run_name G --save_dir out_G", tmp_path) == 0
+    assert (
+        run(
+            "--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
+            "--conditional --save_model --run_name G --save_dir out_G",
+            tmp_path,
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "7 train / 1 val / 4 test images of 1x8x8" in out and "random flips: off" in out
     checkpoint = load_checkpoint(tmp_path / "models/G/ckpt.pt")
     assert checkpoint["data"]["channels"] == 1 and checkpoint["model_config"]["in_channels"] == 1
-    assert run("--inference --model_path models/G/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 3 --save_dir inf_G", tmp_path) == 0
+    assert (
+        run(
+            "--inference --model_path models/G/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 3 --save_dir inf_G",
+            tmp_path,
+        )
+        == 0
+    )
     from PIL import Image
 
     with Image.open(tmp_path / "inf_G/samples/00000.png") as image:
         assert image.mode == "L" and image.size == (8, 8)
     assert np.load(tmp_path / "inf_G/samples.npz")["images"].shape == (2, 8, 8, 1)
-    assert run("--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 3 "
-               "--conditional --save_model --run_name G --save_dir out_G --resume --channels 3", tmp_path) == 2
+    assert (
+        run(
+            "--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 3 "
+            "--conditional --save_model --run_name G --save_dir out_G --resume --channels 3",
+            tmp_path,
+        )
+        == 2
+    )
     assert "add --channels 1" in capsys.readouterr().err
 
 
@@ -219,10 +266,31 @@ def test_guidance_sweep_script_makes_one_labelled_image(trained_workspace):
     decoy.mkdir(exist_ok=True)
     (decoy / "python").write_text("#!/bin/sh\necho 'the decoy python ran' >&2\nexit 97\n")
     (decoy / "python").chmod(0o755)
-    env = {**os.environ, "NUM_SAMPLES": "3", "PYTHON": sys.executable, "PATH": f"{decoy}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "NUM_SAMPLES": "3",
+        "PYTHON": sys.executable,
+        "PATH": f"{decoy}{os.pathsep}{os.environ['PATH']}",
+    }
     result = subprocess.run(
-        ["bash", str(script), "models/C/ckpt.pt", "2", "0 3", "sweep", "--sampler", "ddim", "--sampling_steps", "3", "--no_ema"],
-        cwd=trained_workspace, capture_output=True, text=True, timeout=300, env=env,
+        [
+            "bash",
+            str(script),
+            "models/C/ckpt.pt",
+            "2",
+            "0 3",
+            "sweep",
+            "--sampler",
+            "ddim",
+            "--sampling_steps",
+            "3",
+            "--no_ema",
+        ],
+        cwd=trained_workspace,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     from PIL import Image

@@ -1,5 +1,6 @@
 """ddpm_metrics: the Frechet distance against closed forms, Inception Score, KID and precision/recall, the synthetic-data
 classifier, and the Inception weights (none are downloaded: the offline message is checked with the download mocked)."""
+
 import re
 import urllib.error
 from pathlib import Path
@@ -8,14 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli as run, tree_fingerprint, write_random_checkpoint
+from conftest import run_cli as run
+from conftest import tree_fingerprint, write_random_checkpoint
 from ddpm_data import load_datasets
-from ddpm_metrics import (INCEPTION_FILE, classify_synthetic, feature_statistics, frechet_distance, inception_score,
-                          kernel_inception_distance, load_inception, precision_recall)
-
+from ddpm_metrics import (
+    INCEPTION_FILE,
+    classify_synthetic,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    load_inception,
+    precision_recall,
+)
 
 # Frechet distance and Inception Score
-
 
 
 def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
@@ -58,12 +66,13 @@ def test_fid_of_two_gaussian_samples_approaches_the_closed_form():
 def test_inception_score_is_the_number_of_confidently_and_evenly_predicted_classes():
     confident = torch.nn.functional.one_hot(torch.arange(1000) % 4, 1008).float() * 50
     mean, std = inception_score(confident)
-    assert mean == pytest.approx(4.0, rel=0.02) and std < 0.05  # each shuffled split of 100 holds the 4 classes about evenly
+    assert (
+        mean == pytest.approx(4.0, rel=0.02) and std < 0.05
+    )  # each shuffled split of 100 holds the 4 classes about evenly
     assert inception_score(torch.zeros(1000, 1008))[0] == pytest.approx(1.0)
 
 
 # KID and precision/recall
-
 
 
 def test_kid_and_precision_recall_separate_shifted_sets_and_not_identical_ones():
@@ -79,7 +88,6 @@ def test_kid_and_precision_recall_separate_shifted_sets_and_not_identical_ones()
 # Class consistency
 
 
-
 def test_synthetic_classifier_names_the_class_of_real_training_images():
     data = load_datasets("synthetic", "unused", 16)
     predicted = classify_synthetic(data.train.images)
@@ -89,7 +97,6 @@ def test_synthetic_classifier_names_the_class_of_real_training_images():
 
 
 # Inception weights: offline message, and the file it names is the one that is used
-
 
 
 def test_offline_inception_says_which_file_to_place_where_and_that_file_is_used(tmp_path, monkeypatch, capsys):
@@ -117,7 +124,9 @@ def test_offline_inception_says_which_file_to_place_where_and_that_file_is_used(
     with monkeypatch.context() as patch:
         patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
         torch.save({}, tmp_path / "empty.pth")
-        layout = FeatureExtractorInceptionV3("layout", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+        layout = FeatureExtractorInceptionV3(
+            "layout", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth")
+        )
     torch.save(layout.state_dict(), Path(placed.group(2)) / placed.group(1))
     features, logits = load_inception("cpu")(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     assert features.shape == (2, 2048) and logits.shape == (2, 1008)

@@ -42,9 +42,15 @@ def diffusers_twin(model: UNet) -> nn.Module:
     exportable = config | {"base_dim": config["base_dim"] * 32 // math.gcd(32, config["base_dim"])}
     groups = math.gcd(32, *widths)
     heads = config["num_heads"]
-    theirs = diffusers.UNet2DModel(**unet2d_config(exportable) | {
-        "block_out_channels": widths, "norm_num_groups": groups, "attn_norm_num_groups": groups,
-        "attention_head_dim": None if heads == 1 else widths[-1] // heads})
+    theirs = diffusers.UNet2DModel(
+        **unet2d_config(exportable)
+        | {
+            "block_out_channels": widths,
+            "norm_num_groups": groups,
+            "attn_norm_num_groups": groups,
+            "attention_head_dim": None if heads == 1 else widths[-1] // heads,
+        }
+    )
     for module in theirs.modules():
         if isinstance(module, nn.GroupNorm):
             module.num_groups = math.gcd(32, module.num_channels)
@@ -52,8 +58,9 @@ def diffusers_twin(model: UNet) -> nn.Module:
     return theirs.eval()
 
 
-def assert_matches_diffusers(model: UNet, x: torch.Tensor, t: torch.Tensor,
-                             labels: torch.Tensor | None = None) -> torch.Tensor:
+def assert_matches_diffusers(
+    model: UNet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """model(x, t, labels) equals diffusers' output to 1e-5 of its largest value; returns it."""
     with torch.no_grad():
         ours = model(x, t, labels)
@@ -66,8 +73,14 @@ def assert_matches_diffusers(model: UNet, x: torch.Tensor, t: torch.Tensor,
 
 @pytest.mark.parametrize(
     "preset,channels,size,num_classes",
-    [("tiny", 3, 32, None), ("tiny", 1, 28, None), ("tiny", 3, 16, 3), ("tiny", 3, 64, None), ("small", 3, 32, None),
-     ("small", 1, 28, 3)],
+    [
+        ("tiny", 3, 32, None),
+        ("tiny", 1, 28, None),
+        ("tiny", 3, 16, 3),
+        ("tiny", 3, 64, None),
+        ("small", 3, 32, None),
+        ("small", 1, 28, 3),
+    ],
 )
 def test_output_is_diffusers_unet2dmodel_with_the_same_weights(preset, channels, size, num_classes):
     """Every preset at every size gives diffusers' UNet2DModel's output for the same weights, at two timesteps (and, for
@@ -126,7 +139,9 @@ def test_timestep_changes_output():
     assert torch.equal(at(500), late)
 
     embedding_of_500 = model.time_embed(torch.full((2,), 500))
-    swap = model.time_embed.register_forward_hook(lambda module, args, output: embedding_of_500)  # the network's only view of t
+    swap = model.time_embed.register_forward_hook(
+        lambda module, args, output: embedding_of_500
+    )  # the network's only view of t
     assert torch.equal(at(0), late)
     swap.remove()
 
@@ -173,8 +188,20 @@ def test_labels_on_unconditional_model_raise():
 @torch.no_grad()
 def test_config_round_trip_rebuilds_identical_model():
     # Every kwarg differs from its default, so a key missing from config changes the model.
-    model = randomize(UNet(in_channels=1, image_size=28, base_dim=16, dim_mults=(1, 2), num_res_blocks=1,
-                           attn_resolutions=(14,), dropout=0.2, num_classes=10, num_heads=2, film=False))
+    model = randomize(
+        UNet(
+            in_channels=1,
+            image_size=28,
+            base_dim=16,
+            dim_mults=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(14,),
+            dropout=0.2,
+            num_classes=10,
+            num_heads=2,
+            film=False,
+        )
+    )
     assert set(model.config) == set(inspect.signature(UNet).parameters)
     config = json.loads(json.dumps(model.config))  # checkpoints may store it as plain JSON
     rebuilt = UNet(**config).eval()
@@ -214,8 +241,9 @@ def test_examples_are_independent_in_a_batch():
     labels = torch.tensor([0, 1, 3])
     batched = model(x, t, labels)
     for i in range(3):
-        torch.testing.assert_close(model(x[i : i + 1], t[i : i + 1], labels[i : i + 1]), batched[i : i + 1],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model(x[i : i + 1], t[i : i + 1], labels[i : i + 1]), batched[i : i + 1], atol=1e-5, rtol=0
+        )
 
 
 def test_multi_head_attention_is_diffusers_with_the_same_heads():

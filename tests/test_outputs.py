@@ -1,5 +1,6 @@
 """ddpm_outputs: atomic writes, the sample files (PNGs and the .npz), grids and labelled rows enlarged to at least
 64 pixels per image, JSON and JSON lines."""
+
 import json
 import os
 
@@ -8,8 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_outputs import (append_jsonl, atomic_write, display_scale, enlarge, save_image_grid, save_json, save_labelled_rows,
-                          save_samples, to_uint8)
+from ddpm_outputs import (
+    append_jsonl,
+    atomic_write,
+    display_scale,
+    enlarge,
+    save_image_grid,
+    save_json,
+    save_labelled_rows,
+    save_samples,
+    to_uint8,
+)
 
 
 def test_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
@@ -23,7 +33,9 @@ def test_atomic_write_replaces_the_file_whole_or_not_at_all(tmp_path):
 
     with pytest.raises(RuntimeError, match="killed mid-write"):
         atomic_write(path, half_then_fail)
-    assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["file.bin"], "the old file, and no temporary left"
+    assert path.read_bytes() == b"first" and os.listdir(path.parent) == ["file.bin"], (
+        "the old file, and no temporary left"
+    )
     atomic_write(path, lambda f: f.write(b"second"))
     assert path.read_bytes() == b"second" and os.listdir(path.parent) == ["file.bin"]
 
@@ -81,7 +93,7 @@ def test_enlarge_makes_each_pixel_a_block_and_display_scale_reaches_64_pixels():
     assert big.shape == (1, 1, 6, 9)
     for row in range(2):
         for column in range(3):
-            assert (big[0, 0, 3 * row: 3 * row + 3, 3 * column: 3 * column + 3] == image[0, 0, row, column]).all()
+            assert (big[0, 0, 3 * row : 3 * row + 3, 3 * column : 3 * column + 3] == image[0, 0, row, column]).all()
     assert torch.equal(enlarge(image, 1), image)
     for width in (1, 7, 8, 9, 16, 20, 28, 32, 33, 63, 64, 65, 100):
         scale = display_scale(width)
@@ -89,15 +101,18 @@ def test_enlarge_makes_each_pixel_a_block_and_display_scale_reaches_64_pixels():
 
 
 def test_labelled_rows_show_each_image_enlarged_to_64_pixels(tmp_path):
-    rows = [("step 1", torch.zeros(3, 8, 8, 3, dtype=torch.uint8)), ("step 20", torch.full((2, 8, 8, 3), 128, dtype=torch.uint8))]
+    rows = [
+        ("step 1", torch.zeros(3, 8, 8, 3, dtype=torch.uint8)),
+        ("step 20", torch.full((2, 8, 8, 3), 128, dtype=torch.uint8)),
+    ]
     save_labelled_rows(rows, tmp_path / "rows.png")
     with Image.open(tmp_path / "rows.png") as image:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[0] == 2 * 64, "one 64-pixel row per entry"
     label_width = pixels.shape[1] - 3 * 64
     assert (pixels[:64, label_width:] == 0).all(), "three black 8x8 images, each shown 64 px wide"
-    assert (pixels[64:, label_width: label_width + 2 * 64] == 128).all(), "two grey ones below"
-    assert (pixels[64:, label_width + 2 * 64:] == 255).all(), "and the white background where the shorter row ends"
+    assert (pixels[64:, label_width : label_width + 2 * 64] == 128).all(), "two grey ones below"
+    assert (pixels[64:, label_width + 2 * 64 :] == 255).all(), "and the white background where the shorter row ends"
 
 
 def test_append_jsonl_adds_one_line_per_record(tmp_path):

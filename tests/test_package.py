@@ -1,5 +1,6 @@
 """pyproject.toml: the `ddpm` command is ddpm_main.main, every module is installed, requirements.txt (what CI installs)
 holds every dependency and extra."""
+
 import re
 
 import pytest
@@ -26,7 +27,13 @@ def test_every_module_is_installed():
 
 def test_requirements_hold_every_dependency_and_extra():
     name = lambda requirement: re.split(r"[<>=\[ ;]", requirement.strip(), maxsplit=1)[0].lower()  # noqa: E731
-    required = {name(line) for line in (REPO / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")}
-    declared = PROJECT["project"]["dependencies"] + [dep for extra in PROJECT["project"]["optional-dependencies"].values() for dep in extra]
+    required = {
+        name(line)
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    declared = PROJECT["project"]["dependencies"] + [
+        dep for extra in PROJECT["project"]["optional-dependencies"].values() for dep in extra
+    ]
     assert {name(dep) for dep in declared} <= required
     assert set(PROJECT["project"]["optional-dependencies"]) == {"eval", "diffusers", "tensorboard"}

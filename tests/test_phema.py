@@ -1,5 +1,6 @@
 """Post-hoc EMA (ddpm_phema): sigma_rel <-> gamma, the update against the exact power-function average, the
 reconstruction against closed forms and against directly tracked EMAs, skip, exact resume, snapshot files."""
+
 import io
 import math
 
@@ -61,7 +62,8 @@ def same_weights(a: PowerFunctionEMA, b: PowerFunctionEMA) -> bool:
     """Every profile's every tensor bit-identical, and the same count."""
     states = [(x.state_dict(), y.state_dict()) for x, y in zip(a.modules, b.modules, strict=True)]
     return torch.equal(a.num_updates, b.num_updates) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in states)
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in states
+    )
 
 
 def test_sigma_rel_and_gamma_round_trip_and_match_the_paper():
@@ -72,7 +74,7 @@ def test_sigma_rel_and_gamma_round_trip_and_match_the_paper():
     for sigma_rel in np.linspace(0.005, 0.3, 60):
         gamma = sigma_rel_to_gamma(sigma_rel)
         assert gamma_to_sigma_rel(gamma) == pytest.approx(sigma_rel, rel=1e-12)
-        s = sigma_rel ** -2
+        s = sigma_rel**-2
         assert gamma == pytest.approx(np.roots([1, 7, 16 - s, 12 - s]).real.max(), rel=1e-10)  # the largest root
     for gamma in (0.0, 1.0, 6.94, 16.97, 100.0, 1e4):
         assert sigma_rel_to_gamma(gamma_to_sigma_rel(gamma)) == pytest.approx(gamma, rel=1e-9)
@@ -178,7 +180,9 @@ def test_reconstruction_of_a_synthetic_trajectory_matches_the_closed_form():
     assert relative_error(reconstruct(snapshots, 0.05, dtype=torch.float64), tracked) < 1e-14
 
 
-def train_toy_regression(steps: int, interval: int, *extra: tuple[float, ...]) -> tuple[PowerFunctionEMA, list[PowerFunctionEMA], list[Snapshot]]:
+def train_toy_regression(
+    steps: int, interval: int, *extra: tuple[float, ...]
+) -> tuple[PowerFunctionEMA, list[PowerFunctionEMA], list[Snapshot]]:
     """A 1-16-1 MLP fit to sin(3x) by SGD (batch 16, lr 0.05): EMAs of sigma_rel 0.05 and 0.10 with their
     snapshots every `interval` steps, and EMAs of the `extra` sigma_rels updated alongside."""
     torch.manual_seed(0)
@@ -229,8 +233,10 @@ def test_snapshot_files_round_trip(tmp_path):
         assert (stored.t, stored.gamma) == (original.t, original.gamma)
         for key, value in original.state_dict.items():
             assert torch.equal(stored.state_dict[key], value.half())  # float16 by default
-    assert torch.equal(load_snapshot(save_snapshot(snapshots[0], tmp_path / "fp32", dtype=None)).state_dict["0.weight"],
-                       snapshots[0].state_dict["0.weight"])
+    assert torch.equal(
+        load_snapshot(save_snapshot(snapshots[0], tmp_path / "fp32", dtype=None)).state_dict["0.weight"],
+        snapshots[0].state_dict["0.weight"],
+    )
     from_folder, from_memory = reconstruct_from_folder(folder, 0.075), reconstruct(loaded, 0.075)
     assert all(torch.equal(from_folder[k], from_memory[k]) for k in from_memory)
     assert not list(folder.glob("*.tmp")) and list_snapshots(tmp_path / "absent") == []
@@ -248,8 +254,10 @@ def test_snapshot_interval_stores_20_to_40_snapshots_at_round_steps():
 
 # The post-hoc EMA in the tool: tracked by training, kept by resume, reconstructed by --posthoc_ema.
 
-RUN = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --warmup_steps 3 --sample_every 0 "
-       "--lr 2e-3 --device cpu --save_model --save_dir out")
+RUN = (
+    "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --warmup_steps 3 --sample_every 0 "
+    "--lr 2e-3 --device cpu --save_model --save_dir out"
+)
 
 
 def test_training_stores_snapshots_and_posthoc_ema_reconstructs_a_tracked_profile(tmp_path):
@@ -262,7 +270,9 @@ def test_training_stores_snapshots_and_posthoc_ema_reconstructs_a_tracked_profil
     assert run_cli(f"{RUN} --max_steps 40 --run_name P", tmp_path) == 0
     run_dir = tmp_path / "models/P"
     files = list_snapshots(run_dir / "phema")
-    assert [f.t for f in files] == sorted(2 * [2 * k for k in range(1, 21)]) and {round(f.sigma_rel, 3) for f in files} == {0.05, 0.1}
+    assert [f.t for f in files] == sorted(2 * [2 * k for k in range(1, 21)]) and {
+        round(f.sigma_rel, 3) for f in files
+    } == {0.05, 0.1}
     assert ddpm_main.main(["--posthoc_ema", "0.1,0.15", "--model_path", str(run_dir / "ckpt.pt")]) == 0
     tracked = load_checkpoint(run_dir / "ckpt.pt")["phema"]["modules"][1]
     rebuilt = load_model(run_dir / "posthoc_ema_0.100.safetensors").model.state_dict()
@@ -271,8 +281,14 @@ def test_training_stores_snapshots_and_posthoc_ema_reconstructs_a_tracked_profil
     assert error < 5e-4, error
     longer = load_model(run_dir / "posthoc_ema_0.150.safetensors").model.state_dict()
     assert any(not torch.allclose(longer[k], rebuilt[k], atol=1e-4) for k in rebuilt), "another length, other weights"
-    assert run_cli(f"--inference --model_path {run_dir / 'posthoc_ema_0.150.safetensors'} --num_samples 2 --sampler ddim "
-                   "--sampling_steps 3 --save_dir inf --device cpu", tmp_path) == 0
+    assert (
+        run_cli(
+            f"--inference --model_path {run_dir / 'posthoc_ema_0.150.safetensors'} --num_samples 2 --sampler ddim "
+            "--sampling_steps 3 --save_dir inf --device cpu",
+            tmp_path,
+        )
+        == 0
+    )
     assert (tmp_path / "inf/samples.npz").is_file()
 
 
@@ -291,7 +307,9 @@ def test_resume_keeps_the_tracked_profiles_and_snapshots_exactly(tmp_path):
     assert len(names) == 12 and names == sorted(p.name for p in (tmp_path / "models/split/phema").iterdir())
     for name in names:  # (the files' bytes may differ: safetensors writes its metadata in no fixed order)
         a, b = (load_snapshot(tmp_path / f"models/{run}/phema" / name) for run in ("straight", "split"))
-        assert (a.t, a.gamma) == (b.t, b.gamma) and all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+        assert (a.t, a.gamma) == (b.t, b.gamma) and all(
+            torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict
+        )
 
 
 def test_no_snapshots_without_save_model_or_with_phema_every_0(tmp_path, capsys):

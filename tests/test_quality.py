@@ -9,8 +9,10 @@ from conftest import run_cli
 from ddpm_checkpoint import load_checkpoint
 from ddpm_quality import FORWARD_COST, QUALITY_BUDGET, QualitySchedule
 
-DIGITS = ("--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 50 --batch_size 64 --conditional "
-          "--sample_every 0 --quality_samples 40 --sampler ddim --sampling_steps 4 --save_model --run_name Q --save_dir out")
+DIGITS = (
+    "--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 50 --batch_size 64 --conditional "
+    "--sample_every 0 --quality_samples 40 --sampler ddim --sampling_steps 4 --save_model --run_name Q --save_dir out"
+)
 
 
 def test_the_derived_schedule_keeps_the_curve_within_its_budget_of_training_time():
@@ -20,7 +22,9 @@ def test_the_derived_schedule_keeps_the_curve_within_its_budget_of_training_time
     derived = QualitySchedule(None, samples=40, steps=4, branches=2)
     assert derived.first() == math.ceil(40 * 4 * 2 * FORWARD_COST / QUALITY_BUDGET) == 1067
     assert derived.next(1000, seconds=3.0, seconds_per_image=0.01, epoch_examples=500) == 1000 + 3000
-    assert derived.next(1000, seconds=0.1, seconds_per_image=0.01, epoch_examples=500) == 1000 + 500, "at most once an epoch"
+    assert derived.next(1000, seconds=0.1, seconds_per_image=0.01, epoch_examples=500) == 1000 + 500, (
+        "at most once an epoch"
+    )
     given = QualitySchedule(2048, samples=40, steps=4, branches=2)
     assert given.first() == 2048 and given.next(4096, 3.0, 0.01, 500) == 6144
 
@@ -55,8 +59,13 @@ def test_a_digits_run_records_its_curve_keeps_the_best_and_resume_keeps_both(dig
     assert kept == min(point["value"] for point in continued)
 
 
-@pytest.mark.parametrize("flags, reason", [("--max_steps 2", "the run is shorter than one derived interval"),
-                                           ("--max_steps 2 --quality_every 0", "--quality_every 0")])
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        ("--max_steps 2", "the run is shorter than one derived interval"),
+        ("--max_steps 2 --quality_every 0", "--quality_every 0"),
+    ],
+)
 def test_a_short_run_or_quality_every_0_records_no_curve_and_says_why(digits_workspace, capsys, flags, reason):
     assert run_cli(f"{DIGITS} {flags}", digits_workspace.parent) == 0
     assert f"quality curve: off ({reason}" in capsys.readouterr().out

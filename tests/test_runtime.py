@@ -1,5 +1,6 @@
 """ddpm_runtime in one process: seeds, the runtime of a single process, shares of the work, autocast, signals.
 Several processes (gather_rows, check_replicas_identical, a signal to one rank) are in test_distributed.py."""
+
 import random
 import signal
 
@@ -7,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_runtime import (Runtime, StopRequest, autocast_dtype, gather_rows, maybe_no_sync, seed_everything, setup_runtime, shard,
-                          unwrap)
+from ddpm_runtime import (
+    Runtime,
+    StopRequest,
+    autocast_dtype,
+    gather_rows,
+    maybe_no_sync,
+    seed_everything,
+    setup_runtime,
+    shard,
+    unwrap,
+)
 
 
 def test_seed_everything_reproduces_torch_numpy_and_python():
@@ -47,7 +57,9 @@ def test_one_process_gathers_its_own_rows_and_plain_modules_need_no_unwrapping()
 
 def test_autocast_dtype_of_each_amp_setting():
     cpu = torch.device("cpu")
-    assert autocast_dtype("none", cpu) is None and autocast_dtype("auto", cpu) is None, "auto: full precision on the CPU"
+    assert autocast_dtype("none", cpu) is None and autocast_dtype("auto", cpu) is None, (
+        "auto: full precision on the CPU"
+    )
     assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp16", cpu) == torch.float16
 
 

@@ -2,6 +2,7 @@
 samplers, the posterior they share and their timestep spacings, checked against closed forms and against analytic noise
 predictors (conftest.GaussianMixtureNoise: the exact E[eps | x_t] of a point mass, a Gaussian, a Gaussian mixture), so a
 correct sampler must return that distribution. tests/test_diffusers.py pins the solvers that diffusers has."""
+
 import math
 
 import pytest
@@ -44,19 +45,26 @@ def point_mass_chain(sampler: str, steps: int | None, eta: float = 0.0, n: int =
     trajectory = []
     generator = torch.Generator().manual_seed(0)
     model = GaussianMixtureNoise(diffusion, [POINT], std=0.0)
-    samples = diffusion.sample(model, (n, 1, 1, 1), sampling(sampler=sampler, steps=steps, eta=eta), generator=generator,
-                               trajectory=trajectory)
+    samples = diffusion.sample(
+        model, (n, 1, 1, 1), sampling(sampler=sampler, steps=steps, eta=eta), generator=generator, trajectory=trajectory
+    )
     timesteps = make_sampler(sampler, diffusion).timesteps(steps)
     assert len(trajectory) == len(timesteps) + 1
     alpha_bar = diffusion.alphas_cumprod.double()[timesteps]
     return alpha_bar, [x.flatten().double() for x in trajectory[:-1]], samples.flatten()
 
 
-@pytest.mark.parametrize("sampler,steps,tolerance", [
-    ("ddim", 25, 1e-4), ("dpm++2m", 10, 1e-4), ("dpm++3m", 10, 1e-4), ("unipc", 10, 1e-4),
-    # iPNDM sums 4 float32 eps estimates with weights of total size 6.7 over steps of up to 60 in sigma: measured 1.2e-4
-    ("ipndm", 10, 3e-4),
-])
+@pytest.mark.parametrize(
+    "sampler,steps,tolerance",
+    [
+        ("ddim", 25, 1e-4),
+        ("dpm++2m", 10, 1e-4),
+        ("dpm++3m", 10, 1e-4),
+        ("unipc", 10, 1e-4),
+        # iPNDM sums 4 float32 eps estimates with weights of total size 6.7 over steps of up to 60 in sigma: measured 1.2e-4
+        ("ipndm", 10, 3e-4),
+    ],
+)
 def test_deterministic_samplers_follow_the_exact_path_to_a_point_mass(sampler, steps, tolerance):
     """For data at one point c the x_0 prediction is c at every step, and the probability-flow ODE keeps
     eps = (x_t - sqrt(alpha_bar_t) c) / sqrt(1 - alpha_bar_t) fixed: every state is sqrt(alpha_bar_t) c +
@@ -70,7 +78,9 @@ def test_deterministic_samplers_follow_the_exact_path_to_a_point_mass(sampler, s
         torch.testing.assert_close(state, ab.sqrt() * POINT + (1 - ab).sqrt() * eps, atol=tolerance / 2, rtol=0)
 
 
-@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", None, 0.0), ("ddpm", 25, 0.0), ("ddim", 25, 1.0), ("dpm++2m-sde", 25, 0.0)])
+@pytest.mark.parametrize(
+    "sampler,steps,eta", [("ddpm", None, 0.0), ("ddpm", 25, 0.0), ("ddim", 25, 1.0), ("dpm++2m-sde", 25, 0.0)]
+)
 def test_ancestral_samplers_pass_through_the_exact_marginals_to_a_point_mass(sampler, steps, eta):
     """The ancestral step (and DDIM with eta = 1, and DPM-Solver++(2M) SDE, whose step with x_0 known is that posterior
     step and whose second-order term vanishes for a constant x_0) draws x_s from the true posterior q(x_s | x_t, x_0 = c), so started
@@ -108,7 +118,9 @@ def test_ancestral_samplers_pass_through_the_exact_marginals_to_a_point_mass(sam
 def test_samplers_recover_a_gaussian(sampler, steps, eta, std_tolerance):
     diffusion = Diffusion(1000, "linear")
     mean, std = 0.2, 0.3
-    samples = sample_1d(diffusion, GaussianMixtureNoise(diffusion, [mean], std), 10_000, sampler=sampler, steps=steps, eta=eta)
+    samples = sample_1d(
+        diffusion, GaussianMixtureNoise(diffusion, [mean], std), 10_000, sampler=sampler, steps=steps, eta=eta
+    )
     assert samples.mean().item() == pytest.approx(mean, abs=0.015)
     assert samples.std().item() == pytest.approx(std, rel=std_tolerance)
 
@@ -116,7 +128,10 @@ def test_samplers_recover_a_gaussian(sampler, steps, eta, std_tolerance):
 def test_ddim_error_shrinks_with_more_steps():
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, [0.2], 0.3)
-    errors = [abs(sample_1d(diffusion, model, 5000, sampler="ddim", steps=steps).std().item() - 0.3) for steps in (10, 50, 250)]
+    errors = [
+        abs(sample_1d(diffusion, model, 5000, sampler="ddim", steps=steps).std().item() - 0.3)
+        for steps in (10, 50, 250)
+    ]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.01
 
@@ -148,8 +163,14 @@ def test_sampling_steps_never_wait_for_the_device(tensor_reads, sampler):
     for steps in (4, 40):
         tensor_reads["count"] = 0
         settings = sampling(guidance_scale=4.0, sampler=sampler, steps=steps, guidance_interval=(0.5, 50.0), eta=1.0)
-        diffusion.sample(two_branch_model, (3, 1, 2, 2), settings, labels=torch.tensor([0, 1, 2]), null_label=10,
-                         generator=torch.Generator().manual_seed(0))
+        diffusion.sample(
+            two_branch_model,
+            (3, 1, 2, 2),
+            settings,
+            labels=torch.tensor([0, 1, 2]),
+            null_label=10,
+            generator=torch.Generator().manual_seed(0),
+        )
         counts[steps] = tensor_reads["count"]
     assert counts[40] == counts[4], f"{(counts[40] - counts[4]) / 36:.1f} tensor reads per sampling step"
 
@@ -191,12 +212,17 @@ def test_log_snr_spacing_starts_the_cosine_schedule_below_its_clipped_end():
 # DPM-Solver++ on both schedules
 
 
-@pytest.mark.parametrize("schedule,means,std,tolerance", [
-    # Wasserstein-1 distance of 20,000 samples to the exact distribution; before the log-SNR clip the cosine
-    # rows measured 0.0104 (Gaussian) and 0.0188 (mixture), the linear ones as now (0.0030, 0.0110).
-    ("linear", [0.2], 0.3, 0.006), ("linear", [-0.5, 0.5], 0.1, 0.015),
-    ("cosine", [0.2], 0.3, 0.010), ("cosine", [-0.5, 0.5], 0.1, 0.013),
-])
+@pytest.mark.parametrize(
+    "schedule,means,std,tolerance",
+    [
+        # Wasserstein-1 distance of 20,000 samples to the exact distribution; before the log-SNR clip the cosine
+        # rows measured 0.0104 (Gaussian) and 0.0188 (mixture), the linear ones as now (0.0030, 0.0110).
+        ("linear", [0.2], 0.3, 0.006),
+        ("linear", [-0.5, 0.5], 0.1, 0.015),
+        ("cosine", [0.2], 0.3, 0.010),
+        ("cosine", [-0.5, 0.5], 0.1, 0.013),
+    ],
+)
 def test_dpm_solver_at_20_steps_on_both_schedules(schedule, means, std, tolerance):
     diffusion = Diffusion(1000, schedule)
     n, generator = 20_000, torch.Generator().manual_seed(123)
@@ -256,8 +282,10 @@ def test_dpm_solver_at_20_steps_is_closer_than_ddim_at_20():
     of DDIM's distance (about 0.01 against 0.04)."""
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, MIXTURE["means"], MIXTURE["std"], MIXTURE["weights"])
-    distance = {sampler: wasserstein_to_mixture(sample_1d(diffusion, model, 10_000, sampler=sampler, steps=20), **MIXTURE)
-                for sampler in ("ddim", "dpm++2m")}
+    distance = {
+        sampler: wasserstein_to_mixture(sample_1d(diffusion, model, 10_000, sampler=sampler, steps=20), **MIXTURE)
+        for sampler in ("ddim", "dpm++2m")
+    }
     assert distance["dpm++2m"] < 0.5 * distance["ddim"], distance
 
 
@@ -267,18 +295,25 @@ def test_dpm_solver_3m_at_10_steps_is_closer_to_the_mixture_than_2m(schedule):
     0.0272 (linear) and 0.0277 against 0.0301 (cosine), and 3M was the closer one for each of 5 seeds."""
     diffusion = Diffusion(1000, schedule)
     model = GaussianMixtureNoise(diffusion, MIXTURE["means"], MIXTURE["std"], MIXTURE["weights"])
-    distance = {sampler: wasserstein_to_mixture(sample_1d(diffusion, model, 10_000, sampler=sampler, steps=10), **MIXTURE)
-                for sampler in ("dpm++2m", "dpm++3m")}
+    distance = {
+        sampler: wasserstein_to_mixture(sample_1d(diffusion, model, 10_000, sampler=sampler, steps=10), **MIXTURE)
+        for sampler in ("dpm++2m", "dpm++3m")
+    }
     assert distance["dpm++3m"] < 0.03, distance
     assert distance["dpm++3m"] < distance["dpm++2m"], distance
 
 
-@pytest.mark.parametrize("schedule,steps,tolerance", [
-    # W1 to the exact Gaussian (10,000 samples: noise floor about 0.005). Measured 0.0261 (linear) and 0.0257 (cosine)
-    # at 10 steps, where dpm++2m lands closer (0.008: the quadratic extrapolation over steps of about 1 in lambda
-    # widens the spread by 10%), and 0.0055 at 20.
-    ("linear", 10, 0.035), ("cosine", 10, 0.035), ("linear", 20, 0.008),
-])
+@pytest.mark.parametrize(
+    "schedule,steps,tolerance",
+    [
+        # W1 to the exact Gaussian (10,000 samples: noise floor about 0.005). Measured 0.0261 (linear) and 0.0257 (cosine)
+        # at 10 steps, where dpm++2m lands closer (0.008: the quadratic extrapolation over steps of about 1 in lambda
+        # widens the spread by 10%), and 0.0055 at 20.
+        ("linear", 10, 0.035),
+        ("cosine", 10, 0.035),
+        ("linear", 20, 0.008),
+    ],
+)
 def test_dpm_solver_3m_recovers_a_gaussian(schedule, steps, tolerance):
     diffusion = Diffusion(1000, schedule)
     samples = sample_1d(diffusion, GaussianMixtureNoise(diffusion, [0.2], 0.3), 10_000, sampler="dpm++3m", steps=steps)
@@ -291,14 +326,18 @@ def test_dpm_solver_with_guidance_solves_the_guided_ode():
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, [-0.5, 0.4], 0.3)
     labels = torch.ones(10_000, dtype=torch.long)
-    guided = lambda sampler, steps, w: sample_1d(diffusion, model, 10_000, labels=labels, guidance_scale=w, sampler=sampler, steps=steps)  # noqa: E731
+    guided = lambda sampler, steps, w: sample_1d(
+        diffusion, model, 10_000, labels=labels, guidance_scale=w, sampler=sampler, steps=steps
+    )  # noqa: E731
     gap = lambda a, b: (a.sort().values - b.sort().values).abs().mean().item()  # noqa: E731  (W1 of equal-size samples)
     reference = guided("ddim", 1000, 3.0)
     assert gap(guided("dpm++2m", 20, 3.0), reference) < 0.025  # measured 0.016 (DDIM at 20 steps: 0.040)
     assert gap(guided("dpm++2m", 50, 3.0), reference) < 0.005  # measured 0.002: it converges to the same ODE
     assert gap(guided("dpm++3m", 20, 3.0), reference) < 0.012  # measured 0.007
     assert gap(guided("dpm++3m", 50, 3.0), reference) < 0.003  # measured 0.001
-    assert gap(guided("dpm++2m", 20, 1.0), reference) > 0.05, "guidance must visibly change the distribution for this test to mean anything"
+    assert gap(guided("dpm++2m", 20, 1.0), reference) > 0.05, (
+        "guidance must visibly change the distribution for this test to mean anything"
+    )
 
 
 def test_each_sampler_says_its_default_steps_and_which_flags_it_takes():
@@ -306,16 +345,30 @@ def test_each_sampler_says_its_default_steps_and_which_flags_it_takes():
     the others; --eta is DDIM's alone, --variance the ancestral sampler's alone, --timestep_spacing everyone's but the
     ancestral sampler's, with each one's default; make_sampler hands each only its own."""
     assert list(SAMPLERS) == ["ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "ipndm", "dpm++2m-sde"]
-    assert {name: (cls.default_steps(1000), cls.default_steps(30)) for name, cls in SAMPLERS.items()} == \
-        {"ddpm": (1000, 30), **{name: (50, 30) for name in SAMPLERS if name != "ddpm"}}
+    assert {name: (cls.default_steps(1000), cls.default_steps(30)) for name, cls in SAMPLERS.items()} == {
+        "ddpm": (1000, 30),
+        **{name: (50, 30) for name in SAMPLERS if name != "ddpm"},
+    }
     assert [name for name, cls in SAMPLERS.items() if cls.takes_eta] == ["ddim"]
     assert [name for name, cls in SAMPLERS.items() if cls.takes_variance] == ["ddpm"]
     assert {name: cls.default_spacing for name, cls in SAMPLERS.items() if cls.takes_spacing} == {
-        "ddim": "time", "dpm++2m": "logsnr", "dpm++3m": "logsnr", "unipc": "logsnr", "ipndm": "logsnr", "dpm++2m-sde": "logsnr"}
+        "ddim": "time",
+        "dpm++2m": "logsnr",
+        "dpm++3m": "logsnr",
+        "unipc": "logsnr",
+        "ipndm": "logsnr",
+        "dpm++2m-sde": "logsnr",
+    }
     assert make_sampler("unipc", Diffusion(100, "linear"), spacing="edm").spacing == "edm"
     diffusion = Diffusion(40, "linear")
-    assert len(make_sampler("ddpm", diffusion).timesteps(None)) == 40 and len(make_sampler("dpm++3m", diffusion).timesteps(None)) == 40
-    ddim, ancestral = make_sampler("ddim", diffusion, eta=0.7, variance="fixed_large"), make_sampler("ddpm", diffusion, eta=0.7, variance="fixed_large")
+    assert (
+        len(make_sampler("ddpm", diffusion).timesteps(None)) == 40
+        and len(make_sampler("dpm++3m", diffusion).timesteps(None)) == 40
+    )
+    ddim, ancestral = (
+        make_sampler("ddim", diffusion, eta=0.7, variance="fixed_large"),
+        make_sampler("ddpm", diffusion, eta=0.7, variance="fixed_large"),
+    )
     assert isinstance(ddim, DDIMSampler) and ddim.eta == 0.7
     assert isinstance(ancestral, AncestralSampler) and ancestral.variance == "fixed_large"
     with pytest.raises(ValueError, match="unknown sampler 'heun'"):
@@ -330,7 +383,11 @@ def test_spacings_keep_each_samplers_own_timesteps_by_default():
     from ddpm_samplers import log_snr_spaced_timesteps, spaced_timesteps
 
     diffusion = Diffusion(1000, "linear")
-    assert make_sampler("ddim", diffusion).timesteps(20) == evenly_spaced_timesteps(1000, 20) == spaced_timesteps("time", diffusion.alphas_cumprod, 20)
+    assert (
+        make_sampler("ddim", diffusion).timesteps(20)
+        == evenly_spaced_timesteps(1000, 20)
+        == spaced_timesteps("time", diffusion.alphas_cumprod, 20)
+    )
     for name in ("dpm++2m", "dpm++3m"):
         assert make_sampler(name, diffusion).timesteps(20) == log_snr_spaced_timesteps(diffusion.alphas_cumprod, 20)
     assert make_sampler("dpm++2m", diffusion, spacing="time").timesteps(20) == evenly_spaced_timesteps(1000, 20)
@@ -359,7 +416,9 @@ def test_edm_spacing_takes_the_timesteps_nearest_to_karras_noise_levels(schedule
     assert timesteps[0] == first and timesteps[-1] == 0
     assert timesteps == [int((log_sigmas[: first + 1] - target).abs().argmin()) for target in targets]
     sigmas = log_sigmas[timesteps].exp()
-    assert (sigmas[:-1] - sigmas[1:]).tolist() == sorted((sigmas[:-1] - sigmas[1:]).tolist(), reverse=True), "shrinking steps"
+    assert (sigmas[:-1] - sigmas[1:]).tolist() == sorted((sigmas[:-1] - sigmas[1:]).tolist(), reverse=True), (
+        "shrinking steps"
+    )
     for steps in (2, 50, 300, 1000):
         spaced = edm_spaced_timesteps(alphas_cumprod, steps)
         assert len(spaced) == steps and spaced[-1] == 0 and all(a > b for a, b in zip(spaced, spaced[1:]))
@@ -383,7 +442,10 @@ class SigmaGrid:
         return self.with_clean[t]
 
 
-GAUSSIAN = (0.2, 0.5)  # data N(0.2, 0.5^2): along the probability-flow ODE, y = x / sqrt(alpha_bar) = mu + c sqrt(std^2 + sigma^2)
+GAUSSIAN = (
+    0.2,
+    0.5,
+)  # data N(0.2, 0.5^2): along the probability-flow ODE, y = x / sqrt(alpha_bar) = mu + c sqrt(std^2 + sigma^2)
 STARTS = torch.linspace(-2, 2, 9, dtype=torch.float64)  # the constants c of nine exact paths
 
 
@@ -399,7 +461,10 @@ def ipndm_local_errors(order: int, h: float, steps: int = 5, sigma_0: float = 1.
 
     nodes = sigma_0 - h * torch.arange(steps + 1, dtype=torch.float64)
     grid = SigmaGrid(nodes.flip(0))
-    model, solver = GaussianMixtureNoise(grid, [GAUSSIAN[0]], GAUSSIAN[1]), IPNDM(grid, clip_denoised=False, order=order)
+    model, solver = (
+        GaussianMixtureNoise(grid, [GAUSSIAN[0]], GAUSSIAN[1]),
+        IPNDM(grid, clip_denoised=False, order=order),
+    )
     errors = []
     for j in range(steps):
         t = steps - j
@@ -425,7 +490,10 @@ def ipndm_global_error(order: int, steps: int, sigma_max: float = 20.0) -> float
     from ddpm_solvers import IPNDM
 
     grid = SigmaGrid(sigma_max * torch.arange(1, steps + 1, dtype=torch.float64) / steps)
-    model, solver = GaussianMixtureNoise(grid, [GAUSSIAN[0]], GAUSSIAN[1]), IPNDM(grid, clip_denoised=False, order=order)
+    model, solver = (
+        GaussianMixtureNoise(grid, [GAUSSIAN[0]], GAUSSIAN[1]),
+        IPNDM(grid, clip_denoised=False, order=order),
+    )
     x = grid.alpha_bar(steps - 1).sqrt() * gaussian_path(torch.tensor(sigma_max, dtype=torch.float64))
     for t in range(steps - 1, -1, -1):
         x = solver.step(x, t, t - 1, model(x, torch.full((len(x),), t), None))
@@ -451,7 +519,9 @@ def test_ipndm_of_order_one_is_ddim():
     from ddpm_solvers import IPNDM
 
     diffusion = Diffusion(1000, "cosine")
-    diffusion.alphas_cumprod_and_clean = diffusion.alphas_cumprod_and_clean.double()  # the samplers' alpha_bar in float64
+    diffusion.alphas_cumprod_and_clean = (
+        diffusion.alphas_cumprod_and_clean.double()
+    )  # the samplers' alpha_bar in float64
     model = GaussianMixtureNoise(diffusion, [-0.9, 0.8], 0.3)
     ddim, euler = DDIMSampler(diffusion, eta=0.0), IPNDM(diffusion, order=1, spacing="time")
     x = y = torch.randn(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -464,10 +534,15 @@ def test_ipndm_of_order_one_is_ddim():
     torch.testing.assert_close(y, x, atol=1e-9, rtol=0)
 
 
-@pytest.mark.parametrize("sampler,steps,tolerance", [
-    # W1 to the exact mixture (noise floor about 0.006); measured 0.0080, 0.0083 and 0.0080 on the linear schedule
-    ("unipc", 20, 0.015), ("ipndm", 20, 0.015), ("dpm++2m-sde", 50, 0.015),
-])
+@pytest.mark.parametrize(
+    "sampler,steps,tolerance",
+    [
+        # W1 to the exact mixture (noise floor about 0.006); measured 0.0080, 0.0083 and 0.0080 on the linear schedule
+        ("unipc", 20, 0.015),
+        ("ipndm", 20, 0.015),
+        ("dpm++2m-sde", 50, 0.015),
+    ],
+)
 def test_new_solvers_recover_a_gaussian_mixture(sampler, steps, tolerance):
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, MIXTURE["means"], MIXTURE["std"], MIXTURE["weights"])
@@ -480,8 +555,10 @@ def test_the_sde_solver_needs_far_fewer_steps_than_the_ancestral_chain():
     against 0.0150; the ancestral chain at 20 steps 0.056), both stochastic, on the linear schedule."""
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, MIXTURE["means"], MIXTURE["std"], MIXTURE["weights"])
-    distance = {sampler: wasserstein_to_mixture(sample_1d(diffusion, model, 10_000, sampler=sampler, steps=steps), **MIXTURE)
-                for sampler, steps in (("dpm++2m-sde", 20), ("ddpm", 100))}
+    distance = {
+        sampler: wasserstein_to_mixture(sample_1d(diffusion, model, 10_000, sampler=sampler, steps=steps), **MIXTURE)
+        for sampler, steps in (("dpm++2m-sde", 20), ("ddpm", 100))
+    }
     assert distance["dpm++2m-sde"] < 0.015 and distance["dpm++2m-sde"] < distance["ddpm"], distance
 
 
@@ -501,12 +578,24 @@ def test_solvers_on_each_spacing_converge_to_the_probability_flow_solution():
     limit = sample_1d(diffusion, model, 2000, sampler="dpm++3m", steps=200)
     for sampler in ("ddim", "dpm++2m", "dpm++3m", "unipc", "ipndm"):
         for spacing in ("time", "logsnr", "edm") if sampler == "ddim" else ("logsnr", "edm"):
-            gap = {steps: (sample_1d(diffusion, model, 2000, sampler=sampler, steps=steps, timestep_spacing=spacing) - limit).abs().mean().item()
-                   for steps in (5, 20)}
+            gap = {
+                steps: (
+                    sample_1d(diffusion, model, 2000, sampler=sampler, steps=steps, timestep_spacing=spacing) - limit
+                )
+                .abs()
+                .mean()
+                .item()
+                for steps in (5, 20)
+            }
             assert gap[20] < min(gap[5], 0.05), (sampler, spacing, gap)
     for sampler in ("unipc", "ipndm"):
-        gap = {spacing: (sample_1d(diffusion, model, 2000, sampler=sampler, steps=10, timestep_spacing=spacing) - limit).abs().mean().item()
-               for spacing in ("time", "logsnr", "edm")}
+        gap = {
+            spacing: (sample_1d(diffusion, model, 2000, sampler=sampler, steps=10, timestep_spacing=spacing) - limit)
+            .abs()
+            .mean()
+            .item()
+            for spacing in ("time", "logsnr", "edm")
+        }
         assert min(gap, key=gap.get) == sampler_class(sampler).default_spacing, (sampler, gap)
 
 
@@ -517,21 +606,30 @@ def test_new_solvers_take_guidance_its_interval_and_any_prediction_type(sampler)
     from test_diffusion import as_prediction
 
     eps_diffusion = Diffusion(1000, "cosine")
-    model, guide = GaussianMixtureNoise(eps_diffusion, [-0.5, 0.5], 0.2), GaussianMixtureNoise(eps_diffusion, [-0.4, 0.4], 0.4)
+    model, guide = (
+        GaussianMixtureNoise(eps_diffusion, [-0.5, 0.5], 0.2),
+        GaussianMixtureNoise(eps_diffusion, [-0.4, 0.4], 0.4),
+    )
     labels = torch.tensor([0, 1]).repeat(256)
     settings = sampling(sampler=sampler, steps=15, guidance_scale=3.0, guidance_interval=(0.3, 20.0))
 
     def draw(diffusion: Diffusion, network, guide_network=None) -> torch.Tensor:
         extra = {"guide": guide_network} if guide_network is not None else {"labels": labels, "null_label": 2}
-        return diffusion.sample(network, (512, 1), settings, generator=torch.Generator().manual_seed(0), clip_denoised=False, **extra)
+        return diffusion.sample(
+            network, (512, 1), settings, generator=torch.Generator().manual_seed(0), clip_denoised=False, **extra
+        )
 
     for autoguidance in (False, True):
         reference = draw(eps_diffusion, model, guide if autoguidance else None)
         for prediction_type in ("v", "x0"):
             diffusion = Diffusion(1000, "cosine", prediction_type=prediction_type)
             guide_network = as_prediction(diffusion, guide, prediction_type) if autoguidance else None
-            torch.testing.assert_close(draw(diffusion, as_prediction(diffusion, model, prediction_type), guide_network), reference,
-                                       atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                draw(diffusion, as_prediction(diffusion, model, prediction_type), guide_network),
+                reference,
+                atol=1e-4,
+                rtol=0,
+            )
 
 
 def test_new_solvers_with_guidance_solve_the_guided_ode():
@@ -539,7 +637,9 @@ def test_new_solvers_with_guidance_solve_the_guided_ode():
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, [-0.5, 0.4], 0.3)
     labels = torch.ones(10_000, dtype=torch.long)
-    guided = lambda sampler, steps: sample_1d(diffusion, model, 10_000, labels=labels, guidance_scale=3.0, sampler=sampler, steps=steps)  # noqa: E731
+    guided = lambda sampler, steps: sample_1d(
+        diffusion, model, 10_000, labels=labels, guidance_scale=3.0, sampler=sampler, steps=steps
+    )  # noqa: E731
     gap = lambda a, b: (a.sort().values - b.sort().values).abs().mean().item()  # noqa: E731
     reference = guided("ddim", 1000)
     for sampler in ("unipc", "ipndm"):

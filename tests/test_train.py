@@ -1,5 +1,6 @@
 """ddpm_train: what a run writes, and training that survives real runs: exact resume, signals, crashes, non-finite losses,
 EMA, accumulation. The optimizer, LR schedule and EMA themselves are in test_optim.py."""
+
 import json
 import math
 import os
@@ -30,7 +31,12 @@ FAST = (
 def test_training_writes_checkpoint_history_metrics_and_images(trained_runs):
     checkpoint = load_checkpoint(trained_runs / "models/U/ckpt.pt")
     assert checkpoint["conditional"] is False
-    assert checkpoint["diffusion"] == {"timesteps": 20, "schedule": "linear", "prediction_type": "v", "variance": "fixed_small"}
+    assert checkpoint["diffusion"] == {
+        "timesteps": 20,
+        "schedule": "linear",
+        "prediction_type": "v",
+        "variance": "fixed_small",
+    }
     assert checkpoint["data"]["image_size"] == 16 and checkpoint["data"]["channels"] == 3
     assert checkpoint["train_state"]["step"] == 3
     history = json.loads((trained_runs / "out_U/loss_history_U.json").read_text())
@@ -39,7 +45,11 @@ def test_training_writes_checkpoint_history_metrics_and_images(trained_runs):
     assert all(np.isfinite(history[key][0]) for key in ("train_loss", "val_loss", "test_loss"))
     assert history["eval_examples"] == [363], "1.5 x 5% of an epoch of 303 steps x 16 images, per split"
     [full] = history["full"]
-    assert (full["step"], full["at"]) == (3, "end") and np.isfinite(full["val_loss"]) and full["val_loss"] != history["val_loss"][0]
+    assert (
+        (full["step"], full["at"]) == (3, "end")
+        and np.isfinite(full["val_loss"])
+        and full["val_loss"] != history["val_loss"][0]
+    )
     lines = (trained_runs / "out_U/metrics_U.jsonl").read_text().splitlines()
     assert [json.loads(line)["kind"] for line in lines] == ["step", "step", "step", "epoch", "end"]
     assert (trained_runs / "out_U/loss_curve_U.png").stat().st_size > 0
@@ -48,11 +58,28 @@ def test_training_writes_checkpoint_history_metrics_and_images(trained_runs):
 
 def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     """12 steps, stop, resume for 12 more (crossing the epoch end at 18) == 24 steps straight."""
-    assert run_cli(f"{FAST} --conditional --max_steps 24 --eval_every 1 --save_model --run_name straight --save_dir out", tmp_path) == 0
-    assert run_cli(f"{FAST} --conditional --max_steps 12 --eval_every 1 --save_model --run_name split --save_dir out", tmp_path) == 0
+    assert (
+        run_cli(
+            f"{FAST} --conditional --max_steps 24 --eval_every 1 --save_model --run_name straight --save_dir out",
+            tmp_path,
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            f"{FAST} --conditional --max_steps 12 --eval_every 1 --save_model --run_name split --save_dir out", tmp_path
+        )
+        == 0
+    )
     halfway = load_checkpoint(tmp_path / "models/split/ckpt.pt")
     assert halfway["train_state"]["step"] == 12
-    assert run_cli(f"{FAST} --conditional --max_steps 24 --eval_every 1 --save_model --run_name split --save_dir out --resume", tmp_path) == 0
+    assert (
+        run_cli(
+            f"{FAST} --conditional --max_steps 24 --eval_every 1 --save_model --run_name split --save_dir out --resume",
+            tmp_path,
+        )
+        == 0
+    )
 
     straight = load_checkpoint(tmp_path / "models/straight/ckpt.pt")
     resumed = load_checkpoint(tmp_path / "models/split/ckpt.pt")
@@ -60,7 +87,9 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     assert weights_equal(straight["model"], resumed["model"])
     assert weights_equal(straight["ema"], resumed["ema"])
     assert not weights_equal(halfway["model"], resumed["model"])
-    history = {name: json.loads((tmp_path / f"out/loss_history_{name}.json").read_text()) for name in ("straight", "split")}
+    history = {
+        name: json.loads((tmp_path / f"out/loss_history_{name}.json").read_text()) for name in ("straight", "split")
+    }
     assert history["straight"] == history["split"]
     straight = history["straight"]
     assert (straight["epochs"], straight["steps"]) == ([0, 1], [18, 24]), "one entry per epoch, the last one cut short"
@@ -71,7 +100,19 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
 def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name R", tmp_path) == 0
     checkpoint = load_checkpoint(tmp_path / "models/R/ckpt.pt")
-    for key in ("model", "ema", "optimizer", "lr_scheduler", "scaler", "train_state", "config", "rng", "model_config", "diffusion", "data"):
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "lr_scheduler",
+        "scaler",
+        "train_state",
+        "config",
+        "rng",
+        "model_config",
+        "diffusion",
+        "data",
+    ):
         assert checkpoint[key] is not None, key
     assert set(checkpoint["rng"]) >= {"python", "numpy", "torch"}
     assert checkpoint["train_state"]["history"]["train_loss"]
@@ -79,7 +120,9 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     assert config["version"] == 2 and set(config) == {"version", "data", "model", "diffusion", "train", "sampling"}
     assert config["train"]["lr"] == 2e-3 and config["model"]["preset"] == "tiny" and config["sampling"]["steps"] == 4
     flat = {name for section in config.values() if isinstance(section, dict) for name in section}
-    assert not flat & {"device", "world_size", "data_on_device", "model_config", "inference"}, "run-time facts are not configuration"
+    assert not flat & {"device", "world_size", "data_on_device", "model_config", "inference"}, (
+        "run-time facts are not configuration"
+    )
     assert checkpoint["runtime"] == {"world_size": 1, "global_batch": 256}
 
 
@@ -93,8 +136,14 @@ def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resu
     `--inference --num_samples 4 --sampler ddim --sampling_steps 10 --guidance_scale 2` gave then."""
     old = load_checkpoint(V1_CHECKPOINT)
     assert "version" not in old["config"] and old["config"]["world_size"] == 1
-    assert run_cli(f"--inference --model_path {V1_CHECKPOINT} --num_samples 4 --sampler ddim --sampling_steps 10 "
-                   "--guidance_scale 2 --save_dir inf --device cpu", tmp_path) == 0
+    assert (
+        run_cli(
+            f"--inference --model_path {V1_CHECKPOINT} --num_samples 4 --sampler ddim --sampling_steps 10 "
+            "--guidance_scale 2 --save_dir inf --device cpu",
+            tmp_path,
+        )
+        == 0
+    )
     expected = np.load(REPO / "tests/data/checkpoint_v1_tiny_ddim10.npz")
     now = np.load(tmp_path / "inf/samples.npz")
     assert np.array_equal(now["images"], expected["images"]) and np.array_equal(now["labels"], expected["labels"])
@@ -102,15 +151,19 @@ def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resu
     run_dir = tmp_path / "models/v1"
     run_dir.mkdir(parents=True)
     (run_dir / "ckpt.pt").write_bytes(V1_CHECKPOINT.read_bytes())
-    resume = "--dataset synthetic --image_size 8 --model_size tiny --base_dim 8 --conditional --batch_size 16 --warmup_steps 2 " \
-             "--sample_every 0 --save_model --run_name v1 --resume --device cpu"
+    resume = (
+        "--dataset synthetic --image_size 8 --model_size tiny --base_dim 8 --conditional --batch_size 16 --warmup_steps 2 "
+        "--sample_every 0 --save_model --run_name v1 --resume --device cpu"
+    )
     assert run_cli(f"{resume} --model_size small", tmp_path) == 2, "the old format's fixed flags are still checked"
     assert run_cli(f"{resume} --max_steps 5", tmp_path) == 0
     resumed = load_checkpoint(run_dir / "ckpt.pt")
     assert resumed["train_state"]["step"] == 5 and resumed["config"]["version"] == 2
     assert resumed["ema_num_updates"] == 5
-    assert (resumed["config"]["diffusion"]["prediction_type"], resumed["config"]["diffusion"]["snr_gamma"]) == ("eps", 0.0), \
-        "a resumed run keeps its own objective, not the new runs' default"
+    assert (resumed["config"]["diffusion"]["prediction_type"], resumed["config"]["diffusion"]["snr_gamma"]) == (
+        "eps",
+        0.0,
+    ), "a resumed run keeps its own objective, not the new runs' default"
     assert run_cli(f"{resume} --max_steps 6 --prediction_type v", tmp_path) == 2, "and refuses another prediction type"
 
 
@@ -128,8 +181,19 @@ def one_step_run(one_step_template, tmp_path) -> Path:
     return Path(shutil.copytree(one_step_template, tmp_path, dirs_exist_ok=True))
 
 
-@pytest.mark.parametrize("flag", ["--model_size small", "--base_dim 32", "--schedule cosine", "--timesteps 30", "--dataset mnist", "--conditional",
-                                  "--prediction_type x0", "--val_fraction 0.2"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--model_size small",
+        "--base_dim 32",
+        "--schedule cosine",
+        "--timesteps 30",
+        "--dataset mnist",
+        "--conditional",
+        "--prediction_type x0",
+        "--val_fraction 0.2",
+    ],
+)
 def test_resume_refuses_flags_that_change_the_model_or_data(one_step_run, capsys, flag):
     before = (one_step_run / "models/R/ckpt.pt").read_bytes()
     capsys.readouterr()
@@ -139,14 +203,29 @@ def test_resume_refuses_flags_that_change_the_model_or_data(one_step_run, capsys
 
 
 def test_resume_accepts_a_new_learning_rate_and_length(one_step_run):
-    assert run_cli(f"{FAST} --max_steps 3 --save_model --run_name R --resume --lr 1e-3 --log_interval 2 --epochs 5", one_step_run) == 0
+    assert (
+        run_cli(
+            f"{FAST} --max_steps 3 --save_model --run_name R --resume --lr 1e-3 --log_interval 2 --epochs 5",
+            one_step_run,
+        )
+        == 0
+    )
     checkpoint = load_checkpoint(one_step_run / "models/R/ckpt.pt")
     assert checkpoint["train_state"]["step"] == 3
     assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
 
 
 def test_sigint_writes_a_resumable_checkpoint(tmp_path):
-    command = [sys.executable, str(REPO / "ddpm_main.py"), *FAST.split(), "--max_steps", "100000", "--save_model", "--run_name", "S"]
+    command = [
+        sys.executable,
+        str(REPO / "ddpm_main.py"),
+        *FAST.split(),
+        "--max_steps",
+        "100000",
+        "--save_model",
+        "--run_name",
+        "S",
+    ]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "outputs/metrics_S.jsonl"
     deadline = time.time() + 120
@@ -192,30 +271,65 @@ ddpm_checkpoint.save_checkpoint({{"weights": torch.zeros(10_000)}}, {str(path)!r
 def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
     assert run_cli(f"{FAST} --max_steps 1 --save_model --run_name K", tmp_path) == 0
     run_dir = tmp_path / "models/K"
-    leftovers = ["ckpt.pt.tmp", "best.pt.tmp", "ckpt_epoch0010.pt.tmp", "ckpt.safetensors.tmp",
-                 "ckpt.pt.tmp-999999999"]  # the last: an earlier version's, its process gone
+    leftovers = [
+        "ckpt.pt.tmp",
+        "best.pt.tmp",
+        "ckpt_epoch0010.pt.tmp",
+        "ckpt.safetensors.tmp",
+        "ckpt.pt.tmp-999999999",
+    ]  # the last: an earlier version's, its process gone
     for name in leftovers:
         (run_dir / name).write_bytes(b"half a checkpoint")
     (run_dir / "notes.tmp").write_text("not the tool's")
     (run_dir / f"ckpt.pt.tmp-{os.getpid()}").write_bytes(b"a live writer's")
     assert run_cli(f"{FAST} --max_steps 2 --save_model --run_name K --resume", tmp_path) == 0
-    assert sorted(p.name for p in run_dir.iterdir()) == sorted([".lock", "best.pt", "best.safetensors", "ckpt.pt", "ckpt.safetensors",
-                                                                "notes.tmp", f"ckpt.pt.tmp-{os.getpid()}", "phema"])
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        [
+            ".lock",
+            "best.pt",
+            "best.safetensors",
+            "ckpt.pt",
+            "ckpt.safetensors",
+            "notes.tmp",
+            f"ckpt.pt.tmp-{os.getpid()}",
+            "phema",
+        ]
+    )
 
 
 def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
     """The grids go through --inference's sampling path: every sampling flag, --amp included, applies to them."""
     sampling = "--sampler ddim --sampling_steps 4 --eta 0.5 --guidance_scale 2.5 --guidance_rescale 0.7 --guidance_interval 0.5,80 --amp bf16"
-    assert run_cli(f"{FAST} --conditional --num_samples 6 --batch_size 128 --max_steps 3 --sample_every 1 {sampling} "
-                   "--save_model --run_name G --save_dir out", tmp_path) == 0
-    assert run_cli(f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling} --save_dir inf", tmp_path) == 0
+    assert (
+        run_cli(
+            f"{FAST} --conditional --num_samples 6 --batch_size 128 --max_steps 3 --sample_every 1 {sampling} "
+            "--save_model --run_name G --save_dir out",
+            tmp_path,
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling} --save_dir inf",
+            tmp_path,
+        )
+        == 0
+    )
     from PIL import Image
 
     grid = np.asarray(Image.open(tmp_path / "out/samples_G_epoch0001.png"))
     assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "inf/grid.png")))
-    assert run_cli(f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling.replace('bf16', 'none')} "
-                   "--save_dir inf_fp32", tmp_path) == 0
-    assert not np.array_equal(grid, np.asarray(Image.open(tmp_path / "inf_fp32/grid.png"))), "--amp must change these images"
+    assert (
+        run_cli(
+            f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling.replace('bf16', 'none')} "
+            "--save_dir inf_fp32",
+            tmp_path,
+        )
+        == 0
+    )
+    assert not np.array_equal(grid, np.asarray(Image.open(tmp_path / "inf_fp32/grid.png"))), (
+        "--amp must change these images"
+    )
 
 
 def nan_training_losses(monkeypatch, good_steps: int, bad_steps: int):
@@ -275,8 +389,13 @@ def test_ema_differs_from_raw_weights_and_is_what_sampling_and_evaluation_use(tm
         model = UNet(**checkpoint["model_config"])
         model.load_state_dict(checkpoint[name])
         settings = SamplingConfig(sampler="ddim", steps=4, guidance_scale=GUIDANCE_SCALE)
-        images = diffusion.sample(model.eval(), (3, 3, 8, 8), settings, labels=torch.tensor([0, 1, 2]),
-                                  generator=torch.Generator().manual_seed(7))
+        images = diffusion.sample(
+            model.eval(),
+            (3, 3, 8, 8),
+            settings,
+            labels=torch.tensor([0, 1, 2]),
+            generator=torch.Generator().manual_seed(7),
+        )
         samples[name] = ((images + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(np.load(tmp_path / "ema/samples.npz")["images"], samples["ema"])
     assert np.array_equal(np.load(tmp_path / "raw/samples.npz")["images"], samples["model"])
@@ -289,13 +408,17 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
     Timesteps and noise are pinned to functions of each example (not of the batch it is in), so both
     runs see the same per-example terms; the gradient norm is compared because Adam's step alone would
     hide a wrongly scaled gradient."""
-    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.arange(size[0], device=kw.get("device")) % 8)
+    monkeypatch.setattr(
+        torch, "randint", lambda low, high, size, **kw: torch.arange(size[0], device=kw.get("device")) % 8
+    )
     monkeypatch.setattr(torch, "randn_like", lambda x, **kw: torch.sin(x * 37.0 + 1.0))
     common = f"{FAST} --max_steps 1 --save_model --dropout 0 --no_hflip --ema_decay 0 --grad_clip 0 --warmup_steps 1"
     assert run_cli(f"{common} --batch_size 16 --grad_accum 1 --run_name big", tmp_path) == 0
     assert run_cli(f"{common} --batch_size 8 --grad_accum 2 --run_name accumulated", tmp_path) == 0
-    big, accumulated = ([json.loads(line) for line in (tmp_path / f"outputs/metrics_{name}.jsonl").read_text().splitlines()][0]
-                        for name in ("big", "accumulated"))
+    big, accumulated = (
+        [json.loads(line) for line in (tmp_path / f"outputs/metrics_{name}.jsonl").read_text().splitlines()][0]
+        for name in ("big", "accumulated")
+    )
     assert accumulated["train_loss"] == pytest.approx(big["train_loss"], rel=1e-5)
     assert accumulated["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
     weights = {name: load_checkpoint(tmp_path / f"models/{name}/ckpt.pt")["model"] for name in ("big", "accumulated")}
@@ -304,21 +427,35 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
 
 
 def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
-    assert run_cli(f"{FAST} --epochs 3 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K",
-                   tmp_path) == 0
+    assert (
+        run_cli(
+            f"{FAST} --epochs 3 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K",
+            tmp_path,
+        )
+        == 0
+    )
     run_dir = tmp_path / "models/K"
     assert sorted(p.name for p in run_dir.glob("ckpt_epoch*.pt")) == ["ckpt_epoch0002.pt", "ckpt_epoch0003.pt"]
     history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
     assert history["epochs"] == [0, 1, 2]
     best_epoch = int(np.argmin(history["val_loss"]))
-    assert load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1] == history["val_loss"][best_epoch]
+    assert (
+        load_checkpoint(run_dir / "best.pt")["train_state"]["history"]["val_loss"][-1]
+        == history["val_loss"][best_epoch]
+    )
     assert (tmp_path / "outputs/progression_K.png").exists()
     assert len(list((tmp_path / "outputs").glob("samples_K_epoch*.png"))) == 3
     assert not list(run_dir.glob("*.tmp-*"))
     # A checkpoint taken at an epoch's end resumes at the next epoch, without repeating the last one.
     assert load_checkpoint(run_dir / "ckpt.pt")["train_state"]["epoch"] == 3
-    assert run_cli(f"{FAST} --epochs 4 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K "
-                   "--resume", tmp_path) == 0
+    assert (
+        run_cli(
+            f"{FAST} --epochs 4 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K "
+            "--resume",
+            tmp_path,
+        )
+        == 0
+    )
     history = json.loads((tmp_path / "outputs/loss_history_K.json").read_text())
     assert history["epochs"] == [0, 1, 2, 3]
     resumed = load_checkpoint(run_dir / "ckpt.pt")["train_state"]
@@ -327,20 +464,30 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
 
 
 def test_a_default_run_derives_its_warmup_ema_and_grids_and_reports_its_time_split(tmp_path, capsys):
-    command = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --log_interval 5 "
-               "--conditional --max_steps 40 --save_model --run_name D --save_dir out")
+    command = (
+        "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --log_interval 5 "
+        "--conditional --max_steps 40 --save_model --run_name D --save_dir out"
+    )
     assert run_cli(command, tmp_path) == 0
     out = capsys.readouterr().out
     assert "warm-up: 2 steps (derived from the run)" in out and "half-life 5% of the steps so far" in out
-    assert "grids every 10 epochs and at the end: 20 images by dpm++2m 20 steps, guidance 1.5 (derived for images" in out
+    assert (
+        "grids every 10 epochs and at the end: 20 images by dpm++2m 20 steps, guidance 1.5 (derived for images" in out
+    )
     assert "random flips: on" in out
     checkpoint = load_checkpoint(tmp_path / "models/D/ckpt.pt")
     assert checkpoint["lr_scheduler"]["base_lrs"] == [2e-4]
-    assert checkpoint["config"]["train"]["warmup_steps"] is None and checkpoint["config"]["sampling"]["sampler"] == "dpm++2m"
+    assert (
+        checkpoint["config"]["train"]["warmup_steps"] is None
+        and checkpoint["config"]["sampling"]["sampler"] == "dpm++2m"
+    )
     records = [json.loads(line) for line in (tmp_path / "out/metrics_D.jsonl").read_text().splitlines()]
     last_epoch, end = [line for line in records if line["kind"] == "epoch"][-1], records[-1]
     assert end["kind"] == "end" and end["step"] == 40
-    assert 0 < last_epoch["seconds_in_steps"] <= end["seconds_in_steps"] and 0 <= last_epoch["seconds_outside_steps"] <= end["seconds_outside_steps"]
+    assert (
+        0 < last_epoch["seconds_in_steps"] <= end["seconds_in_steps"]
+        and 0 <= last_epoch["seconds_outside_steps"] <= end["seconds_outside_steps"]
+    )
     from PIL import Image
 
     with Image.open(tmp_path / "out/samples_D_epoch0003.png") as grid:  # 20 images, 5 per row
@@ -351,8 +498,12 @@ def test_no_validation_split_means_no_validation_loss_and_no_best_checkpoint(tmp
     assert run_cli(f"{FAST} --max_steps 2 --val_fraction 0 --save_model --run_name N --save_dir out", tmp_path) == 0
     history = json.loads((tmp_path / "out/loss_history_N.json").read_text())
     assert math.isnan(history["val_loss"][-1]) and math.isfinite(history["test_loss"][-1])
-    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == [".lock", "ckpt.pt", "ckpt.safetensors", "phema"], \
-        "phema/: the post-hoc EMA snapshots that --save_model keeps"
+    assert sorted(p.name for p in (tmp_path / "models/N").iterdir()) == [
+        ".lock",
+        "ckpt.pt",
+        "ckpt.safetensors",
+        "phema",
+    ], "phema/: the post-hoc EMA snapshots that --save_model keeps"
 
 
 def test_training_steps_never_wait_for_the_device(tmp_path, tensor_reads):
@@ -363,7 +514,13 @@ def test_training_steps_never_wait_for_the_device(tmp_path, tensor_reads):
     counts = {}
     for steps in (3, 12):
         tensor_reads["count"] = 0
-        assert run_cli(f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --phema_every 1000 --save_model --run_name R{steps}", tmp_path) == 0
+        assert (
+            run_cli(
+                f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --phema_every 1000 --save_model --run_name R{steps}",
+                tmp_path,
+            )
+            == 0
+        )
         counts[steps] = tensor_reads["count"]
     assert counts[3] > 0, "the counting itself works"
     assert counts[12] == counts[3], f"{(counts[12] - counts[3]) / 9:.1f} tensor reads per training step"
@@ -375,13 +532,21 @@ PINNED = REPO / "tests/data/pinned_run_samples.npz"
 def test_a_seeded_run_trains_and_samples_the_pinned_images(tmp_path):
     """tests/data/pinned_run_samples.npz holds what this 6-step run and its three samplers gave before the modules were
     reorganised (issue 15); moving code must not change a single pixel of training or sampling."""
-    train = ("--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 64 --conditional --max_steps 6 "
-             "--sample_every 0 --save_model --run_name pin --save_dir out --device cpu --seed 3")
+    train = (
+        "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 64 --conditional --max_steps 6 "
+        "--sample_every 0 --save_model --run_name pin --save_dir out --device cpu --seed 3"
+    )
     assert run_cli(train, tmp_path) == 0
     expected = np.load(PINNED)
     for sampler, steps in (("ddpm", 20), ("ddim", 8), ("dpm++2m", 8)):
-        assert run_cli(f"--inference --model_path models/pin/ckpt.pt --num_samples 6 --sampler {sampler} --sampling_steps {steps} "
-                       f"--guidance_scale 2.5 --seed 5 --save_dir inf_{sampler} --device cpu", tmp_path) == 0
+        assert (
+            run_cli(
+                f"--inference --model_path models/pin/ckpt.pt --num_samples 6 --sampler {sampler} --sampling_steps {steps} "
+                f"--guidance_scale 2.5 --seed 5 --save_dir inf_{sampler} --device cpu",
+                tmp_path,
+            )
+            == 0
+        )
         now = np.load(tmp_path / f"inf_{sampler}/samples.npz")
         assert np.array_equal(now["arr_0"], expected[sampler]), sampler
         assert np.array_equal(now["arr_1"], expected["labels"])
@@ -391,9 +556,15 @@ def test_a_seeded_run_trains_and_samples_the_pinned_images(tmp_path):
 def training_state(path: Path) -> dict:
     """What must match bit for bit between two runs: the weights, the EMA and the optimizer's state."""
     checkpoint = load_checkpoint(path)
-    return {"model": checkpoint["model"], "ema": checkpoint["ema"],
-            "optimizer": {f"{index}.{key}": value for index, state in checkpoint["optimizer"]["state"].items()
-                          for key, value in state.items()}}
+    return {
+        "model": checkpoint["model"],
+        "ema": checkpoint["ema"],
+        "optimizer": {
+            f"{index}.{key}": value
+            for index, state in checkpoint["optimizer"]["state"].items()
+            for key, value in state.items()
+        },
+    }
 
 
 def test_one_command_starts_a_run_continues_it_after_a_kill_and_then_leaves_it_alone(tmp_path, capsys):
@@ -404,15 +575,23 @@ def test_one_command_starts_a_run_continues_it_after_a_kill_and_then_leaves_it_a
     assert run_cli(command, tmp_path / "straight") == 0
     life = tmp_path / "life"
     life.mkdir()
-    process = subprocess.Popen([sys.executable, str(REPO / "ddpm_main.py"), *command.split()], cwd=life,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "ddpm_main.py"), *command.split()],
+        cwd=life,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (life / "models/L/ckpt.pt").exists():
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.05)
     process.kill()
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL and "new run: no checkpoint in models/L/" in stderr + capsys.readouterr().out
+    assert (
+        process.returncode == -signal.SIGKILL
+        and "new run: no checkpoint in models/L/" in stderr + capsys.readouterr().out
+    )
     killed_at = load_checkpoint(life / "models/L/ckpt.pt")["train_state"]["step"]
     assert 2 <= killed_at < 30
     assert run_cli(command, life) == 0
@@ -427,7 +606,16 @@ def test_one_command_starts_a_run_continues_it_after_a_kill_and_then_leaves_it_a
 
 def test_sigusr1_writes_a_checkpoint_and_exits_with_the_requeue_status(tmp_path):
     """SLURM's advance warning (--signal=USR1@120): finish the step, write ckpt.pt, exit 75 (EX_TEMPFAIL)."""
-    command = [sys.executable, str(REPO / "ddpm_main.py"), *FAST.split(), "--max_steps", "100000", "--save_model", "--run_name", "P"]
+    command = [
+        sys.executable,
+        str(REPO / "ddpm_main.py"),
+        *FAST.split(),
+        "--max_steps",
+        "100000",
+        "--save_model",
+        "--run_name",
+        "P",
+    ]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "outputs/metrics_P.jsonl"
     deadline = time.time() + 120
@@ -468,11 +656,17 @@ def test_bad_input_to_a_continued_run_gets_one_line_and_touches_nothing(tmp_path
         assert run_cli(command, tmp_path) == 0
     before = tree_fingerprint(tmp_path)
     capsys.readouterr()
-    changed = {"folder is a file": "", "indivisible global batch": " --batch_size 16 --max_steps 2",
-               "another configuration": " --max_steps 2 --schedule cosine"}[case]
+    changed = {
+        "folder is a file": "",
+        "indivisible global batch": " --batch_size 16 --max_steps 2",
+        "another configuration": " --max_steps 2 --schedule cosine",
+    }[case]
     assert run_cli(command + changed, tmp_path) == 2
     message = capsys.readouterr().err.strip()
-    expected = {"folder is a file": "cannot use the run folder models/B", "indivisible global batch": "global batch of 24 is not a multiple of 16",
-                "another configuration": "it was trained with --schedule linear"}[case]
+    expected = {
+        "folder is a file": "cannot use the run folder models/B",
+        "indivisible global batch": "global batch of 24 is not a multiple of 16",
+        "another configuration": "it was trained with --schedule linear",
+    }[case]
     assert expected in message and len(message.splitlines()) == 1
     assert tree_fingerprint(tmp_path) == before
