@@ -96,8 +96,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp` (and `<weights>.safetensors.tmp`), and the
-    `<checkpoint>.tmp-<pid>` of earlier versions of the tool whose process is gone. Nothing else is touched."""
+    """Remove what killed checkpoint writers left in a run's folder: `<checkpoint>.tmp` (and
+    `<weights>.safetensors.tmp`), and the `<checkpoint>.tmp-<pid>` of earlier versions of the tool whose process is
+    gone. Nothing else is touched."""
     if not folder.is_dir():
         return
     for leftover in folder.glob(f"*.pt{TEMPORARY_SUFFIX}*"):
@@ -317,8 +318,8 @@ def latest_checkpoint(run_dir: Path, rename_damaged: bool = True) -> Optional[tu
             kept = _free_name(last.with_name(last.name + ".damaged"))
             last.rename(kept)
             print(
-                f"{last} cannot be read ({damaged[1]}); continuing from {path}, the newest readable snapshot; the damaged "
-                f"file is kept as {kept}",
+                f"{last} cannot be read ({damaged[1]}); continuing from {path}, the newest readable snapshot; the "
+                f"damaged file is kept as {kept}",
                 file=sys.stderr,
             )
         return path, checkpoint

@@ -32,7 +32,8 @@ CONFIG_VERSION = 2  # 1: the flat vars(args) of the first versions, with run-tim
 # Classifier-free guidance of images unless told: on real digits w = 1.5 kept every class right at a third of w = 3's
 # Frechet distance (docs/after_training.md#measured-on-real-digits); stronger guidance trades diversity for typicality.
 GUIDANCE_SCALE = 1.5
-POINT_GUIDANCE_SCALE = 1.0  # of 2D points: plain conditional sampling measured closest to the data, w > 1 empties the moons' tips (docs/toy.md)
+# Of 2D points: plain conditional sampling measured closest to the data, w > 1 empties the moons' tips (docs/toy.md).
+POINT_GUIDANCE_SCALE = 1.0
 POINT_DATASETS = (
     "moons",
     "circles",
@@ -87,8 +88,8 @@ class DataConfig:
     val_fraction: float = option(0.1, "share of the training images held out for the validation loss (0: none)")
     data_cache: Optional[str] = option(
         None,
-        "folder of the decoded cache of an image folder or zip (ddpm_datacache; derived: .ddpm_cache beside the folder or "
-        "zip, else $XDG_CACHE_HOME/ddpm)",
+        "folder of the decoded cache of an image folder or zip (ddpm_datacache; derived: .ddpm_cache beside the "
+        "folder or zip, else $XDG_CACHE_HOME/ddpm)",
         metavar="DIR",
     )
     use_data_cache: bool = option(
@@ -155,8 +156,8 @@ class DiffusionConfig:
     # what the network outputs (ddpm_diffusion.Diffusion); None: with_objective
     prediction_type: Optional[str] = option(
         "v",
-        "what the network predicts: v (Salimans & Ho 2022), eps (Ho et al.) or x0 (new runs: %(config_default)s, chosen by "
-        "scripts/quality_benchmark.py; --resume keeps the run's)",
+        "what the network predicts: v (Salimans & Ho 2022), eps (Ho et al.) or x0 (new runs: %(config_default)s, "
+        "chosen by scripts/quality_benchmark.py; --resume keeps the run's)",
         choices=PREDICTION_TYPES,
         optional=True,
     )
@@ -169,8 +170,8 @@ class DiffusionConfig:
     )
     variance: str = option(  # the ancestral sampler's default, recorded in the checkpoint
         "fixed_small",
-        "the ddpm sampler's sigma_t^2: fixed_small (posterior) or fixed_large (beta_t, Ho et al.'s CIFAR-10 "
-        "numbers); training records it in the checkpoint (default: %(config_default)s), sampling overrides the checkpoint's",
+        "the ddpm sampler's sigma_t^2: fixed_small (posterior) or fixed_large (beta_t, Ho et al.'s CIFAR-10 numbers); "
+        "training records it in the checkpoint (default: %(config_default)s), sampling overrides the checkpoint's",
         choices=VARIANCES,
         optional=True,
     )
@@ -189,7 +190,8 @@ class SamplingConfig:
     steps: Optional[int] = (
         option(  # network evaluations; None: the sampler's default (ddpm_samplers.Sampler.default_steps)
             None,
-            f"network evaluations (default: all timesteps for ddpm, {FEW_STEPS} otherwise; training grids: {TRAINING_GRID_STEPS})",
+            f"network evaluations (default: all timesteps for ddpm, {FEW_STEPS} otherwise; training grids: "
+            f"{TRAINING_GRID_STEPS})",
             flag="--sampling_steps",
         )
     )
@@ -200,16 +202,16 @@ class SamplingConfig:
     )
     timestep_spacing: Optional[str] = option(  # None: the sampler's own (ddpm_samplers.Sampler.default_spacing)
         None,
-        "how the steps are spread: time (uniform in t), logsnr (uniform in log-SNR), edm (Karras et al. 2022's noise levels, "
-        "rho 7); not for ddpm (default: the sampler's own: "
+        "how the steps are spread: time (uniform in t), logsnr (uniform in log-SNR), edm (Karras et al. 2022's noise "
+        "levels, rho 7); not for ddpm (default: the sampler's own: "
         + ", ".join(f"{name} {cls.default_spacing}" for name, cls in SAMPLERS.items() if cls.takes_spacing)
         + ")",
         choices=SPACINGS,
     )
     guidance_scale: Optional[float] = option(  # None: the kind of samples' (ddpm_kinds.SampleKind.sampling_settings)
         None,
-        f"classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default: {GUIDANCE_SCALE:g}; 2D points: "
-        f"{POINT_GUIDANCE_SCALE:g})",
+        f"classifier-free guidance: 0 unconditional, 1 conditional, >1 stronger (default: {GUIDANCE_SCALE:g}; 2D "
+        f"points: {POINT_GUIDANCE_SCALE:g})",
     )
     guidance_rescale: float = option(
         0.0, "rescale guided predictions to the conditional one's std, 0 (off) to 1 (Lin et al. 2023)"
@@ -225,8 +227,9 @@ class SamplingConfig:
     guide_model: Optional[str] = (
         option(  # autoguidance's weaker network (ddpm_sampling.load_guide); None: classifier-free guidance
             None,
-            "autoguidance (Karras et al. 2024): guide with this weaker model of the same data and diffusion (an earlier snapshot, a "
-            "shorter post-hoc EMA, a smaller model) instead of the unconditional branch; also for unconditional models",
+            "autoguidance (Karras et al. 2024): guide with this weaker model of the same data and diffusion (an "
+            "earlier snapshot, a shorter post-hoc EMA, a smaller model) instead of the unconditional branch; also for "
+            "unconditional models",
             metavar="CKPT",
         )
     )
@@ -272,14 +275,14 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step")
     ema_decay: Optional[float] = option(  # None: a half-life growing with the run (ddpm_optim.EMA); 0: no EMA
         None,
-        "fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; derived: an EMA whose half-life is 5%% of "
-        "the steps so far, at most 0.9999's, as EDM's ramp-up)",
+        "fixed EMA decay with TensorFlow's warm-up, as Ho et al.'s 0.9999 (0: no EMA; derived: an EMA whose half-life "
+        "is 5%% of the steps so far, at most 0.9999's, as EDM's ramp-up)",
     )
     phema_every: Optional[int] = (
         option(  # steps between post-hoc EMA snapshots (ddpm_phema); None: snapshot_interval; 0: none
             None,
-            "steps between post-hoc EMA snapshots (EDM2's sigma_rel 0.05 and 0.10 profiles, float16) in <run folder>/phema/, with "
-            "--save_model (0: none; derived: 20 to 40 per run)",
+            "steps between post-hoc EMA snapshots (EDM2's sigma_rel 0.05 and 0.10 profiles, float16) in <run "
+            "folder>/phema/, with --save_model (0: none; derived: 20 to 40 per run)",
         )
     )
     # evaluate, sample grids and (sampling) draw with the EMA weights; --no_ema: the raw ones
@@ -297,20 +300,21 @@ class TrainConfig:
     log_interval: int = option(100, "steps between logged losses")
     eval_every: Optional[int] = option(  # epochs between losses on the whole val/test splits; None: at the end only
         None,
-        "epochs between losses on the whole validation and test splits (they are taken every epoch on fixed subsets that cost "
-        "under 5%% of the time, and on the whole splits at the end)",
+        "epochs between losses on the whole validation and test splits (they are taken every epoch on fixed subsets "
+        "that cost under 5%% of the time, and on the whole splits at the end)",
     )
     sample_every: int = option(10, "epochs between sample grids (0: never)")
     num_samples: Optional[int] = option(  # of a training grid; None: 16, or two per class
         None,
-        f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class; 2D models: {POINT_SAMPLES})",
+        f"images to sample (default: {INFERENCE_SAMPLES}; training grids: 16, or two per class; 2D models: "
+        f"{POINT_SAMPLES})",
         group="sampling",
     )
     quality_every: Optional[int] = (
         option(  # None: QualitySchedule's derived interval where the run is long enough; 0: off
             None,
-            "images seen between points of the sample quality curve (ddpm_quality; 0: none; derived: at most 10%% of the "
-            "time in optimizer steps, off for a run shorter than one interval)",
+            "images seen between points of the sample quality curve (ddpm_quality; 0: none; derived: at most 10%% of "
+            "the time in optimizer steps, off for a run shorter than one interval)",
         )
     )
     quality_samples: int = option(500, "samples per point of the quality curve")
@@ -375,7 +379,8 @@ class ConfigFlag:
 
 
 def config_flags(section: Optional[str] = None) -> list[ConfigFlag]:
-    """The flags of every configuration field (of one `section` of RunConfig, where given), in the order of the fields."""
+    """The flags of every configuration field (of one `section` of RunConfig, where given), in the order of the
+    fields."""
     flags = []
     for name, config_class in CONFIG_SECTIONS.items():
         if section not in (None, name):

@@ -409,7 +409,8 @@ def point_standardisation(name: str) -> tuple[np.ndarray, float]:
 
 
 def make_points(name: str, labels: np.ndarray, seed: int) -> np.ndarray:
-    """float32 points (N, 2) of the 2D toy set `name`, point i of class labels[i], of about unit variance, drawn from `seed`."""
+    """float32 points (N, 2) of the 2D toy set `name`, point i of class labels[i], of about unit variance, drawn from
+    `seed`."""
     mean, scale = point_standardisation(name)
     return ((_raw_points(name, labels, np.random.default_rng(seed)) - mean) / scale).astype(np.float32)
 

@@ -205,7 +205,8 @@ _REQUIRED = {
 
 
 def unet_config_from_unet2d(config: dict, source: Path) -> dict:
-    """Our UNet's keyword arguments for a UNet2DModel configuration; UsageError, in one line, for what it cannot express."""
+    """Our UNet's keyword arguments for a UNet2DModel configuration; UsageError, in one line, for what it cannot
+    express."""
 
     def refuse(problem: str) -> UsageError:
         return UsageError(f"cannot import {source}: {problem}")
@@ -259,7 +260,7 @@ def unet_config_from_unet2d(config: dict, source: Path) -> dict:
         base_dim=base,
         dim_mults=[width // base for width in widths],
         num_res_blocks=config["layers_per_block"],
-        attn_resolutions=[size // 2**l for l, attn in enumerate(attention) if attn],
+        attn_resolutions=[size // 2**level for level, attn in enumerate(attention) if attn],
         dropout=float(config["dropout"]),
         num_classes=None if num_class_embeds is None else num_class_embeds - 1,
         num_heads=heads.pop(),
@@ -322,7 +323,8 @@ def diffusion_from_scheduler(config: Optional[dict], source: Path) -> dict:
         schedule = matching[0]
     elif schedule is None:
         raise UsageError(
-            f"cannot import {source}: beta_schedule={config['beta_schedule']!r}; this tool has {', '.join(SCHEDULES.values())}"
+            f"cannot import {source}: beta_schedule={config['beta_schedule']!r}; this tool has "
+            f"{', '.join(SCHEDULES.values())}"
         )
     if schedule != "cosine" and config["trained_betas"] is None:
         expected = linear_beta_range(timesteps)
@@ -367,6 +369,8 @@ def model_card(checkpoint: dict, unet_config: dict, sampler_config: dict, weight
         if conditional
         else ""
     )
+    trained = f" for {step} steps" if step else ""
+    diffusion = checkpoint["diffusion"]
     return f"""---
 library_name: diffusers
 tags:
@@ -376,9 +380,9 @@ tags:
 
 # DDPM on {data["dataset"]} ({data["channels"]}x{data["image_size"]}x{data["image_size"]})
 
-A denoising diffusion probabilistic model (Ho et al. 2020) trained with the DDPM tool{f" for {step} steps" if step else ""},
+A denoising diffusion probabilistic model (Ho et al. 2020) trained with the DDPM tool{trained},
 exported with `python ddpm_main.py --export_diffusers`: `UNet2DModel` ({weights} weights) and `DDPMScheduler`
-({checkpoint["diffusion"]["timesteps"]} steps, {checkpoint["diffusion"]["schedule"]} schedule, variance `{sampler_config["variance_type"]}`,
+({diffusion["timesteps"]} steps, {diffusion["schedule"]} schedule, variance `{sampler_config["variance_type"]}`,
 prediction `{sampler_config["prediction_type"]}`, time conditioning `{unet_config["resnet_time_scale_shift"]}`).
 {classes}
 ```python

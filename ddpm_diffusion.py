@@ -115,7 +115,8 @@ class Diffusion:
         return self
 
     def alpha_bar(self, t: torch.Tensor | int) -> torch.Tensor:
-        """alpha_bar at integer steps t (a tensor, or one step as a Python int); t = -1 is the clean image (alpha_bar = 1)."""
+        """alpha_bar at integer steps t (a tensor, or one step as a Python int); t = -1 is the clean image (alpha_bar =
+        1)."""
         if isinstance(t, int):
             return self.alphas_cumprod_and_clean[t]
         return self.alphas_cumprod_and_clean.to(t.device)[t]
@@ -261,7 +262,8 @@ class Diffusion:
         return [interval[0] < sigma <= interval[1] for sigma in sigmas]
 
     def predict_eps_from_x0(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """The noise that takes x_0 to x_t at step t (Ho et al. eq. 4 solved for eps): the prediction of a perfect model."""
+        """The noise that takes x_0 to x_t at step t (Ho et al. eq. 4 solved for eps): the prediction of a perfect
+        model."""
         return eps_from_x0(x, _broadcast(self.alpha_bar(t), x.ndim).to(x.dtype), x0)
 
     @torch.no_grad()
@@ -337,6 +339,7 @@ def rescale_guidance(guided: torch.Tensor, eps_cond: torch.Tensor, phi: float) -
 
 
 def drop_labels(labels: torch.Tensor, p_uncond: float, null_label: int) -> torch.Tensor:
-    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes the null label with probability p_uncond."""
+    """Classifier-free guidance training (Ho & Salimans 2022, Alg. 1): each label becomes the null label with
+    probability p_uncond."""
     drop = torch.rand(labels.shape, device=labels.device) < p_uncond
     return torch.where(drop, torch.full_like(labels, null_label), labels)

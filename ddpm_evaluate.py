@@ -1,7 +1,8 @@
-"""Evaluation runs: --evaluate (FID, IS, KID, precision/recall, class consistency of a checkpoint's samples), guidance
+r"""Evaluation runs: --evaluate (FID, IS, KID, precision/recall, class consistency of a checkpoint's samples), guidance
 sweeps, --compare_checkpoints, and the loss of a model on a data split.
 
-    python ddpm_main.py --evaluate --model_path models/run/ckpt.pt --fid_num_samples 10000 --sampler dpm++2m --sampling_steps 20
+    python ddpm_main.py --evaluate --model_path models/run/ckpt.pt --fid_num_samples 10000 \
+        --sampler dpm++2m --sampling_steps 20
 
 The metrics themselves and their feature extractors are in ddpm_metrics.
 """
@@ -240,10 +241,16 @@ def summary_line(results: dict, json_path: Path) -> str:
     )
     text = f"FID {results['fid']:.3f} ({results['feature_extractor']} features, {count} samples against {reference})"
     if results["inception_score"]:
-        text += f", IS {results['inception_score']['mean']:.3f} +- {results['inception_score']['std']:.3f} ({count} samples)"
+        text += (
+            f", IS {results['inception_score']['mean']:.3f} +- {results['inception_score']['std']:.3f} ({count} "
+            "samples)"
+        )
     if results["kid"]:
         kid = results["kid"]
-        text += f", KID {kid['mean']:.5f} +- {kid['std']:.5f} ({kid['subsets']} subsets of {kid['subset_size']} of {count} samples)"
+        text += (
+            f", KID {kid['mean']:.5f} +- {kid['std']:.5f} ({kid['subsets']} subsets of {kid['subset_size']} of "
+            f"{count} samples)"
+        )
     if results["precision_recall"]:
         pr = results["precision_recall"]
         text += f", precision {pr['precision']:.3f} recall {pr['recall']:.3f} (k={pr['neighborhood']}, {count} samples)"

@@ -116,7 +116,8 @@ class SampleKind(ABC):
         diffusion: Diffusion,
         log,
     ) -> None:
-        """The pictures of a training run's samples at `title` (rank 0); `progression` is the run's list of earlier rows."""
+        """The pictures of a training run's samples at `title` (rank 0); `progression` is the run's list of earlier
+        rows."""
 
     @abstractmethod
     def inference(
@@ -409,8 +410,8 @@ class PointKind(SampleKind):
         )
         print(distance_line(report, count))
         print(
-            f"wrote {save_dir / 'samples.png'}, {save_dir / 'reverse_process.png'}, {save_dir / 'forward_process.png'} and "
-            f"{count} points in {save_dir / 'points.npz'}"
+            f"wrote {save_dir / 'samples.png'}, {save_dir / 'reverse_process.png'}, "
+            f"{save_dir / 'forward_process.png'} and {count} points in {save_dir / 'points.npz'}"
         )
 
     def evaluate(

@@ -138,8 +138,9 @@ def print_run_summary(
     mlp = f", width {model.mlp_width}, depth {model.mlp_depth}" if model.preset == MLP_PRESET else ""
     classes = f", conditional on {num_classes} classes" if model.conditional else ""
     print(
-        f"model: {parameters / 1e6:.2f}M parameters ({model.preset} preset{mlp}{classes}); data: {split_sizes[0]} train / "
-        f"{split_sizes[1]} val / {split_sizes[2]} test {kind.describe()}; {steps_per_epoch} steps per epoch, {total_steps} in all"
+        f"model: {parameters / 1e6:.2f}M parameters ({model.preset} preset{mlp}{classes}); data: {split_sizes[0]} "
+        f"train / {split_sizes[1]} val / {split_sizes[2]} test {kind.describe()}; {steps_per_epoch} steps per epoch, "
+        f"{total_steps} in all"
     )
     warmup = "derived from the run" if train.warmup_steps is None else "--warmup_steps"
     ema_text = (
@@ -147,7 +148,8 @@ def print_run_summary(
         if ema is None
         else f"decay {ema.decay} with TensorFlow's warm-up (--ema_decay)"
         if ema.halflife_ratio is None
-        else f"half-life {ema.halflife_ratio:.0%} of the steps so far, at most decay {ema.decay}'s (derived; --ema_decay fixes one)"
+        else f"half-life {ema.halflife_ratio:.0%} of the steps so far, at most decay {ema.decay}'s (derived; "
+        "--ema_decay fixes one)"
     )
     guidance = ""
     if model.conditional:
@@ -162,15 +164,15 @@ def print_run_summary(
     if phema is not None:
         source = "derived" if train.phema_every is None else "--phema_every"
         phema_text = (
-            f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in phema[0])} tracked, snapshots every {phema[1]} steps "
-            f"({source}; --posthoc_ema after training); "
+            f"post-hoc EMA: sigma_rel {', '.join(f'{s:g}' for s in phema[0])} tracked, snapshots every {phema[1]} "
+            f"steps ({source}; --posthoc_ema after training); "
         )
     print(
-        f"warm-up: {warmup_steps} steps ({warmup}); EMA: {ema_text}; {phema_text}random flips: {'on' if hflip else 'off'} "
-        f"(--hflip / --no_hflip); losses: {diffusion.prediction_type} prediction"
-        f"{f', min-SNR-{diffusion.snr_gamma:g} weighting' if diffusion.snr_gamma else ''}; validation and test loss "
-        f"every epoch on {eval_examples} fixed examples of each split (derived), on the whole splits {full}; "
-        f"{kind.pictures_text(pictures, drawn, bool(train.sample_every))}"
+        f"warm-up: {warmup_steps} steps ({warmup}); EMA: {ema_text}; {phema_text}random flips: "
+        f"{'on' if hflip else 'off'} (--hflip / --no_hflip); losses: {diffusion.prediction_type} "
+        f"prediction{f', min-SNR-{diffusion.snr_gamma:g} weighting' if diffusion.snr_gamma else ''}; validation and "
+        f"test loss every epoch on {eval_examples} fixed examples of each split (derived), on the whole splits "
+        f"{full}; {kind.pictures_text(pictures, drawn, bool(train.sample_every))}"
     )
 
 
@@ -218,13 +220,14 @@ def report_epoch(
     seconds_in_steps: float,
     device: torch.device,
 ) -> None:
-    """An epoch's history entry (ddpm_train), on rank 0: the epoch line, the loss history and its plot, a metrics line."""
+    """An epoch's history entry (ddpm_train), on rank 0: the epoch line, the loss history and its plot, a metrics
+    line."""
     epoch, step = entry["epochs"], entry["steps"]
     whole = f" | whole splits: val {full['val_loss']:.5f}, test {full['test_loss']:.5f}" if full is not None else ""
     print(
-        f"epoch {epoch + 1} | step {step} | train {entry['train_loss']:.5f} | val {entry['val_loss']:.5f} | "
-        f"test {entry['test_loss']:.5f}{whole}{figures_text} | {seconds_total - seconds_in_steps:.0f} of {seconds_total:.0f} s "
-        f"outside optimizer steps"
+        f"epoch {epoch + 1} | step {step} | train {entry['train_loss']:.5f} | val {entry['val_loss']:.5f} | test "
+        f"{entry['test_loss']:.5f}{whole}{figures_text} | {seconds_total - seconds_in_steps:.0f} of "
+        f"{seconds_total:.0f} s outside optimizer steps"
     )
     save_history(history, save_dir, run_name)
     figures = {key: value for key, value in entry.items() if key not in ("epochs", "steps", "eval_examples")}

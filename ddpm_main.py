@@ -65,7 +65,8 @@ class DefaultsHelp(argparse.HelpFormatter):
         return help_text.strip()
 
 
-# The --help sections, in order: the configuration's (ddpm_config.CONFIG_SECTIONS, and an option's own group) and the modes'.
+# The --help sections, in order: the configuration's (ddpm_config.CONFIG_SECTIONS, and an option's own group) and the
+# modes'.
 GROUPS = {
     "run": "mode and run",
     "data": "data",
@@ -79,7 +80,8 @@ FLAG_TYPES = {int: int, float: float, tuple[int, ...]: comma_ints}  # else the t
 
 
 def add_config_flag(group: argparse._ArgumentGroup, option: ConfigFlag) -> None:
-    """The flag of one configuration field, its name, default, help and choices from its declaration (ddpm_config.option)."""
+    """The flag of one configuration field, its name, default, help and choices from its declaration
+    (ddpm_config.option)."""
     if option.kind is bool and option.nullable:
         pair = group.add_mutually_exclusive_group()
         pair.add_argument(
@@ -186,7 +188,8 @@ def add_evaluation_flags(evaluation: argparse._ArgumentGroup) -> None:
         "--fid_features",
         default="inception",
         choices=sorted(FEATURE_EXTRACTORS),
-        help="inception: the standard FID network; random-conv: fixed random features for tests, not comparable to published FID",
+        help="inception: the standard FID network; random-conv: fixed random features for tests, not comparable to "
+        "published FID",
     )
     evaluation.add_argument(
         "--fid_ref",
@@ -221,7 +224,8 @@ def add_evaluation_flags(evaluation: argparse._ArgumentGroup) -> None:
         "--sweep_samplers",
         default=None,
         metavar="SAMPLER:STEPS,...",
-        help="with --sweep: solvers and steps to try, e.g. dpm++2m:20,dpm++3m:10 (default: --sampler and --sampling_steps)",
+        help="with --sweep: solvers and steps to try, e.g. dpm++2m:20,dpm++3m:10 (default: --sampler and "
+        "--sampling_steps)",
     )
     evaluation.add_argument(
         "--compare_checkpoints",
@@ -282,7 +286,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--sample_classes is empty")
     if not args.run_name or args.run_name in (".", "..") or any(sep in args.run_name for sep in ("/", "\\")):
         raise UsageError(
-            f"--run_name must be a plain name (it names the folder {args.models_dir}/<run_name>/), got {args.run_name!r}"
+            f"--run_name must be a plain name (it names the folder {args.models_dir}/<run_name>/), got "
+            f"{args.run_name!r}"
         )
     if args.phema_every is not None and args.phema_every < 0:
         raise UsageError(f"--phema_every must be 0 (no post-hoc EMA) or positive, got {args.phema_every}")
@@ -338,8 +343,8 @@ def validate_evaluation_args(args: argparse.Namespace) -> None:
     overridden = [flag for flag, value in preset_settings.items() if value is not None]
     if args.sampling_preset and overridden:
         raise UsageError(
-            f"--sampling_preset {args.sampling_preset} chooses the sampler, steps, guidance scale and guide model itself; "
-            f"drop {', '.join(overridden)}"
+            f"--sampling_preset {args.sampling_preset} chooses the sampler, steps, guidance scale and guide model "
+            f"itself; drop {', '.join(overridden)}"
         )
     if not (args.sampling_preset or args.export_diffusers or args.import_diffusers or args.posthoc_ema):
         refuse_ignored_flags(sampling_config(args, training=not sampling_mode(args)).sampler, args)
@@ -409,8 +414,9 @@ def select_device(args: argparse.Namespace) -> str:
 
 
 def config_fields(section: str, args: argparse.Namespace) -> dict:
-    """The fields of one section of RunConfig that the flags give. A switch (a bool) moves its field away from the default; a
-    flag not given (None) leaves its field's default, except the training objective's (OBJECTIVE), left to with_objective."""
+    """The fields of one section of RunConfig that the flags give. A switch (a bool) moves its field away from the
+    default; a flag not given (None) leaves its field's default, except the training objective's (OBJECTIVE), left to
+    with_objective."""
     values = {}
     for option in config_flags(section):
         value = getattr(args, option.dest)
@@ -464,8 +470,8 @@ def run_training(args: argparse.Namespace) -> None:
         if resume is not None and resume[1]["data"]["channels"] != data.channels:
             saved = resume[1]["data"]["channels"]
             raise UsageError(
-                f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are {data.channels}-channel "
-                f"(add --channels {saved})"
+                f"cannot resume {resume[0]}: its model takes {saved}-channel images and these are "
+                f"{data.channels}-channel (add --channels {saved})"
             )
         try:
             network_from_config(config.model.network_config(data.sample_shape, None))

@@ -1,6 +1,7 @@
-"""Numbers for samples: FID, Inception Score and class consistency, guidance sweeps, checkpoint comparisons.
+r"""Numbers for samples: FID, Inception Score and class consistency, guidance sweeps, checkpoint comparisons.
 
-    python ddpm_main.py --evaluate --model_path models/run/ckpt.pt --fid_num_samples 10000 --sampler dpm++2m --sampling_steps 20
+    python ddpm_main.py --evaluate --model_path models/run/ckpt.pt --fid_num_samples 10000 \
+        --sampler dpm++2m --sampling_steps 20
 
 FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to the features of the
 generated images and of the training images. The standard features, used by published CIFAR-10
@@ -157,10 +158,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
-    as_stats = lambda mu, sigma: {
-        "mu": np.asarray(mu, np.float64),
-        "sigma": np.atleast_2d(np.asarray(sigma, np.float64)),
-    }  # noqa: E731
+    def as_stats(mu, sigma) -> dict:
+        return {"mu": np.asarray(mu, np.float64), "sigma": np.atleast_2d(np.asarray(sigma, np.float64))}
+
     return fid_statistics_to_metric(as_stats(mu1, sigma1), as_stats(mu2, sigma2), verbose=False)[KEY_METRIC_FID]
 
 
@@ -301,7 +301,8 @@ def load_reference_file(
     feature_dim = feature_dimension(extractor, image_shape, device)
     if mu.shape != (feature_dim,) or sigma.shape != (feature_dim, feature_dim):
         raise UsageError(
-            f"{path} holds statistics of {mu.shape[-1] if mu.ndim else 0}-d features; these features are {feature_dim}-d"
+            f"{path} holds statistics of {mu.shape[-1] if mu.ndim else 0}-d features; these features are "
+            f"{feature_dim}-d"
         )
     return ReferenceStatistics(mu, sigma, num_images, path)
 
@@ -349,7 +350,8 @@ def evaluate_sample_set(
             results["precision_recall"] = precision_recall(features, reference.features)
         else:
             results["notes"].append(
-                f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} samples"
+                f"no precision/recall: their k-NN balls (k={PRC_NEIGHBORHOOD}) need more than {PRC_NEIGHBORHOOD} "
+                "samples"
             )
     results["class_consistency"] = None
     if labels is not None and (judge is None or dataset in CLASSIFIERS):  # else the judge's class accuracy measures it

@@ -53,7 +53,8 @@ def build_optimizer(train: TrainConfig, model: torch.nn.Module) -> torch.optim.O
     if train.optimizer == "lion":
         return Lion(model.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay)
     optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    # fused: the whole update in one kernel per tensor, on CUDA and (PyTorch >= 2.4) on the CPU, where it is 1.8x foreach
+    # fused: the whole update in one kernel per tensor, on CUDA and (PyTorch >= 2.4) on the CPU, where it is 1.8x
+    # foreach
     return optimizer_class(model.parameters(), lr=train.lr, betas=betas, weight_decay=train.weight_decay, fused=True)
 
 

@@ -1,7 +1,8 @@
-"""2D toy runs: the distance of samples to the true distribution and the pictures of points (ddpm_data.POINT_DATASETS,
+r"""2D toy runs: the distance of samples to the true distribution and the pictures of points (ddpm_data.POINT_DATASETS,
 ddpm_model.MLPDenoiser); what training, --inference and --evaluate do with them is ddpm_kinds.PointKind.
 
-    python ddpm_main.py --dataset moons --model_size mlp --conditional --max_steps 800 --batch_size 512 --lr 3e-3 --save_model --run_name moons
+    python ddpm_main.py --dataset moons --model_size mlp --conditional --max_steps 800 --batch_size 512 --lr 3e-3 \
+        --save_model --run_name moons
     python ddpm_main.py --inference --model_path models/moons/ckpt.pt --sampler dpm++2m --sampling_steps 20
 
 "How close" is the sliced Wasserstein distance (`sliced_wasserstein`) between the samples and as many fresh points

@@ -67,7 +67,8 @@ class QualityMeasure:
         return "KID on fixed random features (no Inception weights, no judge: comparable only along this curve)"
 
     def measure(self, images: torch.Tensor, labels: Optional[torch.Tensor], batch_size: int, device: str) -> dict:
-        """{"value": the figure (lower is better), "class_accuracy": the judge's, or None} of uint8 images (N, H, W, C)."""
+        """{"value": the figure (lower is better), "class_accuracy": the judge's, or None} of uint8 images (N, H, W,
+        C)."""
         figures = None if self.judge is None else self.judge.figures(images, labels)
         accuracy = None if figures is None or labels is None else figures["class_accuracy"]
         if self.metric == "judge":
@@ -228,8 +229,8 @@ class QualityCurve:
         every = (
             f"every {self.schedule.every} images (--quality_every)"
             if self.schedule.every is not None
-            else f"first after {self.schedule.first()} images, then at most {QUALITY_BUDGET:.0%} of the time in optimizer "
-            f"steps (derived; --quality_every)"
+            else f"first after {self.schedule.first()} images, then at most {QUALITY_BUDGET:.0%} of the time in "
+            "optimizer steps (derived; --quality_every)"
         )
         return (
             f"quality curve: {every} and at the end, {self.schedule.samples} samples by {self.sampling.sampler} "

@@ -123,13 +123,13 @@ def keep_global_batch(config: RunConfig, checkpoint: dict, runtime: Runtime, pat
         return config
     if saved % per_micro_batch:
         raise UsageError(
-            f"cannot continue {path} with {runtime.world_size} processes of --batch_size {train.batch_size}: its global "
-            f"batch of {saved} is not a multiple of {per_micro_batch} (choose a --batch_size that divides it)"
+            f"cannot continue {path} with {runtime.world_size} processes of --batch_size {train.batch_size}: its "
+            f"global batch of {saved} is not a multiple of {per_micro_batch} (choose a --batch_size that divides it)"
         )
     if runtime.is_main:
         print(
-            f"global batch {saved} kept: --grad_accum {saved // per_micro_batch} with {runtime.world_size} processes of "
-            f"--batch_size {train.batch_size} (the run was saved by {saved_world_size})"
+            f"global batch {saved} kept: --grad_accum {saved // per_micro_batch} with {runtime.world_size} processes "
+            f"of --batch_size {train.batch_size} (the run was saved by {saved_world_size})"
         )
     return replace(config, train=replace(train, grad_accum=saved // per_micro_batch))
 

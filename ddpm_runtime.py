@@ -123,7 +123,8 @@ def check_replicas_identical(modules: list[torch.nn.Module], runtime: Runtime) -
     if not torch.equal(low, high):
         differing = int((low != high).sum())
         raise RuntimeError(
-            f"rank {runtime.rank}: {differing} parameter tensors differ across the {runtime.world_size} processes after training"
+            f"rank {runtime.rank}: {differing} parameter tensors differ across the {runtime.world_size} processes "
+            "after training"
         )
 
 
@@ -175,7 +176,8 @@ class StopRequest:
 
     def poll(self, save_due: bool = False) -> tuple[bool, bool]:
         """(stop, save): whether this process or any rank was asked to stop, and whether ckpt.pt is due by rank 0's
-        `save_due`; now for a single process, as of the previous step with several. Every rank calls this once per step."""
+        `save_due`; now for a single process, as of the previous step with several. Every rank calls this once per
+        step."""
         asked = self.signal_name is not None
         if self.runtime.world_size == 1:
             return asked, save_due

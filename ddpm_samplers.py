@@ -263,8 +263,8 @@ class MultistepDPMSolverPlusPlus(Sampler):
     predictions of the last k steps (one network evaluation per step). With m0 the x_0 prediction at t, m1 and m2
     those of the previous two steps, h_1 = lambda_t - lambda_{t of m1} and h_2 the step before it in lambda:
         phi_1 = e^{-h} - 1 (expm1),  phi_2 = phi_1 / h + 1,  phi_3 = phi_2 / h - 1/2
-        order 1: x_s = (sigma_s / sigma_t) x_t - alpha_s phi_1 m0                  (DDIM, Song et al. 2021)           (1)
-        order 2: (1) with m0 replaced by D = (1 + 1/(2 r)) m0 - 1/(2 r) m1,  r = h_1 / h      (DPM-Solver++(2M), Alg. 2)  (2)
+        order 1: x_s = (sigma_s / sigma_t) x_t - alpha_s phi_1 m0                  (DDIM, Song et al. 2021)          (1)
+        order 2: (1) with m0 replaced by D = (1 + 1/(2 r)) m0 - 1/(2 r) m1, r = h_1 / h  (DPM-Solver++(2M), Alg. 2)  (2)
         order 3: r0 = h_1 / h, r1 = h_2 / h, D1_0 = (m0 - m1) / r0, D1_1 = (m1 - m2) / r1,
                  D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1)  (= h x_0' + O(h^3)),
                  D2 = (D1_0 - D1_1) / (r0 + r1)            (= h^2 x_0'' / 2 + O(h^3)),

@@ -146,10 +146,9 @@ def run_sweep(
         ranked_by = f"{metric.upper()} on {extractor_name} features"
         if metric == "judge":
             ranked_by = f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})"
-        print(
-            f"sweep: ranking by {ranked_by}"
-            f"{'' if metric == 'fid' else f' (no Inception weights at {inception_weights_path()}; compare only with each other)'}"
-        )
+        if metric != "fid":
+            ranked_by += f" (no Inception weights at {inception_weights_path()}; compare only with each other)"
+        print(f"sweep: ranking by {ranked_by}")
         extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
         data = main.description.data
         reference = reference_statistics(
@@ -289,9 +288,9 @@ def sweep_table(rows: list[dict], metric: str) -> str:
         if row.get("judge_distance") is not None:
             distance = f"{row['judge_distance']:.3f} ({row['judge_floor']:.3f})"
         lines.append(
-            f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | {row['value']:.4f} | "
-            f"{show(row['class_consistency'], 3)} | {show(row.get('judge_class_accuracy'), 3)} | {distance} | "
-            f"{row['sampling_seconds']:.1f} |"
+            f"| {row['ema']} | {row['guidance']} | {row['scale']:g} | {row['sampler']} | {row['steps']} | "
+            f"{row['value']:.4f} | {show(row['class_consistency'], 3)} | {show(row.get('judge_class_accuracy'), 3)} | "
+            f"{distance} | {row['sampling_seconds']:.1f} |"
         )
     accuracies = {row.get("judge_test_accuracy") for row in rows} - {None}
     if accuracies:

@@ -3,13 +3,14 @@
     train(config, data, runtime, resume) -> build_run -> restore_run -> run_epoch (train_step per optimizer step)
     -> end_epoch (losses, samples, pictures, checkpoints) -> finish_training
 
-The loop owns its state (TrainingRun, and its position TrainState of ddpm_runstate: no module below reads them) and passes plain values to
-the modules below it: the optimizers, LR schedule and EMA (ddpm_optim), the data order (ddpm_data), the files of a
-checkpoint (ddpm_checkpoint.CheckpointIO), the metrics log and the start-up lines (ddpm_logging), the sampling path
-(ddpm_sampling) and what differs between images and points (ddpm_kinds), processes and signals (ddpm_runtime).
-Everything a run needs to continue bit-identically (weights, EMA, optimizer, LR schedule, grad scaler, position in
-the data order, loss history, random states) goes into its checkpoint (`save_run_checkpoint`); what a resumed run
-does differently is decided here (`restore_run`, with ddpm_runstate's `restored_state` and `keep_global_batch`).
+The loop owns its state (TrainingRun, and its position TrainState of ddpm_runstate: no module below reads them) and
+passes plain values to the modules below it: the optimizers, LR schedule and EMA (ddpm_optim), the data order
+(ddpm_data), the files of a checkpoint (ddpm_checkpoint.CheckpointIO), the metrics log and the start-up lines
+(ddpm_logging), the sampling path (ddpm_sampling) and what differs between images and points (ddpm_kinds), processes and
+signals (ddpm_runtime). Everything a run needs to continue bit-identically (weights, EMA, optimizer, LR schedule, grad
+scaler, position in the data order, loss history, random states) goes into its checkpoint (`save_run_checkpoint`); what
+a resumed run does differently is decided here (`restore_run`, with ddpm_runstate's `restored_state` and
+`keep_global_batch`).
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def build_run(
 def restore_run(run: TrainingRun, checkpoint: dict) -> None:
     """Weights, EMA, optimizer, LR schedule, grad scaler and random states from a checkpoint, and what a resumed run
     decides: a post-hoc EMA only where the saved run tracked one from step 0; the learning rate of this command (--lr);
-    the random streams continued when the number of processes is the one that saved, started afresh per rank otherwise."""
+    the random streams continued when the number of processes is the one that saved, started afresh per rank
+    otherwise."""
     if run.phema is not None and checkpoint.get("phema") is None:
         run.phema = None
     run.checkpoint_io().load(checkpoint)
@@ -340,7 +342,8 @@ def announce(run: TrainingRun, resume_path: Optional[Path]) -> None:
     if run.save_every_seconds:
         source = "derived" if train.save_every_minutes is None else "--save_every_minutes"
         print(
-            f"ckpt.pt refreshed at every epoch's end and every {run.save_every_seconds / 60:g} minutes of training ({source})"
+            f"ckpt.pt refreshed at every epoch's end and every {run.save_every_seconds / 60:g} minutes of training "
+            f"({source})"
         )
     print(run.quality_note)
     if resume_path is not None:
@@ -541,7 +544,8 @@ def end_epoch(run: TrainingRun) -> None:
 
 def epoch_losses(run: TrainingRun, epoch_done: bool, full_at: Optional[str]) -> tuple[dict, Optional[dict]]:
     """This epoch's history entry: the mean training loss since its start, the validation and test losses on the fixed
-    subsets; and, where `full_at` says so ("end" or "every"), the record of the losses on the whole splits (else None)."""
+    subsets; and, where `full_at` says so ("end" or "every"), the record of the losses on the whole splits (else
+    None)."""
     state = run.state
     subset = {split: split_loss(run, split, run.eval_examples) for split in ("val", "test")}
     train_loss = state.epoch_loss_sum / state.epoch_loss_count if state.epoch_loss_count else math.nan
@@ -612,8 +616,8 @@ def record_quality(run: TrainingRun, final: bool) -> bool:
 
 
 def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The run's training samples (run.sample_count, every class in turn) from the fixed noise, through the sampling path
-    of --inference with the run's seed (any number of processes gives the same samples)."""
+    """The run's training samples (run.sample_count, every class in turn) from the fixed noise, through the sampling
+    path of --inference with the run's seed (any number of processes gives the same samples)."""
     model = run.eval_model()
     was_training = model.training
     model.eval()
@@ -635,8 +639,8 @@ def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Ten
 
 
 def save_epoch_checkpoints(run: TrainingRun, is_best: bool, best_quality: bool, epoch_done: bool) -> None:
-    """ckpt.pt; on rank 0 its copies best.pt (lowest validation loss), best_fid.pt (best point of the quality curve) and,
-    every --save_every epochs, ckpt_epochNNNN.pt."""
+    """ckpt.pt; on rank 0 its copies best.pt (lowest validation loss), best_fid.pt (best point of the quality curve)
+    and, every --save_every epochs, ckpt_epochNNNN.pt."""
     train, state = run.config.train, run.state
     save_run_checkpoint(run, run.last_path)
     if run.runtime.is_main and is_best:
@@ -649,8 +653,8 @@ def save_epoch_checkpoints(run: TrainingRun, is_best: bool, best_quality: bool, 
 
 
 def stop_after_signal(run: TrainingRun, stop: StopRequest) -> None:
-    """Ctrl-C, SIGTERM or SIGUSR1 (to any rank): write ckpt.pt and exit with 130 (Ctrl-C) or EXIT_PREEMPTED (75), which a
-    job script can test to requeue the same command (docs/scale.md)."""
+    """Ctrl-C, SIGTERM or SIGUSR1 (to any rank): write ckpt.pt and exit with 130 (Ctrl-C) or EXIT_PREEMPTED (75), which
+    a job script can test to requeue the same command (docs/scale.md)."""
     read_counters(run)
     save_run_checkpoint(run, run.last_path)
     if run.runtime.world_size > 1:  # no rank exits (and makes torchrun stop the others) before rank 0 has written
@@ -676,8 +680,8 @@ def finish_training(run: TrainingRun) -> Optional[Path]:
         )
         if run.quality is not None and run.seconds_in_steps:
             print(
-                f"quality curve: {run.quality.seconds:.0f} s, {run.quality.seconds / run.seconds_in_steps:.1%} of the time in "
-                f"optimizer steps"
+                f"quality curve: {run.quality.seconds:.0f} s, {run.quality.seconds / run.seconds_in_steps:.1%} of the "
+                "time in optimizer steps"
             )
         run.log.write(
             {

@@ -3,19 +3,19 @@
     python scripts/benchmark.py --device cpu --batch_size 16 --compare --out bench_cpu.json
     python scripts/benchmark.py --device cuda --batch_size 128 --amp bf16 --compile --channels_last --compare
 
-Training images/s times the tool's own training step (ddpm_train.train_step: Diffusion.p_losses under
-autocast, backward, gradient clipping, the non-finite check, the optimizer ddpm_optim builds) on random
-images already on the device, so the figure is the model's and the optimizer's, not the data pipeline's;
-the comparison models run through the same step. Sampling is timed per network evaluation and for a whole sampler run. Every figure
-is the median of --repeats timed rounds after --warmup untimed steps; the first warm-up step's time
-is reported as `first_step_s` (with --compile it holds the compilation).
+Training images/s times the tool's own training step (ddpm_train.train_step: Diffusion.p_losses under autocast,
+backward, gradient clipping, the non-finite check, the optimizer ddpm_optim builds) on random images already on the
+device, so the figure is the model's and the optimizer's, not the data pipeline's; the comparison models run through the
+same step. Sampling is timed per network evaluation and for a whole sampler run. Every figure is the median of --repeats
+timed rounds after --warmup untimed steps; the first warm-up step's time is reported as `first_step_s` (with --compile
+it holds the compilation).
 
---compare adds diffusers' UNet2DModel built to the same architecture as the preset by the mapping of
---export_diffusers (ddpm_diffusers.unet2d_config: parameter counts agree exactly) and denoising-diffusion-pytorch's Unet of the same width and multipliers (its own block
-design). Both are optional, never dependencies of the tool. They run the way their own training
-examples do: the same autocast as ours, no compile, default memory format. The models take turns within
-each round (ours, theirs, ...), and each ratio is the median of the per-round ratios, so that background
-load drifting on a shared machine hits every model alike.
+--compare adds diffusers' UNet2DModel built to the same architecture as the preset by the mapping of --export_diffusers
+(ddpm_diffusers.unet2d_config: parameter counts agree exactly) and denoising-diffusion-pytorch's Unet of the same width
+and multipliers (its own block design). Both are optional, never dependencies of the tool. They run the way their own
+training examples do: the same autocast as ours, no compile, default memory format. The models take turns within each
+round (ours, theirs, ...), and each ratio is the median of the per-round ratios, so that background load drifting on a
+shared machine hits every model alike.
 """
 
 import argparse
@@ -276,7 +276,8 @@ def interleaved_timings(
 def first_steps(
     train_fns: dict[str, Callable[[], None]], models: dict[str, nn.Module], device: torch.device
 ) -> dict[str, dict]:
-    """Each model's first training step (compilation, autotuning), one model at a time: {"first_step_s", "peak_memory_mb"}."""
+    """Each model's first training step (compilation, autotuning), one model at a time: {"first_step_s",
+    "peak_memory_mb"}."""
     results = {}
     for name, fn in train_fns.items():
         weights = sum(p.numel() * p.element_size() for p in models[name].parameters())
@@ -301,7 +302,8 @@ def peak_tflops(gpu_name: str) -> Optional[float]:
 
 
 def mfu(train_images_per_s: float, forward_flops_per_image: int, peak: Optional[float]) -> Optional[float]:
-    """Model FLOP utilisation of training: achieved FLOP/s (forward and backward) over the dense bf16 peak (TFLOP/s); None without a peak."""
+    """Model FLOP utilisation of training: achieved FLOP/s (forward and backward) over the dense bf16 peak (TFLOP/s);
+    None without a peak."""
     return train_images_per_s * TRAIN_FLOPS_PER_FORWARD * forward_flops_per_image / (peak * 1e12) if peak else None
 
 
@@ -324,8 +326,8 @@ def environment(device: torch.device) -> dict:
 
 def print_table(results: list[dict], env: dict, args: argparse.Namespace) -> None:
     header = (
-        f"{'model':34} {'params':>8} {'GFLOP/img':>9} {'train img/s':>11} {'ours/it':>7} {'eval img/s':>10} {'ours/it':>7} "
-        f"{'sampler img/s':>13} {'peak MB':>8} {'MFU':>6}"
+        f"{'model':34} {'params':>8} {'GFLOP/img':>9} {'train img/s':>11} {'ours/it':>7} {'eval img/s':>10} "
+        f"{'ours/it':>7} {'sampler img/s':>13} {'peak MB':>8} {'MFU':>6}"
     )
     print(
         f"{args.model_size} preset, batch {args.batch_size}, {args.image_size}x{args.image_size}, {env['device']} "
@@ -337,12 +339,13 @@ def print_table(results: list[dict], env: dict, args: argparse.Namespace) -> Non
         sampler = f"{r['sampler_images_per_s']:.2f}" if r["sampler_images_per_s"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(
-            f"{r['model']:34} {r['params'] / 1e6:7.2f}M {r['gflop_per_image_forward']:9.2f} {r['train_images_per_s']:11.2f} "
-            f"{r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} {r['eval_ratio_ours_over_this']:7.2f} "
-            f"{sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}"
+            f"{r['model']:34} {r['params'] / 1e6:7.2f}M {r['gflop_per_image_forward']:9.2f} "
+            f"{r['train_images_per_s']:11.2f} {r['train_ratio_ours_over_this']:7.2f} {r['eval_images_per_s']:10.2f} "
+            f"{r['eval_ratio_ours_over_this']:7.2f} {sampler:>13} {r['peak_memory_mb']:8.0f} {mfu:>6}"
         )
     print(
-        f"ours/it: its time over ours, median over the rounds (>1: ours is faster); sampler: {args.sampler}, {args.sampling_steps} steps"
+        f"ours/it: its time over ours, median over the rounds (>1: ours is faster); sampler: {args.sampler}, "
+        f"{args.sampling_steps} steps"
     )
 
 

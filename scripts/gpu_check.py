@@ -320,7 +320,8 @@ OURS, CHANNELS_LAST, COMPILED, DIFFUSERS = (
 
 
 def step_throughput(plan: Plan, ctx: dict, say: Callable[[str], None]) -> dict:
-    """Training images/s, peak memory and MFU of ours (three ways) and of UNet2DModel, bf16 autocast, interleaved rounds."""
+    """Training images/s, peak memory and MFU of ours (three ways) and of UNet2DModel, bf16 autocast, interleaved
+    rounds."""
     args, device = throughput_args(plan), torch.device(plan.device)
     config = preset_config(plan.model_size, plan.image_size) | ({"base_dim": plan.base_dim} if plan.base_dim else {})
     torch.manual_seed(0)
@@ -430,7 +431,10 @@ def step_profile(plan: Plan, ctx: dict, out: Path) -> dict:
             step()
         benchmark.synchronize(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    title = f"{PROFILE_STEPS} compiled training steps ({plan.model_size}, batch {plan.batch_size}, {plan.image_size}x{plan.image_size}, bf16)"
+    title = (
+        f"{PROFILE_STEPS} compiled training steps ({plan.model_size}, batch {plan.batch_size}, "
+        f"{plan.image_size}x{plan.image_size}, bf16)"
+    )
     result = {"steps": PROFILE_STEPS, "step_ms": wall_us / PROFILE_STEPS / 1000, "table": "profile_top15.txt"}
     if cuda:
         device_events = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
@@ -440,7 +444,8 @@ def step_profile(plan: Plan, ctx: dict, out: Path) -> dict:
             "device_busy_ms_per_step": busy / PROFILE_STEPS / 1000,
             "gpu_idle_share": max(0.0, 1 - busy / wall_us),
             "device_events_per_step": len(device_events) / PROFILE_STEPS,
-            "note": "idle share = 1 - (union of the kernels' and copies' times) / wall time, under the profiler's overhead",
+            "note": "idle share = 1 - (union of the kernels' and copies' times) / wall time, under the profiler's "
+            "overhead",
         }
     else:
         table = f"Top {TOP_KERNELS} CPU ops by self CPU time, {title}\n" + prof.key_averages().table(
@@ -473,7 +478,8 @@ class TrainingParts:
 
 
 def training_parts(plan: Plan, device: torch.device) -> TrainingParts:
-    """A conditional model of the plan's preset with the defaults of a new run: fused AdamW, the EMA, the objective, --amp auto."""
+    """A conditional model of the plan's preset with the defaults of a new run: fused AdamW, the EMA, the objective,
+    --amp auto."""
     torch.manual_seed(0)
     train = TrainConfig()
     model = UNet(
@@ -495,7 +501,8 @@ def training_parts(plan: Plan, device: torch.device) -> TrainingParts:
 
 
 def take_step(parts: TrainingParts, batch_size: int, image_size: int, poison: bool = False) -> torch.Tensor:
-    """One optimizer step and EMA update as ddpm_train.train_step and run_epoch do; `poison` makes the loss NaN. Returns skip."""
+    """One optimizer step and EMA update as ddpm_train.train_step and run_epoch do; `poison` makes the loss NaN. Returns
+    skip."""
     device = next(parts.model.parameters()).device
     parts.optimizer.zero_grad(set_to_none=True)
     x0 = torch.rand(batch_size, 3, image_size, image_size, device=device) * 2 - 1
@@ -515,8 +522,8 @@ def take_step(parts: TrainingParts, batch_size: int, image_size: int, poison: bo
 
 
 def checkpoint_write_seconds(parts: TrainingParts, folder: Path, repeats: int = 2) -> float:
-    """Seconds to write what ddpm_checkpoint.save_run_checkpoint writes (weights, EMA and optimizer state by save_checkpoint, the EMA by
-    save_weights), from the device, median of `repeats`."""
+    """Seconds to write what ddpm_checkpoint.save_run_checkpoint writes (weights, EMA and optimizer state by
+    save_checkpoint, the EMA by save_weights), from the device, median of `repeats`."""
     path = folder / "ckpt.pt"
     seconds = []
     for _ in range(repeats):
@@ -570,7 +577,8 @@ def training_command(plan: Plan, work: Path, max_steps: int, resume: bool) -> li
 
 
 def planned_steps(plan: Plan, ctx: dict, checkpoint_s: float, steps_per_epoch: int) -> tuple[int, str]:
-    """--max_steps for TRAIN_STEPS_S of steps and checkpoints (one per epoch, one per 500 steps) at step 1's images/s."""
+    """--max_steps for TRAIN_STEPS_S of steps and checkpoints (one per epoch, one per 500 steps) at step 1's
+    images/s."""
     if plan.train_steps is not None:
         return plan.train_steps, "fixed (--quick)"
     rate = ctx.get("train_images_per_s")
@@ -687,7 +695,8 @@ def sample(
 
 
 def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """The largest and the mean difference (in 0-255 levels) of the images both hold (the first ones: the same noise)."""
+    """The largest and the mean difference (in 0-255 levels) of the images both hold (the first ones: the same
+    noise)."""
     count = min(len(a), len(b))
     difference = (a[:count].int() - b[:count].int()).abs()
     return {
@@ -766,7 +775,8 @@ def step_sampling(plan: Plan, ctx: dict, say: Callable[[str], None]) -> dict:
         "compile_backend": plan.compile_backend,
         "runs": runs,
         "compiled": compiled,
-        "note": f"fp32: float32 network (TF32 matmuls on CUDA, as the CLI){'; each run after one untimed batch' if plan.sample_warmup else ''}; "
+        "note": "fp32: float32 network (TF32 matmuls on CUDA, as the CLI)"
+        f"{'; each run after one untimed batch' if plan.sample_warmup else ''}; "
         "differences against the bf16 run's first images, drawn from the same noise",
     }
 
@@ -789,7 +799,8 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def step_nonfinite(plan: Plan) -> dict:
-    """A NaN loss through apply_update (fused AdamW, found_inf on the device) and EMA.update leaves everything bit-identical."""
+    """A NaN loss through apply_update (fused AdamW, found_inf on the device) and EMA.update leaves everything
+    bit-identical."""
     device = torch.device(plan.device)
     parts = training_parts(plan, device)
     take_step(parts, plan.batch_size, plan.image_size)  # an optimizer state and an EMA that have moved
@@ -887,8 +898,8 @@ def step_torchrun(plan: Plan, out: Path, work: Path) -> dict:
         "world_size": checkpoint["runtime"]["world_size"],
         "checkpoint_written": True,
         "process_group": process_group_check(torch.device(plan.device), work),
-        "note": "with WORLD_SIZE 1 the tool starts no process group (ddpm_runtime.setup_runtime), so the run itself does not touch "
-        "NCCL; process_group checks the backend in this process",
+        "note": "with WORLD_SIZE 1 the tool starts no process group (ddpm_runtime.setup_runtime), so the run itself "
+        "does not touch NCCL; process_group checks the backend in this process",
     }
 
 
@@ -908,16 +919,17 @@ def md_throughput(s: dict) -> list[str]:
     lines: list[str] = []
     c = s["config"]
     lines += [
-        f"Training throughput, `{c['model_size']}` preset, batch {c['batch_size']}, {c['image_size']}x{c['image_size']}, "
-        f"bf16 autocast (median of {c['rounds']} interleaved rounds):",
+        f"Training throughput, `{c['model_size']}` preset, batch {c['batch_size']}, "
+        f"{c['image_size']}x{c['image_size']}, bf16 autocast (median of {c['rounds']} interleaved rounds):",
         "",
         "| model | images/s | vs UNet2DModel | step ms | peak MB | MFU | first step s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in s["models"].items():
         lines.append(
-            f"| {name} | {r['images_per_s']:.0f} | {fmt(r['speedup_vs_unet2dmodel'], '.2f', 'x')} | {r['step_ms']:.1f} | "
-            f"{r['peak_memory_mb']:.0f} | {fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | {r['first_step_s']:.1f} |"
+            f"| {name} | {r['images_per_s']:.0f} | {fmt(r['speedup_vs_unet2dmodel'], '.2f', 'x')} | "
+            f"{r['step_ms']:.1f} | {r['peak_memory_mb']:.0f} | "
+            f"{fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')} | {r['first_step_s']:.1f} |"
         )
     lines += ["", f"| target ({s['best']}) | value | goal | met |", "| --- | --- | --- | --- |"]
     for name, t in s["targets"].items():
@@ -998,12 +1010,13 @@ def md_sampling(s: dict) -> list[str]:
     for r in s["compiled"]:
         if "skipped" in r or "error" in r:
             lines.append(
-                f"| {r['variant']} | {'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: `' + r['error'] + '`'} | | | |"
+                f"| {r['variant']} | "
+                f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'failed: `' + r['error'] + '`'} | | | |"
             )
         else:
             lines.append(
-                f"| {r['variant']} | {r['images_per_s']:.1f} | {r['speedup_vs_eager']:.2f}x | {r['first_batch_s']:.1f} | "
-                f"{r['max_pixel_diff']} |"
+                f"| {r['variant']} | {r['images_per_s']:.1f} | {r['speedup_vs_eager']:.2f}x | "
+                f"{r['first_batch_s']:.1f} | {r['max_pixel_diff']} |"
             )
     lines += ["", f"Note: {s['note']}.", ""]
     return lines
@@ -1013,9 +1026,9 @@ def md_nonfinite_skip(s: dict) -> list[str]:
     """The markdown lines of step nonfinite_skip."""
     lines: list[str] = []
     lines += [
-        f"Non-finite step ({s['optimizer']}, {s['device']}, {s['amp']}): skipped {fmt(s['skip_flag'])}; weights, optimizer state "
-        f"and EMA bit-identical: {fmt(s['weights_bit_identical'])}, {fmt(s['optimizer_state_bit_identical'])}, "
-        f"{fmt(s['ema_bit_identical'])} ({s['tensors_compared']} tensors).",
+        f"Non-finite step ({s['optimizer']}, {s['device']}, {s['amp']}): skipped {fmt(s['skip_flag'])}; weights, "
+        f"optimizer state and EMA bit-identical: {fmt(s['weights_bit_identical'])}, "
+        f"{fmt(s['optimizer_state_bit_identical'])}, {fmt(s['ema_bit_identical'])} ({s['tensors_compared']} tensors).",
         "",
     ]
     return lines
@@ -1049,8 +1062,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"### GPU check: {device}",
         "",
-        f"Driver {env['driver'] or '-'}, torch built for CUDA {env['cuda'] or '-'}, torch {env['torch']}; `{report['command']}`, "
-        f"{report['total_s']:.0f} s in all.",
+        f"Driver {env['driver'] or '-'}, torch built for CUDA {env['cuda'] or '-'}, torch {env['torch']}; "
+        f"`{report['command']}`, {report['total_s']:.0f} s in all.",
         "",
     ]
 

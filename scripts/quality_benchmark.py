@@ -16,11 +16,12 @@ learning rate and steps:
   unconditional example trains (AdamW with its example's betas, eps and weight decay; gradient clipping at 1)
   without warm-up, EMA or LR decay, and class-conditional through `num_class_embeds` with a null class.
 
-Then it draws --num_samples guided images (every class in turn) from each with one sampler, the tool's
-sampling path `ddpm_sampling.generate` (--sampler, --sampling_steps, --guidance_scale), and reports the figures of the
-tool's judge (ddpm_judge, the same one `--evaluate` uses; trained once on the real training digits and cached in the
-digits folder; its accuracy on the real test digits is printed): class accuracy, the Frechet distance between its
-64-d features of the samples and of the real test digits with its floor, and the training wall time. Writes quality_benchmark.json and quality_benchmark.md to --out.
+Then it draws --num_samples guided images (every class in turn) from each with one sampler, the tool's sampling path
+`ddpm_sampling.generate` (--sampler, --sampling_steps, --guidance_scale), and reports the figures of the tool's judge
+(ddpm_judge, the same one `--evaluate` uses; trained once on the real training digits and cached in the digits folder;
+its accuracy on the real test digits is printed): class accuracy, the Frechet distance between its 64-d features of the
+samples and of the real test digits with its floor, and the training wall time. Writes quality_benchmark.json and
+quality_benchmark.md to --out.
 
 `--sampling_study` instead trains the tool once per budget and runs the --study_parts on the same judge:
 * `solvers` (issue 25): every deterministic solver (--study_solvers) on every timestep spacing (--study_spacings) at
@@ -151,7 +152,8 @@ def digits(image_size: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.nda
 
 
 def write_folder(splits: dict, root: Path, flat: bool) -> Path:
-    """root/train/<digit>/*.png and root/test/<digit>/*.png (grey PNGs), or root/<digit>/*.png of the training digits."""
+    """root/train/<digit>/*.png and root/test/<digit>/*.png (grey PNGs), or root/<digit>/*.png of the training
+    digits."""
     for split, (images, labels) in splits.items():
         if flat and split == "test":
             continue
@@ -269,8 +271,8 @@ class DiffusersNetwork(nn.Module):
 
 
 def diffusers_network(model_flags: str, image_size: int) -> DiffusersNetwork:
-    """diffusers' UNet2DModel with the layout the tool's flags give (ddpm_diffusers.unet2d_config, the export's mapping),
-    1 channel, conditional on 10 classes plus a null class."""
+    """diffusers' UNet2DModel with the layout the tool's flags give (ddpm_diffusers.unet2d_config, the export's
+    mapping), 1 channel, conditional on 10 classes plus a null class."""
     from diffusers import UNet2DModel
 
     import ddpm_main
@@ -323,9 +325,9 @@ ROW_NAMES = {"ours": "ours", "ours_defaults": "ours, defaults", "diffusers": "di
 def markdown(results: list[dict], classifier_accuracy: float, floor: float, args: argparse.Namespace) -> str:
     lines = [
         f"Class accuracy of guided samples (w={args.guidance_scale:g}, {args.sampler} {args.sampling_steps} steps, "
-        f"{args.num_samples} samples) and Frechet distance to the real test digits (the 64-d features of the tool's judge; "
-        f"{args.num_samples} real training digits against the test digits: {floor:.2f}); judge's accuracy on the real test "
-        f"digits {classifier_accuracy:.3f}.",
+        f"{args.num_samples} samples) and Frechet distance to the real test digits (the 64-d features of the tool's "
+        f"judge; {args.num_samples} real training digits against the test digits: {floor:.2f}); judge's accuracy on "
+        f"the real test digits {classifier_accuracy:.3f}.",
         "",
         "| steps | trainer | class accuracy | Frechet distance | training wall s | outside optimizer steps |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -333,8 +335,8 @@ def markdown(results: list[dict], classifier_accuracy: float, floor: float, args
     for row in results:
         outside = "-" if row["outside_steps_share"] is None else f"{row['outside_steps_share']:.1%}"
         lines.append(
-            f"| {row['steps']} | {ROW_NAMES[row['trainer']]} | {row['class_accuracy']:.3f} | {row['frechet_distance']:.2f} | "
-            f"{row['train_seconds']:.0f} | {outside} |"
+            f"| {row['steps']} | {ROW_NAMES[row['trainer']]} | {row['class_accuracy']:.3f} | "
+            f"{row['frechet_distance']:.2f} | {row['train_seconds']:.0f} | {outside} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -434,8 +436,8 @@ def features_of(judge, images: np.ndarray) -> tuple:
 
 
 class StudyRows:
-    """The rows of one budget's study: each setting's judged figures, its distances to the reference samples taken so far
-    (`references`: name -> feature statistics) and its seconds."""
+    """The rows of one budget's study: each setting's judged figures, its distances to the reference samples taken so
+    far (`references`: name -> feature statistics) and its seconds."""
 
     def __init__(self, steps: int, judge, labels: np.ndarray):
         self.steps, self.judge, self.labels = steps, judge, labels
@@ -503,16 +505,10 @@ def solver_part(study: StudyRows, model: nn.Module, diffusion, channels: int, ar
     all T steps), all at the default guidance scale of images; each judged by its Frechet distance to the real test
     digits and to the probability-flow ODE's limit (ODE_LIMIT, solved first), with its seconds."""
     T = diffusion.num_timesteps
-    draw = lambda sampler, count, spacing=None: study_draw(
-        model,
-        diffusion,
-        channels,
-        args,
-        sampler,
-        count,
-        None,  # noqa: E731
-        spacing=spacing,
-    )
+
+    def draw(sampler, count, spacing=None):
+        return study_draw(model, diffusion, channels, args, sampler, count, None, spacing=spacing)
+
     limit_sampler, limit_steps = ODE_LIMIT[0], min(ODE_LIMIT[1], T)
     images, seconds = draw(limit_sampler, limit_steps)
     study.add(
@@ -568,10 +564,11 @@ def sampler_spacing(name: str) -> str:
 def ema_guidance_part(
     study: StudyRows, model: nn.Module, diffusion, channels: int, args: argparse.Namespace, loaded, run: Path
 ) -> list[dict]:
-    """Issue 16's comparison: the default sampling before that study (--inference's ddpm sampler over all 1,000 steps, w = 3,
-    the checkpoint's EMA); each part alone (the best post-hoc EMA length, the best autoguidance scale with an earlier
-    snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by their distance to the 1,000-step
-    samples and to the ODE_REFERENCE samples); and the best cell of the sweep over EMA x guidance x scale (dpm++3m 20)."""
+    """Issue 16's comparison: the default sampling before that study (--inference's ddpm sampler over all 1,000 steps, w
+    = 3, the checkpoint's EMA); each part alone (the best post-hoc EMA length, the best autoguidance scale with an
+    earlier snapshot as the guide, dpm++2m and dpm++3m at 10 and 20 steps, also judged by their distance to the
+    1,000-step samples and to the ODE_REFERENCE samples); and the best cell of the sweep over EMA x guidance x scale
+    (dpm++3m 20)."""
     from ddpm_checkpoint import build_network
     from ddpm_phema import reconstruct_from_folder
 
@@ -631,7 +628,8 @@ def ema_guidance_part(
 def solver_markdown(rows: list[dict], guidance_scale: float) -> str:
     """The solvers part as a table: solver, spacing, evaluations, distance to the data, to the ODE limit, seconds."""
     lines = [
-        f"Guided samples at the default guidance scale (w = {guidance_scale:g}); Frechet distance on the judge's features.",
+        f"Guided samples at the default guidance scale (w = {guidance_scale:g}); Frechet distance on the judge's "
+        "features.",
         "",
         "| budget | solver | spacing | evaluations | distance to data | distance to the ODE limit | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -641,15 +639,16 @@ def solver_markdown(rows: list[dict], guidance_scale: float) -> str:
             continue
         to_limit = "(the limit)" if row["part"] == "ode limit" else f"{row['distance_to_ode_limit']:.3f}"
         lines.append(
-            f"| {row['steps']} | {row['solver']} | {row['spacing']} | {row['evaluations']} | {row['frechet_distance']:.2f} | "
-            f"{to_limit} | {row['sampling_seconds']:.1f} |"
+            f"| {row['steps']} | {row['solver']} | {row['spacing']} | {row['evaluations']} | "
+            f"{row['frechet_distance']:.2f} | {to_limit} | {row['sampling_seconds']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def study_markdown(rows: list[dict]) -> str:
     lines = [
-        "| steps | part | setting | class accuracy | Frechet distance | distance to 1000 steps | distance to the ODE | sampling s |",
+        "| steps | part | setting | class accuracy | Frechet distance | distance to 1000 steps | distance to the ODE "
+        "| sampling s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
@@ -657,7 +656,8 @@ def study_markdown(rows: list[dict]) -> str:
             continue
         to_references = [row.get(key) for key in ("distance_to_1000_steps", "distance_to_ode")]
         lines.append(
-            f"| {row['steps']} | {row['part']} | {row['setting']} | {row['class_accuracy']:.3f} | {row['frechet_distance']:.2f} | "
+            f"| {row['steps']} | {row['part']} | {row['setting']} | {row['class_accuracy']:.3f} | "
+            f"{row['frechet_distance']:.2f} | "
             + " | ".join("-" if value is None else f"{value:.2f}" for value in to_references)
             + f" | {row['sampling_seconds']:.0f} |"
         )
@@ -679,8 +679,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("the digits have no judge (see the line above)")
     accuracy, floor = judge.test_accuracy, judge.floor(args.num_samples)
     print(
-        f"judge: {accuracy:.3f} on the {len(splits['test'][1])} real test digits; {args.num_samples} real training digits "
-        f"against the test digits: Frechet distance {floor:.2f} (the floor)"
+        f"judge: {accuracy:.3f} on the {len(splits['test'][1])} real test digits; {args.num_samples} real training "
+        f"digits against the test digits: Frechet distance {floor:.2f} (the floor)"
     )
 
     if args.sampling_study:

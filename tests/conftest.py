@@ -2,7 +2,8 @@
 
 * Every test process computes on one CPU thread, and so do the processes it starts (OMP_NUM_THREADS, unless set):
   the tests run tiny networks, where a second intra-op thread gains little and, on a machine whose cores are shared,
-  waits for a descheduled partner (measured with other load: two 3-step training runs took 14 s on one thread, 160 s on two).
+  waits for a descheduled partner (measured with other load: two 3-step training runs took 14 s on one thread, 160 s
+  on two).
 * run_cli runs the command line in-process; trained_runs / trained_workspace share two tiny trained runs.
 * Analytic noise predictors (GaussianMixtureNoise) for the diffusion and sampler tests.
 * Small data sets in their real on-disk formats.
@@ -88,7 +89,10 @@ def tensor_reads(monkeypatch) -> dict:
 # (which fails the test that writes into it); tests that write (inference outputs, extra files) take
 # `trained_workspace`, their own copy, so every test passes alone and in any order.
 
-TINY = "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 --log_interval 1 --num_samples 4"
+TINY = (
+    "--dataset synthetic --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
+    "--log_interval 1 --num_samples 4"
+)
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +110,8 @@ def trained_template(tmp_path_factory) -> Path:
 
 
 # A 2D run trained once per session (models/moons, outputs in out_moons/), to read only: 150 steps of the MLP on the
-# moons, conditional, sampled at the derived w = 1 (measured: sliced Wasserstein 0.119 against a floor of 0.068 at 500 samples).
+# moons, conditional, sampled at the derived w = 1 (measured: sliced Wasserstein 0.119 against a floor of 0.068 at 500
+# samples).
 MOONS = (
     "--dataset moons --model_size mlp --mlp_width 64 --conditional --batch_size 256 --lr 3e-3 --timesteps 100 "
     "--num_samples 500 --seed 0"
@@ -376,8 +381,8 @@ def write_grey_folder(root: Path, layout: str) -> None:
 
 
 def write_digits_folder(root: Path, image_size: int = 16) -> Path:
-    """scikit-learn's 1,797 real handwritten digits (8x8, 17 grey levels) upscaled bilinearly to image_size, as grey PNGs
-    in root/train/<digit>/ and root/test/<digit>/: the stratified 75/25 split (1,347 and 450) and the files of
+    """scikit-learn's 1,797 real handwritten digits (8x8, 17 grey levels) upscaled bilinearly to image_size, as grey
+    PNGs in root/train/<digit>/ and root/test/<digit>/: the stratified 75/25 split (1,347 and 450) and the files of
     scripts/quality_benchmark.py."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

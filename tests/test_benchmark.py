@@ -1,4 +1,5 @@
-"""scripts/benchmark.py: a smoke run on the tiny preset (what it reports, not how fast), and what its figures rest on."""
+"""scripts/benchmark.py: a smoke run on the tiny preset (what it reports, not how fast), and what its figures rest
+on."""
 
 import importlib.util
 import json

@@ -82,7 +82,8 @@ def test_conditional_checkpoint_knows_its_classes(trained_runs):
 
 
 def test_every_checkpoint_has_its_sampling_weights_as_safetensors(trained_workspace):
-    """ckpt.safetensors: the EMA weights and the model's description, a fraction of ckpt.pt, sampling the same images."""
+    """ckpt.safetensors: the EMA weights and the model's description, a fraction of ckpt.pt, sampling the same
+    images."""
     weights, full = trained_workspace / "models/C/ckpt.safetensors", trained_workspace / "models/C/ckpt.pt"
     assert weights.stat().st_size < full.stat().st_size / 2
     from_weights, from_full = load_checkpoint(weights), load_checkpoint(full)
@@ -90,7 +91,8 @@ def test_every_checkpoint_has_its_sampling_weights_as_safetensors(trained_worksp
     for name, path in (("w", weights), ("f", full)):
         assert (
             run_cli(
-                f"--inference --model_path {path.relative_to(trained_workspace)} --num_samples 2 --sampler ddim --sampling_steps 2 --save_dir st_{name}",
+                f"--inference --model_path {path.relative_to(trained_workspace)} --num_samples 2 --sampler ddim "
+                f"--sampling_steps 2 --save_dir st_{name}",
                 trained_workspace,
             )
             == 0

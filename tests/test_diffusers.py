@@ -116,7 +116,8 @@ SMALL = dict(
 
 @pytest.fixture(scope="module")
 def google_import(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """google/ddpm-cifar10-32's layout with random weights, imported; ./data holds a small fake CIFAR-10 for --evaluate."""
+    """google/ddpm-cifar10-32's layout with random weights, imported; ./data holds a small fake CIFAR-10 for
+    --evaluate."""
     root = tmp_path_factory.mktemp("import")
     theirs = write_hub_folder(root / "ddpm-cifar10-32", GOOGLE_DDPM_CIFAR10_32, GOOGLE_SCHEDULER)
     assert run("--import_diffusers ddpm-cifar10-32 --model_path models/ddpm_cifar10_32/ckpt.pt", root) == 0
@@ -154,7 +155,8 @@ def test_imported_google_model_samples_evaluates_and_compares_through_the_cli(go
     assert record["variance"] == "fixed_large" and record["sampler"] == "ddpm"
     assert (
         run(
-            f"--evaluate {model} --fid_num_samples 2 --fid_features random-conv --sampler ddim --sampling_steps 1 --save_dir ev",
+            f"--evaluate {model} --fid_num_samples 2 --fid_features random-conv --sampler ddim --sampling_steps 1 "
+            "--save_dir ev",
             root,
         )
         == 0
@@ -361,7 +363,8 @@ def test_dpm_solver_samples_the_images_of_dpm_solver_multistep_scheduler(schedul
 
 
 def their_sigmas(diffusion: Diffusion, timesteps: list[int]) -> torch.Tensor:
-    """diffusers' sigmas (sqrt((1 - alpha_bar) / alpha_bar)) at the tool's timesteps, then 0 (final_sigmas_type="zero")."""
+    """diffusers' sigmas (sqrt((1 - alpha_bar) / alpha_bar)) at the tool's timesteps, then 0
+    (final_sigmas_type="zero")."""
     alpha_bar = diffusion.alphas_cumprod[timesteps]
     return torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1)])
 

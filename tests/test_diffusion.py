@@ -61,9 +61,9 @@ def test_unknown_schedule_and_too_few_steps_are_refused():
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_short_chains_sample_without_nan(timesteps, schedule):
     """The shortest schedules still end at the data: the full ancestral chain of the exact predictor of a point mass
-    returns that point (to 1e-7 measured: a last step that adds noise, or a wrong alpha_bar at either end, moves it), and
-    of a Gaussian N(0.1, 0.2^2) keeps its mean (within 4 standard errors) and at most its spread (fixed_small shrinks it at
-    these lengths: 0.10 to 0.18 measured)."""
+    returns that point (to 1e-7 measured: a last step that adds noise, or a wrong alpha_bar at either end, moves it),
+    and of a Gaussian N(0.1, 0.2^2) keeps its mean (within 4 standard errors) and at most its spread (fixed_small
+    shrinks it at these lengths: 0.10 to 0.18 measured)."""
     diffusion = Diffusion(timesteps, schedule)
     samples = sample_1d(diffusion, GaussianMixtureNoise(diffusion, [0.1], 0.2), 256)
     assert torch.isfinite(samples).all()
@@ -235,9 +235,12 @@ def test_guidance_rescale_zero_is_the_plain_guided_prediction():
 def test_guidance_rescale_one_matches_the_conditional_std_and_blends_linearly():
     diffusion = Diffusion(100, "linear")
     x, t, labels = torch.randn(3, 2, 4, 4), torch.tensor([5, 50, 90]), torch.tensor([0, 1, 2])
-    eps = lambda phi: diffusion.predict_noise(
-        two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10, guidance_rescale=phi
-    )  # noqa: E731
+
+    def eps(phi):
+        return diffusion.predict_noise(
+            two_branch_model, x, t, labels, guidance_scale=4.0, null_label=10, guidance_rescale=phi
+        )
+
     conditional = two_branch_model(x, t, labels)
     per_sample_std = lambda e: e.flatten(1).std(dim=1)  # noqa: E731
     assert not torch.allclose(per_sample_std(eps(0.0)), per_sample_std(conditional)), (
@@ -260,9 +263,10 @@ def test_guidance_interval_covering_every_step_changes_nothing_and_an_empty_one_
     diffusion = Diffusion(50, "linear")
     model = GaussianMixtureNoise(diffusion, [-0.5, 0.5], std=0.2)
     labels = torch.tensor([0, 1]).repeat(64)
-    run = lambda **kw: sample_1d(
-        diffusion, model, 128, labels=labels, guidance_scale=3.0, sampler="ddim", steps=10, **kw
-    )  # noqa: E731
+
+    def run(**kw):
+        return sample_1d(diffusion, model, 128, labels=labels, guidance_scale=3.0, sampler="ddim", steps=10, **kw)
+
     assert torch.equal(run(guidance_interval=(0.0, math.inf)), run())
     nowhere = run(guidance_interval=(1e6, 1e7))
     conditional = sample_1d(diffusion, model, 128, labels=labels, guidance_scale=1.0, sampler="ddim", steps=10)
@@ -311,8 +315,8 @@ def guided_ode_moments(
 ) -> tuple[float, float]:
     """Mean and std at t = 0 of the probability-flow ODE whose denoiser is D_guide + w (D_main - D_guide), for Gaussian
     main and guide models, integrated to 1e-10 from sigma_max: in x~ = x / sqrt(alpha_bar), sigma = sqrt((1 - ab) / ab),
-    dx~/dsigma = (x~ - D(x~, sigma)) / sigma with D(x~, sigma) = c(sigma) + k(sigma) x~ linear (Karras et al. 2022, eq. 3),
-    so the map from x~_T to x~_0 is affine and its mean and std follow two scalar ODEs."""
+    dx~/dsigma = (x~ - D(x~, sigma)) / sigma with D(x~, sigma) = c(sigma) + k(sigma) x~ linear (Karras et al. 2022, eq.
+    3), so the map from x~_T to x~_0 is affine and its mean and std follow two scalar ODEs."""
     from scipy.integrate import solve_ivp
 
     ab_max = diffusion.alphas_cumprod[-1].double().item()
@@ -339,7 +343,10 @@ def guided_ode_moments(
 def test_autoguidance_at_scale_one_is_the_main_model_alone():
     diffusion = Diffusion(50, "linear")
     main, guide = GaussianEps(diffusion, 0.3, 0.2), GaussianEps(diffusion, 0.0, 0.5)
-    settings = lambda w: sampling(sampler="ddim", steps=10, guidance_scale=w)
+
+    def settings(w):
+        return sampling(sampler="ddim", steps=10, guidance_scale=w)
+
     alone = diffusion.sample(main, (64, 1), settings(1.0), generator=torch.Generator().manual_seed(1))
     guided = diffusion.sample(main, (64, 1), settings(1.0), guide=guide, generator=torch.Generator().manual_seed(1))
     assert torch.equal(alone, guided)
@@ -349,10 +356,10 @@ def test_autoguidance_at_scale_one_is_the_main_model_alone():
 
 @pytest.mark.parametrize("w", [1.5, 3.0])
 def test_autoguided_sampler_of_two_gaussian_denoisers_has_the_closed_form_mean_and_std(w):
-    """Main N(0.2, 0.15^2), guide N(0, 0.3^2) (a blurrier model of the same data): the samples of the guided dpm++2m chain
-    (100 steps) have the mean and std of the guided probability-flow ODE (guided_ode_moments); guidance sharpens (std below
-    the main model's) and pushes the mean away from the guide's. Measured: std within 0.2%, mean within 6e-4 (Monte Carlo
-    2.4e-4 at w = 1.5); first-order DDIM needs far more steps (500 steps: std 2.5% low)."""
+    """Main N(0.2, 0.15^2), guide N(0, 0.3^2) (a blurrier model of the same data): the samples of the guided dpm++2m
+    chain (100 steps) have the mean and std of the guided probability-flow ODE (guided_ode_moments); guidance sharpens
+    (std below the main model's) and pushes the mean away from the guide's. Measured: std within 0.2%, mean within 6e-4
+    (Monte Carlo 2.4e-4 at w = 1.5); first-order DDIM needs far more steps (500 steps: std 2.5% low)."""
     diffusion = Diffusion(1000, "linear")
     main, guide = (0.2, 0.15), (0.0, 0.3)
     samples = diffusion.sample(

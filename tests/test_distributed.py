@@ -97,7 +97,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_and_end_with_identical_weights(run_dir):
-    """The run ends with ddpm_train.check_replicas_identical, which raises (non-zero exit) if the ranks' weights differ."""
+    """The run ends with ddpm_train.check_replicas_identical, which raises (non-zero exit) if the ranks' weights
+    differ."""
     checkpoint = load_checkpoint(run_dir / "models/D/ckpt.pt")
     assert checkpoint["train_state"]["step"] == STEPS
     assert checkpoint["train_state"]["epoch_position"] == STEPS * 2 * 16, "each step uses both ranks' batches"

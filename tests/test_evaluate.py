@@ -29,7 +29,8 @@ FAST = "--fid_features random-conv --sampler ddim --sampling_steps 2 --no_judge"
 
 @pytest.fixture(scope="module")
 def random_models(tmp_path_factory) -> Path:
-    """An unconditional (models/U/ckpt.pt) and a conditional (models/C/ckpt.pt) tiny model with random weights, to read."""
+    """An unconditional (models/U/ckpt.pt) and a conditional (models/C/ckpt.pt) tiny model with random weights, to
+    read."""
     root = tmp_path_factory.mktemp("evaluate")
     write_random_checkpoint(root / "models/U/ckpt.pt", conditional=False)
     write_random_checkpoint(root / "models/C/ckpt.pt", conditional=True)
@@ -38,7 +39,8 @@ def random_models(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def workspace(random_models, tmp_path) -> Path:
-    """This test's own copy of random_models, to write into (results, the reference statistics cache, extra checkpoints)."""
+    """This test's own copy of random_models, to write into (results, the reference statistics cache, extra
+    checkpoints)."""
     return Path(shutil.copytree(random_models, tmp_path / "workspace"))
 
 
@@ -166,7 +168,10 @@ class FeaturesWithLogits(torch.nn.Module):
 
 def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, monkeypatch):
     monkeypatch.setitem(FEATURE_EXTRACTORS, "with-logits", lambda device: FeaturesWithLogits())
-    command = "--evaluate --model_path models/C/ckpt.pt --fid_features with-logits --sampler ddim --sampling_steps 2 --no_judge"
+    command = (
+        "--evaluate --model_path models/C/ckpt.pt --fid_features with-logits --sampler ddim --sampling_steps 2 "
+        "--no_judge"
+    )
     assert run(f"{command} --fid_num_samples 10 --guidance_sweep 0,4 --save_dir sweep", workspace) == 0
     rows = read_json(workspace / "sweep/guidance_sweep.json")
     assert [row["guidance_scale"] for row in rows] == [0.0, 4.0]
@@ -190,7 +195,8 @@ def test_guidance_sweep_writes_a_table_a_plot_and_one_grid_per_class(workspace, 
 
 def read_like_the_adm_evaluator(path: Path, name: str) -> np.ndarray:
     """guided-diffusion's evaluations/evaluator.py opens `name`.npy inside the .npz as a zip member and streams it
-    after reading its header (open_npz_array, StreamingNpzArrayReader); a missing key is its `missing arr_0 in npz file`."""
+    after reading its header (open_npz_array, StreamingNpzArrayReader); a missing key is its `missing arr_0 in npz
+    file`."""
     import zipfile
 
     with zipfile.ZipFile(path) as archive:
@@ -255,7 +261,10 @@ def test_checkpoint_comparison_uses_the_same_noise_in_rows_ordered_by_step(works
         {key: value for key, value in checkpoint.items() if key not in ("format", "format_version")},
         workspace / "models/C/later.pt",
     )
-    command = "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2 --no_judge"
+    command = (
+        "--compare_checkpoints models/C/later.pt models/C/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 2 "
+        "--no_judge"
+    )
     assert run(f"{command} --save_dir compare", workspace) == 0
     assert read_json(workspace / "compare/checkpoint_comparison.json")["training_steps"] == [3, 10]
     with Image.open(workspace / "compare/checkpoint_comparison.png") as image:
@@ -323,16 +332,12 @@ def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
     [count] = history["eval_examples"]
     assert count < len(data.val), "a subset: the count matters"
     cpu = Runtime(torch.device("cpu"))
-    evaluate = lambda batch_size, count: evaluation_loss(
-        model,
-        diffusion,
-        data.val,
-        cpu,
-        seed=EVAL_SEEDS["val"],  # noqa: E731
-        batch_size=batch_size,
-        loss_type="l2",
-        count=count,
-    )
+
+    def evaluate(batch_size, count):
+        return evaluation_loss(
+            model, diffusion, data.val, cpu, seed=EVAL_SEEDS["val"], batch_size=batch_size, loss_type="l2", count=count
+        )
+
     first = evaluate(32, count)
     torch.manual_seed(123)
     second = evaluate(7, count)
@@ -345,8 +350,8 @@ def test_validation_loss_is_deterministic_for_fixed_weights(trained_runs):
 # The judge (ddpm_judge) in --evaluate --guidance_sweep and --compare_checkpoints, on a tiny run of the real digits
 
 DIGITS_RUN = (
-    "--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
-    "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D"
+    "--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
+    "--warmup_steps 1 --max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D"
 )
 
 
@@ -362,7 +367,8 @@ def test_guidance_sweep_and_comparison_report_the_judge_of_each_scale_and_checkp
     common = "--data_dir digits --sampler ddim --sampling_steps 2"
     assert (
         run(
-            f"--evaluate --model_path models/D/ckpt.pt {common} --fid_features random-conv --fid_num_samples 20 --guidance_sweep 1,3 --save_dir sweep",
+            f"--evaluate --model_path models/D/ckpt.pt {common} --fid_features random-conv --fid_num_samples 20 "
+            "--guidance_sweep 1,3 --save_dir sweep",
             root,
         )
         == 0

@@ -1,4 +1,5 @@
-"""scripts/gpu_check.py: the --quick run end to end (every step reports real figures) and the profile arithmetic of the GPU path."""
+"""scripts/gpu_check.py: the --quick run end to end (every step reports real figures) and the profile arithmetic of the
+GPU path."""
 
 import importlib.util
 import json
@@ -201,7 +202,8 @@ def test_kernel_table_ranks_kernels_by_total_time():
 
 
 def test_full_run_plans_its_steps_from_the_measured_rate_and_checkpoint_time():
-    """TRAIN_STEPS_S of steps and checkpoints (one per epoch, one per 500 steps) at step 1's rate; a fixed count without one."""
+    """TRAIN_STEPS_S of steps and checkpoints (one per epoch, one per 500 steps) at step 1's rate; a fixed count without
+    one."""
     steps, why = gpu_check.planned_steps(
         gpu_check.FULL, {"train_images_per_s": 3200.0}, checkpoint_s=1.0, steps_per_epoch=37
     )

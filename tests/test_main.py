@@ -90,15 +90,18 @@ def test_bad_input_gives_one_line_and_touches_nothing(trained_workspace, capsys,
         ),
         (
             "--inference --sampler unipc --sampling_steps 1",
-            "--sampling_steps 1 needs --timestep_spacing time; unipc spaces its steps by logsnr, which needs at least 2",
+            "--sampling_steps 1 needs --timestep_spacing time; unipc spaces its steps by logsnr, which needs at "
+            "least 2",
         ),
         (
             "--inference --sampling_preset best --sampler ddim --guidance_scale 2",
-            "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampler, --guidance_scale",
+            "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop "
+            "--sampler, --guidance_scale",
         ),
         (
             "--inference --sampling_preset best --sampling_steps 20 --guide_model g.pt",
-            "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop --sampling_steps, --guide_model",
+            "--sampling_preset best chooses the sampler, steps, guidance scale and guide model itself; drop "
+            "--sampling_steps, --guide_model",
         ),
     ],
 )
@@ -130,8 +133,8 @@ def test_a_real_process_reports_bad_input_without_traceback(tmp_path):
 
 
 def documented_commands(page) -> list[str]:
-    """The flags of each `python ddpm_main.py ...` (and `torchrun ... ddpm_main.py ...`) line of a page, a line continued
-    over lines ending in a backslash read as one."""
+    """The flags of each `python ddpm_main.py ...` (and `torchrun ... ddpm_main.py ...`) line of a page, a line
+    continued over lines ending in a backslash read as one."""
     commands = []
     for line in page.read_text().replace("\\\n", " ").splitlines():
         line = line.strip()
@@ -141,8 +144,8 @@ def documented_commands(page) -> list[str]:
 
 
 def test_readme_commands_parse():
-    """Every `python ddpm_main.py ...` line of README.md and docs/*.md, read as they are now, uses flags the parser knows
-    with values validate_args accepts (what the tool checks before it touches a file)."""
+    """Every `python ddpm_main.py ...` line of README.md and docs/*.md, read as they are now, uses flags the parser
+    knows with values validate_args accepts (what the tool checks before it touches a file)."""
     parser = ddpm_main.build_parser()
     pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
     commands = {page.name: documented_commands(page) for page in pages}
@@ -199,7 +202,10 @@ def test_shortest_chain_trains_and_samples_ho_et_al_algorithm_2(tmp_path, schedu
     (load_model, then ddpm_sampling.generate with the same seed), whose chain is Ho et al.'s Algorithm 2 step by step
     for the trained network (assert_ho_algorithm_2): pure noise, a NaN clipped away or a chain that skips the network
     fails."""
-    args = "--dataset synthetic --image_size 16 --model_size tiny --batch_size 8 --warmup_steps 1 --num_samples 2 --sample_every 1"
+    args = (
+        "--dataset synthetic --image_size 16 --model_size tiny --batch_size 8 --warmup_steps 1 --num_samples 2 "
+        "--sample_every 1"
+    )
     assert (
         run(f"{args} --timesteps 10 --schedule {schedule} --max_steps 2 --save_model --run_name N --lr 0.003", tmp_path)
         == 0
@@ -225,8 +231,8 @@ def test_a_grey_folder_trains_a_one_channel_model_that_writes_grey_pngs(tmp_path
     write_grey_folder(tmp_path / "grey", "split")
     assert (
         run(
-            "--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 2 "
-            "--conditional --save_model --run_name G --save_dir out_G",
+            "--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 "
+            "--max_steps 2 --conditional --save_model --run_name G --save_dir out_G",
             tmp_path,
         )
         == 0
@@ -237,7 +243,8 @@ def test_a_grey_folder_trains_a_one_channel_model_that_writes_grey_pngs(tmp_path
     assert checkpoint["data"]["channels"] == 1 and checkpoint["model_config"]["in_channels"] == 1
     assert (
         run(
-            "--inference --model_path models/G/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 3 --save_dir inf_G",
+            "--inference --model_path models/G/ckpt.pt --num_samples 2 --sampler ddim --sampling_steps 3 "
+            "--save_dir inf_G",
             tmp_path,
         )
         == 0
@@ -249,8 +256,8 @@ def test_a_grey_folder_trains_a_one_channel_model_that_writes_grey_pngs(tmp_path
     assert np.load(tmp_path / "inf_G/samples.npz")["images"].shape == (2, 8, 8, 1)
     assert (
         run(
-            "--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 --max_steps 3 "
-            "--conditional --save_model --run_name G --save_dir out_G --resume --channels 3",
+            "--dataset folder --data_dir grey --image_size 8 --model_size tiny --timesteps 20 --batch_size 4 "
+            "--max_steps 3 --conditional --save_model --run_name G --save_dir out_G --resume --channels 3",
             tmp_path,
         )
         == 2

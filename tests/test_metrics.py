@@ -1,5 +1,6 @@
-"""ddpm_metrics: the Frechet distance against closed forms, Inception Score, KID and precision/recall, the synthetic-data
-classifier, and the Inception weights (none are downloaded: the offline message is checked with the download mocked)."""
+"""ddpm_metrics: the Frechet distance against closed forms, Inception Score, KID and precision/recall, the
+synthetic-data classifier, and the Inception weights (none are downloaded: the offline message is checked with the
+download mocked)."""
 
 import re
 import urllib.error

@@ -255,8 +255,8 @@ def test_snapshot_interval_stores_20_to_40_snapshots_at_round_steps():
 # The post-hoc EMA in the tool: tracked by training, kept by resume, reconstructed by --posthoc_ema.
 
 RUN = (
-    "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --warmup_steps 3 --sample_every 0 "
-    "--lr 2e-3 --device cpu --save_model --save_dir out"
+    "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 256 --warmup_steps 3 "
+    "--sample_every 0 --lr 2e-3 --device cpu --save_model --save_dir out"
 )
 
 

@@ -1,4 +1,5 @@
-"""ddpm_runstate: where a run is (as a checkpoint restores it), the steps it plans, the global batch a resumed run keeps."""
+"""ddpm_runstate: where a run is (as a checkpoint restores it), the steps it plans, the global batch a resumed run
+keeps."""
 
 import pytest
 import torch

@@ -61,7 +61,8 @@ def point_mass_chain(sampler: str, steps: int | None, eta: float = 0.0, n: int =
         ("dpm++2m", 10, 1e-4),
         ("dpm++3m", 10, 1e-4),
         ("unipc", 10, 1e-4),
-        # iPNDM sums 4 float32 eps estimates with weights of total size 6.7 over steps of up to 60 in sigma: measured 1.2e-4
+        # iPNDM sums 4 float32 eps estimates with weights of total size 6.7 over steps of up to 60 in sigma: measured
+        # 1.2e-4
         ("ipndm", 10, 3e-4),
     ],
 )
@@ -83,8 +84,8 @@ def test_deterministic_samplers_follow_the_exact_path_to_a_point_mass(sampler, s
 )
 def test_ancestral_samplers_pass_through_the_exact_marginals_to_a_point_mass(sampler, steps, eta):
     """The ancestral step (and DDIM with eta = 1, and DPM-Solver++(2M) SDE, whose step with x_0 known is that posterior
-    step and whose second-order term vanishes for a constant x_0) draws x_s from the true posterior q(x_s | x_t, x_0 = c), so started
-    from x_{t_0} ~ N(0, 1) the state at every later timestep s is Gaussian with
+    step and whose second-order term vanishes for a constant x_0) draws x_s from the true posterior q(x_s | x_t, x_0 =
+    c), so started from x_{t_0} ~ N(0, 1) the state at every later timestep s is Gaussian with
         mean sqrt(alpha_bar_s) c - k sqrt(alpha_bar_{t_0}) c,
         variance 1 - alpha_bar_s - k^2 (1 - alpha_bar_{t_0}) + k^2,
     where k = Cov(x_s, x_{t_0}) / Var(x_{t_0}) under q given c = sqrt(alpha_bar_{t_0} / alpha_bar_s) (1 - alpha_bar_s)
@@ -198,7 +199,8 @@ def test_log_snr_spacing_gives_distinct_timesteps_for_any_count():
 
 
 def test_log_snr_spacing_starts_the_cosine_schedule_below_its_clipped_end():
-    """The cosine schedule's clipped last betas send lambda to about -9.9; without DPM_LAMBDA_MIN, 8 of 20 steps sat at t >= 992."""
+    """The cosine schedule's clipped last betas send lambda to about -9.9; without DPM_LAMBDA_MIN, 8 of 20 steps sat at
+    t >= 992."""
     from ddpm_samplers import DPM_LAMBDA_MIN, log_snr_spaced_timesteps
 
     alphas_cumprod = Diffusion(1000, "cosine").alphas_cumprod.double()
@@ -306,9 +308,9 @@ def test_dpm_solver_3m_at_10_steps_is_closer_to_the_mixture_than_2m(schedule):
 @pytest.mark.parametrize(
     "schedule,steps,tolerance",
     [
-        # W1 to the exact Gaussian (10,000 samples: noise floor about 0.005). Measured 0.0261 (linear) and 0.0257 (cosine)
-        # at 10 steps, where dpm++2m lands closer (0.008: the quadratic extrapolation over steps of about 1 in lambda
-        # widens the spread by 10%), and 0.0055 at 20.
+        # W1 to the exact Gaussian (10,000 samples: noise floor about 0.005). Measured 0.0261 (linear) and 0.0257
+        # (cosine) at 10 steps, where dpm++2m lands closer (0.008: the quadratic extrapolation over steps of about 1 in
+        # lambda widens the spread by 10%), and 0.0055 at 20.
         ("linear", 10, 0.035),
         ("cosine", 10, 0.035),
         ("linear", 20, 0.008),
@@ -326,9 +328,10 @@ def test_dpm_solver_with_guidance_solves_the_guided_ode():
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, [-0.5, 0.4], 0.3)
     labels = torch.ones(10_000, dtype=torch.long)
-    guided = lambda sampler, steps, w: sample_1d(
-        diffusion, model, 10_000, labels=labels, guidance_scale=w, sampler=sampler, steps=steps
-    )  # noqa: E731
+
+    def guided(sampler, steps, w):
+        return sample_1d(diffusion, model, 10_000, labels=labels, guidance_scale=w, sampler=sampler, steps=steps)
+
     gap = lambda a, b: (a.sort().values - b.sort().values).abs().mean().item()  # noqa: E731  (W1 of equal-size samples)
     reference = guided("ddim", 1000, 3.0)
     assert gap(guided("dpm++2m", 20, 3.0), reference) < 0.025  # measured 0.016 (DDIM at 20 steps: 0.040)
@@ -485,8 +488,8 @@ def test_ipndm_steps_have_the_local_error_of_their_adams_bashforth_order(order):
 
 
 def ipndm_global_error(order: int, steps: int, sigma_max: float = 20.0) -> float:
-    """The largest error at sigma = 0 of iPNDM capped at `order` over `steps` equal steps in sigma from sigma_max, against
-    the closed form of the Gaussian's probability-flow ODE."""
+    """The largest error at sigma = 0 of iPNDM capped at `order` over `steps` equal steps in sigma from sigma_max,
+    against the closed form of the Gaussian's probability-flow ODE."""
     from ddpm_solvers import IPNDM
 
     grid = SigmaGrid(sigma_max * torch.arange(1, steps + 1, dtype=torch.float64) / steps)
@@ -502,10 +505,10 @@ def ipndm_global_error(order: int, steps: int, sigma_max: float = 20.0) -> float
 
 def test_ipndm_global_error_falls_with_its_order():
     """The whole solve from sigma 20 to 0 on equal steps: orders 1 and 2 converge at their order (measured slopes 0.97
-    and 1.98 between 200 and 400 steps). Orders 3 and 4 show no clean slope: their error is the sum of the Adams-Bashforth
-    error and that of the warm-up's first-order first step (local error h^2, small because eps hardly changes at high
-    noise), of opposite signs, which cancel at some step counts (order 4 at 100 steps: 2.7e-6). At 400 steps they land
-    far closer than order 2 (measured 3.9e-2, 3.2e-3, 1.3e-5, 9.4e-5 for orders 1 to 4)."""
+    and 1.98 between 200 and 400 steps). Orders 3 and 4 show no clean slope: their error is the sum of the
+    Adams-Bashforth error and that of the warm-up's first-order first step (local error h^2, small because eps hardly
+    changes at high noise), of opposite signs, which cancel at some step counts (order 4 at 100 steps: 2.7e-6). At 400
+    steps they land far closer than order 2 (measured 3.9e-2, 3.2e-3, 1.3e-5, 9.4e-5 for orders 1 to 4)."""
     errors = {order: [ipndm_global_error(order, steps) for steps in (200, 400)] for order in (1, 2, 3, 4)}
     for order in (1, 2):
         assert math.log2(errors[order][0] / errors[order][1]) == pytest.approx(order, abs=0.5), errors
@@ -551,8 +554,8 @@ def test_new_solvers_recover_a_gaussian_mixture(sampler, steps, tolerance):
 
 
 def test_the_sde_solver_needs_far_fewer_steps_than_the_ancestral_chain():
-    """DPM-Solver++(2M) SDE at 20 steps lands closer to the mixture than the ancestral sampler at 100 (W1 measured 0.0107
-    against 0.0150; the ancestral chain at 20 steps 0.056), both stochastic, on the linear schedule."""
+    """DPM-Solver++(2M) SDE at 20 steps lands closer to the mixture than the ancestral sampler at 100 (W1 measured
+    0.0107 against 0.0150; the ancestral chain at 20 steps 0.056), both stochastic, on the linear schedule."""
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, MIXTURE["means"], MIXTURE["std"], MIXTURE["weights"])
     distance = {
@@ -564,15 +567,16 @@ def test_the_sde_solver_needs_far_fewer_steps_than_the_ancestral_chain():
 
 def test_solvers_on_each_spacing_converge_to_the_probability_flow_solution():
     """Every deterministic solver on every spacing, from the same start noise, against the ODE solved closely (dpm++3m,
-    200 steps): at 20 steps within 0.05 on average of it, and closer than at 5 steps (not so the multistep solvers on time
-    spacing, below). Measured mean |x - x_ODE| at 5, 10
-    and 20 steps on the mixture (linear schedule; the cosine one alike), the figures behind each solver's default spacing:
+    200 steps): at 20 steps within 0.05 on average of it, and closer than at 5 steps (not so the multistep solvers on
+    time spacing, below). Measured mean |x - x_ODE| at 5, 10 and 20 steps on the mixture (linear schedule; the cosine
+    one alike), the figures behind each solver's default spacing:
         ddim     time 0.243 0.110 0.041   logsnr 0.161 0.068 0.032   edm 0.171 0.089 0.041
         dpm++2m  time 0.109 0.200 0.131   logsnr 0.049 0.030 0.006   edm 0.090 0.064 0.019
         dpm++3m  time 0.251 0.413 0.323   logsnr 0.114 0.023 0.002   edm 0.250 0.135 0.016
         unipc    time 0.109 0.215 0.142   logsnr 0.051 0.024 0.002   edm 0.092 0.170 0.029
         ipndm    time 0.143 0.068 0.040   logsnr 0.053 0.012 0.003   edm 0.122 0.025 0.004
-    (time spacing leaves a last step of 2.9 in lambda at 20 steps, after one of 0.66, which the multistep solvers in lambda overshoot)."""
+    (time spacing leaves a last step of 2.9 in lambda at 20 steps, after one of 0.66, which the multistep solvers in
+    lambda overshoot)."""
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, MIXTURE["means"], MIXTURE["std"], MIXTURE["weights"])
     limit = sample_1d(diffusion, model, 2000, sampler="dpm++3m", steps=200)
@@ -637,9 +641,10 @@ def test_new_solvers_with_guidance_solve_the_guided_ode():
     diffusion = Diffusion(1000, "linear")
     model = GaussianMixtureNoise(diffusion, [-0.5, 0.4], 0.3)
     labels = torch.ones(10_000, dtype=torch.long)
-    guided = lambda sampler, steps: sample_1d(
-        diffusion, model, 10_000, labels=labels, guidance_scale=3.0, sampler=sampler, steps=steps
-    )  # noqa: E731
+
+    def guided(sampler, steps):
+        return sample_1d(diffusion, model, 10_000, labels=labels, guidance_scale=3.0, sampler=sampler, steps=steps)
+
     gap = lambda a, b: (a.sort().values - b.sort().values).abs().mean().item()  # noqa: E731
     reference = guided("ddim", 1000)
     for sampler in ("unipc", "ipndm"):

@@ -94,7 +94,8 @@ def test_generate_gives_the_same_images_for_any_share_of_the_batches(
 def test_inference_unconditional_writes_grid_pngs_and_npz(trained_workspace):
     assert (
         run(
-            "--inference --model_path models/U/ckpt.pt --num_samples 5 --save_dir inf_U --sampler ddim --sampling_steps 5",
+            "--inference --model_path models/U/ckpt.pt --num_samples 5 --save_dir inf_U --sampler ddim "
+            "--sampling_steps 5",
             trained_workspace,
         )
         == 0
@@ -110,7 +111,8 @@ def test_inference_unconditional_writes_grid_pngs_and_npz(trained_workspace):
 def test_inference_repeats_classes_in_order_and_accepts_names(trained_workspace):
     assert (
         run(
-            '--inference --conditional --model_path models/C/ckpt.pt --num_samples 5 --sample_classes "0,1,2" --save_dir inf_C --sampling_steps 5 --sampler ddim',
+            '--inference --conditional --model_path models/C/ckpt.pt --num_samples 5 --sample_classes "0,1,2" '
+            "--save_dir inf_C --sampling_steps 5 --sampler ddim",
             trained_workspace,
         )
         == 0
@@ -119,7 +121,8 @@ def test_inference_repeats_classes_in_order_and_accepts_names(trained_workspace)
     names = load_checkpoint(trained_workspace / "models/C/ckpt.pt")["data"]["class_names"]
     assert (
         run(
-            f'--inference --model_path models/C/ckpt.pt --num_samples 2 --sample_classes "{names[3]},{names[7]}" --save_dir inf_names --sampling_steps 5',
+            f'--inference --model_path models/C/ckpt.pt --num_samples 2 --sample_classes "{names[3]},{names[7]}" '
+            "--save_dir inf_names --sampling_steps 5",
             trained_workspace,
         )
         == 0
@@ -130,7 +133,8 @@ def test_inference_repeats_classes_in_order_and_accepts_names(trained_workspace)
 def test_conditional_inference_without_classes_cycles_through_all(trained_workspace):
     assert (
         run(
-            "--inference --model_path models/C/ckpt.pt --num_samples 12 --save_dir inf_all --sampling_steps 3 --sampler ddim",
+            "--inference --model_path models/C/ckpt.pt --num_samples 12 --save_dir inf_all --sampling_steps 3 "
+            "--sampler ddim",
             trained_workspace,
         )
         == 0
@@ -160,8 +164,8 @@ def test_readme_python_example_samples_what_inference_writes(trained_workspace, 
     exec(block, namespace)
     assert (
         run(
-            "--inference --model_path models/C/ckpt.pt --num_samples 8 --batch_size 8 --sampler dpm++2m --sampling_steps 20 "
-            "--guidance_scale 3 --save_dir readme_inf --device cpu",
+            "--inference --model_path models/C/ckpt.pt --num_samples 8 --batch_size 8 --sampler dpm++2m "
+            "--sampling_steps 20 --guidance_scale 3 --save_dir readme_inf --device cpu",
             trained_workspace,
         )
         == 0

@@ -1,4 +1,5 @@
-"""ddpm_sweep: --evaluate --sweep over EMA length x guidance kind x scale x solver, resumable, and the preset it writes."""
+"""ddpm_sweep: --evaluate --sweep over EMA length x guidance kind x scale x solver, resumable, and the preset it
+writes."""
 
 import json
 
@@ -12,13 +13,13 @@ from ddpm_sweep import Cell, cells_of, parse_samplers, sweep_metric
 
 pytest.importorskip("torch_fidelity")
 TRAIN = (
-    "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 128 --warmup_steps 3 --lr 2e-3 --conditional "
-    "--max_steps 40 --sample_every 0 --save_model --run_name S --save_dir out --device cpu"
+    "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 128 --warmup_steps 3 --lr 2e-3 "
+    "--conditional --max_steps 40 --sample_every 0 --save_model --run_name S --save_dir out --device cpu"
 )
 SWEEP = (
-    "--evaluate --sweep --model_path models/S/ckpt.pt --fid_features random-conv --fid_num_samples 20 --batch_size 20 --device cpu "
-    "--sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 --sweep_samplers dpm++3m:3 "
-    "--no_judge --save_dir sweep"
+    "--evaluate --sweep --model_path models/S/ckpt.pt --fid_features random-conv --fid_num_samples 20 --batch_size 20 "
+    "--device cpu --sweep_ema 0.1 --guide_model models/S/posthoc_ema_0.050.safetensors --guidance_sweep 1,2 "
+    "--sweep_samplers dpm++3m:3 --no_judge --save_dir sweep"
 )
 
 
@@ -49,7 +50,8 @@ def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_b
     capsys.readouterr()
     assert (
         run_cli(
-            "--inference --model_path models/S/ckpt.pt --sampling_preset best --num_samples 4 --save_dir inf --device cpu",
+            "--inference --model_path models/S/ckpt.pt --sampling_preset best --num_samples 4 --save_dir inf "
+            "--device cpu",
             tmp_path,
         )
         == 0
@@ -64,7 +66,8 @@ def test_the_sweep_evaluates_every_cell_once_ranks_them_and_inference_uses_the_b
     capsys.readouterr()
     assert (
         run_cli(
-            "--inference --model_path models/S/ckpt.pt --sampling_preset best --eta 0.5 --save_dir inf_eta --device cpu",
+            "--inference --model_path models/S/ckpt.pt --sampling_preset best --eta 0.5 --save_dir inf_eta "
+            "--device cpu",
             tmp_path,
         )
         == 2
@@ -116,8 +119,8 @@ def test_without_the_inception_weights_the_sweep_ranks_by_the_judge(
     root = digits_workspace.parent
     assert (
         run_cli(
-            "--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 --warmup_steps 1 "
-            "--max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D",
+            "--dataset folder --data_dir digits --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
+            "--warmup_steps 1 --max_steps 3 --sample_every 0 --conditional --save_model --run_name D --save_dir out_D",
             root,
         )
         == 0

@@ -1,5 +1,5 @@
-"""2D toy runs (issue 18): the sliced Wasserstein distance, the samplers on an exact 2D predictor, a short moons run, its
-resume, --inference and --evaluate of it, and the refusals of flags that do not fit points."""
+"""2D toy runs (issue 18): the sliced Wasserstein distance, the samplers on an exact 2D predictor, a short moons run,
+its resume, --inference and --evaluate of it, and the refusals of flags that do not fit points."""
 
 import json
 import math
@@ -156,8 +156,8 @@ def test_inference_on_a_moons_run_writes_points_and_pictures(trained_moons, tmp_
         assert (tmp_path / "inf" / picture).stat().st_size > 1000, picture
     assert (
         run_cli(
-            f"--inference --model_path {model} --sampler dpm++2m --sampling_steps 20 --guidance_scale 1 --num_samples 300 "
-            f"--batch_size 300 --save_dir again",
+            f"--inference --model_path {model} --sampler dpm++2m --sampling_steps 20 --guidance_scale 1 "
+            "--num_samples 300 --batch_size 300 --save_dir again",
             tmp_path,
         )
         == 0
@@ -171,8 +171,8 @@ def test_evaluate_on_a_moons_run_reports_the_distance_per_guidance_scale(trained
     model = trained_moons / "models/moons/ckpt.pt"
     assert (
         run_cli(
-            f"--evaluate --model_path {model} --sampler dpm++2m --sampling_steps 10 --guidance_sweep 1,4 --fid_num_samples 400 "
-            f"--batch_size 400 --save_dir ev",
+            f"--evaluate --model_path {model} --sampler dpm++2m --sampling_steps 10 --guidance_sweep 1,4 "
+            "--fid_num_samples 400 --batch_size 400 --save_dir ev",
             tmp_path,
         )
         == 0

@@ -1,5 +1,5 @@
-"""ddpm_train: what a run writes, and training that survives real runs: exact resume, signals, crashes, non-finite losses,
-EMA, accumulation. The optimizer, LR schedule and EMA themselves are in test_optim.py."""
+"""ddpm_train: what a run writes, and training that survives real runs: exact resume, signals, crashes, non-finite
+losses, EMA, accumulation. The optimizer, LR schedule and EMA themselves are in test_optim.py."""
 
 import json
 import math
@@ -152,8 +152,8 @@ def test_a_checkpoint_of_the_first_format_still_samples_the_same_images_and_resu
     run_dir.mkdir(parents=True)
     (run_dir / "ckpt.pt").write_bytes(V1_CHECKPOINT.read_bytes())
     resume = (
-        "--dataset synthetic --image_size 8 --model_size tiny --base_dim 8 --conditional --batch_size 16 --warmup_steps 2 "
-        "--sample_every 0 --save_model --run_name v1 --resume --device cpu"
+        "--dataset synthetic --image_size 8 --model_size tiny --base_dim 8 --conditional --batch_size 16 "
+        "--warmup_steps 2 --sample_every 0 --save_model --run_name v1 --resume --device cpu"
     )
     assert run_cli(f"{resume} --model_size small", tmp_path) == 2, "the old format's fixed flags are still checked"
     assert run_cli(f"{resume} --max_steps 5", tmp_path) == 0
@@ -299,7 +299,10 @@ def test_the_next_training_start_removes_what_killed_writers_left(tmp_path):
 
 def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_flags(tmp_path):
     """The grids go through --inference's sampling path: every sampling flag, --amp included, applies to them."""
-    sampling = "--sampler ddim --sampling_steps 4 --eta 0.5 --guidance_scale 2.5 --guidance_rescale 0.7 --guidance_interval 0.5,80 --amp bf16"
+    sampling = (
+        "--sampler ddim --sampling_steps 4 --eta 0.5 --guidance_scale 2.5 --guidance_rescale 0.7 "
+        "--guidance_interval 0.5,80 --amp bf16"
+    )
     assert (
         run_cli(
             f"{FAST} --conditional --num_samples 6 --batch_size 128 --max_steps 3 --sample_every 1 {sampling} "
@@ -321,8 +324,8 @@ def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_fl
     assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "inf/grid.png")))
     assert (
         run_cli(
-            f"--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 {sampling.replace('bf16', 'none')} "
-            "--save_dir inf_fp32",
+            "--inference --model_path models/G/ckpt.pt --num_samples 6 --batch_size 128 "
+            f"{sampling.replace('bf16', 'none')} --save_dir inf_fp32",
             tmp_path,
         )
         == 0
@@ -333,7 +336,8 @@ def test_training_grids_are_the_images_inference_gives_with_the_same_sampling_fl
 
 
 def nan_training_losses(monkeypatch, good_steps: int, bad_steps: int):
-    """Let `good_steps` training losses through, then make the next `bad_steps` non-finite (evaluation losses are untouched)."""
+    """Let `good_steps` training losses through, then make the next `bad_steps` non-finite (evaluation losses are
+    untouched)."""
     original = ddpm_diffusion.Diffusion.p_losses
     calls = {"train": 0}
 
@@ -429,7 +433,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
 def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     assert (
         run_cli(
-            f"{FAST} --epochs 3 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K",
+            f"{FAST} --epochs 3 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model "
+            "--run_name K",
             tmp_path,
         )
         == 0
@@ -450,8 +455,8 @@ def test_snapshots_keep_the_last_k_and_best_follows_validation(tmp_path):
     assert load_checkpoint(run_dir / "ckpt.pt")["train_state"]["epoch"] == 3
     assert (
         run_cli(
-            f"{FAST} --epochs 4 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model --run_name K "
-            "--resume",
+            f"{FAST} --epochs 4 --eval_every 1 --save_every 1 --keep_checkpoints 2 --sample_every 1 --save_model "
+            "--run_name K --resume",
             tmp_path,
         )
         == 0
@@ -516,7 +521,8 @@ def test_training_steps_never_wait_for_the_device(tmp_path, tensor_reads):
         tensor_reads["count"] = 0
         assert (
             run_cli(
-                f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --phema_every 1000 --save_model --run_name R{steps}",
+                f"{FAST} --conditional --max_steps {steps} --log_interval 1000 --phema_every 1000 --save_model "
+                f"--run_name R{steps}",
                 tmp_path,
             )
             == 0
@@ -533,16 +539,16 @@ def test_a_seeded_run_trains_and_samples_the_pinned_images(tmp_path):
     """tests/data/pinned_run_samples.npz holds what this 6-step run and its three samplers gave before the modules were
     reorganised (issue 15); moving code must not change a single pixel of training or sampling."""
     train = (
-        "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 64 --conditional --max_steps 6 "
-        "--sample_every 0 --save_model --run_name pin --save_dir out --device cpu --seed 3"
+        "--dataset synthetic --image_size 8 --model_size tiny --timesteps 20 --batch_size 64 --conditional "
+        "--max_steps 6 --sample_every 0 --save_model --run_name pin --save_dir out --device cpu --seed 3"
     )
     assert run_cli(train, tmp_path) == 0
     expected = np.load(PINNED)
     for sampler, steps in (("ddpm", 20), ("ddim", 8), ("dpm++2m", 8)):
         assert (
             run_cli(
-                f"--inference --model_path models/pin/ckpt.pt --num_samples 6 --sampler {sampler} --sampling_steps {steps} "
-                f"--guidance_scale 2.5 --seed 5 --save_dir inf_{sampler} --device cpu",
+                f"--inference --model_path models/pin/ckpt.pt --num_samples 6 --sampler {sampler} "
+                f"--sampling_steps {steps} --guidance_scale 2.5 --seed 5 --save_dir inf_{sampler} --device cpu",
                 tmp_path,
             )
             == 0
