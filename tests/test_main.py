@@ -134,12 +134,12 @@ def test_a_real_process_reports_bad_input_without_traceback(tmp_path):
 
 def documented_commands(page) -> list[str]:
     """The flags of each `python ddpm_main.py ...` (and `torchrun ... ddpm_main.py ...`) line of a page, a line
-    continued over lines ending in a backslash read as one."""
+    continued over lines ending in a backslash read as one, a trailing ` &` left out."""
     commands = []
     for line in page.read_text().replace("\\\n", " ").splitlines():
         line = line.strip()
         if re.match(r"(python3? |torchrun .*?)ddpm_main\.py( |$)", line):
-            commands.append(line.split("ddpm_main.py", 1)[1])
+            commands.append(line.split("ddpm_main.py", 1)[1].removesuffix(" &"))  # a job script's background line
     return commands
 
 
