@@ -18,7 +18,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -204,6 +204,27 @@ _REQUIRED = {
 }
 
 
+def square_size(size: int | list[int] | tuple[int, ...], refuse: Callable[[str], UsageError]) -> int:
+    """UNet2DModel's sample_size as one side of a square image."""
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise refuse(f"sample_size={list(size)}: only square images")
+        size = size[0]
+    if not isinstance(size, int):
+        raise refuse(f"sample_size={size!r}: an image size is needed")
+    return size
+
+
+def number_of_heads(head_dim: Optional[int], attention_widths: set[int], refuse: Callable[[str], UsageError]) -> int:
+    """The attention heads of every attention block (one where head_dim is None), which must be one number."""
+    heads = {1} if head_dim is None else {width // head_dim for width in attention_widths}
+    if head_dim is not None and (len(heads) > 1 or any(width % head_dim for width in attention_widths)):
+        raise refuse(
+            f"attention_head_dim={head_dim} gives different numbers of heads at widths {sorted(attention_widths)}"
+        )
+    return heads.pop()
+
+
 def unet_config_from_unet2d(config: dict, source: Path) -> dict:
     """Our UNet's keyword arguments for a UNet2DModel configuration; UsageError, in one line, for what it cannot
     express."""
@@ -229,13 +250,7 @@ def unet_config_from_unet2d(config: dict, source: Path) -> dict:
     attention = [known[block] for block in down]
     if up != ["AttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention)]:
         raise refuse(f"up_block_types={up} must mirror down_block_types={down}")
-    size = config["sample_size"]
-    if isinstance(size, (list, tuple)):
-        if len(set(size)) != 1:
-            raise refuse(f"sample_size={list(size)}: only square images")
-        size = size[0]
-    if not isinstance(size, int):
-        raise refuse(f"sample_size={size!r}: an image size is needed")
+    size = square_size(config["sample_size"], refuse)
     shift = config["resnet_time_scale_shift"]
     if shift not in ("default", "scale_shift"):
         raise refuse(f"resnet_time_scale_shift={shift!r}: only 'default' (additive) and 'scale_shift'")
@@ -246,13 +261,8 @@ def unet_config_from_unet2d(config: dict, source: Path) -> dict:
     padding = config["downsample_padding"]
     if padding not in (0, 1):
         raise refuse(f"downsample_padding={padding}: only 0 (TensorFlow's SAME) and 1")
-    head_dim = config["attention_head_dim"]
     attention_widths = {width for width, attn in zip(widths, attention) if attn} | {widths[-1]}
-    heads = {1} if head_dim is None else {width // head_dim for width in attention_widths}
-    if head_dim is not None and (len(heads) > 1 or any(width % head_dim for width in attention_widths)):
-        raise refuse(
-            f"attention_head_dim={head_dim} gives different numbers of heads at widths {sorted(attention_widths)}"
-        )
+    heads = number_of_heads(config["attention_head_dim"], attention_widths, refuse)
     num_class_embeds = config["num_class_embeds"]
     return dict(
         in_channels=in_channels,
@@ -263,7 +273,7 @@ def unet_config_from_unet2d(config: dict, source: Path) -> dict:
         attn_resolutions=[size // 2**level for level, attn in enumerate(attention) if attn],
         dropout=float(config["dropout"]),
         num_classes=None if num_class_embeds is None else num_class_embeds - 1,
-        num_heads=heads.pop(),
+        num_heads=heads,
         film=shift == "scale_shift",
         norm_eps=float(config["norm_eps"]),
         tf_padding=padding == 0,

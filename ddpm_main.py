@@ -37,7 +37,7 @@ from ddpm_kinds import kind_of_model
 from ddpm_metrics import FEATURE_EXTRACTORS
 from ddpm_model import network_from_config
 from ddpm_phema import write_posthoc_ema
-from ddpm_runtime import enable_tf32, setup_runtime
+from ddpm_runtime import Runtime, enable_tf32, setup_runtime
 from ddpm_samplers import SAMPLERS, sampler_class
 from ddpm_sampling import run_inference
 from ddpm_sweep import best_preset, parse_samplers
@@ -207,6 +207,25 @@ def add_evaluation_flags(evaluation: argparse._ArgumentGroup) -> None:
         help="with --evaluate: one evaluation per guidance scale, a table, a plot and per-class grids",
     )
     evaluation.add_argument(
+        "--compare_checkpoints",
+        nargs="+",
+        default=None,
+        metavar="CKPT",
+        help="sample the same noise from these checkpoints of one run into one image, one row per training step",
+    )
+    evaluation.add_argument(
+        "--no_judge",
+        action="store_true",
+        help="with --evaluate and --compare_checkpoints: no judge (a classifier trained once "
+        "on the data set, cached in --data_dir; see ddpm_judge.py)",
+    )
+
+    add_sweep_flags(evaluation)
+
+
+def add_sweep_flags(evaluation: argparse._ArgumentGroup) -> None:
+    """The flags of --evaluate --sweep (ddpm_sweep)."""
+    evaluation.add_argument(
         "--sweep",
         action="store_true",
         help="with --evaluate: every combination of --sweep_ema, guidance kind (classifier-free; autoguidance with "
@@ -226,19 +245,6 @@ def add_evaluation_flags(evaluation: argparse._ArgumentGroup) -> None:
         metavar="SAMPLER:STEPS,...",
         help="with --sweep: solvers and steps to try, e.g. dpm++2m:20,dpm++3m:10 (default: --sampler and "
         "--sampling_steps)",
-    )
-    evaluation.add_argument(
-        "--compare_checkpoints",
-        nargs="+",
-        default=None,
-        metavar="CKPT",
-        help="sample the same noise from these checkpoints of one run into one image, one row per training step",
-    )
-    evaluation.add_argument(
-        "--no_judge",
-        action="store_true",
-        help="with --evaluate and --compare_checkpoints: no judge (a classifier trained once "
-        "on the data set, cached in --data_dir; see ddpm_judge.py)",
     )
 
 
@@ -496,85 +502,103 @@ def run_sampling(args: argparse.Namespace) -> None:
     """--inference, --evaluate or --compare_checkpoints, in one process or in each of torchrun's: the model's kind of
     samples (ddpm_kinds) resolves the sampling defaults once, then draws and writes or measures."""
     runtime = setup_runtime(select_device(args), timeout=SAMPLING_COLLECTIVE_TIMEOUT)
-    model_path, settings = checkpoint_path(args), sampling_config(args)
-    common = dict(
+    try:
+        (compare_checkpoints if args.compare_checkpoints else sample_or_evaluate)(args, runtime)
+    finally:
+        if runtime.world_size > 1:
+            dist.destroy_process_group()
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """What every sampling mode takes: the seed, the batch, where to write, which weights, compilation."""
+    return dict(
         seed=args.seed,
         batch_size=args.batch_size,
         save_dir=Path(args.save_dir),
         use_ema=not args.no_ema,
         compile=args.compile,
     )
-    try:
-        if args.compare_checkpoints:
-            first = load_model(args.compare_checkpoints[0])
-            kind = kind_of_model(first.description)
-            kind.compare(
-                args.compare_checkpoints,
-                kind.sampling_settings(settings, first.diffusion.num_timesteps),
-                runtime,
-                num_samples=args.num_samples or kind.inference_count,
-                data_dir=args.data_dir,
-                judge=not args.no_judge,
-                **common,
-            )
-            return
-        if args.sampling_preset == "best":
-            preset = best_preset(model_path)
-            model_path = Path(preset["weights"])
-            settings = replace(
-                settings,
-                sampler=preset["sampler"],
-                steps=preset["steps"],
-                guidance_scale=preset["guidance_scale"],
-                guide_model=preset["guide_model"],
-            )
-            refuse_ignored_flags(settings.sampler, args)
-        loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
-        kind = kind_of_model(loaded.description)
-        settings = kind.sampling_settings(settings, loaded.diffusion.num_timesteps)
-        if args.evaluate and args.sweep:
-            kind.sweep(
-                model_path,
-                settings,
-                runtime,
-                sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
-                scales=parse_numbers(args.guidance_sweep) if args.guidance_sweep else [settings.guidance_scale],
-                samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None,
-                num_samples=args.fid_num_samples,
-                features=args.fid_features,
-                data_dir=args.data_dir,
-                judge=not args.no_judge,
-                **common,
-            )
-        elif args.evaluate:
-            run_evaluation(
-                loaded,
-                kind,
-                settings,
-                runtime,
-                num_samples=args.fid_num_samples,
-                features=args.fid_features,
-                guidance_sweep=parse_numbers(args.guidance_sweep) if args.guidance_sweep else None,
-                data_dir=args.data_dir,
-                fid_ref=Path(args.fid_ref) if args.fid_ref else None,
-                save_pngs=args.save_pngs,
-                judge=not args.no_judge,
-                **common,
-            )
-        else:
-            run_inference(
-                loaded,
-                kind,
-                settings,
-                runtime,
-                num_samples=args.num_samples,
-                sample_classes=args.sample_classes,
-                require_conditional=args.conditional,
-                **common,
-            )
-    finally:
-        if runtime.world_size > 1:
-            dist.destroy_process_group()
+
+
+def compare_checkpoints(args: argparse.Namespace, runtime: Runtime) -> None:
+    """--compare_checkpoints: the kind and the sampling defaults of the first checkpoint (the others must match it)."""
+    first = load_model(args.compare_checkpoints[0])
+    kind = kind_of_model(first.description)
+    settings = kind.sampling_settings(sampling_config(args), first.diffusion.num_timesteps)
+    kind.compare(
+        args.compare_checkpoints,
+        settings,
+        runtime,
+        num_samples=args.num_samples or kind.inference_count,
+        data_dir=args.data_dir,
+        judge=not args.no_judge,
+        **sampling_options(args),
+    )
+
+
+def with_preset(args: argparse.Namespace, model_path: Path, settings: SamplingConfig) -> tuple[Path, SamplingConfig]:
+    """--sampling_preset best: the weights and sampling settings the sweep found best for `model_path`."""
+    if args.sampling_preset != "best":
+        return model_path, settings
+    preset = best_preset(model_path)
+    settings = replace(
+        settings,
+        sampler=preset["sampler"],
+        steps=preset["steps"],
+        guidance_scale=preset["guidance_scale"],
+        guide_model=preset["guide_model"],
+    )
+    refuse_ignored_flags(settings.sampler, args)
+    return Path(preset["weights"]), settings
+
+
+def sample_or_evaluate(args: argparse.Namespace, runtime: Runtime) -> None:
+    """--inference, --evaluate (a guidance sweep too) or --evaluate --sweep of one checkpoint."""
+    model_path, settings = with_preset(args, checkpoint_path(args), sampling_config(args))
+    loaded = load_model(model_path, str(runtime.device), not args.no_ema, args.compile)
+    kind = kind_of_model(loaded.description)
+    settings = kind.sampling_settings(settings, loaded.diffusion.num_timesteps)
+    scales = parse_numbers(args.guidance_sweep) if args.guidance_sweep else None
+    if args.evaluate and args.sweep:
+        kind.sweep(
+            model_path,
+            settings,
+            runtime,
+            scales=scales or [settings.guidance_scale],
+            sweep_ema=parse_numbers(args.sweep_ema, "--sweep_ema") if args.sweep_ema else None,
+            samplers=parse_samplers(args.sweep_samplers) if args.sweep_samplers else None,
+            num_samples=args.fid_num_samples,
+            features=args.fid_features,
+            data_dir=args.data_dir,
+            judge=not args.no_judge,
+            **sampling_options(args),
+        )
+    elif args.evaluate:
+        run_evaluation(
+            loaded,
+            kind,
+            settings,
+            runtime,
+            num_samples=args.fid_num_samples,
+            features=args.fid_features,
+            guidance_sweep=scales,
+            data_dir=args.data_dir,
+            fid_ref=Path(args.fid_ref) if args.fid_ref else None,
+            save_pngs=args.save_pngs,
+            judge=not args.no_judge,
+            **sampling_options(args),
+        )
+    else:
+        run_inference(
+            loaded,
+            kind,
+            settings,
+            runtime,
+            num_samples=args.num_samples,
+            sample_classes=args.sample_classes,
+            require_conditional=args.conditional,
+            **sampling_options(args),
+        )
 
 
 def main(argv: Optional[list[str]] = None) -> int:

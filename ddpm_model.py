@@ -22,6 +22,7 @@ model is class-conditional).
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -313,7 +314,6 @@ class UNet(nn.Module):
     ):
         super().__init__()
         resolutions = level_resolutions(image_size, dim_mults, attn_resolutions, num_classes)
-        num_levels = len(dim_mults)
 
         self.config = dict(
             in_channels=in_channels,
@@ -342,36 +342,55 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(in_channels, base_dim, 3, padding=1)
 
-        # Encoder. skip_chs records the channels of every activation saved for the decoder.
-        self.down_blocks, self.downsamples, skip_chs = nn.ModuleList(), nn.ModuleList(), [base_dim]
-        for level, mult in enumerate(dim_mults):
-            blocks = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                blocks.append(block(skip_chs[-1], base_dim * mult, resolutions[level]))
-                skip_chs.append(base_dim * mult)
-            self.down_blocks.append(blocks)
-            if level < num_levels - 1:
-                self.downsamples.append(Downsample(skip_chs[-1], tf_padding))
-                skip_chs.append(skip_chs[-1])
+        widths = [base_dim * mult for mult in dim_mults]
+        skip_chs = self.build_encoder(block, base_dim, widths, num_res_blocks, resolutions, tf_padding)
         ch = skip_chs[-1]
-
         self.mid_block1 = ResnetBlock(ch, ch, emb_dim, dropout, film, norm_eps)
         self.mid_attn = AttentionBlock(ch, num_heads, norm_eps)
         self.mid_block2 = ResnetBlock(ch, ch, emb_dim, dropout, film, norm_eps)
+        ch = self.build_decoder(block, skip_chs, widths, num_res_blocks, resolutions)
+        self.norm_out = group_norm(ch, norm_eps)
+        self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
 
-        # Decoder: one more block per level than the encoder, so every skip is consumed.
+    def build_encoder(
+        self,
+        block: Callable,
+        base_dim: int,
+        widths: list[int],
+        num_res_blocks: int,
+        resolutions: list[int],
+        tf_padding: bool,
+    ) -> list[int]:
+        """The encoder's levels (`widths` channels each), halving the resolution between them; returns the channels of
+        every activation saved for the decoder, in order."""
+        self.down_blocks, self.downsamples, skip_chs = nn.ModuleList(), nn.ModuleList(), [base_dim]
+        for level, width in enumerate(widths):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(block(skip_chs[-1], width, resolutions[level]))
+                skip_chs.append(width)
+            self.down_blocks.append(blocks)
+            if level < len(widths) - 1:
+                self.downsamples.append(Downsample(skip_chs[-1], tf_padding))
+                skip_chs.append(skip_chs[-1])
+        return skip_chs
+
+    def build_decoder(
+        self, block: Callable, skip_chs: list[int], widths: list[int], num_res_blocks: int, resolutions: list[int]
+    ) -> int:
+        """The decoder: one more block per level than the encoder, so every saved activation (`skip_chs`, consumed
+        from the end) is concatenated once; returns its output channels."""
+        ch = skip_chs[-1]
         self.up_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
-        for level in reversed(range(num_levels)):
+        for level in reversed(range(len(widths))):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(block(ch + skip_chs.pop(), base_dim * dim_mults[level], resolutions[level]))
-                ch = base_dim * dim_mults[level]
+                blocks.append(block(ch + skip_chs.pop(), widths[level], resolutions[level]))
+                ch = widths[level]
             self.up_blocks.append(blocks)
             if level > 0:
                 self.upsamples.append(Upsample(ch))
-
-        self.norm_out = group_norm(ch, norm_eps)
-        self.conv_out = zero_module(nn.Conv2d(ch, in_channels, 3, padding=1))
+        return ch
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """Predict the noise in x (B, C, H, W) at integer timesteps t (B,).

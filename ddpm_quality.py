@@ -244,7 +244,6 @@ def build_quality_curve(
     runtime: Runtime,
     sampling: SamplingConfig,
     num_classes: Optional[int],
-    *,
     planned_images: int,
     continues: bool,
 ) -> tuple[Optional[QualityCurve], str]:

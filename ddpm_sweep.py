@@ -125,37 +125,10 @@ def run_sweep(
     None elsewhere)."""
     main = load_model(model_path, "cpu")
     require_torch_fidelity()
-    weights = {"ema": Path(model_path)}
-    if sweep_ema:
-        if runtime.is_main:
-            write_posthoc_ema(model_path, sweep_ema)
-        if runtime.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        weights |= {f"{s:.3f}": Path(model_path).parent / f"posthoc_ema_{s:.3f}.safetensors" for s in sweep_ema}
-    guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else []) or [
-        "none"
-    ]
-    data_judge = None
-    if judge and runtime.is_main:
-        data_judge = judge_of_model_data(main.description.data, data_dir, str(runtime.device))
-    metric, extractor_name = sweep_metric(features, data_judge is not None)  # other ranks: only to read finished cells
-    extractor, reference = None, None
-    if runtime.is_main:
-        ranked_by = f"{metric.upper()} on {extractor_name} features"
-        if metric == "judge":
-            ranked_by = f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})"
-        if metric != "fid":
-            ranked_by += f" (no Inception weights at {inception_weights_path()}; compare only with each other)"
-        print(f"sweep: ranking by {ranked_by}")
-        extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
-        data = main.description.data
-        reference = reference_statistics(
-            data["dataset"], data_dir, data["image_size"], extractor_name, extractor, batch_size, str(runtime.device)
-        )
-    samplers = samplers or [(settings.sampler, settings.steps)]
-    cells = cells_of(list(weights), guidance, scales, samplers)
+    weights = sweep_weights(Path(model_path), sweep_ema, runtime)
+    guidance = (["cfg"] if main.description.conditional else []) + (["auto"] if settings.guide_model else [])
+    metric, extractor_name, measure = sweep_measure(main, features, data_dir, batch_size, runtime, judge)
+    cells = cells_of(list(weights), guidance or ["none"], scales, samplers or [(settings.sampler, settings.steps)])
     rows, networks, guides = [], {}, {}  # each network (and its guide) loaded once, at its first unfinished cell
     for cell in tqdm(cells, desc="sweep", unit="cell", disable=not runtime.is_main):
         record = cell_record(cell, save_dir, metric)
@@ -176,15 +149,71 @@ def run_sweep(
                 seed=seed,
                 batch_size=batch_size,
                 extractor_name=extractor_name,
-                extractor=extractor,
-                reference=reference,
                 save_dir=save_dir,
                 metric=metric,
-                judge=data_judge,
+                **measure,
             )
         rows.append(record)
     if not runtime.is_main:
         return None
+    return write_sweep(
+        rows, metric, extractor_name, weights, settings.guide_model, save_dir, num_samples=num_samples, seed=seed
+    )
+
+
+def sweep_weights(model_path: Path, sweep_ema: Optional[list[float]], runtime: Runtime) -> dict[str, Path]:
+    """The weights of the sweep's EMA lengths: the checkpoint's own ("ema") and, for each of `sweep_ema`, its post-hoc
+    EMA (ddpm_phema), written by rank 0 while the others wait."""
+    weights = {"ema": model_path}
+    if sweep_ema:
+        if runtime.is_main:
+            write_posthoc_ema(model_path, sweep_ema)
+        if runtime.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        weights |= {f"{s:.3f}": model_path.parent / f"posthoc_ema_{s:.3f}.safetensors" for s in sweep_ema}
+    return weights
+
+
+def sweep_measure(
+    main: LoadedModel, features: str, data_dir: str, batch_size: int, runtime: Runtime, judge: bool
+) -> tuple[str, str, dict]:
+    """(metric, feature extractor, what evaluate_one_setting measures with: extractor, reference, judge): chosen once
+    (`sweep_metric`) and said; the other ranks get the metric only, to read finished cells."""
+    data_judge = None
+    if judge and runtime.is_main:
+        data_judge = judge_of_model_data(main.description.data, data_dir, str(runtime.device))
+    metric, extractor_name = sweep_metric(features, data_judge is not None)
+    if not runtime.is_main:
+        return metric, extractor_name, {"extractor": None, "reference": None, "judge": None}
+    ranked_by = f"{metric.upper()} on {extractor_name} features"
+    if metric == "judge":
+        ranked_by = f"the judge's Frechet distance (its test accuracy {data_judge.test_accuracy:.3f})"
+    if metric != "fid":
+        ranked_by += f" (no Inception weights at {inception_weights_path()}; compare only with each other)"
+    print(f"sweep: ranking by {ranked_by}")
+    extractor = FEATURE_EXTRACTORS[extractor_name](str(runtime.device))
+    data = main.description.data
+    reference = reference_statistics(
+        data["dataset"], data_dir, data["image_size"], extractor_name, extractor, batch_size, str(runtime.device)
+    )
+    return metric, extractor_name, {"extractor": extractor, "reference": reference, "judge": data_judge}
+
+
+def write_sweep(
+    rows: list[dict],
+    metric: str,
+    extractor_name: str,
+    weights: dict[str, Path],
+    guide_model: Optional[str],
+    save_dir: Path,
+    *,
+    num_samples: int,
+    seed: int,
+) -> dict:
+    """sweep.json, sweep.md and sweep.png in `save_dir`, and the best setting beside the checkpoint (BEST_FILE), which
+    `--inference --sampling_preset best` applies; returns it."""
     best = min(rows, key=lambda row: row["value"] if math.isfinite(row["value"]) else math.inf)
     best_setting = {
         "metric": metric,
@@ -193,7 +222,7 @@ def run_sweep(
         "sampler": best["sampler"],
         "steps": best["steps"],
         "guidance_scale": best["scale"],
-        "guide_model": settings.guide_model if best["guidance"] == "auto" else None,
+        "guide_model": guide_model if best["guidance"] == "auto" else None,
         "sweep": str(save_dir / "sweep.json"),
     }
     save_json(
@@ -210,11 +239,11 @@ def run_sweep(
     table = sweep_table(rows, metric)
     atomic_write(save_dir / "sweep.md", lambda f: f.write(table.encode()))
     plot_sweep(rows, metric, save_dir / "sweep.png")
-    save_json(best_setting, Path(model_path).parent / BEST_FILE)
+    best_path = weights["ema"].parent / BEST_FILE
+    save_json(best_setting, best_path)
     print(table, end="")
     print(
-        f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); "
-        f"wrote {Path(model_path).parent / BEST_FILE} "
+        f"best: {best['name']} ({METRIC_NAMES[metric]} {best['value']:.4f}); wrote {best_path} "
         f"(--inference --sampling_preset best uses it)"
     )
     return best_setting

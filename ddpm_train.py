@@ -24,6 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -202,12 +203,8 @@ def build_run(
     train = config.train
     examples_per_step, steps_per_epoch, total_steps = plan_steps(train, len(data.train), kind, runtime, state)
     warmup_steps = train.warmup_steps if train.warmup_steps is not None else derived_warmup(total_steps)
-    seed_everything(train.seed)  # the same initial weights (and so EMA) on every rank; then each rank its own noise
     num_classes = data.num_classes if config.model.conditional else None
-    model = network_from_config(config.model.network_config(data.sample_shape, num_classes)).to(runtime.device)
-    seed_everything(train.seed + runtime.rank)
-    if train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_network(config, data.sample_shape, num_classes, runtime)
     optimizer = build_optimizer(train, model)
     amp_dtype = autocast_dtype(train.amp, runtime.device)
     on_device = runtime.data_on_device
@@ -215,6 +212,10 @@ def build_run(
         (snapshot_interval(total_steps) if train.phema_every is None else train.phema_every) if train.save_model else 0
     )
     sampling = kind.sampling_settings(config.sampling, config.diffusion.timesteps)
+    planned_images, continues = total_steps * examples_per_step, state.quality_due is not None
+    quality, quality_note = build_quality_curve(config, kind, runtime, sampling, num_classes, planned_images, continues)
+    minutes = SAVE_EVERY_MINUTES if train.save_every_minutes is None else train.save_every_minutes
+    diffusion = config.diffusion
     return TrainingRun(
         config=config,
         data=data,
@@ -224,11 +225,11 @@ def build_run(
         runtime=runtime,
         model=model,
         diffusion=Diffusion(
-            config.diffusion.timesteps,
-            config.diffusion.schedule,
-            prediction_type=config.diffusion.prediction_type,
-            snr_gamma=config.diffusion.snr_gamma,
-            variance=config.diffusion.variance,
+            diffusion.timesteps,
+            diffusion.schedule,
+            diffusion.prediction_type,
+            diffusion.snr_gamma,
+            variance=diffusion.variance,
         ).to(runtime.device),
         optimizer=optimizer,
         scheduler=build_lr_scheduler(optimizer, warmup_steps, total_steps, train.lr_schedule),
@@ -246,27 +247,23 @@ def build_run(
         warmup_steps=warmup_steps,
         eval_examples=evaluation_subset_size(steps_per_epoch * examples_per_step),
         sample_count=kind.training_count(train.num_samples, num_classes),
-        **dict(
-            zip(
-                ("quality", "quality_note"),
-                build_quality_curve(
-                    config,
-                    kind,
-                    runtime,
-                    sampling,
-                    num_classes,
-                    planned_images=total_steps * examples_per_step,
-                    continues=state.quality_due is not None,
-                ),
-            )
-        ),
+        quality=quality,
+        quality_note=quality_note,
         train_images=data.train.images.to(runtime.device) if on_device else data.train.images,
         train_labels=data.train.labels.to(runtime.device) if on_device else data.train.labels,
         start_step=state.step,
-        save_every_seconds=60 * (SAVE_EVERY_MINUTES if train.save_every_minutes is None else train.save_every_minutes)
-        if train.save_model
-        else 0.0,
+        save_every_seconds=60 * minutes if train.save_model else 0.0,
     )
+
+
+def build_network(
+    config: RunConfig, sample_shape: tuple[int, ...], num_classes: Optional[int], runtime: Runtime
+) -> nn.Module:
+    """The network, on the device: the same initial weights (and so EMA) on every rank; then each rank its own noise."""
+    seed_everything(config.train.seed)
+    model = network_from_config(config.model.network_config(sample_shape, num_classes)).to(runtime.device)
+    seed_everything(config.train.seed + runtime.rank)
+    return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 
 
 def restore_run(run: TrainingRun, checkpoint: dict) -> None:
@@ -367,20 +364,16 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
     schedule, and at intervals the logged figures (--log_interval) and ckpt.pt (--save_every_steps, and on every rank
     after the same step once rank 0 finds --save_every_minutes passed); a signal stops it after a step."""
     train, state, runtime = run.config.train, run.state, run.runtime
-    epoch = EpochData(
-        epoch_batches(
-            len(run.data.train),
-            train.batch_size,
-            runtime,
-            train.seed,
-            state.epoch,
-            state.epoch_position,
-            run.train_images.device,
-        ),
-        run.train_images,
-        run.train_labels,
-        run.data.train.hflip,
+    order = epoch_batches(
+        len(run.data.train),
+        train.batch_size,
+        runtime,
+        train.seed,
+        state.epoch,
+        state.epoch_position,
+        run.train_images.device,
     )
+    epoch = EpochData(order, run.train_images, run.train_labels, run.data.train.hflip)
     remaining = min((run.epoch_examples - state.epoch_position) // run.examples_per_step, run.total_steps - state.step)
     bar = tqdm(
         total=remaining, desc=f"epoch {state.epoch + 1}", disable=not runtime.is_main, dynamic_ncols=True, leave=False
@@ -400,6 +393,7 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
         bar.update(1)
         if state.step % train.log_interval == 0:
             read_counters(run)
+            images_per_s = window_steps * run.examples_per_step / (time.perf_counter() - window_start)
             log_step(
                 run.log,
                 bar,
@@ -409,28 +403,32 @@ def run_epoch(run: TrainingRun, stop: StopRequest) -> None:
                 lr=run.scheduler.get_last_lr()[0],
                 grad_norm=grad_norm,
                 skip=skip,
-                images_per_s=window_steps * run.examples_per_step / (time.perf_counter() - window_start),
+                images_per_s=images_per_s,
                 device=runtime.device,
                 nonfinite_skipped=state.nonfinite_skipped,
             )
             window_start, window_steps = time.perf_counter(), 0
-        if run.phema is not None and state.step % run.phema_every == 0 and runtime.is_main:
-            save_start = time.perf_counter()
-            for snapshot in run.phema.snapshot():
-                save_snapshot(snapshot, snapshot_folder(run.run_dir))
-            saving += time.perf_counter() - save_start
         stop_now, save_now = stop.poll(save_due=run.checkpoint_overdue())
-        if train.save_model and (save_now or (train.save_every_steps and state.step % train.save_every_steps == 0)):
-            save_start = time.perf_counter()
-            read_counters(run)
-            save_run_checkpoint(run, run.last_path)
-            saving += time.perf_counter() - save_start
+        saving += save_within_epoch(run, save_now)
         if stop_now:
             bar.close()
             stop_after_signal(run, stop)
     bar.close()
     read_counters(run)
     run.seconds_in_steps += time.perf_counter() - loop_start - saving
+
+
+def save_within_epoch(run: TrainingRun, save_now: bool) -> float:
+    """The saves a step may be due for: a post-hoc EMA snapshot every --phema_every steps (rank 0), and ckpt.pt every
+    --save_every_steps or when `save_now` (--save_every_minutes, agreed by every rank); returns their seconds."""
+    train, state, started = run.config.train, run.state, time.perf_counter()
+    if run.phema is not None and state.step % run.phema_every == 0 and run.runtime.is_main:
+        for snapshot in run.phema.snapshot():
+            save_snapshot(snapshot, snapshot_folder(run.run_dir))
+    if train.save_model and (save_now or (train.save_every_steps and state.step % train.save_every_steps == 0)):
+        read_counters(run)
+        save_run_checkpoint(run, run.last_path)
+    return time.perf_counter() - started
 
 
 def train_step(run: TrainingRun, epoch: EpochData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
