@@ -150,7 +150,7 @@ def test_imported_google_model_gives_diffusers_outputs(google_import):
 def test_imported_google_model_samples_evaluates_and_compares_through_the_cli(google_import):
     root, _ = google_import
     model = "--model_path models/ddpm_cifar10_32/ckpt.pt"
-    assert run(f"--inference {model} --num_samples 1 --sampling_steps 2 --save_dir inf", root) == 0
+    assert run(f"--inference {model} --sampler ddpm --num_samples 1 --sampling_steps 2 --save_dir inf", root) == 0
     record = json.loads((root / "inf/samples.json").read_text())
     assert record["variance"] == "fixed_large" and record["sampler"] == "ddpm"
     assert (

@@ -77,14 +77,14 @@ def test_bad_input_gives_one_line_and_touches_nothing(trained_workspace, capsys,
 @pytest.mark.parametrize(
     "command,message",
     [
-        ("--inference --eta 0.5", "--eta works with --sampler ddim; ddpm, the sampler of this run, ignores it"),
+        ("--inference --eta 0.5", "--eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it"),
         (
             "--inference --sampler dpm++3m --eta 0",
             "--eta works with --sampler ddim; dpm++3m, the sampler of this run, ignores it",
         ),
         ("--eta 0.5", "--eta works with --sampler ddim; dpm++2m, the sampler of this run, ignores it"),
         (
-            "--inference --timestep_spacing edm",
+            "--inference --sampler ddpm --timestep_spacing edm",
             "--timestep_spacing works with --sampler ddim or dpm++2m or dpm++3m or unipc or ipndm "
             "or dpm++2m-sde; ddpm, the sampler of this run, ignores it",
         ),
@@ -212,12 +212,17 @@ def test_shortest_chain_trains_and_samples_ho_et_al_algorithm_2(tmp_path, schedu
     )
     history = json.loads((tmp_path / "outputs/loss_history_N.json").read_text())
     assert np.isfinite(history["train_loss"] + history["val_loss"] + history["test_loss"]).all()
-    assert run("--inference --model_path models/N/ckpt.pt --num_samples 2 --seed 3 --save_dir inf", tmp_path) == 0
+    assert (
+        run(
+            "--inference --sampler ddpm --model_path models/N/ckpt.pt --num_samples 2 --seed 3 --save_dir inf", tmp_path
+        )
+        == 0
+    )
     images = torch.from_numpy(np.load(tmp_path / "inf/samples.npz")["images"])
     loaded = load_model(tmp_path / "models/N/ckpt.pt", "cpu")
     assert loaded.description.diffusion["schedule"] == schedule and loaded.diffusion.num_timesteps == 10
     kind = kind_of_model(loaded.description)
-    settings = kind.sampling_settings(SamplingConfig(), loaded.diffusion.num_timesteps)
+    settings = kind.sampling_settings(SamplingConfig(sampler="ddpm"), loaded.diffusion.num_timesteps)
     assert torch.equal(images, generate_from(loaded, kind, 2, None, settings, 3, 2, Runtime(torch.device("cpu"))))
     trajectory = []
     drawn = loaded.diffusion.sample(

@@ -344,13 +344,15 @@ def test_dpm_solver_with_guidance_solves_the_guided_ode():
 
 
 def test_each_sampler_says_its_default_steps_and_which_flags_it_takes():
-    """The facts the command line asks of a sampler by its name: all T steps for the ancestral chain, 50 (at most T) for
-    the others; --eta is DDIM's alone, --variance the ancestral sampler's alone, --timestep_spacing everyone's but the
-    ancestral sampler's, with each one's default; make_sampler hands each only its own."""
+    """The facts the command line asks of a sampler by its name: all T steps for the ancestral chain, 10 for dpm++3m
+    (the --inference default, measured), 50 for the others, at most T; --eta is DDIM's alone, --variance the ancestral
+    sampler's alone, --timestep_spacing everyone's but the ancestral sampler's, with each one's default; make_sampler
+    hands each only its own."""
     assert list(SAMPLERS) == ["ddpm", "ddim", "dpm++2m", "dpm++3m", "unipc", "ipndm", "dpm++2m-sde"]
     assert {name: (cls.default_steps(1000), cls.default_steps(30)) for name, cls in SAMPLERS.items()} == {
         "ddpm": (1000, 30),
-        **{name: (50, 30) for name in SAMPLERS if name != "ddpm"},
+        "dpm++3m": (10, 10),
+        **{name: (50, 30) for name in SAMPLERS if name not in ("ddpm", "dpm++3m")},
     }
     assert [name for name, cls in SAMPLERS.items() if cls.takes_eta] == ["ddim"]
     assert [name for name, cls in SAMPLERS.items() if cls.takes_variance] == ["ddpm"]
@@ -366,7 +368,8 @@ def test_each_sampler_says_its_default_steps_and_which_flags_it_takes():
     diffusion = Diffusion(40, "linear")
     assert (
         len(make_sampler("ddpm", diffusion).timesteps(None)) == 40
-        and len(make_sampler("dpm++3m", diffusion).timesteps(None)) == 40
+        and len(make_sampler("dpm++3m", diffusion).timesteps(None)) == 10
+        and len(make_sampler("dpm++2m", diffusion).timesteps(None)) == 40
     )
     ddim, ancestral = (
         make_sampler("ddim", diffusion, eta=0.7, variance="fixed_large"),
