@@ -36,10 +36,9 @@ TINY = (
     "--dataset folder --data_dir images --image_size 16 --model_size tiny --timesteps 20 --batch_size 16 "
     f"--warmup_steps 1 --log_interval 1 --num_samples {GRID_IMAGES} --sampler ddim --sampling_steps 5 --device cpu"
 )
-WEIGHT_TOLERANCE, LOSS_TOLERANCE = (
-    1e-2,
-    1e-2,
-)  # a run continued in 1 process against a straight 2-process one (measured below)
+# A run continued by 1 process against a straight 2-process one: measured 2.9e-4 (weights, EMA) and 8.5e-6 (validation
+# loss), the size of one optimizer step at --lr 2e-4; the tolerances leave a margin of about 7x and 100x.
+WEIGHT_TOLERANCE, LOSS_TOLERANCE = 2e-3, 1e-3
 STEPS = 2  # optimizer steps of the 2-process run, each of 2 x 16 images
 
 
