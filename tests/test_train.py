@@ -576,7 +576,10 @@ def training_state(path: Path) -> dict:
 def test_one_command_starts_a_run_continues_it_after_a_kill_and_then_leaves_it_alone(tmp_path, capsys):
     """The same command line three times on one run folder: from scratch (SIGKILLed mid-run), continued from the last
     ckpt.pt, and once finished, nothing touched; the weights equal one uninterrupted run's bit for bit."""
-    command = f"{FAST} --max_steps 30 --save_every_steps 2 --sample_every 0 --save_model --run_name L --save_dir out"
+    command = (
+        f"{FAST} --batch_size 64 --max_steps 24 --save_every_steps 2 --sample_every 0 --save_model --run_name L "
+        "--save_dir out"
+    )
     (tmp_path / "straight").mkdir()
     assert run_cli(command, tmp_path / "straight") == 0
     life = tmp_path / "life"
@@ -599,12 +602,12 @@ def test_one_command_starts_a_run_continues_it_after_a_kill_and_then_leaves_it_a
         and "new run: no checkpoint in models/L/" in stderr + capsys.readouterr().out
     )
     killed_at = load_checkpoint(life / "models/L/ckpt.pt")["train_state"]["step"]
-    assert 2 <= killed_at < 30
+    assert 2 <= killed_at < 24
     assert run_cli(command, life) == 0
     assert f"continuing models/L/ckpt.pt at step {killed_at}" in capsys.readouterr().out
     finished = tree_fingerprint(life)
     assert run_cli(command, life) == 0
-    assert "models/L/ckpt.pt is complete at step 30" in capsys.readouterr().out
+    assert "models/L/ckpt.pt is complete at step 24" in capsys.readouterr().out
     assert tree_fingerprint(life) == finished, "a finished run started again changes nothing"
     straight, resumed = (training_state(root / "models/L/ckpt.pt") for root in (tmp_path / "straight", life))
     assert all(weights_equal(straight[key], resumed[key]) for key in straight)
@@ -637,7 +640,11 @@ def test_sigusr1_writes_a_checkpoint_and_exits_with_the_requeue_status(tmp_path)
 
 
 def test_a_damaged_ckpt_falls_back_to_the_newest_readable_snapshot(tmp_path, capsys):
-    command = f"{FAST} --batch_size 1024 --sample_every 0 --save_every 1 --save_model --run_name F --save_dir out"
+    """Any run's checkpoints (here a fast 2D one: 4 steps an epoch)."""
+    command = (
+        "--dataset moons --model_size mlp --mlp_width 32 --batch_size 8192 --num_samples 100 --sample_every 0 "
+        "--save_every 1 --save_model --run_name F --save_dir out"
+    )
     assert run_cli(f"{command} --epochs 2", tmp_path) == 0
     run_dir = tmp_path / "models/F"
     damaged = (run_dir / "ckpt.pt").read_bytes()[:5000]
