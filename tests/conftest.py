@@ -406,14 +406,25 @@ def write_digits_folder(root: Path, image_size: int = 16) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_judge(tmp_path_factory):
-    """(the digits folder with the judge's cache, the judge, the lines it reported)."""
+    """(the digits folder with the judge's cache, the judge, the lines it reported when it was trained): trained once
+    per test session whatever the number of xdist workers, by the first that needs it, under a file lock, into the
+    folder the workers share; the others read its cache."""
+    from filelock import FileLock
+
     from ddpm_judge import load_or_train_judge
 
     pytest.importorskip("sklearn")
-    root = write_digits_folder(tmp_path_factory.mktemp("digits") / "digits")
-    lines = []
-    judge = load_or_train_judge("folder", root, 16, 1, "cpu", report=lines.append)
-    return root, judge, lines
+    under_xdist = "PYTEST_XDIST_WORKER" in os.environ  # each worker's folder is then inside the session's
+    shared = tmp_path_factory.getbasetemp().parent if under_xdist else tmp_path_factory.getbasetemp()
+    root, report = shared / "digits_judge" / "digits", shared / "digits_judge" / "report.json"
+    with FileLock(str(shared / "digits_judge.lock")):
+        if not report.exists():
+            write_digits_folder(root)
+            lines = []
+            load_or_train_judge("folder", root, 16, 1, "cpu", report=lines.append)
+            report.write_text(json.dumps(lines))
+    judge = load_or_train_judge("folder", root, 16, 1, "cpu", report=lambda line: None)
+    return root, judge, json.loads(report.read_text())
 
 
 @pytest.fixture
