@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ddpm_diffusion
-from conftest import REPO, run_cli, tree_fingerprint, weights_equal
+from conftest import REPO, run_cli, weights_equal
 from ddpm_checkpoint import load_checkpoint, save_checkpoint
 from ddpm_config import GUIDANCE_SCALE, SamplingConfig
 from ddpm_runtime import EXIT_PREEMPTED
@@ -559,60 +559,6 @@ def test_a_seeded_run_trains_and_samples_the_pinned_images(tmp_path):
     assert len({expected[s].tobytes() for s in ("ddpm", "ddim", "dpm++2m")}) == 3
 
 
-def training_state(path: Path) -> dict:
-    """What must match bit for bit between two runs: the weights, the EMA and the optimizer's state."""
-    checkpoint = load_checkpoint(path)
-    return {
-        "model": checkpoint["model"],
-        "ema": checkpoint["ema"],
-        "optimizer": {
-            f"{index}.{key}": value
-            for index, state in checkpoint["optimizer"]["state"].items()
-            for key, value in state.items()
-        },
-    }
-
-
-def test_one_command_starts_a_run_continues_it_after_a_kill_and_then_leaves_it_alone(tmp_path, capsys):
-    """The same command line three times on one run folder: from scratch (SIGKILLed mid-run), continued from the last
-    ckpt.pt, and once finished, nothing touched; the weights equal one uninterrupted run's bit for bit."""
-    command = (
-        f"{FAST} --batch_size 64 --max_steps 24 --save_every_steps 2 --sample_every 0 --save_model --run_name L "
-        "--save_dir out"
-    )
-    (tmp_path / "straight").mkdir()
-    assert run_cli(command, tmp_path / "straight") == 0
-    life = tmp_path / "life"
-    life.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "ddpm_main.py"), *command.split()],
-        cwd=life,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not (life / "models/L/ckpt.pt").exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.05)
-    process.kill()
-    _, stderr = process.communicate(timeout=60)
-    assert (
-        process.returncode == -signal.SIGKILL
-        and "new run: no checkpoint in models/L/" in stderr + capsys.readouterr().out
-    )
-    killed_at = load_checkpoint(life / "models/L/ckpt.pt")["train_state"]["step"]
-    assert 2 <= killed_at < 24
-    assert run_cli(command, life) == 0
-    assert f"continuing models/L/ckpt.pt at step {killed_at}" in capsys.readouterr().out
-    finished = tree_fingerprint(life)
-    assert run_cli(command, life) == 0
-    assert "models/L/ckpt.pt is complete at step 24" in capsys.readouterr().out
-    assert tree_fingerprint(life) == finished, "a finished run started again changes nothing"
-    straight, resumed = (training_state(root / "models/L/ckpt.pt") for root in (tmp_path / "straight", life))
-    assert all(weights_equal(straight[key], resumed[key]) for key in straight)
-
-
 def test_sigusr1_writes_a_checkpoint_and_exits_with_the_requeue_status(tmp_path):
     """SLURM's advance warning (--signal=USR1@120): finish the step, write ckpt.pt, exit 75 (EX_TEMPFAIL)."""
     command = [
@@ -637,49 +583,3 @@ def test_sigusr1_writes_a_checkpoint_and_exits_with_the_requeue_status(tmp_path)
     step = load_checkpoint(tmp_path / "models/P/ckpt.pt")["train_state"]["step"]
     assert run_cli(f"{FAST} --max_steps {step + 1} --save_model --run_name P", tmp_path) == 0
     assert load_checkpoint(tmp_path / "models/P/ckpt.pt")["train_state"]["step"] == step + 1
-
-
-def test_a_damaged_ckpt_falls_back_to_the_newest_readable_snapshot(tmp_path, capsys):
-    """Any run's checkpoints (here a fast 2D one: 4 steps an epoch)."""
-    command = (
-        "--dataset moons --model_size mlp --mlp_width 32 --batch_size 8192 --num_samples 100 --sample_every 0 "
-        "--save_every 1 --save_model --run_name F --save_dir out"
-    )
-    assert run_cli(f"{command} --epochs 2", tmp_path) == 0
-    run_dir = tmp_path / "models/F"
-    damaged = (run_dir / "ckpt.pt").read_bytes()[:5000]
-    (run_dir / "ckpt.pt").write_bytes(damaged)
-    snapshot = load_checkpoint(run_dir / "ckpt_epoch0002.pt")["train_state"]["step"]
-    capsys.readouterr()
-    assert run_cli(f"{command} --epochs 3", tmp_path) == 0
-    out, err = capsys.readouterr()
-    assert "models/F/ckpt.pt cannot be read" in err and "continuing from models/F/ckpt_epoch0002.pt" in err
-    assert f"continuing models/F/ckpt_epoch0002.pt at step {snapshot}" in out
-    assert (run_dir / "ckpt.pt.damaged").read_bytes() == damaged, "kept, renamed, never deleted"
-    assert load_checkpoint(run_dir / "ckpt.pt")["train_state"]["epoch"] == 3
-
-
-@pytest.mark.parametrize("case", ["folder is a file", "indivisible global batch", "another configuration"])
-def test_bad_input_to_a_continued_run_gets_one_line_and_touches_nothing(tmp_path, capsys, case):
-    command = f"{FAST} --batch_size 24 --max_steps 1 --sample_every 0 --save_model --run_name B --save_dir out"
-    if case == "folder is a file":
-        (tmp_path / "models").mkdir()
-        (tmp_path / "models/B").write_text("not a folder")
-    else:
-        assert run_cli(command, tmp_path) == 0
-    before = tree_fingerprint(tmp_path)
-    capsys.readouterr()
-    changed = {
-        "folder is a file": "",
-        "indivisible global batch": " --batch_size 16 --max_steps 2",
-        "another configuration": " --max_steps 2 --schedule cosine",
-    }[case]
-    assert run_cli(command + changed, tmp_path) == 2
-    message = capsys.readouterr().err.strip()
-    expected = {
-        "folder is a file": "cannot use the run folder models/B",
-        "indivisible global batch": "global batch of 24 is not a multiple of 16",
-        "another configuration": "it was trained with --schedule linear",
-    }[case]
-    assert expected in message and len(message.splitlines()) == 1
-    assert tree_fingerprint(tmp_path) == before
