@@ -36,7 +36,7 @@ from ddpm_metrics import (
 )
 from ddpm_outputs import atomic_write
 from ddpm_runtime import Runtime
-from ddpm_sampling import every_class_in_turn, generate
+from ddpm_sampling import every_class_samples
 
 if TYPE_CHECKING:
     from ddpm_config import RunConfig, SamplingConfig
@@ -123,28 +123,6 @@ class QualitySchedule:
         return images_seen + max(epoch_examples, math.ceil(interval))
 
 
-def curve_samples(
-    model: torch.nn.Module,
-    diffusion: Diffusion,
-    kind: SampleKind,
-    sampling: SamplingConfig,
-    count: int,
-    num_classes: Optional[int],
-    batch_size: int,
-    runtime: Runtime,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The curve's samples from its fixed noise (QUALITY_SEED) and labels (every class in turn), shared out across
-    the ranks; the model's train/eval mode is kept."""
-    labels = every_class_in_turn(num_classes, count)
-    was_training = model.training
-    model.eval()
-    images = generate(
-        model, diffusion, kind, count, labels, sampling, QUALITY_SEED, batch_size, runtime, desc="quality curve"
-    )
-    model.train(was_training)
-    return images, labels
-
-
 def save_quality_curve(points: list[dict], metric: str, path: Path) -> None:
     """The figure against images seen (and the class accuracy, where measured, on a second axis)."""
     import matplotlib
@@ -198,15 +176,17 @@ class QualityCurve:
     ) -> tuple[dict, int]:
         """(the point, the images seen at which the next one is due), the same on every rank (rank 0's, broadcast)."""
         started = time.perf_counter()
-        images, labels = curve_samples(
+        images, labels = every_class_samples(
             model,
             diffusion,
             self.kind,
-            self.sampling,
             self.schedule.samples,
             self.num_classes,
+            self.sampling,
+            QUALITY_SEED,
             self.batch_size,
             runtime,
+            desc="quality curve",
         )
         point = None
         if runtime.is_main:

@@ -109,6 +109,28 @@ def generate(
     return gather_rows(torch.cat(samples), runtime)
 
 
+def every_class_samples(
+    model: nn.Module,
+    diffusion: Diffusion,
+    kind: SampleKind,
+    count: int,
+    num_classes: Optional[int],
+    settings: SamplingConfig,
+    seed: int,
+    batch_size: int,
+    runtime: Runtime,
+    desc: str,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(`count` samples of every class in turn, their labels; None for an unconditional model), drawn in eval mode
+    from the fixed noise of `seed`, the model's train/eval mode restored: the samples a training run looks at."""
+    labels = every_class_in_turn(num_classes, count)
+    was_training = model.training
+    model.eval()
+    samples = generate(model, diffusion, kind, count, labels, settings, seed, batch_size, runtime, desc=desc)
+    model.train(was_training)
+    return samples, labels
+
+
 def generate_from(
     loaded: LoadedModel,
     kind: SampleKind,

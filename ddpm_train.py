@@ -79,7 +79,7 @@ from ddpm_runtime import (
     seed_everything,
     unwrap,
 )
-from ddpm_sampling import every_class_in_turn, generate
+from ddpm_sampling import every_class_samples
 
 EVAL_SEEDS = {"val": 1_000_003, "test": 2_000_003}  # fixed across runs, so loss curves compare
 MAX_NONFINITE_STEPS = 20  # this many non-finite losses in a row stop the run
@@ -616,24 +616,20 @@ def record_quality(run: TrainingRun, final: bool) -> bool:
 def training_samples(run: TrainingRun) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The run's training samples (run.sample_count, every class in turn) from the fixed noise, through the sampling
     path of --inference with the run's seed (any number of processes gives the same samples)."""
-    model = run.eval_model()
-    was_training = model.training
-    model.eval()
-    labels = every_class_in_turn(run.data.num_classes if run.config.model.conditional else None, run.sample_count)
-    samples = generate(
-        model,
+    num_classes = run.data.num_classes if run.config.model.conditional else None
+    train = run.config.train
+    return every_class_samples(
+        run.eval_model(),
         run.diffusion,
         run.kind,
         run.sample_count,
-        labels,
+        num_classes,
         run.sampling,
-        run.config.train.seed,
-        run.config.train.batch_size,
+        train.seed,
+        train.batch_size,
         run.runtime,
         desc="samples",
     )
-    model.train(was_training)
-    return samples, labels
 
 
 def save_epoch_checkpoints(run: TrainingRun, is_best: bool, best_quality: bool, epoch_done: bool) -> None:
